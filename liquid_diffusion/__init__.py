@@ -1,0 +1,19 @@
+"""LiquidDiffusion: an attention-free, CfC-gated U-Net trained with rectified flow.
+
+Data flows one way: data -> latents -> objective (``flow``) -> model -> trainer -> hub.
+"""
+
+from .flow import euler_sample, flow_matching_loss, heun_sample, interpolate, velocity_target
+from .model import PRESETS, LiquidDiffusionUNet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "LiquidDiffusionUNet",
+    "euler_sample",
+    "flow_matching_loss",
+    "heun_sample",
+    "interpolate",
+    "velocity_target",
+]

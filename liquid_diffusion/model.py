@@ -1,0 +1,462 @@
+"""The LiquidDiffusion U-Net: an attention-free velocity network built from CfC-gated blocks.
+
+One file in four sections, read top to bottom:
+
+1. Embedders       -- sinusoidal timestep embedding + MLP (diffusers' ``Timesteps`` / ``TimestepEmbedding``).
+2. Block parts     -- ``AdaLN``, ``ParallelCfC``, ``MultiScaleSpatialMix``, ``FeedForward``.
+3. Model           -- ``LiquidDiffusionBlock`` and ``LiquidDiffusionUNet`` (diffusers ``ModelMixin`` +
+                      ``ConfigMixin``, so ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` come for free).
+4. Presets         -- the named sizes ``micro`` / ``tiny`` / ``small`` / ``base``.
+
+Convention (rectified flow): ``timestep`` t is in [0, 1], t = 0 is data and t = 1 is pure noise; the network
+predicts the velocity v = noise - x0. There is no attention and no softmax over positions anywhere: global
+context comes from a global-average-pool branch and the U-Net's downsampling.
+
+Lineage: CfC networks (Hasani et al., Nature MI 2022), LTC networks (AAAI 2021), LiquidTAD (parallel liquid
+relaxation), USM and DiffuSSM (attention-free diffusion backbones), Rectified Flow (ICLR 2023).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+
+# The sinusoid sees t * TIME_SCALE so that its frequencies span the [0, 1] range as they span 0..1000 in DDPM.
+TIME_SCALE = 1000.0
+
+
+def _num_groups(channels: int) -> int:
+    """Largest of 32, 16, 8, 4, 2, 1 that divides ``channels`` (GroupNorm needs a divisor)."""
+    for groups in (32, 16, 8, 4, 2, 1):
+        if channels % groups == 0:
+            return groups
+    return 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Embedders
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TimestepEmbedder(nn.Module):
+    """Maps a flow time t in [0, 1] to a conditioning vector.
+
+    ``t_emb = MLP(sinusoid(1000 * t))`` with ``MLP = Linear -> SiLU -> Linear`` (diffusers' building blocks).
+
+    Args:
+        frequency_dim: width of the sinusoidal features.
+        embed_dim: width of ``t_emb``.
+    """
+
+    def __init__(self, frequency_dim: int, embed_dim: int):
+        super().__init__()
+        self.sinusoid = Timesteps(frequency_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.mlp = TimestepEmbedding(frequency_dim, embed_dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        features = self.sinusoid(t * TIME_SCALE)
+        return self.mlp(features.to(self.mlp.linear_1.weight.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Block parts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class AdaLN(nn.Module):
+    """Adaptive GroupNorm: ``y = GroupNorm(x) * (1 + scale(t_emb)) + shift(t_emb)``.
+
+    The modulation is zero-initialised (as in DiT's adaLN-Zero), so at initialisation it is a plain
+    affine-free normalisation.
+
+    Args:
+        channels: feature channels C.
+        embed_dim: width of ``t_emb``.
+    """
+
+    def __init__(self, channels: int, embed_dim: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(_num_groups(channels), channels, affine=False, eps=1e-6)
+        self.modulation = nn.Linear(embed_dim, 2 * channels)
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.modulation(t_emb)[:, :, None, None].chunk(2, dim=1)
+        return self.norm(x) * (1 + scale) + shift
+
+
+class ParallelCfC(nn.Module):
+    """Closed-form continuous-time (CfC, Hasani et al. 2022, Eq. 10) cell made spatial and fully parallel.
+
+    With ``u = backbone(features)`` (depthwise 7x7 -> 1x1 -> SiLU) and 1x1 heads f, g, h::
+
+        gate  = sigmoid(time_a(t_emb) * f(u) - time_b(t_emb))     # liquid time-gating
+        out   = gate * g(u) + (1 - gate) * h(u)                    # CfC interpolation
+        tau   = tau_min + softplus(time_tau(t_emb))                # time scale, learned from t_emb
+        alpha = exp(-lambda * tau),  lambda = softplus(rho) >= 0   # liquid relaxation, rho learned per channel
+        y     = alpha * x + (1 - alpha) * out                      # time-aware residual
+
+    ``tau`` is deliberately *not* the flow time t itself: with tau = t, alpha -> 1 as t -> 0 and the cell becomes
+    the identity on nearly clean inputs, exactly where fine detail is decided. Here tau is a learned, positive
+    function of ``t_emb`` that starts at the same value (about 1) for every t, so alpha starts near exp(-1) ~ 0.37
+    at every noise level and the network learns per channel and per t how much to relax.
+
+    All operations are elementwise or convolutions, so ``torch.compile`` can fuse the gating and the cell
+    works in ``channels_last``.
+
+    Args:
+        channels: feature channels C.
+        embed_dim: width of ``t_emb``.
+        tau_min: lower bound of the time scale, keeps alpha < 1 whenever lambda > 0.
+    """
+
+    def __init__(self, channels: int, embed_dim: int, tau_min: float = 0.05):
+        super().__init__()
+        self.backbone = nn.Sequential(
+            nn.Conv2d(channels, channels, 7, padding=3, groups=channels),
+            nn.Conv2d(channels, channels, 1),
+            nn.SiLU(),
+        )
+        self.heads = nn.Conv2d(channels, 3 * channels, 1)  # f, g, h in one matmul
+        self.time_ab = nn.Linear(embed_dim, 2 * channels)  # time_a, time_b
+        self.time_tau = nn.Linear(embed_dim, channels)
+        self.rho = nn.Parameter(torch.full((channels,), math.log(math.e - 1)))  # softplus(rho) = 1
+        self.tau_min = tau_min
+        # time_a = 1, time_b = 0 at init: the gate starts as sigmoid(f(u)), the same for every t.
+        nn.init.zeros_(self.time_ab.weight)
+        with torch.no_grad():
+            self.time_ab.bias.copy_(torch.cat([torch.ones(channels), torch.zeros(channels)]))
+        # softplus(bias) + tau_min = 1 at init.
+        nn.init.zeros_(self.time_tau.weight)
+        nn.init.constant_(self.time_tau.bias, math.log(math.expm1(1.0 - tau_min)))
+
+    def relaxation(self, t_emb: torch.Tensor) -> torch.Tensor:
+        """alpha = exp(-lambda * tau(t_emb)), shape [B, C, 1, 1]."""
+        tau = self.tau_min + F.softplus(self.time_tau(t_emb))
+        return torch.exp(-F.softplus(self.rho) * tau)[:, :, None, None]
+
+    def forward(self, x: torch.Tensor, features: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        f, g, h = self.heads(self.backbone(features)).chunk(3, dim=1)
+        time_a, time_b = self.time_ab(t_emb)[:, :, None, None].chunk(2, dim=1)
+        gate = torch.sigmoid(time_a * f - time_b)
+        out = h + gate * (g - h)  # = gate * g + (1 - gate) * h
+        alpha = self.relaxation(t_emb)
+        return out + alpha * (x - out)  # = alpha * x + (1 - alpha) * out
+
+
+class ResidualConv(nn.Module):
+    """Ablation of ``ParallelCfC`` (``liquid=False``): the same depthwise-7x7 + 1x1 backbone and a conv head of the
+    same width, but no gate, no interpolation and no relaxation: ``y = x + W_out(SiLU(W_in(backbone(features))))``
+    with ``W_in: C -> 2C`` and ``W_out: 2C -> C`` (4C^2 weights, as the CfC's 1x1 + three heads).
+
+    Args:
+        channels: feature channels C.
+        embed_dim: unused; kept so both cells share a signature.
+    """
+
+    def __init__(self, channels: int, embed_dim: int):
+        super().__init__()
+        self.backbone = nn.Sequential(
+            nn.Conv2d(channels, channels, 7, padding=3, groups=channels),
+            nn.Conv2d(channels, 2 * channels, 1),
+            nn.SiLU(),
+            nn.Conv2d(2 * channels, channels, 1),
+        )
+
+    def forward(self, x: torch.Tensor, features: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        return x + self.backbone(features)
+
+
+class MultiScaleSpatialMix(nn.Module):
+    """Attention replacement: parallel depthwise 3x3, 5x5, 7x7 convs and a global-average-pool branch, fused by 1x1.
+
+    ``mix(x) = W_proj [dw3(x) ; dw5(x) ; dw7(x) ; broadcast(W_g mean_hw(x))]`` where ``;`` is channel
+    concatenation and ``W_proj: 4C -> C`` is zero-initialised (the residual branch starts switched off).
+
+    Args:
+        channels: feature channels C.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.dw3 = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.dw5 = nn.Conv2d(channels, channels, 5, padding=2, groups=channels)
+        self.dw7 = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.global_proj = nn.Conv2d(channels, channels, 1)
+        self.proj = nn.Conv2d(4 * channels, channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.global_proj(x.mean(dim=(2, 3), keepdim=True)).expand_as(x)
+        return self.proj(torch.cat([self.dw3(x), self.dw5(x), self.dw7(x), pooled], dim=1))
+
+
+class FeedForward(nn.Module):
+    """Channel MLP: ``ff(x) = W_2 SiLU(W_1 x)`` with 1x1 convs ``C -> mult*C -> C``; ``W_2`` zero-initialised.
+
+    Args:
+        channels: feature channels C.
+        mult: hidden expansion.
+    """
+
+    def __init__(self, channels: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, mult * channels, 1), nn.SiLU(), nn.Conv2d(mult * channels, channels, 1)
+        )
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LiquidDiffusionBlock(nn.Module):
+    """One liquid block::
+
+        x = ParallelCfC(x, AdaLN_1(x, t_emb), t_emb)       # liquid gating + relaxation (its own residual)
+        x = x + MultiScaleSpatialMix(AdaLN_2(x, t_emb))    # attention-free spatial mixing
+        x = x + FeedForward(AdaLN_3(x, t_emb))             # channel MLP
+
+    Args:
+        channels: feature channels C.
+        embed_dim: width of ``t_emb``.
+        ff_mult: FeedForward expansion.
+        liquid: ``False`` swaps ``ParallelCfC`` for the ``ResidualConv`` ablation.
+    """
+
+    def __init__(self, channels: int, embed_dim: int, ff_mult: int = 4, liquid: bool = True):
+        super().__init__()
+        self.norm_cfc = AdaLN(channels, embed_dim)
+        self.cfc = (ParallelCfC if liquid else ResidualConv)(channels, embed_dim)
+        self.norm_mix = AdaLN(channels, embed_dim)
+        self.mix = MultiScaleSpatialMix(channels)
+        self.norm_ff = AdaLN(channels, embed_dim)
+        self.ff = FeedForward(channels, ff_mult)
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        x = self.cfc(x, self.norm_cfc(x, t_emb), t_emb)
+        x = x + self.mix(self.norm_mix(x, t_emb))
+        return x + self.ff(self.norm_ff(x, t_emb))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv, ``C_in -> C_out``, halving H and W."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv, ``C_in -> C_out``."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class SkipFusion(nn.Module):
+    """Fuses decoder features with the matching encoder features: ``y = W [x ; skip]``, ``W: 2C -> C`` (1x1)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.proj = nn.Conv2d(2 * channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.cat([x, skip], dim=1))
+
+
+@dataclass
+class LiquidDiffusionOutput(BaseOutput):
+    """Output of ``LiquidDiffusionUNet``.
+
+    Args:
+        sample: the predicted velocity ``v = noise - x0``, shaped like the input.
+    """
+
+    sample: torch.Tensor
+
+
+class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
+    """Attention-free U-Net that predicts the rectified-flow velocity ``v(x_t, t)``.
+
+    ``t_emb = MLP(sinusoid(t))``; stem ``conv3x3 -> SiLU -> conv3x3``; encoder stage i holds ``depths[i]``
+    ``LiquidDiffusionBlock``s at width ``widths[i]`` with stride-2 downsampling between stages; a bottleneck of
+    ``bottleneck_depth`` blocks; the decoder mirrors the encoder (upsample, ``SkipFusion`` with the matching encoder
+    output, blocks); head ``GroupNorm -> SiLU -> conv3x3`` (zero-initialised) back to ``out_channels``.
+
+    Args:
+        in_channels: 4 for SD-VAE latents, 3 for pixel space.
+        out_channels: channels of the predicted velocity (defaults to ``in_channels``).
+        widths: channel width per stage, increasing.
+        depths: blocks per encoder stage (the decoder mirrors them).
+        bottleneck_depth: blocks at the lowest resolution.
+        ff_mult: FeedForward expansion.
+        time_embed_dim: width of ``t_emb`` (defaults to ``4 * widths[0]``).
+        liquid: ``False`` replaces every ``ParallelCfC`` by the ``ResidualConv`` ablation.
+    """
+
+    _supports_gradient_checkpointing = False
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 4,
+        out_channels: int | None = None,
+        widths: tuple[int, ...] = (64, 128, 256),
+        depths: tuple[int, ...] = (2, 2, 4),
+        bottleneck_depth: int = 2,
+        ff_mult: int = 4,
+        time_embed_dim: int | None = None,
+        liquid: bool = True,
+    ):
+        super().__init__()
+        widths, depths = tuple(widths), tuple(depths)
+        if len(widths) != len(depths) or not widths:
+            raise ValueError(f"widths {widths} and depths {depths} must be non-empty and of equal length")
+        out_channels = out_channels or in_channels
+        embed_dim = time_embed_dim or 4 * widths[0]
+
+        self.time_embedder = TimestepEmbedder(widths[0], embed_dim)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, padding=1), nn.SiLU(), nn.Conv2d(widths[0], widths[0], 3, padding=1)
+        )
+
+        def stage(width: int, depth: int) -> nn.ModuleList:
+            return nn.ModuleList(LiquidDiffusionBlock(width, embed_dim, ff_mult, liquid) for _ in range(depth))
+
+        self.encoder = nn.ModuleList(stage(w, d) for w, d in zip(widths, depths))
+        self.downsamples = nn.ModuleList(Downsample(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.bottleneck = stage(widths[-1], bottleneck_depth)
+        # Decoder stage i (deepest first) mirrors encoder stage i; stages above the deepest start by upsampling.
+        self.upsamples = nn.ModuleList(Upsample(b, a) for a, b in zip(widths[:-1], widths[1:]))
+        self.fusions = nn.ModuleList(SkipFusion(w) for w in widths)
+        self.decoder = nn.ModuleList(stage(w, d) for w, d in zip(widths, depths))
+
+        self.head = nn.Sequential(
+            nn.GroupNorm(_num_groups(widths[0]), widths[0], eps=1e-6),
+            nn.SiLU(),
+            nn.Conv2d(widths[0], out_channels, 3, padding=1),
+        )
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    @property
+    def downsample_factor(self) -> int:
+        """H and W must be divisible by this: 2 ** (number of stages - 1)."""
+        return 2 ** (len(self.config.widths) - 1)
+
+    def _check_inputs(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """Validates ``sample`` and returns ``timestep`` as a float tensor of shape [B] on the sample's device."""
+        if sample.ndim != 4:
+            raise ValueError(f"sample must be [B, C, H, W], got shape {tuple(sample.shape)}")
+        batch, channels, height, width = sample.shape
+        if channels != self.config.in_channels:
+            raise ValueError(
+                f"sample has {channels} channels but this model takes in_channels={self.config.in_channels} "
+                "(4 for SD-VAE latents, 3 for pixel space)"
+            )
+        factor = self.downsample_factor
+        if height % factor or width % factor:
+            raise ValueError(
+                f"sample height and width ({height}x{width}) must be divisible by {factor}, the model's total "
+                f"downsampling factor (2 ** (len(widths) - 1))"
+            )
+        if not torch.is_tensor(timestep):
+            timestep = torch.tensor(timestep, dtype=torch.float32)
+        if not (timestep.is_floating_point()):
+            raise ValueError(f"timestep must be a float in [0, 1] (t = 0 data, t = 1 noise), got dtype {timestep.dtype}")
+        if timestep.ndim == 0:
+            timestep = timestep.expand(batch)
+        elif timestep.shape != (batch,):
+            raise ValueError(f"timestep must be a scalar or of shape [{batch}], got shape {tuple(timestep.shape)}")
+        timestep = timestep.to(sample.device)
+        if timestep.device.type == "cpu":
+            if not torch.compiler.is_compiling() and bool(((timestep < 0) | (timestep > 1)).any()):
+                raise ValueError(
+                    f"timestep must lie in [0, 1] (t = 0 data, t = 1 noise), got values from "
+                    f"{timestep.min().item():.4g} to {timestep.max().item():.4g}"
+                )
+        else:  # on an accelerator a Python-side check would force a host sync every step; assert on the device
+            torch._assert_async(((timestep >= 0) & (timestep <= 1)).all(), "timestep must lie in [0, 1]")
+        return timestep
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor | float, return_dict: bool = True
+    ) -> LiquidDiffusionOutput | tuple[torch.Tensor]:
+        """Predicts the velocity ``v = noise - x0`` at ``x_t = (1 - t) x0 + t noise``.
+
+        Args:
+            sample: ``x_t``, shape [B, in_channels, H, W] with H, W divisible by ``downsample_factor``.
+            timestep: t in [0, 1] (0 data, 1 noise), a float tensor of shape [B] or a scalar.
+            return_dict: return a ``LiquidDiffusionOutput`` (else a 1-tuple).
+        """
+        timestep = self._check_inputs(sample, timestep)
+        t_emb = self.time_embedder(timestep)
+
+        x = self.stem(sample)
+        skips = []
+        for i, blocks in enumerate(self.encoder):
+            if i > 0:
+                x = self.downsamples[i - 1](x)
+            for block in blocks:
+                x = block(x, t_emb)
+            skips.append(x)
+        for block in self.bottleneck:
+            x = block(x, t_emb)
+        for i in reversed(range(len(self.decoder))):
+            if i < len(self.decoder) - 1:
+                x = self.upsamples[i](x)
+            x = self.fusions[i](x, skips[i])
+            for block in self.decoder[i]:
+                x = block(x, t_emb)
+        velocity = self.head(x)
+
+        if not return_dict:
+            return (velocity,)
+        return LiquidDiffusionOutput(sample=velocity)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # 4. Presets
+    # ------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "LiquidDiffusionUNet":
+        """Builds a model of a named size (see ``PRESETS``); keyword overrides win over the preset's values.
+
+        Example: ``LiquidDiffusionUNet.from_preset("micro", in_channels=3)`` for pixel space.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict] = {
+    "micro": dict(widths=(32, 64, 128), depths=(1, 1, 1), bottleneck_depth=1),  # tests and CPU demos
+    "tiny": dict(widths=(64, 128, 256), depths=(2, 2, 4)),  # T4, 256px at batch 8
+    "small": dict(widths=(96, 192, 384), depths=(2, 3, 6)),
+    "base": dict(widths=(128, 256, 512), depths=(2, 4, 8)),
+}
+"""Named sizes: widths and encoder depths per stage as in the model card (bottleneck of 2 blocks)."""
