@@ -3,6 +3,7 @@
 Data flows one way: data -> latents -> objective (``flow``) -> model -> trainer -> hub.
 """
 
+from . import flow
 from .flow import euler_sample, flow_matching_loss, heun_sample, interpolate, velocity_target
 from .model import PRESETS, LiquidDiffusionUNet
 
@@ -12,6 +13,7 @@ __all__ = [
     "PRESETS",
     "LiquidDiffusionUNet",
     "euler_sample",
+    "flow",
     "flow_matching_loss",
     "heun_sample",
     "interpolate",

@@ -26,7 +26,7 @@ TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``x_t = (1 - t) * x0 + t * noise``, with ``t`` of shape [B] broadcast over the other dims."""
     t = _per_sample(t, x0)
-    return x0 + t * (noise - x0)
+    return (1 - t) * x0 + t * noise
 
 
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
