@@ -1,0 +1,238 @@
+"""``LiquidDiffusionPipeline``: unconditional image generation with a LiquidDiffusion U-Net, as a diffusers pipeline.
+
+Components:
+
+* ``unet`` -- a ``LiquidDiffusionUNet`` (velocity ``v = noise - x0`` at ``x_t = (1 - t) x0 + t noise``, t in [0, 1]).
+* ``scheduler`` -- diffusers' ``FlowMatchEulerDiscreteScheduler`` (its sigma is our t).
+* ``vae`` -- a frozen ``AutoencoderKL`` for latent-space models; absent (``None``) for pixel-space models.
+
+Sampling integrates dx/dt = v from t = 1 to t = 0 on the package's grid t_i = 1 - i / N, so the pipeline's Euler
+sampler gives exactly the images of ``liquid_diffusion.flow.euler_sample`` from the same noise (and
+``sampler="heun"`` those of ``flow.heun_sample``). Any other diffusers flow-matching scheduler (for example
+``FlowMatchHeunDiscreteScheduler``) can be swapped in; it then runs its own timestep loop.
+
+Example::
+
+    from liquid_diffusion import LiquidDiffusionPipeline
+    pipe = LiquidDiffusionPipeline.from_pretrained("USER/NAME")   # or a local folder
+    images = pipe(batch_size=4, num_inference_steps=25, generator=torch.Generator().manual_seed(0)).images
+
+Because ``unet`` is this package's own class, ``model_index.json`` records it as ``["liquid_diffusion.model",
+"LiquidDiffusionUNet"]``: diffusers imports that module of the installed package when loading, and finds the load
+method through the ``ModelMixin`` the module imports. Saved pipelines therefore rely on ``liquid_diffusion.model``
+keeping that class name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
+
+from .flow import timestep_grid
+from .model import LiquidDiffusionUNet
+
+logger = logging.getLogger(__name__)
+
+SAMPLERS = ("euler", "heun")
+HUB_ALLOW_PATTERNS = ("*.safetensors", "*.json")  # what from_pretrained fetches from a Hub repo: no pickles
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class LiquidDiffusionPipeline(DiffusionPipeline):
+    """Unconditional rectified-flow sampling with an attention-free LiquidDiffusion U-Net.
+
+    Args:
+        unet: the velocity network.
+        scheduler: a ``FlowMatchEulerDiscreteScheduler`` (default config: ``shift=1``, ``num_train_timesteps=1000``).
+        vae: ``AutoencoderKL`` that decodes latents (latent-space models); ``None`` for pixel-space models.
+        resolution: default image height and width in pixels (the training resolution). ``None`` falls back to
+            64 pixels for pixel-space models and 256 for latent-space ones.
+    """
+
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components = ["vae"]
+
+    def __init__(
+        self,
+        unet: LiquidDiffusionUNet,
+        scheduler: SchedulerMixin,
+        vae: AutoencoderKL | None = None,
+        resolution: int | None = None,
+    ):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+        self.register_to_config(resolution=resolution)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "LiquidDiffusionPipeline":
+        """Loads a saved pipeline from a local folder or a Hub repo id (``USER/NAME``).
+
+        A Hub repo is first fetched with ``huggingface_hub.snapshot_download`` (``*.safetensors`` and ``*.json``
+        only; ``revision``, ``token``, ``cache_dir``, ``force_download``, ``local_files_only`` apply), then loaded
+        from the local snapshot: diffusers' own Hub download refuses components of a library other than
+        diffusers/transformers unless the repo ships their code, while ours come from the installed package.
+        Other keyword arguments (``torch_dtype``, ...) go to ``DiffusionPipeline.from_pretrained``.
+        """
+        path = os.fspath(pretrained_model_name_or_path)
+        download = {
+            k: kwargs.pop(k) for k in ("revision", "force_download", "local_files_only", "proxies") if k in kwargs
+        }
+        if not os.path.isdir(path):
+            download.pop("proxies", None)
+            path = snapshot_download(
+                path,
+                repo_type="model",
+                token=kwargs.get("token"),
+                cache_dir=kwargs.get("cache_dir"),
+                allow_patterns=list(HUB_ALLOW_PATTERNS),
+                **download,
+            )
+        return super().from_pretrained(path, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell: 2 ** (number of VAE stages - 1) (8 for SD-VAE), 1 without a VAE."""
+        if getattr(self, "vae", None) is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _sample_shape(self, batch_size: int, height: int | None, width: int | None) -> tuple[int, int, int, int]:
+        default = self.config.resolution or (256 if getattr(self, "vae", None) is not None else 64)
+        height, width = height or default, width or default
+        factor = self.vae_scale_factor * self.unet.downsample_factor
+        if height % factor or width % factor:
+            raise ValueError(
+                f"height and width ({height}x{width}) must be divisible by {factor} (VAE factor "
+                f"{self.vae_scale_factor} x U-Net downsampling {self.unet.downsample_factor})"
+            )
+        return (
+            batch_size,
+            self.unet.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+
+    def _velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v(x, t) with t a scalar tensor, expanded to [B] (float32, the model casts its embedding itself)."""
+        t = t.to(device=x.device, dtype=torch.float32).clamp(0.0, 1.0).expand(x.shape[0])
+        return self.unet(x.to(self.unet.dtype), t).sample
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (as the model sees them, ``z * scaling_factor``) -> images in [-1, 1]; identity without a VAE.
+
+        The VAE always runs in float32 or bfloat16: an SD-VAE in float16 overflows to NaN, so a float16 VAE is
+        upcast to float32 once.
+        """
+        if getattr(self, "vae", None) is None:
+            return latents
+        if self.vae.dtype == torch.float16:
+            logger.info("upcasting the VAE to float32 (SD-VAE decoding in float16 overflows)")
+            self.vae.to(torch.float32)
+        latents = latents.to(device=self.vae.device, dtype=self.vae.dtype)
+        latents = latents / self.vae.config.scaling_factor
+        shift = getattr(self.vae.config, "shift_factor", None)
+        if shift:
+            latents = latents + shift
+        return self.vae.decode(latents).sample
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 4,
+        num_inference_steps: int = 25,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        sampler: str = "euler",
+        height: int | None = None,
+        width: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Generates ``batch_size`` images.
+
+        Args:
+            batch_size: number of images (ignored when ``latents`` is given).
+            num_inference_steps: N, the number of integration steps (Heun makes two model calls per step).
+            generator: torch generator(s) for the initial noise, for reproducible samples.
+            latents: the initial noise x_1 itself, shape [B, C, h, w] (latent-space models: h = height / 8).
+            sampler: ``"euler"`` or ``"heun"``, integrated on the grid t_i = 1 - i / N. Applies to
+                ``FlowMatchEulerDiscreteScheduler``; any other scheduler runs its own loop (pass the default).
+            height, width: image size in pixels (default: the training resolution in the config).
+            output_type: ``"pil"`` (list of PIL images), ``"np"`` (float array [B, H, W, 3] in [0, 1]),
+                ``"pt"`` (float tensor [B, 3, H, W] in [0, 1]) or ``"latent"`` (the raw sample at t = 0, before
+                VAE decoding and clamping).
+            return_dict: return an ``ImagePipelineOutput`` (else a 1-tuple).
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        device = self._execution_device
+
+        if latents is None:
+            shape = self._sample_shape(batch_size, height, width)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        x = latents.to(device=device, dtype=torch.float32)
+
+        if isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
+            x = self._integrate_on_grid(x, num_inference_steps, sampler)
+        else:
+            if sampler != "euler":
+                raise ValueError(
+                    f"sampler={sampler!r} applies to FlowMatchEulerDiscreteScheduler; "
+                    f"{type(self.scheduler).__name__} runs its own loop (leave sampler at its default)"
+                )
+            x = self._scheduler_loop(x, num_inference_steps, device)
+
+        if output_type == "latent":
+            images = x
+        else:
+            images = (self.decode_latents(x).float() / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                images = images.cpu().permute(0, 2, 3, 1).numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    def _integrate_on_grid(self, x: torch.Tensor, num_steps: int, sampler: str) -> torch.Tensor:
+        """Euler (``scheduler.step``) or Heun on sigmas t_i = 1 - i / N, as ``flow.euler_sample`` / ``heun_sample``."""
+        grid = timestep_grid(num_steps)  # the package's grid, so both samplers see bit-identical times
+        self.scheduler.set_timesteps(sigmas=grid[:-1].tolist(), device=x.device)  # diffusers appends sigma = 0
+        self.scheduler.set_begin_index(0)
+        sigmas = self.scheduler.sigmas
+        for i, timestep in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            t, t_next = sigmas[i], sigmas[i + 1]
+            v = self._velocity(x, t)
+            if sampler == "euler":
+                x = self.scheduler.step(v.float(), timestep, x).prev_sample.float()
+            else:  # Heun: trapezoid with a second model call at t_next
+                dt = t_next - t
+                v_next = self._velocity(x + dt * v.float(), t_next)
+                x = x + dt * (v.float() + v_next.float()) / 2
+        return x
+
+    def _scheduler_loop(self, x: torch.Tensor, num_steps: int, device: torch.device) -> torch.Tensor:
+        """The generic diffusers loop for another flow-matching scheduler (its timesteps are sigma * 1000)."""
+        self.scheduler.set_timesteps(num_steps, device=device)
+        scale = float(self.scheduler.config.num_train_timesteps)
+        for timestep in self.progress_bar(self.scheduler.timesteps):
+            v = self._velocity(x, timestep / scale)
+            x = self.scheduler.step(v.float(), timestep, x).prev_sample.float()
+        return x
