@@ -453,7 +453,6 @@ def build_model_card(
         pipeline_tag=PIPELINE_TAG,
         tags=list(MODEL_CARD_TAGS),
         datasets=[dataset_id] if dataset_id else None,
-        model_name=name,
     )
     load_id = repo_id or "USER/NAME"
     dataset_text = f"[{dataset_id}](https://huggingface.co/datasets/{dataset_id})" if dataset_id else "a local dataset"
@@ -561,15 +560,28 @@ def export_checkpoint(
         FileNotFoundError: no complete checkpoint at ``checkpoint``.
         FileExistsError: ``out`` exists and is not empty.
     """
-    from .model import LiquidDiffusionUNet
-
     checkpoint = find_checkpoint(checkpoint)
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"export folder {str(out)!r} already exists and is not empty")
     if repo_id is not None:
         _check_repo_id(repo_id)
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        _write_export(checkpoint, staging, repo_id=repo_id, vae=vae, token=token)
+        staging.chmod(0o755)  # mkdtemp makes it private
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(staging, out)  # all or nothing: a half-written export never sits at `out`
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_export(checkpoint: Path, out: Path, *, repo_id: str | None, vae, token: str | None) -> None:
+    from .model import LiquidDiffusionUNet
 
     train_config = sanitize_train_config(_read_json(checkpoint / "train_config.json"))
     state = _read_json(checkpoint / "state.json")
@@ -607,7 +619,6 @@ def export_checkpoint(
         ema=ema,
     )
     card.save(out / "README.md")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -645,17 +656,6 @@ def _friendly_hub_error(error: BaseException, repo_id: str, action: str = "push"
     return error
 
 
-def _default_commit_message(folder: Path) -> str:
-    try:
-        config = json.loads((folder / "train_config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        config = {}
-    card = (folder / "README.md").read_text() if (folder / "README.md").is_file() else ""
-    match = re.search(r"\| steps trained \| ([\d,]+) \|", card)
-    step = match.group(1) if match else "?"
-    return f"LiquidDiffusion {config.get('preset', '')} checkpoint at step {step}".replace("  ", " ")
-
-
 def upload_folder(
     folder: str | os.PathLike,
     repo_id: str,
@@ -678,7 +678,7 @@ def upload_folder(
             repo_id=repo_id,
             repo_type="model",
             folder_path=folder,
-            commit_message=commit_message or _default_commit_message(folder),
+            commit_message=commit_message or "Upload LiquidDiffusion pipeline",
         )
     except Exception as error:  # noqa: BLE001 -- mapped to a user-facing error or re-raised unchanged
         friendly = _friendly_hub_error(error, repo_id)
@@ -703,6 +703,10 @@ def push_to_hub(
     """
     _check_repo_id(repo_id)
     checkpoint = find_checkpoint(checkpoint)
+    if commit_message is None:
+        step = _read_json(checkpoint / "state.json").get("step", "?")
+        preset = _read_json(checkpoint / "train_config.json").get("preset", "")
+        commit_message = f"LiquidDiffusion {preset} checkpoint at step {step}".replace("  ", " ")
     with tempfile.TemporaryDirectory(prefix="liquid-diffusion-export-") as tmp:
         folder = export_checkpoint(checkpoint, Path(tmp) / "export", repo_id=repo_id, token=token)
         url = upload_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)

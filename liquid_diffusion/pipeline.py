@@ -78,7 +78,8 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
         only; ``revision``, ``token``, ``cache_dir``, ``force_download``, ``local_files_only`` apply), then loaded
         from the local snapshot: diffusers' own Hub download refuses components of a library other than
         diffusers/transformers unless the repo ships their code, while ours come from the installed package.
-        Other keyword arguments (``torch_dtype``, ...) go to ``DiffusionPipeline.from_pretrained``.
+        Other keyword arguments (``torch_dtype``, ...) go to ``DiffusionPipeline.from_pretrained``; weights are read
+        from safetensors only (``use_safetensors=True`` unless overridden).
         """
         path = os.fspath(pretrained_model_name_or_path)
         download = {
@@ -94,6 +95,7 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
                 allow_patterns=list(HUB_ALLOW_PATTERNS),
                 **download,
             )
+        kwargs.setdefault("use_safetensors", True)  # weights are read from safetensors only, never from pickles
         return super().from_pretrained(path, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------

@@ -273,6 +273,19 @@ def test_export_refuses_to_write_into_a_non_empty_folder(pixel_run, tmp_path):
         hub.export_checkpoint(pixel_run, tmp_path)
 
 
+def test_a_failed_export_leaves_nothing_behind(pixel_run, tmp_path):
+    import shutil
+
+    checkpoint = shutil.copytree(pixel_run / "checkpoint-000500", tmp_path / "run" / "checkpoint-000500")
+    (tmp_path / "empty-vae").mkdir()
+    config = json.loads((checkpoint / "train_config.json").read_text())
+    config.update(space="latent", vae=str(tmp_path / "empty-vae"))
+    (checkpoint / "train_config.json").write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        hub.export_checkpoint(checkpoint, tmp_path / "exports" / "out")
+    assert list((tmp_path / "exports").iterdir()) == []  # no half-written export, no staging folder
+
+
 def test_latent_export_includes_the_vae_and_the_card_omits_local_datasets(latent_run, latent_export, tiny_vae_dir):
     files = files_in(latent_export)
     assert REQUIRED_EXPORT_FILES - {"unet_raw/config.json"} <= files and VAE_FILES <= files
@@ -342,6 +355,11 @@ def test_pixel_pipeline_save_and_load_round_trip(pixel_run, tmp_path):
     a = pipe(batch_size=2, num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(1))
     b = loaded(batch_size=2, num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(a.images, b.images, atol=0, rtol=0)
+    # weights are read from safetensors only: a pickled save does not load
+    pipe.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert list((tmp_path / "pickled").rglob("*.bin"))
+    with pytest.raises(EnvironmentError):
+        LiquidDiffusionPipeline.from_pretrained(tmp_path / "pickled")
 
 
 def test_latent_pipeline_decodes_through_the_vae_and_round_trips(latent_run, latent_export):
