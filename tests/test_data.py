@@ -284,7 +284,8 @@ def test_preview_writes_a_grid_and_prints_the_counts(image_folder, tiny_vae_dir,
     assert main(["preview", "--dataset", str(image_folder), "--resolution", "32", "--num", "16", "--out", str(out),
                  "--vae", str(tiny_vae_dir)]) == 0
     printed = capsys.readouterr().out
-    assert f"read {IMAGE_FOLDER_GOOD + IMAGE_FOLDER_CORRUPT}, skipped {IMAGE_FOLDER_CORRUPT}, upscaled 1" in printed
+    assert (f"read {IMAGE_FOLDER_GOOD + IMAGE_FOLDER_CORRUPT} images, skipped {IMAGE_FOLDER_CORRUPT} (undecodable), "
+            f"upscaled {IMAGE_FOLDER_TINY}") in printed
     assert Image.open(out).size == (4 * 32, 4 * 32)
 
 
