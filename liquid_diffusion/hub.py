@@ -826,6 +826,7 @@ class HubPusher:
     def _stage(checkpoint: Path) -> Path | None:
         """Hard-links (or copies) what an export reads into ``<output_dir>/.hub-push-XXXX/`` so the push survives
         checkpoint pruning; returns the staged checkpoint, or None to export from the original folder."""
+        root = None
         try:
             root = Path(tempfile.mkdtemp(prefix=".hub-push-", dir=checkpoint.parent))
             staged = root / checkpoint.name
@@ -843,6 +844,8 @@ class HubPusher:
                 _link_or_copy(grid, root / "samples" / grid.name)
             return staged
         except Exception as error:  # noqa: BLE001 -- fall back to the original folder
+            if root is not None:
+                shutil.rmtree(root, ignore_errors=True)
             logger.warning("could not stage %s for the Hub push (%s); exporting it in place", checkpoint, error)
             return None
 
