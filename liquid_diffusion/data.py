@@ -60,6 +60,8 @@ WHITE = (255, 255, 255, 255)
 def resolve_source(source: str) -> tuple[str, str]:
     """Says what ``source`` is: ``("hub", id)``, ``("imagefolder", dir)``, ``("dataset_dir", dir)`` or
     ``("dataset_file", file)``. A path that exists locally is local; otherwise it must be a Hub id."""
+    if not source:
+        raise ValueError(f"no dataset given; use a short name ({', '.join(DATASETS)}), a Hub id or a local folder")
     if source in DATASETS:
         return "hub", DATASETS[source]
     path = Path(source).expanduser()
@@ -462,7 +464,9 @@ def run_preview(args: argparse.Namespace) -> int:
     if args.vae:
         from .latents import FrozenVAE  # latents builds on data: imported here only, to keep the flow one-way
 
-        vae = FrozenVAE(args.vae)
+        cuda = torch.cuda.is_available()
+        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+        vae = FrozenVAE(args.vae, device="cuda" if cuda else "cpu", dtype=dtype)
         pixels = vae.decode(vae.encode(pixels)).cpu()
     out = Path(args.out)
     if out.parent != Path(""):

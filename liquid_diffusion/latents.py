@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from .data import ImageBatchStream, make_dataloader, worker_share
+from .data import DATASETS, ImageBatchStream, make_dataloader, worker_share
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 CACHE_FORMAT = "liquid-diffusion-latent-cache"
@@ -109,6 +109,13 @@ def _same_vae(a: str, b: str) -> bool:
     return a == b
 
 
+def dataset_key(source: str) -> str:
+    """A canonical name of a data source: the Hub id for short names and ids, the absolute path for local ones."""
+    source = DATASETS.get(source, source)
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
 def read_metadata(cache_dir) -> dict:
     """The ``metadata.json`` of a complete cache; ``FileNotFoundError`` when there is none."""
     path = Path(cache_dir) / METADATA_FILE
@@ -122,7 +129,12 @@ def read_metadata(cache_dir) -> dict:
     return metadata
 
 
-def _check(metadata: dict, cache_dir, vae_id: str | None, resolution: int | None) -> None:
+def _check(metadata: dict, cache_dir, vae_id: str | None, resolution: int | None, source: str | None) -> None:
+    if source is not None and dataset_key(source) != metadata["dataset"]:
+        raise ValueError(
+            f"latent cache {str(cache_dir)!r} holds {metadata['source']!r}, not {source!r}; "
+            "rebuild it for this dataset or use another cache directory"
+        )
     if vae_id is not None and not _same_vae(metadata["vae"], str(vae_id)):
         raise ValueError(
             f"latent cache {str(cache_dir)!r} was made with VAE {metadata['vae']!r}, not {str(vae_id)!r}; "
@@ -168,7 +180,8 @@ def build_latent_cache(
     from tqdm.auto import tqdm
 
     cache_dir = Path(cache_dir)
-    settings = dict(source=source, split=split, config_name=config_name, vae=vae.name, resolution=resolution,
+    settings = dict(source=source, dataset=dataset_key(source), split=split, config_name=config_name, vae=vae.name,
+                    resolution=resolution,
                     requested_images=num_images, flipped=flip, random_crop=random_crop)
     if (cache_dir / METADATA_FILE).is_file():
         existing = read_metadata(cache_dir)
@@ -227,17 +240,19 @@ def build_latent_cache(
     return cache_dir
 
 
-def load_latent_cache(cache_dir, *, vae_id: str | None = None, resolution: int | None = None):
+def load_latent_cache(cache_dir, *, vae_id: str | None = None, resolution: int | None = None,
+                      source: str | None = None):
     """Reads a cache: ``(latents [N, C, h, w] in the stored dtype, metadata)``.
 
     Rows ``0..num_images-1`` are the images in source order; with flipped copies, row ``i + num_images`` is the
-    mirror of row ``i`` (``N = num_latents``). ``vae_id`` / ``resolution``, when given, must match the cache's,
-    else ``ValueError`` (latents of another VAE or size would silently train the wrong thing).
+    mirror of row ``i`` (``N = num_latents``). ``vae_id`` / ``resolution`` / ``source`` (a short name, Hub id or
+    path: compared by ``dataset_key``), when given, must match the cache's, else ``ValueError`` (latents of another
+    VAE, size or dataset would silently train the wrong thing).
     """
     from safetensors.torch import load_file
 
     metadata = read_metadata(cache_dir)
-    _check(metadata, cache_dir, vae_id, resolution)
+    _check(metadata, cache_dir, vae_id, resolution, source)
     originals, flipped = [], []
     for shard in metadata["shards"]:
         tensors = load_file(str(Path(cache_dir) / shard["file"]))
@@ -256,18 +271,19 @@ class LatentBatchStream(torch.utils.data.IterableDataset):
     DataLoader workers split batches the same way as ``ImageBatchStream`` (``data.worker_share``).
 
     Args:
-        cache: a cache directory (read with ``load_latent_cache``, checked against ``vae_id`` / ``resolution``)
-            or a latent tensor [N, C, h, w].
+        cache: a cache directory (read with ``load_latent_cache``, checked against ``vae_id`` / ``resolution`` /
+            ``source``) or a latent tensor [N, C, h, w].
         batch_size, seed, process_index, num_processes, start_batch: as in ``ImageBatchStream``.
     """
 
     def __init__(self, cache, batch_size: int, *, seed: int = 0, process_index: int = 0, num_processes: int = 1,
-                 start_batch: int = 0, vae_id: str | None = None, resolution: int | None = None):
+                 start_batch: int = 0, vae_id: str | None = None, resolution: int | None = None,
+                 source: str | None = None):
         super().__init__()
         if torch.is_tensor(cache):
             self.latents, self.metadata = cache, {}
         else:
-            self.latents, self.metadata = load_latent_cache(cache, vae_id=vae_id, resolution=resolution)
+            self.latents, self.metadata = load_latent_cache(cache, vae_id=vae_id, resolution=resolution, source=source)
         if batch_size < 1 or start_batch < 0 or not 0 <= process_index < num_processes:
             raise ValueError(f"need batch_size >= 1, start_batch >= 0 and 0 <= process_index < num_processes "
                              f"(got {batch_size}, {start_batch}, {process_index}, {num_processes})")

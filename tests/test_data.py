@@ -253,6 +253,9 @@ def test_cache_made_for_another_vae_or_resolution_is_refused(vae, image_folder, 
         load_latent_cache(cache, vae_id="stabilityai/sd-vae-ft-mse")
     with pytest.raises(ValueError, match="resolution 16, not 32"):
         LatentBatchStream(cache, 2, resolution=32)
+    with pytest.raises(ValueError, match="holds .* not 'afhq'"):
+        load_latent_cache(cache, source="afhq")
+    load_latent_cache(cache, source=str(image_folder) + "/", resolution=16)  # the same folder, spelled differently
     with pytest.raises(ValueError, match="already holds a different latent cache"):
         build_latent_cache(str(image_folder), vae, cache, 32, num_images=4, progress=False)
     assert build_latent_cache(str(image_folder), vae, cache, 16, num_images=4, progress=False) == cache  # reused
