@@ -1,0 +1,746 @@
+"""Rectified-flow training with accelerate: EMA, mixed precision, live sample grids and exact resume.
+
+One ``Trainer`` serves the notebook, ``python -m liquid_diffusion train`` and ``accelerate launch`` alike::
+
+    batches (pixels, latents or cached latents) -> flow_matching_loss -> AdamW (+ warmup, clipping) -> EMA
+                                                 -> metrics.jsonl / samples/step-N.png / checkpoint-N/
+
+Output directory layout::
+
+    metrics.jsonl               one JSON object per logged step
+    samples/step-000500.png     EMA sample grids, always from the same noise
+    checkpoint-000500/          unet/ and unet_ema/ (safetensors), training_state.pt, state.json, train_config.json
+
+Exact resume: the only randomness of a step (noise and t) comes from a generator re-seeded from
+(seed, process, step), and the data streams restart at the batch where they stopped, so N steps + resume + N steps
+equals 2N steps in one go.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from . import flow
+from .model import PRESETS, LiquidDiffusionUNet
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+NUM_T_BINS = 10
+# Fields that fix the network's shape or the data it sees; resuming with other values is refused.
+RESUME_MUST_MATCH = ("preset", "space", "resolution", "vae", "batch_size", "grad_accum", "seed")
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; defaults suit the tiny preset on a Colab T4. Each field is a CLI flag."""
+
+    # data
+    dataset: str = _help("short name (afhq, celeba, flowers, pokemon, anime, cartoon), Hub id or local path",
+                         default="huggan/AFHQv2")
+    split: str = _help("dataset split", default="train")
+    config_name: str | None = _help("dataset configuration name, if the dataset has several", default=None)
+    image_column: str | None = _help("column holding the images (found automatically when omitted)", default=None)
+    resolution: int = _help("training resolution in pixels (square)", default=256)
+    flip: bool = _help("random horizontal flips", default=True)
+    random_crop: bool = _help("random instead of center crop", default=False)
+    shuffle_buffer: int = _help("streaming shuffle buffer size", default=1000)
+    num_workers: int = _help("DataLoader worker processes for decoding images", default=2)
+    # model and latent space
+    preset: str = _help(f"model size: {', '.join(PRESETS)}", default="tiny")
+    space: str = _help("'latent' (frozen SD-VAE) or 'pixel' (no VAE)", default="latent")
+    vae: str = _help("VAE Hub id or local path (latent space only)", default="stabilityai/sd-vae-ft-mse")
+    cache_latents: bool = _help("encode the dataset once into a latent cache, then train on latents only",
+                                default=False)
+    cache_dir: str | None = _help("latent cache directory (default: OUTPUT_DIR/latent-cache)", default=None)
+    cache_num_images: int | None = _help("cache only the first N images (default: all)", default=None)
+    # optimisation
+    batch_size: int = _help("images per process per micro-batch", default=8)
+    grad_accum: int = _help("micro-batches per optimizer step", default=1)
+    steps: int = _help("optimizer steps to train in total", default=20_000)
+    lr: float = _help("AdamW learning rate", default=1e-4)
+    warmup_steps: int = _help("linear learning-rate warmup steps", default=500)
+    weight_decay: float = _help("AdamW weight decay", default=0.0)
+    max_grad_norm: float = _help("gradient clipping norm", default=1.0)
+    ema_decay: float = _help("EMA decay (reached after the EMA warmup)", default=0.9999)
+    timestep_sampling: str = _help("training t distribution: uniform or logit_normal", default="uniform")
+    mixed_precision: str = _help("auto (bf16 where supported, fp16 on T4-class GPUs, fp32 on CPU), no, fp16, bf16",
+                                 default="auto")
+    compile: bool = _help("torch.compile the model (CUDA only; ignored on CPU)", default=False)
+    seed: int = _help("random seed", default=0)
+    # feedback and checkpoints
+    output_dir: str = _help("where checkpoints, samples and metrics.jsonl go", default="outputs/liquid-diffusion")
+    log_every: int = _help("log metrics every N steps", default=50)
+    sample_every: int = _help("write an EMA sample grid every N steps (0: only at the end)", default=500)
+    num_sample_images: int = _help("images in each sample grid", default=16)
+    sample_steps: int = _help("Euler steps for the sample grids", default=25)
+    checkpoint_every: int = _help("save a checkpoint every N steps (and always at the end)", default=1000)
+    keep_checkpoints: int = _help("keep only the newest K checkpoints", default=3)
+    resume: str | None = _help("'latest' (newest complete checkpoint in OUTPUT_DIR, if any) or a checkpoint path",
+                               default=None)
+    push_to_hub: str | None = _help("Hub repo id USER/NAME to push checkpoints to (in the background)", default=None)
+    push_every: int = _help("push every N checkpoints", default=1)
+    hub_private: bool = _help("create the Hub repo as private", default=False)
+
+    def validate(self) -> None:
+        """Raises ValueError with a one-line fix for values that cannot work."""
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
+        if self.space not in ("latent", "pixel"):
+            raise ValueError(f"space must be 'latent' or 'pixel', got {self.space!r}")
+        if self.timestep_sampling not in flow.TIMESTEP_SAMPLINGS:
+            raise ValueError(f"timestep_sampling must be one of {', '.join(flow.TIMESTEP_SAMPLINGS)}")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
+        factor = 2 ** (len(PRESETS[self.preset]["widths"]) - 1) * (8 if self.space == "latent" else 1)
+        if self.resolution <= 0 or self.resolution % factor:
+            raise ValueError(
+                f"resolution {self.resolution} must be a positive multiple of {factor} for the {self.preset} preset "
+                f"in {self.space} space (e.g. {max(factor, (self.resolution // factor) * factor)})"
+            )
+        for name in ("batch_size", "grad_accum", "steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                     "num_sample_images", "sample_steps", "push_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.cache_latents and self.space != "latent":
+            raise ValueError("cache_latents needs space='latent' (pixel space has no VAE to cache)")
+
+
+class TrainerCallback:
+    """Hooks for the notebook (or any caller); every method is optional."""
+
+    def on_log(self, trainer: "Trainer", record: dict) -> None:
+        """Called on the main process after each metrics record is written."""
+
+    def on_sample(self, trainer: "Trainer", step: int, path: Path) -> None:
+        """Called on the main process after a sample grid is written."""
+
+    def on_checkpoint(self, trainer: "Trainer", step: int, path: Path) -> None:
+        """Called on the main process after a checkpoint is complete."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged: the loss became NaN or infinite."""
+
+
+class Trainer:
+    """Trains a ``LiquidDiffusionUNet`` with the rectified-flow loss (see ``flow.py``).
+
+    Args:
+        config: the run's ``TrainConfig``.
+        callbacks: ``TrainerCallback`` objects notified of logs, samples and checkpoints.
+    """
+
+    def __init__(self, config: TrainConfig, callbacks: list[TrainerCallback] | None = None):
+        config.validate()
+        self.config = config
+        self.callbacks = list(callbacks or [])
+        self.output_dir = Path(config.output_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=resolve_mixed_precision(config.mixed_precision),
+            gradient_accumulation_steps=config.grad_accum,
+            # accelerate only runs a multi-process job on CPUs (gloo) when told so; without this, torchrun or
+            # `accelerate launch` on a GPU-less machine would give N independent single-process runs.
+            cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        )
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        self.vae = None  # FrozenVAE, loaded when needed
+
+        set_seed(config.seed)  # same initial weights on every process and every run
+        in_channels = 3
+        if config.space == "latent":
+            from .latents import FrozenVAE
+
+            self.vae = FrozenVAE(config.vae, device=self.device, dtype=vae_dtype(self.device))
+            in_channels = self.vae.latent_channels
+        model = LiquidDiffusionUNet.from_preset(config.preset, in_channels=in_channels)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=2 / 3,
+                            foreach=True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                      fused=self.device.type == "cuda")
+        # Stepped by hand once per optimizer step: accelerate's prepared scheduler would step num_processes times.
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps))
+        )
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.ema.to(self.device)
+        if config.compile:
+            if self.device.type == "cuda":
+                self.model = torch.compile(self.model)
+            elif self.is_main:
+                print("note: --compile is only used on CUDA; training uncompiled on", self.device.type)
+        self.step = 0
+        self.batches_consumed = 0  # micro-batches drawn from this process's stream (the data position)
+        self.generator = torch.Generator(self.device)
+        self._pusher = None
+
+    # ------------------------------------------------------------------------------------------------------- data
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        """This process's endless stream of model inputs (latents or pixels), resumed at ``batches_consumed``."""
+        config, state = self.config, self.accelerator.state
+        common = dict(seed=config.seed, process_index=state.process_index, num_processes=state.num_processes,
+                      start_batch=self.batches_consumed)
+        from .data import ImageBatchStream, make_dataloader
+
+        if config.cache_latents:
+            from .latents import LatentBatchStream
+
+            stream = LatentBatchStream(self._cache_dir(), config.batch_size, vae_id=config.vae,
+                                       resolution=config.resolution, source=config.dataset, **common)
+            loader = make_dataloader(stream, num_workers=0)  # latents are in memory already
+        else:
+            stream = ImageBatchStream(
+                config.dataset, config.resolution, config.batch_size, split=config.split,
+                config_name=config.config_name, image_column=config.image_column, random_crop=config.random_crop,
+                flip=config.flip, shuffle_buffer=config.shuffle_buffer, **common,
+            )
+            loader = make_dataloader(stream, num_workers=config.num_workers)
+        for batch in loader:
+            batch = batch.to(self.device, non_blocking=True)
+            if self.vae is not None and not config.cache_latents:
+                batch = self.vae.encode(batch)
+            if self.device.type == "cuda":
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            yield batch
+
+    def _cache_dir(self) -> Path:
+        return Path(self.config.cache_dir) if self.config.cache_dir else self.output_dir / "latent-cache"
+
+    def _prepare_latent_cache(self) -> None:
+        """Builds the latent cache once (main process); the others wait, then all read it."""
+        from .latents import build_latent_cache, read_metadata
+
+        config = self.config
+        if self.is_main:
+            try:
+                read_metadata(self._cache_dir())  # an existing cache is checked for a matching VAE when read
+            except FileNotFoundError:
+                build_latent_cache(
+                    config.dataset, self.vae, self._cache_dir(), config.resolution,
+                    num_images=config.cache_num_images, flip=config.flip, split=config.split,
+                    config_name=config.config_name, image_column=config.image_column,
+                    random_crop=config.random_crop, num_workers=config.num_workers,
+                )
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------------------------------------------- loop
+
+    def train(self) -> Path:
+        """Runs (or resumes) training to ``config.steps``; returns the final checkpoint directory."""
+        config, accelerator = self.config, self.accelerator
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        if config.resume:
+            self._resume(config.resume)
+        if config.cache_latents:
+            self._prepare_latent_cache()
+        if config.push_to_hub and self.is_main:
+            from .hub import HubPusher
+
+            self._pusher = HubPusher(config.push_to_hub, private=config.hub_private)
+
+        images_per_step = config.batch_size * config.grad_accum * accelerator.num_processes
+        batches = self._batches()
+        batches = itertools.chain([next(batches)], batches)  # a bad data source fails here, before the bar
+        progress = tqdm(total=config.steps, initial=self.step, disable=not self.is_main, desc="train",
+                        dynamic_ncols=True)
+        stats = _IntervalStats(self.device)
+        interval_start = time.perf_counter()
+        try:
+            with _GracefulInterrupt() as interrupt:
+                while self.step < config.steps:
+                    self._train_step(batches, stats)
+                    self.step += 1
+                    progress.update(1)
+                    if self.step % config.log_every == 0 or self.step == config.steps or interrupt.requested:
+                        elapsed = time.perf_counter() - interval_start
+                        record = self._log(stats, images_per_step * stats.steps / max(elapsed, 1e-9))
+                        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                             img_s=f"{record['images_per_s']:.1f}")
+                        stats = _IntervalStats(self.device)
+                        interval_start = time.perf_counter()
+                    if interrupt.requested:
+                        progress.close()
+                        checkpoint = self.save_checkpoint(barrier=False)
+                        if self.is_main:
+                            print(f"\ninterrupted at step {self.step}: saved {checkpoint}; continue with "
+                                  "--resume latest", file=sys.stderr)
+                        raise KeyboardInterrupt
+                    if config.sample_every and self.step % config.sample_every == 0 and self.step < config.steps:
+                        self.write_samples()
+                    if self.step % config.checkpoint_every == 0 and self.step < config.steps:
+                        self.save_checkpoint()
+            self.write_samples()
+            return self.save_checkpoint()
+        finally:
+            progress.close()
+            if self._pusher is not None:
+                self._pusher.close()
+
+    def _train_step(self, batches: Iterator[torch.Tensor], stats: "_IntervalStats") -> None:
+        """One optimizer step over ``grad_accum`` micro-batches, with no host-device synchronisation."""
+        config, accelerator = self.config, self.accelerator
+        for micro in range(config.grad_accum):
+            x0 = next(batches)
+            self.batches_consumed += 1
+            # Noise and t depend only on (seed, process, step, micro-batch): resume needs no generator state.
+            self.generator.manual_seed(
+                ((config.seed * 1_000_003 + accelerator.process_index) * 1_000_003 + self.step) * 256 + micro
+            )
+            noise = torch.randn(x0.shape, generator=self.generator, device=self.device, dtype=x0.dtype)
+            t = flow.sample_timesteps(x0.shape[0], config.timestep_sampling, device=self.device,
+                                      generator=self.generator)
+            with accelerator.accumulate(self.model):
+                with accelerator.autocast():
+                    per_sample = flow.flow_matching_loss(self.model, x0, noise, t, reduction="none")
+                loss = per_sample.mean()
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            stats.add(per_sample.detach(), t, grad_norm, self.step)
+        if not self.optimizer.step_was_skipped:
+            self.lr_scheduler.step()
+        self.ema.step(accelerator.unwrap_model(self.model).parameters())
+        stats.steps += 1
+
+    def _log(self, stats: "_IntervalStats", images_per_s: float) -> dict:
+        """Reduces the interval's statistics over processes, checks for divergence, appends to metrics.jsonl.
+
+        Under fp16 loss scaling a non-finite loss only skips its step (the scaler drops the update); anywhere else,
+        or when every micro-batch of the interval was non-finite, training stops before anything is saved.
+        """
+        reduced = self.accelerator.reduce(stats.packed(), reduction="sum").cpu()
+        record, nonfinite, micro_batches, first_bad_step = stats.record(
+            reduced, self.step, self.lr_scheduler.get_last_lr()[0], images_per_s)
+        if nonfinite and (self.accelerator.mixed_precision != "fp16" or nonfinite >= micro_batches):
+            raise NonFiniteLossError(
+                f"loss became NaN/inf at step {first_bad_step}; try a lower --lr (now {self.config.lr:g}) or "
+                f"--mixed-precision bf16/no, and resume from {self._newest_checkpoint_hint()}"
+            )
+        if nonfinite:
+            record["skipped_nonfinite"] = nonfinite
+        if self.is_main:
+            with open(self.output_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            for callback in self.callbacks:
+                callback.on_log(self, record)
+        return record
+
+    # ------------------------------------------------------------------------------------------------------- samples
+
+    @torch.no_grad()
+    def write_samples(self) -> Path | None:
+        """Samples a grid from the EMA weights (same noise every time) to ``samples/step-NNNNNN.png``."""
+        if not self.is_main:
+            return None
+        config = self.config
+        model = self.accelerator.unwrap_model(self.model)
+        self.ema.store(model.parameters())
+        self.ema.copy_to(model.parameters())
+        try:
+            model.eval()
+            images = generate(model, self.vae, config.num_sample_images, config.sample_steps, "euler",
+                              seed=config.seed, resolution=config.resolution)
+        finally:
+            self.ema.restore(model.parameters())
+            model.train()
+        path = self.output_dir / "samples" / f"step-{self.step:06d}.png"
+        save_grid(images, path)
+        for callback in self.callbacks:
+            callback.on_sample(self, self.step, path)
+        return path
+
+    # ------------------------------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, barrier: bool = True) -> Path:
+        """Writes ``checkpoint-NNNNNN`` atomically (temporary directory + rename) and prunes old ones."""
+        final = self.output_dir / f"checkpoint-{self.step:06d}"
+        if barrier:
+            self.accelerator.wait_for_everyone()
+        if self.is_main:
+            model = self.accelerator.unwrap_model(self.model)
+            model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+            if not bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all()):
+                raise NonFiniteLossError(
+                    f"weights became NaN/inf by step {self.step}; not saving them. Resume from "
+                    f"{self._newest_checkpoint_hint()} with a lower --lr or --mixed-precision bf16/no"
+                )
+            tmp = self.output_dir / f".tmp-checkpoint-{self.step:06d}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            model.save_pretrained(tmp / "unet", safe_serialization=True)
+            ema_model = LiquidDiffusionUNet.from_config(model.config)
+            self.ema.copy_to(ema_model.parameters())
+            ema_model.save_pretrained(tmp / "unet_ema", safe_serialization=True)
+            scaler = self.accelerator.scaler
+            ema_state = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "lr_scheduler": self.lr_scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "ema": ema_state,
+                    "rng": _rng_state(),
+                },
+                tmp / "training_state.pt",
+            )
+            (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
+            (tmp / "state.json").write_text(json.dumps(
+                {"step": self.step, "batches_consumed": self.batches_consumed,
+                 "num_processes": self.accelerator.num_processes}, indent=2))
+            if final.exists():  # re-saving the same step (e.g. interrupted right after a save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune_checkpoints()
+            for callback in self.callbacks:
+                callback.on_checkpoint(self, self.step, final)
+            if self._pusher is not None and (self.step // self.config.checkpoint_every) % self.config.push_every == 0:
+                self._pusher.push(final)
+        if barrier:
+            self.accelerator.wait_for_everyone()
+        return final
+
+    def _prune_checkpoints(self) -> None:
+        for old in list_checkpoints(self.output_dir)[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _newest_checkpoint_hint(self) -> str:
+        checkpoints = list_checkpoints(self.output_dir)
+        return str(checkpoints[-1]) if checkpoints else "scratch (no checkpoint was saved yet)"
+
+    def _resume(self, resume: str) -> None:
+        """Restores model, EMA, optimizer, scheduler, loss scaler, step, data position and RNG."""
+        if resume == "latest":
+            checkpoints = list_checkpoints(self.output_dir)
+            if not checkpoints:
+                if self.is_main:
+                    print(f"no checkpoint in {self.output_dir} yet: starting from scratch")
+                return
+            path = checkpoints[-1]
+        else:
+            path = Path(resume)
+            if not (path / "state.json").exists():
+                raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.json); pass a "
+                                        "checkpoint-NNNNNN directory or --resume latest")
+        saved = json.loads((path / "train_config.json").read_text())
+        mismatched = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(self.config, k)]
+        if mismatched:
+            details = ", ".join(f"{k}={saved.get(k)!r} (now {getattr(self.config, k)!r})" for k in mismatched)
+            raise ValueError(f"cannot resume {path}: it was trained with {details}; use the same values or a new "
+                             "--output-dir")
+        state = json.loads((path / "state.json").read_text())
+        if state.get("num_processes", 1) != self.accelerator.num_processes:
+            raise ValueError(f"cannot resume {path} exactly: it ran on {state['num_processes']} processes, now "
+                             f"{self.accelerator.num_processes}; launch with the same number of processes")
+        model = self.accelerator.unwrap_model(self.model)
+        model = getattr(model, "_orig_mod", model)
+        model.load_state_dict(LiquidDiffusionUNet.from_pretrained(path / "unet").state_dict())
+        ema_weights = LiquidDiffusionUNet.from_pretrained(path / "unet_ema")
+        training = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+        self.ema.load_state_dict(
+            {**training["ema"], "shadow_params": [p.detach().to(self.device) for p in ema_weights.parameters()]}
+        )
+        self.optimizer.load_state_dict(training["optimizer"])
+        self.lr_scheduler.load_state_dict(training["lr_scheduler"])
+        if training["scaler"] is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(training["scaler"])
+        _set_rng_state(training["rng"])
+        self.step = state["step"]
+        self.batches_consumed = state["batches_consumed"]
+        if self.is_main:
+            print(f"resumed from {path} at step {self.step}")
+
+
+class _IntervalStats:
+    """Device-side accumulators for one logging interval (no host sync until ``record``)."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.count = torch.zeros((), device=device)
+        self.bin_sum = torch.zeros(NUM_T_BINS, device=device)
+        self.bin_count = torch.zeros(NUM_T_BINS, device=device)
+        self.grad_norm_sum = torch.zeros((), device=device)
+        self.grad_norm_count = torch.zeros((), device=device)
+        self.nonfinite = torch.zeros((), device=device)
+        self.first_bad_step = torch.full((), float("inf"), device=device)
+        self.steps = 0
+        self.micro_batches = 0
+
+    def add(self, per_sample: torch.Tensor, t: torch.Tensor, grad_norm: torch.Tensor | None, step: int) -> None:
+        per_sample = per_sample.float()
+        finite = torch.isfinite(per_sample)
+        bad = (~finite).any()
+        self.nonfinite += bad.float()
+        self.first_bad_step = torch.where(bad, self.first_bad_step.clamp(max=float(step)), self.first_bad_step)
+        self.micro_batches += 1
+        safe = torch.where(finite, per_sample, torch.zeros_like(per_sample))
+        self.loss_sum += safe.sum()
+        self.count += finite.sum()
+        bins = (t * NUM_T_BINS).long().clamp_(0, NUM_T_BINS - 1)
+        self.bin_sum.index_add_(0, bins, safe)
+        self.bin_count.index_add_(0, bins, finite.float())
+        if grad_norm is not None:
+            grad_norm = torch.as_tensor(grad_norm, device=t.device).float()
+            ok = torch.isfinite(grad_norm)
+            self.grad_norm_sum += torch.where(ok, grad_norm, torch.zeros_like(grad_norm))
+            self.grad_norm_count += ok.float()
+
+    def packed(self) -> torch.Tensor:
+        return torch.cat([
+            torch.stack([self.loss_sum, self.count, self.grad_norm_sum, self.grad_norm_count, self.nonfinite,
+                         torch.tensor(float(self.micro_batches), device=self.count.device)]),
+            self.bin_sum, self.bin_count, (-self.first_bad_step).reshape(1),
+        ])
+
+    def record(self, reduced: torch.Tensor, step: int, lr: float, images_per_s: float) -> tuple[dict, int, int, int]:
+        """The metrics record, plus (non-finite micro-batches, micro-batches, first step with a non-finite loss)."""
+        loss_sum, count, gn_sum, gn_count, nonfinite, micro_batches = reduced[:6].tolist()
+        bin_sum, bin_count = reduced[6:6 + NUM_T_BINS], reduced[6 + NUM_T_BINS:6 + 2 * NUM_T_BINS]
+        first_bad = -reduced[-1].item()
+        record = {
+            "step": step,
+            "loss": loss_sum / count if count else float("nan"),
+            "lr": lr,
+            "images_per_s": images_per_s,
+            "grad_norm": gn_sum / gn_count if gn_count else float("nan"),
+            "loss_t_bins": [(s / c) if c else None for s, c in zip(bin_sum.tolist(), bin_count.tolist())],
+        }
+        # steps are counted from 0 inside the loop; report them 1-based like ``step``
+        first_bad_step = int(first_bad) + 1 if math.isfinite(first_bad) else step
+        return record, int(nonfinite), int(micro_batches), first_bad_step
+
+
+class _GracefulInterrupt:
+    """The first Ctrl-C (SIGINT) only sets ``requested``, so the loop finishes its step and saves a consistent
+    checkpoint; a second Ctrl-C interrupts at once. Outside the main thread it does nothing."""
+
+    def __enter__(self) -> "_GracefulInterrupt":
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers shared by the trainer, the sample command and the notebook
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """``auto``: bf16 where the GPU supports it, fp16 (with loss scaling) on T4-class GPUs, ``no`` on CPU."""
+    if choice != "auto":
+        if choice in ("fp16", "bf16") and not torch.cuda.is_available():
+            print(f"note: --mixed-precision {choice} needs a GPU; training in fp32 on the CPU")
+            return "no"
+        return choice
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def vae_dtype(device: torch.device) -> torch.dtype:
+    """The SD-VAE overflows in fp16: bf16 where the GPU supports it, else fp32."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (``checkpoint-NNNNNN`` with a ``state.json``) in ``output_dir``, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
+             if (m := CHECKPOINT_PATTERN.match(p.name)) and (p / "state.json").exists()]
+    return [p for _, p in sorted(found)]
+
+
+@torch.no_grad()
+def generate(model: LiquidDiffusionUNet, vae, num_images: int, steps: int = 25, sampler: str = "euler", *,
+             seed: int = 0, resolution: int | None = None) -> torch.Tensor:
+    """Samples ``num_images`` images in [-1, 1] (decoded through ``vae`` when given) from seeded noise."""
+    device = next(model.parameters()).device
+    channels = model.config.in_channels
+    size = resolution // (vae.downsample_factor if vae is not None else 1)
+    noise = torch.randn(num_images, channels, size, size, generator=torch.Generator().manual_seed(seed))
+    x = flow.sample(model, noise.to(device), steps, sampler)
+    if vae is not None:
+        x = vae.decode(x)
+    return x.float().clamp(-1, 1).cpu()
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
+    """Writes images in [-1, 1] of shape [N, 3, H, W] as one PNG grid (nrow defaults to sqrt N)."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    grid = torch.zeros(3, rows * h, nrow * w, dtype=torch.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = pixels[i]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``TrainConfig`` field, named and documented from the dataclass."""
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = {"dest": f.name, "help": f"{f.metadata['help']} (default: {f.default})", "default": f.default}
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif f.name == "resume":
+            parser.add_argument(flag, nargs="?", const="latest", metavar="PATH", **kwargs)
+        else:
+            kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, **kwargs)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    config.validate()
+    try:
+        checkpoint = Trainer(config).train()
+    except KeyboardInterrupt:
+        return 130
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    print(f"done: {checkpoint}")
+    return 0
+
+
+def add_train_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a LiquidDiffusion model with rectified flow",
+        description="Train with rectified flow. Works the same under `accelerate launch` for several GPUs.",
+    )
+    _add_config_flags(parser)
+    parser.set_defaults(func=_run_train)
+
+
+def load_for_sampling(checkpoint: str, use_ema: bool = True, device: str | torch.device = "cpu"):
+    """Loads ``(unet, vae_or_None, resolution)`` from a training checkpoint, an output dir, an exported pipeline
+    folder or a Hub id."""
+    path = Path(checkpoint)
+    if not path.exists():
+        from .hub import resolve_checkpoint  # Hub ids
+
+        path = resolve_checkpoint(checkpoint)
+    if list_checkpoints(path):
+        path = list_checkpoints(path)[-1]
+    if (path / "model_index.json").exists():  # exported pipeline: unet is the EMA model, vae/ alongside
+        unet_dir = path / ("unet" if use_ema else "unet_raw")
+        vae_source = str(path / "vae") if (path / "vae").exists() else None
+    elif (path / "unet").exists():
+        unet_dir = path / ("unet_ema" if use_ema else "unet")
+        vae_source = None
+    else:
+        raise FileNotFoundError(f"{checkpoint} holds no LiquidDiffusion checkpoint (no unet/ or checkpoint-*/)")
+    config = json.loads((path / "train_config.json").read_text()) if (path / "train_config.json").exists() else {}
+    if config.get("space") == "latent" and vae_source is None:
+        vae_source = config.get("vae")
+    unet = LiquidDiffusionUNet.from_pretrained(unet_dir).to(device).eval()
+    vae = None
+    if vae_source is not None:
+        from .latents import FrozenVAE
+
+        vae = FrozenVAE(vae_source, device=torch.device(device), dtype=vae_dtype(torch.device(device)))
+    return unet, vae, config.get("resolution")
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    if args.sampler not in flow.SAMPLERS:
+        raise ValueError(f"unknown sampler {args.sampler!r}; valid: {', '.join(flow.SAMPLERS)}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    unet, vae, resolution = load_for_sampling(args.checkpoint, use_ema=not args.raw, device=device)
+    resolution = args.resolution or resolution
+    if resolution is None:
+        raise ValueError("the checkpoint does not record its resolution; pass --resolution")
+    images = generate(unet, vae, args.num_images, args.steps, args.sampler, seed=args.seed, resolution=resolution)
+    print(f"wrote {save_grid(images, Path(args.out))}")
+    return 0
+
+
+def add_sample_command(subparsers) -> None:
+    parser = subparsers.add_parser("sample", help="sample an image grid from a checkpoint (EMA weights)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint-NNNNNN dir, a training output dir (newest checkpoint), an exported folder "
+                             "or a Hub id USER/NAME")
+    parser.add_argument("--num-images", type=int, default=16, help="images in the grid (default: 16)")
+    parser.add_argument("--steps", type=int, default=25, help="ODE integration steps (default: 25)")
+    parser.add_argument("--sampler", default="euler", help="euler or heun (default: euler)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    parser.add_argument("--out", default="grid.png", help="output PNG (default: grid.png)")
+    parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    parser.add_argument("--resolution", type=int, default=None, help="override the checkpoint's resolution")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.set_defaults(func=_run_sample)
