@@ -612,21 +612,13 @@ def generate(model: LiquidDiffusionUNet, vae, num_images: int, steps: int = 25, 
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
-    """Writes images in [-1, 1] of shape [N, 3, H, W] as one PNG grid (nrow defaults to sqrt N)."""
-    from PIL import Image
+    """Writes images in [-1, 1] of shape [N, 3, H, W] as one PNG grid, atomically (a viewer never sees half a file)."""
+    from .data import image_grid
 
-    n, _, h, w = images.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / nrow)
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    grid = torch.zeros(3, rows * h, nrow * w, dtype=torch.uint8)
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = pixels[i]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+    image_grid(images, nrow).save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
 
