@@ -1,0 +1,707 @@
+"""Writes ``LiquidDiffusion_Training.ipynb`` from the cell sources below, so the notebook stays reviewable as code.
+
+    python scripts/build_notebook.py            # rewrite the notebook next to the repo root
+    python scripts/build_notebook.py --check    # exit 1 if the committed notebook differs from this script
+
+The notebook holds no model or training code: every cell imports ``liquid_diffusion``. Each code cell is led by a
+markdown cell saying what it does and what to expect. Every choice can be overridden by an ``LD_*`` environment
+variable, so ``tests/test_notebook.py`` runs it top to bottom on a CPU with nbclient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "LiquidDiffusion_Training.ipynb"
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cells: (id, markdown lead, code) in order. Code cells with ``# @param`` fields render as Colab forms.
+# ----------------------------------------------------------------------------------------------------------------
+
+INTRO = """\
+# LiquidDiffusion: train an attention-free diffusion model in Colab
+
+Pick a dataset, pick a model size, press **Runtime → Run all**, and watch sample grids improve while it trains.
+At the end the model (EMA weights, config, model card and sample grid) goes to the Hugging Face Hub.
+
+**LiquidDiffusion** is a U-Net without any attention: every block is a *liquid* CfC gate (closed-form continuous-time
+cells) plus multi-scale depthwise convolutions, trained with **rectified flow** (t = 0 is data, t = 1 is noise) in the
+latent space of the frozen SD-VAE, or directly on pixels for small images.
+
+| step | what happens |
+|---|---|
+| 1 · Setup | installs the `liquid_diffusion` package and reports the GPU |
+| 2 · Outputs | optionally mounts Google Drive, so a disconnect loses nothing and a re-run resumes |
+| 3 · Choices | dataset, model size, resolution, steps, batch size, ... as form fields |
+| 4 · Preview | a grid of training images exactly as the model will see them |
+| 5 · Model | parameter count and expected GPU memory |
+| 6 · Train | one live panel: progress, latest sample grid, loss curves |
+| 7 · Final samples | Euler vs Heun at 25 and 50 steps |
+| 8 · Hub | log in and push (skipped when no repo id is set) |
+| 9 · Load back | load the pushed model as any user would, and sample |
+
+**Runtime:** *Runtime → Change runtime type → T4 GPU* (free tier) or better. On a CPU only the tiny demo settings
+are practical.
+
+**Headless use:** every choice can be overridden by an environment variable (`LD_DATASET`, `LD_PRESET`,
+`LD_RESOLUTION`, `LD_SPACE`, `LD_VAE`, `LD_STEPS`, `LD_BATCH_SIZE`, `LD_SAMPLE_EVERY`, `LD_OUTPUT_DIR`, `LD_HUB_REPO`;
+also `LD_LR`, `LD_NUM_SAMPLES`, `LD_MOUNT_DRIVE`, `LD_CACHE_LATENTS`, `LD_PACKAGE_SPEC`, `LD_SKIP_INSTALL`), so the
+notebook also runs unattended, e.g. `jupyter nbconvert --to notebook --execute`.
+"""
+
+SETUP_MD = """\
+## 1 · Setup
+
+Installs the package and checks the hardware. When this notebook sits in a checkout of the repository, the package is
+installed **editable from that checkout** (nothing is installed when its dependencies are already present). Otherwise
+(e.g. opened from GitHub in Colab) it is installed with pip from `PACKAGE_SPEC`: a git URL such as
+`git+https://github.com/<user>/LiquidDiffusion.git`, a wheel or a version (see the README's *Open in Colab*).
+
+**Expect:** about a minute on a fresh Colab runtime, then one line with the GPU's name, memory and bf16 support.
+With no GPU you get a clear warning: everything still runs, but only the tiny demo settings are practical.
+"""
+
+SETUP = '''\
+# @title 1 · Setup: install LiquidDiffusion and check the GPU
+PACKAGE_SPEC = "git+https://github.com/YOUR-USER/LiquidDiffusion.git"  # @param {type:"string"}
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+IN_COLAB = "google.colab" in sys.modules
+
+
+def env(name, default, cast=str):
+    """The value of environment variable ``name`` (cast), else ``default``: how a headless run overrides a field."""
+    value = os.environ.get(name)
+    if value is None or (value.strip() == "" and cast is not str):
+        return default
+    if cast is bool:
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return cast(value.strip())
+
+
+def find_checkout(start):
+    """The repository root at or above ``start`` (holding pyproject.toml and liquid_diffusion/), or None."""
+    for folder in (start, *start.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "liquid_diffusion" / "__init__.py").is_file():
+            return folder
+    return None
+
+
+def pip_install(*args):
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", *args], capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"pip install {' '.join(args)} failed:\\n{result.stderr[-3000:]}")
+    importlib.invalidate_caches()
+
+
+PACKAGE_SPEC = env("LD_PACKAGE_SPEC", PACKAGE_SPEC)
+DEPENDENCIES = ("torch", "diffusers", "accelerate", "datasets", "huggingface_hub", "safetensors", "PIL",
+                "matplotlib", "ipywidgets", "tqdm")
+missing = [name for name in DEPENDENCIES if importlib.util.find_spec(name) is None]
+CHECKOUT = find_checkout(Path.cwd().resolve())
+if CHECKOUT is not None:
+    sys.path.insert(0, str(CHECKOUT))  # import the checkout itself, even before an editable install takes effect
+    if missing and not env("LD_SKIP_INSTALL", False, bool):
+        print(f"installing the checkout {CHECKOUT} (editable) and its dependencies ({', '.join(missing)}) ...")
+        pip_install("-e", str(CHECKOUT))
+    else:
+        print(f"using the checkout {CHECKOUT} (its dependencies are installed)")
+elif importlib.util.find_spec("liquid_diffusion") is None or missing:
+    if "YOUR-USER" in PACKAGE_SPEC:
+        raise ValueError("set PACKAGE_SPEC above to where LiquidDiffusion can be installed from, e.g. "
+                         "git+https://github.com/<user>/LiquidDiffusion.git (see the README's 'Open in Colab')")
+    print(f"installing {PACKAGE_SPEC} ...")
+    pip_install(PACKAGE_SPEC)
+    print("installed (if Colab asks to restart the runtime, do so and run all cells again)")
+
+import torch
+from IPython.display import HTML, display
+
+import liquid_diffusion
+from liquid_diffusion.trainer import resolve_mixed_precision
+
+print(f"liquid_diffusion {liquid_diffusion.__version__} from {Path(liquid_diffusion.__file__).parent}")
+print(f"torch {torch.__version__}")
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+    properties = torch.cuda.get_device_properties(0)
+    GPU_MEMORY_GIB = properties.total_memory / 2**30
+    bf16 = "yes" if torch.cuda.is_bf16_supported() else "no (fp16 with loss scaling instead)"
+    print(f"GPU: {properties.name} · {GPU_MEMORY_GIB:.1f} GiB · bf16: {bf16} · "
+          f"mixed precision: {resolve_mixed_precision('auto')}")
+else:
+    DEVICE = "cpu"
+    GPU_MEMORY_GIB = 0.0
+    warning = ("WARNING: no GPU found, training runs on the CPU and is only practical for tiny demo settings. "
+               "In Colab: Runtime -> Change runtime type -> T4 GPU, then run all cells again.")
+    display(HTML(f'<div style="padding:8px;border:2px solid #d33;color:#d33;font-weight:bold">{warning}</div>'))
+    print(warning)
+'''
+
+OUTPUTS_MD = """\
+## 2 · Where to keep outputs
+
+Checkpoints, sample grids and `metrics.jsonl` go to one output folder per run. In Colab, tick `MOUNT_DRIVE` to keep it
+on Google Drive (`MyDrive/<DRIVE_FOLDER>/<run name>`): Colab runtimes disconnect, and whatever sits on the runtime's
+disk is then lost. **Re-running the notebook with the same choices resumes from the newest checkpoint found there**,
+exactly where it stopped (same data position, optimizer and EMA state).
+
+**Expect:** in Colab, a Google authorisation prompt the first time; elsewhere outputs go to `./outputs/`.
+"""
+
+OUTPUTS = '''\
+# @title 2 · Where to keep outputs
+MOUNT_DRIVE = True  # @param {type:"boolean"}
+DRIVE_FOLDER = "LiquidDiffusion"  # @param {type:"string"}
+
+MOUNT_DRIVE = env("LD_MOUNT_DRIVE", MOUNT_DRIVE, bool)
+if IN_COLAB and MOUNT_DRIVE:
+    from google.colab import drive
+
+    drive.mount("/content/drive")
+    OUTPUT_ROOT = Path("/content/drive/MyDrive") / DRIVE_FOLDER
+    print(f"outputs go to Google Drive: {OUTPUT_ROOT}")
+elif IN_COLAB:
+    OUTPUT_ROOT = Path("/content/outputs")
+    print(f"outputs go to {OUTPUT_ROOT} on the runtime's disk: a disconnect loses them (tick MOUNT_DRIVE to keep them)")
+else:
+    OUTPUT_ROOT = Path("outputs").resolve()
+    print(f"not in Colab: outputs go to {OUTPUT_ROOT}")
+'''
+
+CHOICES_MD = """\
+## 3 · Choices
+
+| field | meaning |
+|---|---|
+| `DATASET` | one of the six verified datasets, or `custom` with `CUSTOM_DATASET` = any Hub id (`user/name`) or a folder of images (e.g. on your Drive) |
+| `PRESET` | model size: `tiny` (~22M parameters, T4-friendly), `small` (~67M), `base` (~150M) |
+| `RESOLUTION` | training size in pixels; 256 or 512 in latent space, 64 in pixel space for the 64x64 anime faces |
+| `SPACE` | `latent` (through the frozen SD-VAE, for 256/512 px) or `pixel` (no VAE, small images) |
+| `STEPS` | optimizer steps in total (a resumed run continues up to this number) |
+| `BATCH_SIZE` | `0` = the suggested size for this preset, resolution and GPU memory |
+| `LEARNING_RATE` | AdamW learning rate (after a linear warmup) |
+| `SAMPLE_EVERY` | steps between live sample grids |
+| `CACHE_LATENTS` | latent space only: encode every image once with the VAE, then train on latents alone (much faster per step, a one-off wait that grows with the dataset) |
+| `HUB_REPO_ID` | `user/name` to push to at the end; leave empty to skip the Hub |
+| `RUN_NAME` | output sub-folder; empty = derived from the choices, so the same choices resume the same run |
+
+**Expect:** a summary of the run, the suggested batch size, and whether a checkpoint will be resumed.
+"""
+
+CHOICES = '''\
+# @title 3 · Choices
+DATASET = "afhq"  # @param ["afhq", "celeba", "flowers", "pokemon", "anime", "cartoon", "custom"]
+CUSTOM_DATASET = ""  # @param {type:"string"}
+PRESET = "tiny"  # @param ["tiny", "small", "base"]
+RESOLUTION = "256"  # @param ["64", "256", "512"] {allow-input: true}
+SPACE = "latent"  # @param ["latent", "pixel"]
+STEPS = 20000  # @param {type:"integer"}
+BATCH_SIZE = 0  # @param {type:"integer"}
+LEARNING_RATE = 1e-4  # @param {type:"number"}
+SAMPLE_EVERY = 500  # @param {type:"integer"}
+CACHE_LATENTS = False  # @param {type:"boolean"}
+VAE = "stabilityai/sd-vae-ft-mse"  # @param {type:"string"}
+HUB_REPO_ID = ""  # @param {type:"string"}
+HUB_PRIVATE = False  # @param {type:"boolean"}
+RUN_NAME = ""  # @param {type:"string"}
+
+import json
+import re
+
+from liquid_diffusion import LiquidDiffusionUNet
+from liquid_diffusion.trainer import TrainConfig, list_checkpoints
+
+# Environment variables win over the form, so the notebook runs headless.
+if DATASET == "custom":
+    DATASET = CUSTOM_DATASET.strip()
+DATASET = env("LD_DATASET", DATASET)
+if not DATASET:
+    raise ValueError("DATASET is 'custom' but CUSTOM_DATASET is empty: enter a Hub id (user/name) or a folder path")
+PRESET = env("LD_PRESET", PRESET)
+RESOLUTION = env("LD_RESOLUTION", int(RESOLUTION), int)
+SPACE = env("LD_SPACE", SPACE)
+VAE = env("LD_VAE", VAE)
+STEPS = env("LD_STEPS", STEPS, int)
+BATCH_SIZE = env("LD_BATCH_SIZE", BATCH_SIZE, int)
+LEARNING_RATE = env("LD_LR", LEARNING_RATE, float)
+SAMPLE_EVERY = env("LD_SAMPLE_EVERY", SAMPLE_EVERY, int)
+CACHE_LATENTS = env("LD_CACHE_LATENTS", CACHE_LATENTS, bool) and SPACE == "latent"
+HUB_REPO_ID = env("LD_HUB_REPO", HUB_REPO_ID).strip()
+NUM_SAMPLE_IMAGES = env("LD_NUM_SAMPLES", 16, int)  # images per sample grid (live and final)
+MIXED_PRECISION = resolve_mixed_precision("auto")
+
+# --- expected GPU memory: an estimate, not a measurement (the measured peak is printed after training) ----------
+_activations = {}
+
+
+def activation_bytes(preset, in_channels):
+    """(fp32 bytes autograd keeps per input cell for one image, parameter count), from one small CPU forward pass."""
+    if (preset, in_channels) not in _activations:
+        model = LiquidDiffusionUNet.from_preset(preset, in_channels=in_channels)
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        size, saved = 4 * model.downsample_factor, {}
+
+        def keep(tensor):
+            key = tensor.untyped_storage().data_ptr()
+            if key not in weights:
+                saved[key] = max(saved.get(key, 0), tensor.untyped_storage().nbytes())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            model(torch.randn(1, in_channels, size, size), torch.full((1,), 0.5))
+        _activations[preset, in_channels] = (sum(saved.values()) / size**2,
+                                             sum(p.numel() for p in model.parameters()))
+    return _activations[preset, in_channels]
+
+
+def estimate_gpu_memory_gib(preset, space, resolution, batch_size, mixed_precision=MIXED_PRECISION):
+    """Rough peak GPU memory of training: CUDA context + weights, gradients, AdamW, EMA and autocast copies (22 bytes
+    per parameter) + the frozen SD-VAE + the larger of the U-Net's saved activations and the VAE encoder's work."""
+    latent = space == "latent"
+    per_cell, parameters = activation_bytes(preset, 4 if latent else 3)
+    cells = (resolution // (8 if latent else 1)) ** 2
+    half = mixed_precision in ("fp16", "bf16")
+    activations = per_cell * cells * batch_size * (0.6 if half else 1.0) * 1.5  # autocast; backward, allocator slack
+    vae_bytes = 2 if mixed_precision == "bf16" else 4  # the VAE runs in bf16 where supported, else fp32
+    vae_weights = 83.7e6 * vae_bytes if latent else 0
+    vae_work = min(batch_size, 16) * resolution**2 * 128 * vae_bytes * 4 if latent and not CACHE_LATENTS else 0
+    return (0.5 * 2**30 + 22 * parameters + vae_weights + max(activations, vae_work)) / 2**30
+
+
+def suggest_batch_size():
+    """The largest power of two whose estimate fits in 75% of the GPU, capped by the GPU's class (small GPUs are
+    also slow ones: a bigger batch there mostly makes each step longer). 4 on a CPU."""
+    if GPU_MEMORY_GIB == 0:
+        return 4
+    cap = 8 if GPU_MEMORY_GIB < 24 else 16 if GPU_MEMORY_GIB < 48 else 32
+    fitting = [b for b in (1, 2, 4, 8, 16, 32)
+               if b <= cap and estimate_gpu_memory_gib(PRESET, SPACE, RESOLUTION, b) <= 0.75 * GPU_MEMORY_GIB]
+    return fitting[-1] if fitting else 1
+
+
+SUGGESTED_BATCH_SIZE = suggest_batch_size()
+
+# --- the run's folder; a checkpoint there is resumed ------------------------------------------------------------
+slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(DATASET.rstrip("/")).name).strip("-").lower() or "data"
+RUN_NAME = RUN_NAME.strip() or f"{slug}-{PRESET}-{SPACE}-{RESOLUTION}px"
+OUTPUT_DIR = Path(env("LD_OUTPUT_DIR", str(OUTPUT_ROOT / RUN_NAME))).expanduser()
+checkpoints = list_checkpoints(OUTPUT_DIR)
+saved_config = json.loads((checkpoints[-1] / "train_config.json").read_text()) if checkpoints else None
+if BATCH_SIZE <= 0:  # a resumed run keeps its batch size, even on a different GPU
+    BATCH_SIZE = saved_config["batch_size"] if saved_config else SUGGESTED_BATCH_SIZE
+
+CONFIG = TrainConfig(
+    dataset=DATASET, resolution=RESOLUTION, preset=PRESET, space=SPACE, vae=VAE, cache_latents=CACHE_LATENTS,
+    batch_size=BATCH_SIZE, steps=STEPS, lr=LEARNING_RATE, warmup_steps=min(500, max(1, STEPS // 10)),
+    sample_every=SAMPLE_EVERY, num_sample_images=NUM_SAMPLE_IMAGES, log_every=max(1, min(50, STEPS // 20)),
+    checkpoint_every=min(1000, STEPS), keep_checkpoints=2, output_dir=str(OUTPUT_DIR), resume="latest",
+    num_workers=2 if DEVICE == "cuda" else 0,
+)
+CONFIG.validate()  # a one-line error with the fix for values that cannot work
+
+print(f"dataset     {DATASET}")
+print(f"model       {PRESET} in {SPACE} space at {RESOLUTION}px" + (f" (VAE {VAE})" if SPACE == "latent" else ""))
+print(f"training    {STEPS} steps · batch {BATCH_SIZE} (suggested here: {SUGGESTED_BATCH_SIZE}) · lr {LEARNING_RATE:g} "
+      f"· {MIXED_PRECISION if MIXED_PRECISION != 'no' else 'fp32'}" + (" · cached latents" if CACHE_LATENTS else ""))
+print(f"samples     every {SAMPLE_EVERY} steps ({NUM_SAMPLE_IMAGES} images)")
+print(f"outputs     {OUTPUT_DIR}")
+print(f"hub         {HUB_REPO_ID or '(none: the push is skipped)'}")
+if checkpoints:
+    print(f"resume      from {checkpoints[-1].name} (delete it or change RUN_NAME to start over)")
+    conflicts = [k for k in ("preset", "space", "resolution", "batch_size", "vae") if saved_config.get(k) != getattr(CONFIG, k)]
+    if conflicts:
+        print("WARNING: that checkpoint was trained with " + ", ".join(f"{k}={saved_config.get(k)!r}" for k in conflicts)
+              + ": use the same values or another RUN_NAME, or training will refuse to resume")
+if DATASET in ("anime", "huggan/anime-faces") and (SPACE, RESOLUTION) != ("pixel", 64):
+    print("tip: the anime faces are 64x64 images; SPACE='pixel' with RESOLUTION=64 suits them best")
+if DEVICE == "cpu" and PRESET != "micro":
+    print(f"note: on a CPU the {PRESET} preset is very slow; this is meant for a GPU runtime")
+print("\\nsame run from a terminal:\\n  python -m liquid_diffusion train " + " ".join(
+    f"--{k.replace('_', '-')} {v}" for k, v in [("dataset", DATASET), ("preset", PRESET), ("space", SPACE),
+    ("resolution", RESOLUTION), ("batch_size", BATCH_SIZE), ("steps", STEPS), ("lr", LEARNING_RATE),
+    ("sample_every", SAMPLE_EVERY), ("output_dir", OUTPUT_DIR)]) + (" --cache-latents" if CACHE_LATENTS else "")
+    + " --resume latest")
+'''
+
+PREVIEW_MD = """\
+## 4 · Preview the data
+
+A grid of the first images exactly as training sees them: resized, center-cropped, randomly flipped and, in latent
+space, after a round trip through the VAE (what the model can at best reproduce). The line below it counts images read,
+skipped (undecodable) and upscaled (smaller than the resolution).
+
+**Expect:** a few seconds for local folders; for Hub datasets the first shard streams in (up to a minute), and in latent
+space the VAE (~330 MB) downloads once.
+"""
+
+PREVIEW = '''\
+import io
+
+from IPython.display import Image as ImageDisplay
+
+from liquid_diffusion.data import ImageBatchStream, image_grid
+
+stream = ImageBatchStream(DATASET, RESOLUTION, NUM_SAMPLE_IMAGES, flip=CONFIG.flip, random_crop=CONFIG.random_crop,
+                          shuffle_buffer=CONFIG.shuffle_buffer, seed=CONFIG.seed, num_epochs=1)
+pixels = next(iter(stream))
+if SPACE == "latent":
+    from liquid_diffusion.latents import FrozenVAE
+    from liquid_diffusion.trainer import vae_dtype
+
+    vae = FrozenVAE(VAE, device=DEVICE, dtype=vae_dtype(torch.device(DEVICE)))
+    pixels = vae.decode(vae.encode(pixels)).cpu()
+    del vae
+preview = image_grid(pixels)
+OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+preview.save(OUTPUT_DIR / "preview.png")
+buffer = io.BytesIO()
+preview.save(buffer, format="PNG")
+display(ImageDisplay(data=buffer.getvalue(), width=min(768, max(256, preview.width))))
+print(f"{DATASET}: {stream.stats} · {len(pixels)} images at {RESOLUTION}px"
+      + (" after the VAE round trip" if SPACE == "latent" else ""))
+'''
+
+MODEL_MD = """\
+## 5 · Build the model
+
+Builds the chosen preset to show its size, split by part of the U-Net, and the GPU memory training is expected to
+need at this batch size. The memory figure is an **estimate** (weights, gradients, AdamW and EMA state, the frozen VAE,
+and the activations counted in one small CPU forward pass, scaled to the resolution); the measured peak is printed
+after training. The trainer builds its own copy of the model, so this one is discarded.
+
+**Expect:** a small table; on a GPU, a warning if the estimate comes close to the GPU's memory.
+"""
+
+MODEL = '''\
+model = LiquidDiffusionUNet.from_preset(PRESET, in_channels=4 if SPACE == "latent" else 3)
+count = lambda module: sum(p.numel() for p in module.parameters())
+total = count(model)
+parts = {"encoder": count(model.encoder) + count(model.downsamples) + count(model.stem),
+         "bottleneck": count(model.bottleneck),
+         "decoder": count(model.decoder) + count(model.upsamples) + count(model.fusions) + count(model.head),
+         "time embedding": count(model.time_embedder)}
+print(f"LiquidDiffusionUNet '{PRESET}': {total / 1e6:.1f}M parameters, widths {tuple(model.config.widths)}, "
+      f"depths {tuple(model.config.depths)}, no attention")
+for name, n in parts.items():
+    print(f"  {name:<15} {n / 1e6:6.2f}M")
+latent_side = RESOLUTION // (8 if SPACE == "latent" else 1)
+print(f"input: {model.config.in_channels} x {latent_side} x {latent_side}"
+      + (f" latents of {RESOLUTION}px images" if SPACE == "latent" else " pixels"))
+print("\\nexpected GPU memory for training (an estimate, not a measurement):")
+for b in sorted({max(1, BATCH_SIZE // 2), BATCH_SIZE, BATCH_SIZE * 2}):
+    mark = "  <- this run" if b == BATCH_SIZE else ""
+    print(f"  batch {b:>3}: ~{estimate_gpu_memory_gib(PRESET, SPACE, RESOLUTION, b):.1f} GiB{mark}")
+EXPECTED_GIB = estimate_gpu_memory_gib(PRESET, SPACE, RESOLUTION, BATCH_SIZE)
+if GPU_MEMORY_GIB and EXPECTED_GIB > 0.9 * GPU_MEMORY_GIB:
+    print(f"WARNING: ~{EXPECTED_GIB:.1f} GiB is close to or above this GPU's {GPU_MEMORY_GIB:.1f} GiB: "
+          "lower BATCH_SIZE or RESOLUTION if training runs out of memory")
+elif not GPU_MEMORY_GIB:
+    print("(no GPU here: the figures are what a GPU would need)")
+del model
+'''
+
+TRAIN_MD = """\
+## 6 · Train
+
+Trains with rectified flow (EMA weights, warmup, gradient clipping, mixed precision), writing a checkpoint every 1000
+steps to the output folder and resuming from the newest one there. One panel below updates in place: the progress
+line (step, loss, images/s, time left), the latest EMA sample grid (same noise every time, so you see the *same*
+images sharpen) and the loss curves: the loss over steps, and the loss per noise level t (t near 0 is where fine
+detail is decided).
+
+**Expect:** blobs of colour first, recognisable shapes after a few thousand steps on a GPU. Stop the cell at any time
+(■ or *Runtime → Interrupt*): the current step finishes, a checkpoint is saved, and running the notebook again resumes.
+"""
+
+TRAIN = '''\
+import gc
+import html
+import time
+
+from matplotlib.figure import Figure
+
+from liquid_diffusion.trainer import NonFiniteLossError, Trainer, TrainerCallback
+
+
+def png(figure):
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+class LiveDashboard(TrainerCallback):
+    """Progress, the latest sample grid and the loss curves, each in a display handle updated in place."""
+
+    def __init__(self, config):
+        self.config, self.losses, self.t_bins, self.started = config, {}, None, time.time()
+        metrics = Path(config.output_dir) / "metrics.jsonl"
+        if metrics.exists():  # a resumed run shows its whole history
+            for line in metrics.read_text().splitlines():
+                record = json.loads(line)
+                self.losses[record["step"]] = record["loss"]
+        self.status = display(HTML("<b>starting ...</b> (loading data and model)"), display_id=True)
+        samples = sorted((Path(config.output_dir) / "samples").glob("step-*.png"))
+        self.grid = display(ImageDisplay(filename=str(samples[-1]), width=512) if samples else
+                            HTML(f"<i>the first sample grid appears at step {config.sample_every}</i>"),
+                            display_id=True)
+        self.curves = display(HTML(""), display_id=True)
+
+    def on_log(self, trainer, record):
+        step, steps = record["step"], self.config.steps
+        self.losses = {s: v for s, v in self.losses.items() if s < step}  # drop steps redone after a resume
+        self.losses[step] = record["loss"]
+        self.t_bins = record.get("loss_t_bins")
+        images_per_step = self.config.batch_size * self.config.grad_accum
+        left = (steps - step) * images_per_step / max(record["images_per_s"], 1e-9)
+        self.status.update(HTML(
+            f'<progress value="{step}" max="{steps}" style="width:60%"></progress> '
+            f"<b>step {step}/{steps}</b> · loss {record['loss']:.4f} · lr {record['lr']:.2e} · "
+            f"grad norm {record['grad_norm']:.2f} · {record['images_per_s']:.1f} img/s · "
+            f"~{left / 60:.0f} min left"))
+        self.draw_curves()
+
+    def on_sample(self, trainer, step, path):
+        self.grid.update(ImageDisplay(filename=str(path), width=512))
+
+    def on_checkpoint(self, trainer, step, path):
+        print(f"checkpoint saved: {path}")
+
+    def finish(self, step):
+        minutes = (time.time() - self.started) / 60
+        self.status.update(HTML(f'<progress value="{step}" max="{self.config.steps}" style="width:60%"></progress> '
+                                f"<b>finished at step {step}</b> · {minutes:.1f} min in this session"))
+
+    def draw_curves(self):
+        figure = Figure(figsize=(10, 3.2))
+        ax_loss, ax_t = figure.subplots(1, 2)
+        steps = sorted(self.losses)
+        ax_loss.plot(steps, [self.losses[s] for s in steps], color="tab:blue")
+        ax_loss.set(xlabel="step", ylabel="loss (MSE on velocity)", title="training loss")
+        values = [self.losses[s] for s in steps if self.losses[s] == self.losses[s]]  # finite ones
+        if values and min(values) > 0 and max(values) > 10 * min(values):
+            ax_loss.set_yscale("log")
+        if self.t_bins:
+            centers = [(i + 0.5) / len(self.t_bins) for i in range(len(self.t_bins))]
+            values = [v if v is not None else float("nan") for v in self.t_bins]
+            ax_t.bar(centers, values, width=0.9 / len(self.t_bins), color="tab:orange")
+        ax_t.set(xlabel="t (0 = data, 1 = noise)", ylabel="loss", title="loss per noise level (last interval)")
+        figure.tight_layout()
+        self.curves.update(ImageDisplay(data=png(figure)))
+
+
+dashboard = LiveDashboard(CONFIG)
+trainer = Trainer(CONFIG, callbacks=[dashboard])
+if DEVICE == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+try:
+    FINAL_CHECKPOINT = trainer.train()
+    dashboard.finish(trainer.step)
+    print(f"done: {FINAL_CHECKPOINT}")
+except KeyboardInterrupt:
+    FINAL_CHECKPOINT = list_checkpoints(OUTPUT_DIR)[-1] if list_checkpoints(OUTPUT_DIR) else None
+    print(f"stopped; the newest checkpoint is {FINAL_CHECKPOINT}. Run the notebook again to resume from it.")
+except NonFiniteLossError as error:
+    print(f"training diverged: {error}")
+    raise
+if DEVICE == "cuda":
+    print(f"measured peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated by PyTorch "
+          f"(estimated ~{EXPECTED_GIB:.1f} GiB including the CUDA context)")
+del trainer
+gc.collect()
+if DEVICE == "cuda":
+    torch.cuda.empty_cache()
+if FINAL_CHECKPOINT is None:
+    raise RuntimeError("no checkpoint was saved, so there is nothing to sample from yet: run the training cell again")
+'''
+
+SAMPLES_MD = """\
+## 7 · Final samples: Euler vs Heun, 25 vs 50 steps
+
+Samples the EMA weights of the final checkpoint from the same noise with both ODE solvers. Euler takes one model call
+per step; Heun (second order) takes two and usually gives cleaner images at the same step count. Each grid is also
+saved next to the checkpoint's samples.
+
+**Expect:** four grids side by side with their sampling time; on a GPU a few seconds each.
+"""
+
+SAMPLES = '''\
+import numpy as np
+from PIL import Image as PILImage
+
+from liquid_diffusion.trainer import generate, load_for_sampling, save_grid
+
+unet, sampling_vae, resolution = load_for_sampling(str(FINAL_CHECKPOINT), use_ema=True, device=DEVICE)
+figure = Figure(figsize=(12, 12.6))
+axes = figure.subplots(2, 2)
+for row, sampler in enumerate(("euler", "heun")):
+    for column, steps in enumerate((25, 50)):
+        start = time.time()
+        images = generate(unet, sampling_vae, NUM_SAMPLE_IMAGES, steps, sampler, seed=0, resolution=resolution)
+        seconds = time.time() - start
+        path = save_grid(images, OUTPUT_DIR / "samples" / f"final-{sampler}-{steps}.png")
+        axes[row, column].imshow(np.asarray(PILImage.open(path)), interpolation="nearest")
+        axes[row, column].set_title(f"{sampler.capitalize()}, {steps} steps ({seconds:.1f} s)")
+        axes[row, column].axis("off")
+figure.tight_layout()
+figure.savefig(OUTPUT_DIR / "samples" / "final-comparison.png", dpi=90)
+display(ImageDisplay(data=png(figure)))
+del unet, sampling_vae
+'''
+
+HUB_MD = """\
+## 8 · Push to the Hugging Face Hub
+
+Exports the final checkpoint as a `LiquidDiffusionPipeline` (EMA weights as the model, raw weights alongside, the
+scheduler, the VAE in latent space, the training config, a model card with the loss curve and the latest sample grid)
+and uploads it to `HUB_REPO_ID`. Skipped with one line when no repo id is set.
+
+Log in with the `notebook_login()` prompt below (a **write** token from https://huggingface.co/settings/tokens), or
+add the token as the Colab secret `HF_TOKEN` beforehand. The token is stored only in the Hugging Face cache of this
+runtime: it is never printed, and never written to the notebook, the output folder or the repository. If the prompt
+returns before you have logged in (older `huggingface_hub`), log in, then run this cell again.
+
+**Expect:** the repo's URL after a minute or so (the upload size is about 4 bytes per parameter, twice, plus the VAE).
+"""
+
+HUB = '''\
+PUSHED = False
+if not HUB_REPO_ID:
+    print("no HUB_REPO_ID set: skipping the push to the Hub")
+else:
+    from huggingface_hub import get_token, notebook_login, whoami
+
+    from liquid_diffusion.hub import push_to_hub
+
+    if get_token() is None:
+        notebook_login()
+    if get_token() is None:
+        print("not logged in yet: log in with the prompt above, then run this cell again")
+    else:
+        print(f"logged in as {whoami()['name']}")
+        url = push_to_hub(FINAL_CHECKPOINT, HUB_REPO_ID, private=HUB_PRIVATE)
+        PUSHED = True
+        print(f"pushed {Path(FINAL_CHECKPOINT).name} to {url}")
+'''
+
+LOAD_MD = """\
+## 9 · Load it back and sample, as a user of the model would
+
+Loads the pushed repo (or, without a push, the same export written locally) with the two lines from the model card,
+and samples a grid. This is how anyone else will use your model:
+
+```python
+from liquid_diffusion import LiquidDiffusionPipeline
+pipe = LiquidDiffusionPipeline.from_pretrained("USER/NAME")
+```
+
+**Expect:** a grid matching the Euler 25-step grid above (same weights, different noise).
+"""
+
+LOAD = '''\
+import shutil
+
+from liquid_diffusion import LiquidDiffusionPipeline
+from liquid_diffusion.hub import export_checkpoint
+
+if PUSHED:
+    SOURCE = HUB_REPO_ID
+else:
+    SOURCE = OUTPUT_DIR / "export" / Path(FINAL_CHECKPOINT).name
+    if not (SOURCE / "model_index.json").exists():
+        shutil.rmtree(SOURCE, ignore_errors=True)  # an export interrupted half-way
+        export_checkpoint(FINAL_CHECKPOINT, SOURCE, repo_id=HUB_REPO_ID or None)
+    print(f"exported locally to {SOURCE} (the same folder a push uploads)")
+
+pipe = LiquidDiffusionPipeline.from_pretrained(SOURCE).to(DEVICE)
+count = min(8, NUM_SAMPLE_IMAGES)
+images = pipe(batch_size=count, num_inference_steps=25, generator=torch.Generator().manual_seed(1),
+              output_type="pt").images  # the default output_type="pil" gives a list of PIL images
+grid = image_grid(images.cpu() * 2 - 1, columns=count)
+buffer = io.BytesIO()
+grid.save(buffer, format="PNG")
+display(ImageDisplay(data=buffer.getvalue(), width=min(1024, max(256, grid.width))))
+print(f"loaded {SOURCE}: {count} images at {images.shape[-1]}px")
+'''
+
+OUTRO = """\
+## What next
+
+* Train longer: raise `STEPS` and run all again; it resumes from the newest checkpoint.
+* The same run from a terminal is printed in section 3; several GPUs: `accelerate launch -m liquid_diffusion train ...`.
+* Sample any checkpoint or Hub repo: `python -m liquid_diffusion sample --checkpoint USER/NAME --sampler heun`.
+* Push a checkpoint later: `python -m liquid_diffusion push --checkpoint OUTPUT_DIR --repo-id USER/NAME`.
+"""
+
+CELLS = [
+    ("intro", INTRO, None),
+    ("setup", SETUP_MD, SETUP),
+    ("outputs", OUTPUTS_MD, OUTPUTS),
+    ("choices", CHOICES_MD, CHOICES),
+    ("preview", PREVIEW_MD, PREVIEW),
+    ("model", MODEL_MD, MODEL),
+    ("train", TRAIN_MD, TRAIN),
+    ("samples", SAMPLES_MD, SAMPLES),
+    ("hub", HUB_MD, HUB),
+    ("load", LOAD_MD, LOAD),
+    ("next", OUTRO, None),
+]
+FORM_CELLS = {"outputs", "choices"}  # shown as forms in Colab (code folded away, one click to see it)
+
+METADATA = {
+    "accelerator": "GPU",
+    "colab": {"name": "LiquidDiffusion_Training.ipynb", "provenance": [], "gpuType": "T4", "toc_visible": True},
+    "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+    "language_info": {"name": "python"},
+}
+
+
+def build() -> nbformat.NotebookNode:
+    """The notebook, without outputs, with stable cell ids (so rebuilding gives the same file)."""
+    cells = []
+    for name, markdown, code in CELLS:
+        cells.append(new_markdown_cell(markdown.rstrip("\n"), id=f"{name}-md"))
+        if code is not None:
+            metadata = {"cellView": "form"} if name in FORM_CELLS else {}
+            cells.append(new_code_cell(code.rstrip("\n"), id=f"{name}-code", metadata=metadata))
+    notebook = new_notebook(cells=cells, metadata=METADATA)
+    notebook.nbformat, notebook.nbformat_minor = 4, 5
+    nbformat.validate(notebook)
+    return notebook
+
+
+def render() -> str:
+    return nbformat.writes(build()) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only check that the committed notebook is up to date")
+    parser.add_argument("--out", type=Path, default=NOTEBOOK)
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        if not args.out.exists() or args.out.read_text() != text:
+            print(f"{args.out} is out of date: run python scripts/build_notebook.py", file=sys.stderr)
+            return 1
+        print(f"{args.out} is up to date")
+        return 0
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

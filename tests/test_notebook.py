@@ -1,0 +1,149 @@
+"""The guided notebook: the committed file is clean, valid and Colab-ready, and it runs top to bottom headless.
+
+The run uses the ``LD_*`` overrides the notebook documents: a local image folder, pixel space, the micro preset at
+16 px, a handful of steps on the CPU, outputs in a temp dir and no Hub repo (so the push is skipped and the load-back
+cell uses a local export).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "LiquidDiffusion_Training.ipynb"
+BUILDER = ROOT / "scripts" / "build_notebook.py"
+
+FORM_FIELDS = ("DATASET", "CUSTOM_DATASET", "PRESET", "RESOLUTION", "SPACE", "STEPS", "BATCH_SIZE", "LEARNING_RATE",
+               "SAMPLE_EVERY", "HUB_REPO_ID", "MOUNT_DRIVE", "PACKAGE_SPEC")
+ENV_OVERRIDES = ("LD_DATASET", "LD_PRESET", "LD_RESOLUTION", "LD_SPACE", "LD_VAE", "LD_STEPS", "LD_BATCH_SIZE",
+                 "LD_SAMPLE_EVERY", "LD_OUTPUT_DIR", "LD_HUB_REPO")
+
+
+def _read() -> nbformat.NotebookNode:
+    return nbformat.read(NOTEBOOK, as_version=nbformat.NO_CONVERT)
+
+
+def _source(notebook) -> str:
+    return "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
+
+
+def test_committed_notebook_is_valid_clean_and_colab_ready():
+    notebook = _read()
+    assert notebook.nbformat == 4
+    nbformat.validate(notebook)
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"cell {cell.get('id')} has committed outputs"
+            assert cell.execution_count is None, f"cell {cell.get('id')} has an execution count"
+    assert notebook.metadata["accelerator"] == "GPU"
+    assert "colab" in notebook.metadata
+    assert notebook.metadata["kernelspec"]["name"] == "python3"
+    # every code cell is led by a markdown cell saying what it does
+    for previous, cell in zip(notebook.cells, notebook.cells[1:]):
+        if cell.cell_type == "code":
+            assert previous.cell_type == "markdown", f"code cell {cell.get('id')} has no markdown lead"
+
+
+def test_notebook_has_forms_env_overrides_and_no_model_code():
+    source = _source(_read())
+    for name in FORM_FIELDS:
+        assert any(line.startswith(f"{name} = ") and "# @param" in line for line in source.splitlines()), name
+    for dataset in ("afhq", "celeba", "flowers", "pokemon", "anime", "cartoon", "custom"):
+        assert f'"{dataset}"' in source
+    for variable in ENV_OVERRIDES:
+        assert f'"{variable}"' in source, f"{variable} cannot override the notebook"
+    assert "notebook_login()" in source
+    # everything comes from the package: no network or training loop defined in the notebook
+    for forbidden in ("nn.Module", "class LiquidDiffusion", "optimizer.step", ".backward(", "Conv2d("):
+        assert forbidden not in source, forbidden
+
+
+@pytest.mark.skipif(not BUILDER.exists(), reason="no generator script")
+def test_generator_is_in_sync_with_the_notebook():
+    spec = importlib.util.spec_from_file_location("build_notebook", BUILDER)
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    assert builder.render() == NOTEBOOK.read_text(), "run python scripts/build_notebook.py and commit the notebook"
+
+
+def _outputs_with(notebook, mime: str) -> list[str]:
+    return [cell.get("id") for cell in notebook.cells if cell.cell_type == "code"
+            for output in cell.outputs if mime in output.get("data", {})]
+
+
+def test_notebook_runs_headless_on_cpu_and_resumes(tmp_path, monkeypatch, clean_image_folder):
+    output_dir = tmp_path / "run"
+    overrides = {
+        "LD_DATASET": str(clean_image_folder),
+        "LD_SPACE": "pixel",
+        "LD_PRESET": "micro",
+        "LD_RESOLUTION": "16",
+        "LD_STEPS": "4",
+        "LD_BATCH_SIZE": "4",
+        "LD_SAMPLE_EVERY": "2",
+        "LD_NUM_SAMPLES": "4",
+        "LD_OUTPUT_DIR": str(output_dir),
+        "LD_HUB_REPO": "",
+        "LD_MOUNT_DRIVE": "0",
+        "LD_SKIP_INSTALL": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "MPLBACKEND": "Agg",
+        "OMP_NUM_THREADS": "1",  # tiny tensors: one thread is fastest, and oversubscribed shared cores crawl
+    }
+    for name, value in overrides.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # the push must be skipped for want of a repo id, not a token
+
+    notebook = _read()
+    client = nbclient.NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}},
+    )
+    client.execute()
+
+    errors = [output for cell in notebook.cells if cell.cell_type == "code"
+              for output in cell.outputs if output.output_type == "error"]
+    assert not errors
+    images = _outputs_with(notebook, "image/png")
+    assert "train-code" in images, "the live panel showed no sample grid"
+    assert {"preview-code", "samples-code", "load-code"} <= set(images), images
+
+    text = "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                   for output in cell.outputs if output.output_type == "stream")
+    assert "skipping the push" in text
+    assert "WARNING: no GPU" in text
+    # the run really trained, sampled, checkpointed and exported where LD_OUTPUT_DIR said
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 4
+    assert (output_dir / "checkpoint-000004" / "state.json").exists()
+    assert (output_dir / "samples" / "step-000002.png").exists()
+    for sampler in ("euler", "heun"):
+        for steps in (25, 50):
+            assert (output_dir / "samples" / f"final-{sampler}-{steps}.png").exists()
+    assert (output_dir / "export" / "checkpoint-000004" / "model_index.json").exists()
+    # the train cell updated its panel in place: one output per display handle, not one per sample or log
+    train_cell = next(cell for cell in notebook.cells if cell.get("id") == "train-code")
+    assert len([o for o in train_cell.outputs if "image/png" in o.get("data", {})]) == 2  # grid + curves
+
+    # Running it again with more steps resumes from the newest checkpoint in the output folder.
+    monkeypatch.setenv("LD_STEPS", "6")
+    monkeypatch.setenv("LD_BATCH_SIZE", "0")  # "suggested": a resumed run keeps the checkpoint's batch size
+    notebook = _read()
+    nbclient.NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}},
+    ).execute()
+    text = "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                   for output in cell.outputs if output.output_type == "stream")
+    assert "resume      from checkpoint-000004" in text
+    assert "resumed from" in text and "at step 4" in text
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records][-1] == 6
+    assert (output_dir / "export" / "checkpoint-000006" / "model_index.json").exists()
