@@ -680,33 +680,17 @@ def add_train_command(subparsers) -> None:
 
 
 def load_for_sampling(checkpoint: str, use_ema: bool = True, device: str | torch.device = "cpu"):
-    """Loads ``(unet, vae_or_None, resolution)`` from a training checkpoint, an output dir, an exported pipeline
-    folder or a Hub id."""
-    path = Path(checkpoint)
-    if not path.exists():
-        from .hub import resolve_checkpoint  # Hub ids
+    """``(unet, FrozenVAE or None, resolution)`` from a training checkpoint, an output dir (its newest checkpoint),
+    an exported pipeline folder or a Hub id -- whatever ``hub.load_pipeline`` accepts."""
+    from .hub import load_pipeline
+    from .latents import FrozenVAE
 
-        path = resolve_checkpoint(checkpoint)
-    if list_checkpoints(path):
-        path = list_checkpoints(path)[-1]
-    if (path / "model_index.json").exists():  # exported pipeline: unet is the EMA model, vae/ alongside
-        unet_dir = path / ("unet" if use_ema else "unet_raw")
-        vae_source = str(path / "vae") if (path / "vae").exists() else None
-    elif (path / "unet").exists():
-        unet_dir = path / ("unet_ema" if use_ema else "unet")
-        vae_source = None
-    else:
-        raise FileNotFoundError(f"{checkpoint} holds no LiquidDiffusion checkpoint (no unet/ or checkpoint-*/)")
-    config = json.loads((path / "train_config.json").read_text()) if (path / "train_config.json").exists() else {}
-    if config.get("space") == "latent" and vae_source is None:
-        vae_source = config.get("vae")
-    unet = LiquidDiffusionUNet.from_pretrained(unet_dir).to(device).eval()
-    vae = None
-    if vae_source is not None:
-        from .latents import FrozenVAE
-
-        vae = FrozenVAE(vae_source, device=torch.device(device), dtype=vae_dtype(torch.device(device)))
-    return unet, vae, config.get("resolution")
+    pipe = load_pipeline(checkpoint, use_ema=use_ema)
+    device = torch.device(device)
+    vae = getattr(pipe, "vae", None)
+    if vae is not None:
+        vae = FrozenVAE(vae, device=device, dtype=vae_dtype(device))
+    return pipe.unet.to(device).eval(), vae, pipe.config.resolution
 
 
 def _run_sample(args: argparse.Namespace) -> int:
