@@ -299,17 +299,19 @@ class LatentBatchStream(torch.utils.data.IterableDataset):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.latents), generator=generator)[self.process_index :: self.num_processes]
 
-    def batch(self, batch_index: int, _cache: dict | None = None) -> torch.Tensor:
-        """Batch ``batch_index`` of this process's stream, as float32."""
-        _cache = {} if _cache is None else _cache
-        positions = torch.arange(batch_index * self.batch_size, (batch_index + 1) * self.batch_size)
+    def batch(self, batch_index: int, permutations: dict | None = None) -> torch.Tensor:
+        """Batch ``batch_index`` of this process's stream, as float32 (``permutations``: a per-iterator memo)."""
+        permutations = {} if permutations is None else permutations
         rows = []
-        for epoch in (positions // self.epoch_length).unique().tolist():
-            if epoch not in _cache:
-                _cache.clear()  # keep only the current epoch's permutation
-                _cache[epoch] = self.epoch_indices(epoch)
-            in_epoch = positions[positions // self.epoch_length == epoch] % self.epoch_length
-            rows.append(_cache[epoch][in_epoch])
+        position, end = batch_index * self.batch_size, (batch_index + 1) * self.batch_size
+        while position < end:  # a batch may straddle an epoch boundary
+            epoch, offset = divmod(position, self.epoch_length)
+            if epoch not in permutations:
+                permutations.clear()  # keep only the current epoch's permutation
+                permutations[epoch] = self.epoch_indices(epoch)
+            count = min(end - position, self.epoch_length - offset)
+            rows.append(permutations[epoch][offset : offset + count])
+            position += count
         return self.latents[torch.cat(rows)].float()
 
     def __iter__(self) -> Iterator[torch.Tensor]:

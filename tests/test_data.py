@@ -169,11 +169,12 @@ def test_endless_epochs_reshuffle_and_cover_the_data(parquet_dataset):
     assert all(torch.equal(a, b) for a, b in zip(batches, again))  # same seed, same stream
 
 
-def test_start_batch_resumes_exactly_across_epochs_with_flips_and_crops(image_folder):
+@pytest.mark.parametrize("start_batch", [5, 13])  # inside epoch 1; epoch 3 (whole epochs skipped by counting)
+def test_start_batch_resumes_exactly_across_epochs_with_flips_and_crops(image_folder, start_batch):
     options = dict(shuffle_buffer=100, seed=7, random_crop=True, flip=True)
-    full = take(ImageBatchStream(str(image_folder), 24, 4, **options), 9)  # 13 good of 15 per epoch
-    resumed = take(ImageBatchStream(str(image_folder), 24, 4, start_batch=5, **options), 4)
-    assert all(torch.equal(a, b) for a, b in zip(full[5:], resumed))
+    full = take(ImageBatchStream(str(image_folder), 24, 4, **options), start_batch + 4)  # 15 items per epoch
+    resumed = take(ImageBatchStream(str(image_folder), 24, 4, start_batch=start_batch, **options), 4)
+    assert all(torch.equal(a, b) for a, b in zip(full[start_batch:], resumed))
 
 
 def test_node_splits_are_disjoint_and_cover_the_data(clean_image_folder):
