@@ -92,8 +92,9 @@ def env(name, default, cast=str):
 
 
 def find_checkout(start):
-    """The repository root at or above ``start`` (holding pyproject.toml and liquid_diffusion/), or None."""
-    for folder in (start, *start.parents):
+    """A repository checkout (holding pyproject.toml and liquid_diffusion/) at or above ``start``, or right below it
+    (e.g. after ``!git clone ...`` in Colab's /content), else None."""
+    for folder in (start, *start.parents, *sorted(p for p in start.iterdir() if p.is_dir())):
         if (folder / "pyproject.toml").is_file() and (folder / "liquid_diffusion" / "__init__.py").is_file():
             return folder
     return None
@@ -153,7 +154,7 @@ else:
 OUTPUTS_MD = """\
 ## 2 · Where to keep outputs
 
-Checkpoints, sample grids and `metrics.jsonl` go to one output folder per run. In Colab, tick `MOUNT_DRIVE` to keep it
+Checkpoints (the two newest are kept), sample grids and `metrics.jsonl` go to one output folder per run. In Colab, tick `MOUNT_DRIVE` to keep it
 on Google Drive (`MyDrive/<DRIVE_FOLDER>/<run name>`): Colab runtimes disconnect, and whatever sits on the runtime's
 disk is then lost. **Re-running the notebook with the same choices resumes from the newest checkpoint found there**,
 exactly where it stopped (same data position, optimizer and EMA state).
@@ -339,8 +340,9 @@ print("\\nsame run from a terminal:\\n  python -m liquid_diffusion train " + " "
 PREVIEW_MD = """\
 ## 4 · Preview the data
 
-A grid of the first images exactly as training sees them: resized, center-cropped, randomly flipped and, in latent
-space, after a round trip through the VAE (what the model can at best reproduce). The line below it counts images read,
+The first images of the dataset exactly as training sees them (training reads them shuffled): resized,
+center-cropped, randomly flipped and, in latent space, after a round trip through the VAE (what the model can at best
+reproduce). The line below it counts images read,
 skipped (undecodable) and upscaled (smaller than the resolution).
 
 **Expect:** a few seconds for local folders; for Hub datasets the first shard streams in (up to a minute), and in latent
@@ -355,7 +357,7 @@ from IPython.display import Image as ImageDisplay
 from liquid_diffusion.data import ImageBatchStream, image_grid
 
 stream = ImageBatchStream(DATASET, RESOLUTION, NUM_SAMPLE_IMAGES, flip=CONFIG.flip, random_crop=CONFIG.random_crop,
-                          shuffle_buffer=CONFIG.shuffle_buffer, seed=CONFIG.seed, num_epochs=1)
+                          shuffle_buffer=0, seed=CONFIG.seed, num_epochs=1)  # no shuffle buffer to fill first
 pixels = next(iter(stream))
 if SPACE == "latent":
     from liquid_diffusion.latents import FrozenVAE
@@ -447,6 +449,7 @@ class LiveDashboard(TrainerCallback):
 
     def __init__(self, config):
         self.config, self.losses, self.t_bins, self.started = config, {}, None, time.time()
+        self.checkpoint = "none yet"
         metrics = Path(config.output_dir) / "metrics.jsonl"
         if metrics.exists():  # a resumed run shows its whole history
             for line in metrics.read_text().splitlines():
@@ -470,19 +473,20 @@ class LiveDashboard(TrainerCallback):
             f'<progress value="{step}" max="{steps}" style="width:60%"></progress> '
             f"<b>step {step}/{steps}</b> · loss {record['loss']:.4f} · lr {record['lr']:.2e} · "
             f"grad norm {record['grad_norm']:.2f} · {record['images_per_s']:.1f} img/s · "
-            f"~{left / 60:.0f} min left"))
+            f"~{left / 60:.0f} min left · last checkpoint: {self.checkpoint}"))
         self.draw_curves()
 
     def on_sample(self, trainer, step, path):
         self.grid.update(ImageDisplay(filename=str(path), width=512))
 
     def on_checkpoint(self, trainer, step, path):
-        print(f"checkpoint saved: {path}")
+        self.checkpoint = f"step {step}"
 
     def finish(self, step):
         minutes = (time.time() - self.started) / 60
         self.status.update(HTML(f'<progress value="{step}" max="{self.config.steps}" style="width:60%"></progress> '
-                                f"<b>finished at step {step}</b> · {minutes:.1f} min in this session"))
+                                f"<b>finished at step {step}</b> · {minutes:.1f} min in this session · "
+                                f"checkpoints in {html.escape(str(self.config.output_dir))}"))
 
     def draw_curves(self):
         figure = Figure(figsize=(10, 3.2))
@@ -544,6 +548,8 @@ from PIL import Image as PILImage
 from liquid_diffusion.trainer import generate, load_for_sampling, save_grid
 
 unet, sampling_vae, resolution = load_for_sampling(str(FINAL_CHECKPOINT), use_ema=True, device=DEVICE)
+if sampling_vae is not None:
+    sampling_vae.chunk_size = 4  # decode a few images at a time: 512px grids fit a T4 too
 figure = Figure(figsize=(12, 12.6))
 axes = figure.subplots(2, 2)
 for row, sampler in enumerate(("euler", "heun")):

@@ -147,3 +147,25 @@ def test_notebook_runs_headless_on_cpu_and_resumes(tmp_path, monkeypatch, clean_
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records][-1] == 6
     assert (output_dir / "export" / "checkpoint-000006" / "model_index.json").exists()
+
+
+def test_notebook_runs_headless_in_latent_space(tmp_path, monkeypatch, clean_image_folder, tiny_vae_dir):
+    """The Colab default path (frozen VAE, preview round trip, export with the VAE), with a tiny random VAE."""
+    output_dir = tmp_path / "run"
+    overrides = {
+        "LD_DATASET": str(clean_image_folder), "LD_SPACE": "latent", "LD_VAE": str(tiny_vae_dir),
+        "LD_PRESET": "micro", "LD_RESOLUTION": "32", "LD_STEPS": "2", "LD_BATCH_SIZE": "2", "LD_SAMPLE_EVERY": "1",
+        "LD_NUM_SAMPLES": "2", "LD_OUTPUT_DIR": str(output_dir), "LD_HUB_REPO": "", "LD_MOUNT_DRIVE": "0",
+        "LD_SKIP_INSTALL": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+        "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
+    }
+    for name, value in overrides.items():
+        monkeypatch.setenv(name, value)
+    notebook = _read()
+    nbclient.NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}},
+    ).execute()
+    images = _outputs_with(notebook, "image/png")
+    assert {"preview-code", "train-code", "samples-code", "load-code"} <= set(images), images
+    export = output_dir / "export" / "checkpoint-000002"
+    assert (export / "model_index.json").exists() and (export / "vae" / "config.json").exists()
