@@ -131,7 +131,6 @@ import torch
 from IPython.display import HTML, display
 
 import liquid_diffusion
-from liquid_diffusion.trainer import resolve_mixed_precision
 
 print(f"liquid_diffusion {liquid_diffusion.__version__} from {Path(liquid_diffusion.__file__).parent}")
 print(f"torch {torch.__version__}")
@@ -139,12 +138,16 @@ if torch.cuda.is_available():
     DEVICE = "cuda"
     properties = torch.cuda.get_device_properties(0)
     GPU_MEMORY_GIB = properties.total_memory / 2**30
-    bf16 = "yes" if torch.cuda.is_bf16_supported() else "no (fp16 with loss scaling instead)"
-    print(f"GPU: {properties.name} · {GPU_MEMORY_GIB:.1f} GiB · bf16: {bf16} · "
-          f"mixed precision: {resolve_mixed_precision('auto')}")
+    # Native bf16 needs compute capability 8.0+ (A100, L4, H100); torch.cuda.is_bf16_supported() also says yes for
+    # the slow emulated bf16 of a T4, so ask for the hardware. A T4 trains in fp16 with loss scaling instead.
+    NATIVE_BF16 = properties.major >= 8
+    MIXED_PRECISION = "bf16" if NATIVE_BF16 else "fp16"
+    print(f"GPU: {properties.name} · {GPU_MEMORY_GIB:.1f} GiB · bf16: {'yes' if NATIVE_BF16 else 'no'} · "
+          f"mixed precision: {MIXED_PRECISION}")
 else:
     DEVICE = "cpu"
     GPU_MEMORY_GIB = 0.0
+    MIXED_PRECISION = "no"
     warning = ("WARNING: no GPU found, training runs on the CPU and is only practical for tiny demo settings. "
                "In Colab: Runtime -> Change runtime type -> T4 GPU, then run all cells again.")
     display(HTML(f'<div style="padding:8px;border:2px solid #d33;color:#d33;font-weight:bold">{warning}</div>'))
@@ -223,7 +226,7 @@ import json
 import re
 
 from liquid_diffusion import LiquidDiffusionUNet
-from liquid_diffusion.trainer import TrainConfig, list_checkpoints
+from liquid_diffusion.trainer import TrainConfig, list_checkpoints, vae_dtype
 
 # Environment variables win over the form, so the notebook runs headless.
 if DATASET == "custom":
@@ -242,7 +245,6 @@ SAMPLE_EVERY = env("LD_SAMPLE_EVERY", SAMPLE_EVERY, int)
 CACHE_LATENTS = env("LD_CACHE_LATENTS", CACHE_LATENTS, bool) and SPACE == "latent"
 HUB_REPO_ID = env("LD_HUB_REPO", HUB_REPO_ID).strip()
 NUM_SAMPLE_IMAGES = env("LD_NUM_SAMPLES", 16, int)  # images per sample grid (live and final)
-MIXED_PRECISION = resolve_mixed_precision("auto")
 
 # --- expected GPU memory: an estimate, not a measurement (the measured peak is printed after training) ----------
 _activations = {}
@@ -276,7 +278,7 @@ def estimate_gpu_memory_gib(preset, space, resolution, batch_size, mixed_precisi
     cells = (resolution // (8 if latent else 1)) ** 2
     half = mixed_precision in ("fp16", "bf16")
     activations = per_cell * cells * batch_size * (0.6 if half else 1.0) * 1.5  # autocast; backward, allocator slack
-    vae_bytes = 2 if mixed_precision == "bf16" else 4  # the VAE runs in bf16 where supported, else fp32
+    vae_bytes = 2 if DEVICE == "cuda" and vae_dtype(torch.device(DEVICE)) == torch.bfloat16 else 4
     vae_weights = 83.7e6 * vae_bytes if latent else 0
     vae_work = min(batch_size, 16) * resolution**2 * 128 * vae_bytes * 4 if latent and not CACHE_LATENTS else 0
     return (0.5 * 2**30 + 22 * parameters + vae_weights + max(activations, vae_work)) / 2**30
@@ -309,7 +311,7 @@ CONFIG = TrainConfig(
     batch_size=BATCH_SIZE, steps=STEPS, lr=LEARNING_RATE, warmup_steps=min(500, max(1, STEPS // 10)),
     sample_every=SAMPLE_EVERY, num_sample_images=NUM_SAMPLE_IMAGES, log_every=max(1, min(50, STEPS // 20)),
     checkpoint_every=min(1000, STEPS), keep_checkpoints=2, output_dir=str(OUTPUT_DIR), resume="latest",
-    num_workers=2 if DEVICE == "cuda" else 0,
+    num_workers=2 if DEVICE == "cuda" else 0, mixed_precision=MIXED_PRECISION,
 )
 CONFIG.validate()  # a one-line error with the fix for values that cannot work
 
@@ -333,7 +335,7 @@ if DEVICE == "cpu" and PRESET != "micro":
 print("\\nsame run from a terminal:\\n  python -m liquid_diffusion train " + " ".join(
     f"--{k.replace('_', '-')} {v}" for k, v in [("dataset", DATASET), ("preset", PRESET), ("space", SPACE),
     ("resolution", RESOLUTION), ("batch_size", BATCH_SIZE), ("steps", STEPS), ("lr", LEARNING_RATE),
-    ("sample_every", SAMPLE_EVERY), ("output_dir", OUTPUT_DIR)]) + (" --cache-latents" if CACHE_LATENTS else "")
+    ("sample_every", SAMPLE_EVERY), ("mixed_precision", MIXED_PRECISION), ("output_dir", OUTPUT_DIR)]) + (" --cache-latents" if CACHE_LATENTS else "")
     + " --resume latest")
 '''
 
@@ -361,7 +363,6 @@ stream = ImageBatchStream(DATASET, RESOLUTION, NUM_SAMPLE_IMAGES, flip=CONFIG.fl
 pixels = next(iter(stream))
 if SPACE == "latent":
     from liquid_diffusion.latents import FrozenVAE
-    from liquid_diffusion.trainer import vae_dtype
 
     vae = FrozenVAE(VAE, device=DEVICE, dtype=vae_dtype(torch.device(DEVICE)))
     pixels = vae.decode(vae.encode(pixels)).cpu()
@@ -455,7 +456,9 @@ class LiveDashboard(TrainerCallback):
             for line in metrics.read_text().splitlines():
                 record = json.loads(line)
                 self.losses[record["step"]] = record["loss"]
-        self.status = display(HTML("<b>starting ...</b> (loading data and model)"), display_id=True)
+        self.status = display(HTML("<b>starting ...</b> (streaming the first images" + (
+            "; encoding the whole dataset into the latent cache first" if config.cache_latents else "") + ")"),
+            display_id=True)
         samples = sorted((Path(config.output_dir) / "samples").glob("step-*.png"))
         self.grid = display(ImageDisplay(filename=str(samples[-1]), width=512) if samples else
                             HTML(f"<i>the first sample grid appears at step {config.sample_every}</i>"),
@@ -482,11 +485,12 @@ class LiveDashboard(TrainerCallback):
     def on_checkpoint(self, trainer, step, path):
         self.checkpoint = f"step {step}"
 
-    def finish(self, step):
+    def finish(self, step, stopped=False):
         minutes = (time.time() - self.started) / 60
         self.status.update(HTML(f'<progress value="{step}" max="{self.config.steps}" style="width:60%"></progress> '
-                                f"<b>finished at step {step}</b> · {minutes:.1f} min in this session · "
-                                f"checkpoints in {html.escape(str(self.config.output_dir))}"))
+                                f"<b>{'stopped' if stopped else 'finished'} at step {step}</b> · {minutes:.1f} min in "
+                                f"this session · last checkpoint: {self.checkpoint} in "
+                                f"{html.escape(str(self.config.output_dir))}"))
 
     def draw_curves(self):
         figure = Figure(figsize=(10, 3.2))
@@ -515,6 +519,7 @@ try:
     dashboard.finish(trainer.step)
     print(f"done: {FINAL_CHECKPOINT}")
 except KeyboardInterrupt:
+    dashboard.finish(trainer.step, stopped=True)
     FINAL_CHECKPOINT = list_checkpoints(OUTPUT_DIR)[-1] if list_checkpoints(OUTPUT_DIR) else None
     print(f"stopped; the newest checkpoint is {FINAL_CHECKPOINT}. Run the notebook again to resume from it.")
 except NonFiniteLossError as error:
