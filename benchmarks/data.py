@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     results["train tiny preset, batch 8, 4x32x32 fwd+bwd+AdamW"] = median(lambda: train_rate(device, train_steps))
     print("\n| measurement | images/s |\n|---|---|")
     for name, value in results.items():
-        print(f"| {name} | {value:,.1f} |")
+        print(f"| {name} | {value:,.0f} |" if value >= 100 else f"| {name} | {value:.3g} |")
     train = results["train tiny preset, batch 8, 4x32x32 fwd+bwd+AdamW"]
     served = results["latent cache: LatentBatchStream, batch 8 (latents/s)"]
     verdict = "OK" if served >= 10 * train else "TOO SLOW"
