@@ -157,9 +157,9 @@ else:
 OUTPUTS_MD = """\
 ## 2 · Where to keep outputs
 
-Checkpoints (the two newest are kept), sample grids and `metrics.jsonl` go to one output folder per run. In Colab, tick `MOUNT_DRIVE` to keep it
-on Google Drive (`MyDrive/<DRIVE_FOLDER>/<run name>`): Colab runtimes disconnect, and whatever sits on the runtime's
-disk is then lost. **Re-running the notebook with the same choices resumes from the newest checkpoint found there**,
+Checkpoints (the two newest are kept), sample grids and `metrics.jsonl` go to one output folder per run. In Colab,
+tick `MOUNT_DRIVE` to keep it on Google Drive (`MyDrive/<DRIVE_FOLDER>/<run name>`): Colab runtimes disconnect, and
+whatever sits on the runtime's disk is then lost. **Re-running the notebook with the same choices resumes from the newest checkpoint found there**,
 exactly where it stopped (same data position, optimizer and EMA state).
 
 **Expect:** in Colab, a Google authorisation prompt the first time; elsewhere outputs go to `./outputs/`.
@@ -317,26 +317,31 @@ CONFIG.validate()  # a one-line error with the fix for values that cannot work
 
 print(f"dataset     {DATASET}")
 print(f"model       {PRESET} in {SPACE} space at {RESOLUTION}px" + (f" (VAE {VAE})" if SPACE == "latent" else ""))
-print(f"training    {STEPS} steps · batch {BATCH_SIZE} (suggested here: {SUGGESTED_BATCH_SIZE}) · lr {LEARNING_RATE:g} "
-      f"· {MIXED_PRECISION if MIXED_PRECISION != 'no' else 'fp32'}" + (" · cached latents" if CACHE_LATENTS else ""))
+print(f"training    {STEPS} steps · batch {BATCH_SIZE} (suggested here: {SUGGESTED_BATCH_SIZE}) · "
+      f"lr {LEARNING_RATE:g} · {MIXED_PRECISION if MIXED_PRECISION != 'no' else 'fp32'}"
+      + (" · cached latents" if CACHE_LATENTS else ""))
 print(f"samples     every {SAMPLE_EVERY} steps ({NUM_SAMPLE_IMAGES} images)")
 print(f"outputs     {OUTPUT_DIR}")
 print(f"hub         {HUB_REPO_ID or '(none: the push is skipped)'}")
 if checkpoints:
     print(f"resume      from {checkpoints[-1].name} (delete it or change RUN_NAME to start over)")
-    conflicts = [k for k in ("preset", "space", "resolution", "batch_size", "vae") if saved_config.get(k) != getattr(CONFIG, k)]
+    conflicts = [k for k in ("preset", "space", "resolution", "batch_size", "vae")
+                 if saved_config.get(k) != getattr(CONFIG, k)]
     if conflicts:
-        print("WARNING: that checkpoint was trained with " + ", ".join(f"{k}={saved_config.get(k)!r}" for k in conflicts)
+        print("WARNING: that checkpoint was trained with "
+              + ", ".join(f"{k}={saved_config.get(k)!r}" for k in conflicts)
               + ": use the same values or another RUN_NAME, or training will refuse to resume")
 if DATASET in ("anime", "huggan/anime-faces") and (SPACE, RESOLUTION) != ("pixel", 64):
     print("tip: the anime faces are 64x64 images; SPACE='pixel' with RESOLUTION=64 suits them best")
 if DEVICE == "cpu" and PRESET != "micro":
     print(f"note: on a CPU the {PRESET} preset is very slow; this is meant for a GPU runtime")
-print("\\nsame run from a terminal:\\n  python -m liquid_diffusion train " + " ".join(
-    f"--{k.replace('_', '-')} {v}" for k, v in [("dataset", DATASET), ("preset", PRESET), ("space", SPACE),
-    ("resolution", RESOLUTION), ("batch_size", BATCH_SIZE), ("steps", STEPS), ("lr", LEARNING_RATE),
-    ("sample_every", SAMPLE_EVERY), ("mixed_precision", MIXED_PRECISION), ("output_dir", OUTPUT_DIR)]) + (" --cache-latents" if CACHE_LATENTS else "")
-    + " --resume latest")
+flags = [("dataset", DATASET), ("preset", PRESET), ("space", SPACE), ("resolution", RESOLUTION),
+         ("batch_size", BATCH_SIZE), ("steps", STEPS), ("lr", LEARNING_RATE), ("sample_every", SAMPLE_EVERY),
+         ("mixed_precision", MIXED_PRECISION), ("output_dir", OUTPUT_DIR)]
+flags += [("vae", VAE)] if SPACE == "latent" else []
+print("\\nsame run from a terminal:\\n  python -m liquid_diffusion train "
+      + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags)
+      + (" --cache-latents" if CACHE_LATENTS else "") + " --resume latest")
 '''
 
 PREVIEW_MD = """\
@@ -425,8 +430,9 @@ line (step, loss, images/s, time left), the latest EMA sample grid (same noise e
 images sharpen) and the loss curves: the loss over steps, and the loss per noise level t (t near 0 is where fine
 detail is decided).
 
-**Expect:** blobs of colour first, recognisable shapes after a few thousand steps on a GPU. Stop the cell at any time
-(■ or *Runtime → Interrupt*): the current step finishes, a checkpoint is saved, and running the notebook again resumes.
+**Expect:** blobs of colour first, recognisable shapes after a few thousand steps on a GPU. Stop the cell at any
+time (■ or *Runtime → Interrupt*): the current step finishes, a checkpoint is saved, and running the notebook again
+resumes.
 """
 
 TRAIN = '''\
