@@ -94,6 +94,7 @@ class TrainConfig:
     # feedback and checkpoints
     output_dir: str = _help("where checkpoints, samples and metrics.jsonl go", default="outputs/liquid-diffusion")
     log_every: int = _help("log metrics every N steps", default=50)
+    progress_bar: bool = _help("show a tqdm progress bar (the notebook draws its own panel instead)", default=True)
     sample_every: int = _help("write an EMA sample grid every N steps (0: only at the end)", default=500)
     num_sample_images: int = _help("images in each sample grid", default=16)
     sample_steps: int = _help("Euler steps for the sample grids", default=25)
@@ -177,7 +178,8 @@ class Trainer:
         if config.space == "latent":
             from .latents import FrozenVAE
 
-            self.vae = FrozenVAE(config.vae, device=self.device, dtype=vae_dtype(self.device))
+            # chunks of 4 keep the sample-grid decode (16 images) small next to the training state on a T4
+            self.vae = FrozenVAE(config.vae, device=self.device, dtype=vae_dtype(self.device), chunk_size=4)
             in_channels = self.vae.latent_channels
         model = LiquidDiffusionUNet.from_preset(config.preset, in_channels=in_channels)
         if self.device.type == "cuda":
@@ -237,19 +239,16 @@ class Trainer:
 
     def _prepare_latent_cache(self) -> None:
         """Builds the latent cache once (main process); the others wait, then all read it."""
-        from .latents import build_latent_cache, read_metadata
+        from .latents import build_latent_cache
 
         config = self.config
-        if self.is_main:
-            try:
-                read_metadata(self._cache_dir())  # an existing cache is checked for a matching VAE when read
-            except FileNotFoundError:
-                build_latent_cache(
-                    config.dataset, self.vae, self._cache_dir(), config.resolution,
-                    num_images=config.cache_num_images, flip=config.flip, split=config.split,
-                    config_name=config.config_name, image_column=config.image_column,
-                    random_crop=config.random_crop, num_workers=config.num_workers,
-                )
+        if self.is_main:  # reuses a complete cache with the same settings, refuses a different one
+            build_latent_cache(
+                config.dataset, self.vae, self._cache_dir(), config.resolution,
+                num_images=config.cache_num_images, flip=config.flip, split=config.split,
+                config_name=config.config_name, image_column=config.image_column,
+                random_crop=config.random_crop, num_workers=config.num_workers,
+            )
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------------------- loop
@@ -271,8 +270,8 @@ class Trainer:
         images_per_step = config.batch_size * config.grad_accum * accelerator.num_processes
         batches = self._batches()
         batches = itertools.chain([next(batches)], batches)  # a bad data source fails here, before the bar
-        progress = tqdm(total=config.steps, initial=self.step, disable=not self.is_main, desc="train",
-                        dynamic_ncols=True)
+        progress = tqdm(total=config.steps, initial=self.step, disable=not (self.is_main and config.progress_bar),
+                        desc="train", dynamic_ncols=True)
         stats = _IntervalStats(self.device)
         interval_start = time.perf_counter()
         try:
@@ -577,14 +576,18 @@ def resolve_mixed_precision(choice: str) -> str:
         return choice
     if not torch.cuda.is_available():
         return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if native_bf16() else "fp16"
+
+
+def native_bf16() -> bool:
+    """True on GPUs with bf16 in hardware (compute capability 8.0+: A100, L4, H100). ``is_bf16_supported()`` alone
+    also says yes for a T4's slow emulated bf16."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def vae_dtype(device: torch.device) -> torch.dtype:
-    """The SD-VAE overflows in fp16: bf16 where the GPU supports it, else fp32."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    """The SD-VAE overflows in fp16: bf16 where the GPU has it natively, else fp32."""
+    return torch.bfloat16 if device.type == "cuda" and native_bf16() else torch.float32
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

@@ -311,7 +311,7 @@ CONFIG = TrainConfig(
     batch_size=BATCH_SIZE, steps=STEPS, lr=LEARNING_RATE, warmup_steps=min(500, max(1, STEPS // 10)),
     sample_every=SAMPLE_EVERY, num_sample_images=NUM_SAMPLE_IMAGES, log_every=max(1, min(50, STEPS // 20)),
     checkpoint_every=min(1000, STEPS), keep_checkpoints=2, output_dir=str(OUTPUT_DIR), resume="latest",
-    num_workers=2 if DEVICE == "cuda" else 0, mixed_precision=MIXED_PRECISION,
+    num_workers=2 if DEVICE == "cuda" else 0, mixed_precision=MIXED_PRECISION, progress_bar=False,
 )
 CONFIG.validate()  # a one-line error with the fix for values that cannot work
 
