@@ -425,7 +425,8 @@ class Trainer:
             self._prune_checkpoints()
             for callback in self.callbacks:
                 callback.on_checkpoint(self, self.step, final)
-            if self._pusher is not None and (self.step // self.config.checkpoint_every) % self.config.push_every == 0:
+            every_nth = (self.step // self.config.checkpoint_every) % self.config.push_every == 0
+            if self._pusher is not None and (every_nth or self.step >= self.config.steps):  # the final one always
                 self._pusher.push(final)
         if barrier:
             self.accelerator.wait_for_everyone()

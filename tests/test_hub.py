@@ -602,3 +602,25 @@ def test_cli_push_network_failure_is_one_line(fake_hub, pixel_run, capsys):
     assert main(["push", "--checkpoint", str(pixel_run), "--repo-id", "me/x"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "error: push to me/x failed: ConnectionError: Name or service not known"
+
+
+# ------------------------------------------------------------------------------------------------ training pushes
+
+
+def test_training_pushes_every_n_checkpoints_in_the_background(fake_hub, clean_image_folder, tmp_path):
+    from liquid_diffusion.trainer import TrainConfig, Trainer
+
+    config = TrainConfig(dataset=str(clean_image_folder), space="pixel", preset="micro", resolution=16, batch_size=4,
+                         steps=6, checkpoint_every=2, push_to_hub="me/liquid-micro", push_every=2, log_every=2,
+                         sample_every=2, num_sample_images=4, sample_steps=2, num_workers=0, shuffle_buffer=8,
+                         output_dir=str(tmp_path), progress_bar=False)
+    Trainer(config).train()  # returns only after the background pusher has finished
+
+    uploads = [upload for api in fake_hub.instances for upload in api.uploads]
+    # checkpoints at steps 2, 4 and 6: every 2nd one (step 4) and always the final one (step 6); when the upload of
+    # step 4 is still queued as step 6 arrives, only the newest is pushed
+    pushed = [int(u["commit_message"].rsplit(" ", 1)[-1]) for u in uploads]
+    assert pushed in ([4, 6], [6]), pushed
+    assert all(u["repo_id"] == "me/liquid-micro" for u in uploads)
+    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "README.md"} <= set(uploads[0]["files"])
+    assert not list(tmp_path.glob(".hub-push-*"))  # staging folders cleaned up
