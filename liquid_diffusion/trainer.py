@@ -46,8 +46,10 @@ from .model import PRESETS, LiquidDiffusionUNet
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 NUM_T_BINS = 10
-# Fields that fix the network's shape or the data it sees; resuming with other values is refused.
-RESUME_MUST_MATCH = ("preset", "space", "resolution", "vae", "batch_size", "grad_accum", "seed")
+# Fields that fix the network or what its inputs mean; resuming with other values is refused.
+RESUME_MUST_MATCH = ("preset", "space", "resolution", "vae")
+# Fields that fix the data order; resuming with other values works but is no longer exact.
+RESUME_EXACT_ONLY_IF_SAME = ("batch_size", "grad_accum", "seed", "dataset")
 
 
 def _help(text: str, **kwargs):
@@ -461,9 +463,18 @@ class Trainer:
             raise ValueError(f"cannot resume {path}: it was trained with {details}; use the same values or a new "
                              "--output-dir")
         state = json.loads((path / "state.json").read_text())
-        if state.get("num_processes", 1) != self.accelerator.num_processes:
-            raise ValueError(f"cannot resume {path} exactly: it ran on {state['num_processes']} processes, now "
-                             f"{self.accelerator.num_processes}; launch with the same number of processes")
+        batches_consumed = state["batches_consumed"]
+        changed = [k for k in RESUME_EXACT_ONLY_IF_SAME if saved.get(k) != getattr(self.config, k)]
+        old_processes = state.get("num_processes", 1)
+        if old_processes != self.accelerator.num_processes:
+            changed.append("number of processes")
+        if changed:
+            # Continue at the same number of images seen per process, in the new data order.
+            images_per_process = batches_consumed * saved["batch_size"] * old_processes / self.accelerator.num_processes
+            batches_consumed = int(images_per_process // self.config.batch_size)
+            if self.is_main:
+                print(f"note: {', '.join(changed)} changed since {path.name}: resuming, but not exactly "
+                      "(the data order differs from an uninterrupted run)")
         model = self.accelerator.unwrap_model(self.model)
         model = getattr(model, "_orig_mod", model)
         model.load_state_dict(LiquidDiffusionUNet.from_pretrained(path / "unet").state_dict())
@@ -478,7 +489,7 @@ class Trainer:
             self.accelerator.scaler.load_state_dict(training["scaler"])
         _set_rng_state(training["rng"])
         self.step = state["step"]
-        self.batches_consumed = state["batches_consumed"]
+        self.batches_consumed = batches_consumed
         if self.is_main:
             print(f"resumed from {path} at step {self.step}")
 

@@ -189,6 +189,14 @@ def test_resume_latest_without_checkpoint_starts_fresh_and_mismatch_is_refused(t
         Trainer(pixel_config(train_folder, tmp_path, preset="tiny", steps=2, resume="latest")).train()
 
 
+def test_resume_with_another_batch_size_continues_at_the_same_number_of_images(train_folder, tmp_path, capsys):
+    Trainer(pixel_config(train_folder, tmp_path, steps=2, batch_size=8)).train()  # 16 images seen
+    trainer = Trainer(pixel_config(train_folder, tmp_path, steps=3, batch_size=4, resume="latest"))
+    trainer.train()
+    assert "batch_size changed" in capsys.readouterr().out
+    assert json.loads((tmp_path / "checkpoint-000003" / "state.json").read_text())["batches_consumed"] == 4 + 1
+
+
 def test_a_half_written_checkpoint_is_ignored(train_folder, tmp_path):
     Trainer(pixel_config(train_folder, tmp_path, steps=1)).train()
     (tmp_path / ".tmp-checkpoint-000002-999").mkdir()  # what a kill mid-save leaves behind
