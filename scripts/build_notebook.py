@@ -325,7 +325,7 @@ print(f"outputs     {OUTPUT_DIR}")
 print(f"hub         {HUB_REPO_ID or '(none: the push is skipped)'}")
 if checkpoints:
     print(f"resume      from {checkpoints[-1].name} (delete it or change RUN_NAME to start over)")
-    conflicts = [k for k in ("preset", "space", "resolution", "batch_size", "vae")
+    conflicts = [k for k in ("preset", "space", "resolution", "vae")
                  if saved_config.get(k) != getattr(CONFIG, k)]
     if conflicts:
         print("WARNING: that checkpoint was trained with "
