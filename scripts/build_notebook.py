@@ -226,7 +226,7 @@ import json
 import re
 
 from liquid_diffusion import LiquidDiffusionUNet
-from liquid_diffusion.trainer import TrainConfig, list_checkpoints, vae_dtype
+from liquid_diffusion.trainer import RESUME_MUST_MATCH, TrainConfig, list_checkpoints, vae_dtype
 
 # Environment variables win over the form, so the notebook runs headless.
 if DATASET == "custom":
@@ -325,7 +325,7 @@ print(f"outputs     {OUTPUT_DIR}")
 print(f"hub         {HUB_REPO_ID or '(none: the push is skipped)'}")
 if checkpoints:
     print(f"resume      from {checkpoints[-1].name} (delete it or change RUN_NAME to start over)")
-    conflicts = [k for k in ("preset", "space", "resolution", "vae")
+    conflicts = [k for k in RESUME_MUST_MATCH
                  if saved_config.get(k) != getattr(CONFIG, k)]
     if conflicts:
         print("WARNING: that checkpoint was trained with "
