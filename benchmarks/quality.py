@@ -1,0 +1,279 @@
+"""Equal-budget quality study in pixel space at 32x32: LiquidDiffusion vs DiT vs UNet2DModel vs the liquid ablation.
+
+Every model is trained with the same rectified-flow objective on the same data, for the same number of steps, batch
+size, learning-rate schedule and seeds (same data order, same noise and t draws), then scored by the **held-out
+flow-matching loss** on a fixed grid of t values with fixed noise seeds, overall and per t (t = 0.05 is where a
+relaxation that tends to the identity at small t would show up; see SPEC.md), and sampled with 25 Euler steps from
+fixed noise into PNG grids.
+
+Data: a synthetic but structured set generated deterministically here (no downloads): 32x32 RGB images of one to
+three anti-aliased coloured shapes (discs, squares, triangles, rings) over a two-colour linear-gradient background.
+Train and held-out sets come from different seeds.
+
+Models at the default settings (chosen so the study fits about 15 minutes of a 2-core CPU, and roughly matched in
+training FLOPs per image rather than in parameters -- the table prints both):
+
+* ``liquid``          -- ``LiquidDiffusionUNet`` preset ``--liquid-preset`` (micro: widths 32/64/128, depths 1/1/1);
+* ``liquid-ablation`` -- the same with ``liquid=False`` (ParallelCfC -> plain residual conv of the same size);
+* ``dit``             -- ``DiTTransformer2DModel`` of DiT-S/2's shape family (patch 2 on 32x32 pixels, depth 12, head
+  dim 64) at reduced width ``--dit-hidden`` (128, 2 heads); ``--dit-hidden 384 --dit-heads 6`` is DiT-S/2 proper;
+* ``unet2d``          -- ``UNet2DModel`` with ``--unet-channels`` (32 64 128; attention in the two lower stages).
+
+Example::
+
+    python benchmarks/quality.py --out-dir bench_out/quality            # the full study, ~15 min on 2 CPU cores
+    python benchmarks/quality.py --quick --out-dir /tmp/q               # seconds, smoke test
+    # the same study with one model per process (1 thread each: faster on a busy multi-core CPU), then one table:
+    for m in liquid dit unet2d liquid-ablation; do
+        python benchmarks/quality.py --models $m --threads 1 --out-dir out/q_$m & done; wait
+    python benchmarks/quality.py --merge out/q_liquid out/q_dit out/q_unet2d out/q_liquid-ablation --out-dir out/q
+    python benchmarks/quality.py --liquid-preset tiny --dit-hidden 384 --dit-heads 6 \\
+        --unet-channels 96 192 256 --steps 5000 --device cuda           # full-size models, on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from liquid_diffusion import flow  # noqa: E402
+
+T_GRID = (0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def make_shapes(n: int, seed: int, size: int = 32, supersample: int = 2) -> torch.Tensor:
+    """``n`` RGB images in [-1, 1], shape [n, 3, size, size]: coloured shapes on gradient backgrounds (deterministic)."""
+    rng = np.random.default_rng(seed)
+    s = size * supersample
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
+    images = np.empty((n, 3, size, size), dtype=np.float32)
+    for i in range(n):
+        c0, c1 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+        angle = rng.uniform(0, 2 * math.pi)
+        ramp = np.clip(0.5 + (xx - 0.5) * math.cos(angle) + (yy - 0.5) * math.sin(angle), 0, 1)
+        img = c0[:, None, None] * (1 - ramp) + c1[:, None, None] * ramp
+        for _ in range(rng.integers(1, 4)):
+            kind = rng.integers(0, 4)
+            cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.25)
+            color = rng.uniform(0, 1, 3)
+            if kind == 0:  # disc
+                mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
+            elif kind == 1:  # axis-aligned square
+                mask = (abs(xx - cx) < r) & (abs(yy - cy) < r)
+            elif kind == 2:  # upward triangle
+                mask = (yy < cy + r) & (yy - (cy - r) > 2 * abs(xx - cx))
+            else:  # ring
+                d = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
+                mask = (d < r) & (d > 0.55 * r)
+            img = np.where(mask[None], color[:, None, None], img)
+        img = img.reshape(3, size, supersample, size, supersample).mean(axis=(2, 4))  # anti-aliasing
+        images[i] = img * 2 - 1
+    return torch.from_numpy(images)
+
+
+def save_grid(images: torch.Tensor, path: str, nrow: int = 4) -> None:
+    """Writes images in [-1, 1] of shape [N, 3, H, W] as one PNG grid (PIL), upscaled 4x for viewing."""
+    from PIL import Image
+
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    n, c, h, w = x.shape
+    ncol = math.ceil(n / nrow)
+    grid = torch.full((c, ncol * (h + 2) + 2, nrow * (w + 2) + 2), 255, dtype=torch.uint8)
+    for k in range(n):
+        r, q = divmod(k, nrow)
+        grid[:, 2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + q * (w + 2) : 2 + q * (w + 2) + w] = x[k]
+    img = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    img.resize((img.width * 4, img.height * 4), Image.NEAREST).save(path)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Models, training, evaluation
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def build(kind: str, args) -> common.VelocityModel:
+    if kind == "liquid":
+        return common.build_model(f"liquid-{args.liquid_preset}", 3, 32)
+    if kind == "liquid-ablation":
+        return common.build_model(f"liquid-{args.liquid_preset}-ablation", 3, 32)
+    if kind == "dit":
+        return common.build_model("dit-s2", 3, 32, hidden=args.dit_hidden, depth=args.dit_depth, heads=args.dit_heads)
+    if kind == "unet2d":
+        return common.build_model("unet2d", 3, 32, block_out_channels=tuple(args.unet_channels))
+    raise ValueError(kind)
+
+
+def train(model, data: torch.Tensor, args, device) -> dict:
+    """AdamW with linear warm-up then cosine decay; data order, noise and t come from ``args.seed`` (same for all)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    warmup = max(1, args.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
+    )
+    gen = torch.Generator().manual_seed(args.seed)
+    model.train()
+    losses, start = [], time.perf_counter()
+    for step in range(args.steps):
+        idx = torch.randint(0, data.shape[0], (args.batch,), generator=gen)
+        x0 = data[idx].to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.rand(args.batch, generator=gen).to(device)
+        loss = flow.flow_matching_loss(model, x0, noise=noise, t=t)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if (step + 1) % max(1, args.steps // 10) == 0:
+            print(f"    step {step + 1}/{args.steps}: loss {np.mean(losses[-50:]):.4f} "
+                  f"({time.perf_counter() - start:.0f}s)", flush=True)
+    common.sync(device)
+    return dict(train_seconds=time.perf_counter() - start, final_train_loss=float(np.mean(losses[-50:])))
+
+
+@torch.no_grad()
+def evaluate(model, data: torch.Tensor, args, device) -> dict:
+    """Held-out loss at every t of ``T_GRID`` for every eval seed (fixed noise per seed): per-t means and the mean."""
+    model.eval()
+    per_t = {t: [] for t in T_GRID}
+    for seed in range(args.eval_seeds):
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        noise_all = torch.randn(data.shape, generator=gen)
+        for t in T_GRID:
+            for i in range(0, data.shape[0], args.eval_batch):
+                x0, noise = data[i : i + args.eval_batch].to(device), noise_all[i : i + args.eval_batch].to(device)
+                tt = torch.full((x0.shape[0],), t, device=device)
+                per_t[t].append(flow.flow_matching_loss(model, x0, noise=noise, t=tt, reduction="none").cpu())
+    per_t = {t: torch.cat(v).mean().item() for t, v in per_t.items()}
+    return dict(per_t=per_t, mean=float(np.mean(list(per_t.values()))))
+
+
+@torch.no_grad()
+def sample_grid(model, args, device, path: str) -> None:
+    model.eval()
+    noise = torch.randn(args.num_samples, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
+    save_grid(flow.euler_sample(model, noise, num_steps=args.sample_steps), path)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["liquid", "dit", "unet2d", "liquid-ablation"],
+                   choices=["liquid", "dit", "unet2d", "liquid-ablation"])
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-size", type=int, default=8192)
+    p.add_argument("--eval-size", type=int, default=256)
+    p.add_argument("--eval-seeds", type=int, default=2)
+    p.add_argument("--eval-batch", type=int, default=128)
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--liquid-preset", default="micro")
+    p.add_argument("--dit-hidden", type=int, default=128)
+    p.add_argument("--dit-depth", type=int, default=12)
+    p.add_argument("--dit-heads", type=int, default=2)
+    p.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out-dir", default="bench_out/quality")
+    p.add_argument("--merge", nargs="+", metavar="DIR",
+                   help="only write the combined table of earlier runs' DIR/quality.json (e.g. one model per process)")
+    p.add_argument("--quick", action="store_true",
+                   help="5 steps, tiny data and eval, shallow DiT / narrow UNet2DModel: a smoke test in seconds")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.batch, args.train_size, args.eval_size = 5, 4, 64, 16
+        args.eval_seeds, args.num_samples, args.sample_steps = 1, 4, 2
+        args.dit_depth, args.unet_channels = 2, [32, 32, 64]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = common.resolve_device(args.device)
+    os.makedirs(args.out_dir, exist_ok=True)
+    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"machine: {common.describe_machine(device)}\ncommand: {command}", flush=True)
+
+    if not args.merge:
+        train_data = make_shapes(args.train_size, seed=args.seed)
+        eval_data = make_shapes(args.eval_size, seed=args.seed + 999_983)
+        save_grid(eval_data[: args.num_samples], os.path.join(args.out_dir, "data.png"))
+
+    results, commands, machine = {}, [], common.describe_machine(device)
+    for run_dir in args.merge or []:  # combine runs made in separate processes (same budget flags)
+        with open(os.path.join(run_dir, "quality.json")) as f:
+            run = json.load(f)
+        results.update({k: {**r, "per_t": {float(t): v for t, v in r["per_t"].items()}}
+                        for k, r in run["results"].items()})
+        for key in ("steps", "batch", "lr", "seed", "eval_size", "eval_seeds", "sample_steps"):
+            setattr(args, key, run["args"][key])
+        commands.append(run["command"])
+        machine = run["machine"]
+    command = "; ".join(commands) if commands else command
+    for kind in [] if args.merge else args.models:
+        torch.manual_seed(args.seed)
+        model = build(kind, args).to(device)
+        gflop = common.train_step_flops(model, train_data[:2].to(device)) / 2 / 1e9
+        print(f"\n== {kind}: {common.count_params(model):.2f}M params, {gflop:.2f} GFLOP/img fwd+bwd ==", flush=True)
+        stats = train(model, train_data, args, device)
+        stats.update(evaluate(model, eval_data, args, device), params_m=common.count_params(model), gflop_per_img=gflop)
+        sample_grid(model, args, device, os.path.join(args.out_dir, f"samples_{kind}.png"))
+        results[kind] = stats
+        print(f"  held-out loss {stats['mean']:.4f}; t=0.05: {stats['per_t'][0.05]:.4f}; "
+              f"{stats['train_seconds']:.0f}s", flush=True)
+        del model
+
+    header = ["model", "params (M)", "GFLOP/img", "train s", "final train loss", "held-out loss (mean over t)"]
+    header += [f"t={t}" for t in T_GRID]
+    rows = [[k, r["params_m"], r["gflop_per_img"], r["train_seconds"], r["final_train_loss"], r["mean"]]
+            + [r["per_t"][t] for t in T_GRID] for k, r in results.items()]
+    table = common.markdown_table(header, rows)
+    ref = results.get("liquid")
+    verdicts = []
+    if ref:
+        for other in ("dit", "unet2d", "liquid-ablation"):
+            if other in results:
+                o = results[other]
+                verdicts.append(f"liquid / {other}: mean {ref['mean'] / o['mean']:.3f}, "
+                                f"t=0.05 {ref['per_t'][0.05] / o['per_t'][0.05]:.3f} (< 1: liquid is better)")
+    text = "\n".join([
+        f"# Equal-budget quality, pixel space 32x32 ({datetime.date.today().isoformat()})\n",
+        f"machine: {machine}", f"command: {command}",
+        f"budget: {args.steps} steps x batch {args.batch}, AdamW lr {args.lr} (warm-up + cosine), seed {args.seed}; "
+        f"held-out: {args.eval_size} images x {args.eval_seeds} noise seeds x t in {list(T_GRID)}\n",
+        table, "", *verdicts, "", f"sample grids ({args.sample_steps} Euler steps, same noise): "
+        + ", ".join(f"samples_{k}.png" for k in results) + "; data.png: held-out images"])
+    print("\n" + text)
+    with open(os.path.join(args.out_dir, "quality.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(args.out_dir, "quality.json"), "w") as f:
+        json.dump(dict(args=vars(args), results=results, machine=machine, command=command),
+                  f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Smoke tests of the benchmark scripts: each ``--quick`` mode runs end to end on the CPU and writes its table.
+
+No timing is asserted (timings on shared CI machines mean nothing); only that the scripts run, print the expected
+table header and rows, and write their outputs. The scripts are run in-process through their ``main(argv)``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def _load(name: str):
+    sys.path.insert(0, BENCH)
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(BENCH)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_only(monkeypatch):
+    """CPU only, and give back torch's thread count (the scripts' ``--threads 1`` sets it process-wide)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_common_models_share_one_velocity_interface():
+    common = _load("common")
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([0.05, 0.9])
+    for name in ("liquid-micro", "liquid-micro-ablation", "unet2d"):
+        model = common.build_model(name, 4, 16)
+        assert model(x, t).shape == x.shape
+    dit = common.build_model("dit-s2", 4, 16, hidden=64, depth=1, heads=1)
+    assert dit(x, t).shape == x.shape
+    assert 20.0 < common.count_params(common.build_model("unet2d", 4, 32)) < 23.0  # matched to liquid-tiny (~21.8M)
+
+
+def test_throughput_quick(tmp_path, capsys):
+    out = tmp_path / "throughput.md"
+    assert _load("throughput").main(["--quick", "--threads", "1", "--output", str(out)]) == 0
+    text = out.read_text()
+    assert "| model | latent | variant | params (M) | GFLOP/img | images/s |" in text
+    for name in ("liquid-micro", "liquid-tiny", "dit-s2", "unet2d"):
+        assert f"| {name} | 4x16x16 | fp32 |" in text
+    rows = json.loads((tmp_path / "throughput.json").read_text())["rows"]
+    assert all(r["images_per_s"] > 0 and r["x_dit-s2"] > 0 for r in rows)
+    assert "images/s" in capsys.readouterr().out
+
+
+def test_sampling_quick(tmp_path):
+    out = tmp_path / "sampling.md"
+    assert _load("sampling").main(["--quick", "--threads", "1", "--output", str(out)]) == 0
+    text = out.read_text()
+    assert "| model | latent | variant | params (M) | model only (s) |" in text
+    rows = json.loads((tmp_path / "sampling.json").read_text())["rows"]
+    assert {r["model"] for r in rows} == {"liquid-micro", "dit-s2", "unet2d"}
+    assert all(r["seconds_with_vae"] > r["seconds"] > 0 for r in rows)
+
+
+def test_quality_quick(tmp_path):
+    quality = _load("quality")
+    assert quality.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "quality.md").read_text()
+    assert "held-out loss (mean over t)" in text and "t=0.05" in text
+    for kind in ("liquid", "dit", "unet2d", "liquid-ablation"):
+        assert f"| {kind} |" in text
+        assert (tmp_path / f"samples_{kind}.png").stat().st_size > 0
+    assert (tmp_path / "data.png").exists()
+    results = json.loads((tmp_path / "quality.json").read_text())["results"]
+    assert all(0 < r["mean"] < 10 for r in results.values())
+
+
+def test_synthetic_data_is_deterministic_and_in_range():
+    quality = _load("quality")
+    a, b = quality.make_shapes(4, seed=3), quality.make_shapes(4, seed=3)
+    assert torch.equal(a, b) and a.shape == (4, 3, 32, 32)
+    assert a.min() >= -1 and a.max() <= 1 and not torch.equal(a, quality.make_shapes(4, seed=4))
+
+
+def test_quality_merge_of_single_model_runs(tmp_path):
+    quality = _load("quality")
+    for kind in ("liquid", "liquid-ablation"):
+        assert quality.main(["--quick", "--threads", "1", "--models", kind, "--out-dir", str(tmp_path / kind)]) == 0
+    merged = tmp_path / "merged"
+    assert quality.main(["--merge", str(tmp_path / "liquid"), str(tmp_path / "liquid-ablation"),
+                         "--out-dir", str(merged)]) == 0
+    text = (merged / "quality.md").read_text()
+    assert "| liquid |" in text and "| liquid-ablation |" in text and "liquid / liquid-ablation" in text
+    assert "budget: 5 steps x batch 4" in text  # the runs' budget, not the merging call's defaults
