@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from liquid_diffusion import LiquidDiffusionUNet, PRESETS, flow

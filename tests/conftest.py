@@ -13,7 +13,6 @@ Everything is written once per test session to a temp dir, so any test file can 
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
