@@ -38,7 +38,6 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, uninstalled
 from liquid_diffusion.model import LiquidDiffusionUNet
@@ -77,8 +76,9 @@ SD_VAE_CONFIG = dict(
     layers_per_block=2,
     latent_channels=4,
     sample_size=256,
+    scaling_factor=0.18215,
 )
-SD_VAE_SCALING = 0.18215
+SD_VAE_SCALING = SD_VAE_CONFIG["scaling_factor"]
 
 
 class VelocityModel(nn.Module):

@@ -35,16 +35,8 @@ from liquid_diffusion.data import ImageBatchStream, make_dataloader  # noqa: E40
 from liquid_diffusion.latents import FrozenVAE, LatentBatchStream, build_latent_cache, load_latent_cache  # noqa: E402
 from liquid_diffusion.model import LiquidDiffusionUNet  # noqa: E402
 
-# stabilityai/sd-vae-ft-mse's architecture (its config.json), used with random weights.
-SD_VAE_CONFIG = dict(
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    sample_size=256,
-    scaling_factor=0.18215,
-)
+from common import SD_VAE_CONFIG  # noqa: E402  (stabilityai/sd-vae-ft-mse's shape, random weights)
+
 TINY_VAE_CONFIG = dict(SD_VAE_CONFIG, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
 
 
