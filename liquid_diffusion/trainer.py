@@ -314,9 +314,8 @@ class Trainer:
             x0 = next(batches)
             self.batches_consumed += 1
             # Noise and t depend only on (seed, process, step, micro-batch): resume needs no generator state.
-            self.generator.manual_seed(
-                ((config.seed * 1_000_003 + accelerator.process_index) * 1_000_003 + self.step) * 256 + micro
-            )
+            mixed = ((config.seed * 1_000_003 + accelerator.process_index) * 1_000_003 + self.step) * 256 + micro
+            self.generator.manual_seed(mixed % 2**63)  # torch seeds are 64-bit; any --seed must work
             noise = torch.randn(x0.shape, generator=self.generator, device=self.device, dtype=x0.dtype)
             t = flow.sample_timesteps(x0.shape[0], config.timestep_sampling, device=self.device,
                                       generator=self.generator)

@@ -246,6 +246,10 @@ def test_ctrl_c_finishes_the_step_saves_and_exits(train_folder, tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
+def test_any_seed_works(train_folder, tmp_path):
+    assert Trainer(pixel_config(train_folder, tmp_path, steps=1, seed=123_456_789)).train().exists()
+
+
 def test_mixed_precision_auto_is_fp32_on_cpu():
     if torch.cuda.is_available():
         pytest.skip("CPU-only expectation")
