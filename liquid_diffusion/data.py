@@ -49,6 +49,8 @@ DEFAULT_DATASET = DATASETS["afhq"]
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "photo", "pixel_values")
 # Files that make a local folder a dataset in the Hub's layout rather than a plain folder of images.
 DATASET_FILE_SUFFIXES = (".parquet", ".arrow")
+# The column name class labels get in an opened labelled stream, whatever the dataset calls it.
+LABEL_KEY = "label"
 WHITE = (255, 255, 255, 255)
 
 
@@ -90,11 +92,16 @@ def _image_extensions() -> set[str]:
     return {ext.lower() for ext in ImageFolder.EXTENSIONS}
 
 
-def open_source(source: str, split: str = "train", config_name: str | None = None, image_column: str | None = None):
+def open_source(source: str, split: str = "train", config_name: str | None = None, image_column: str | None = None,
+                *, with_labels: bool = False, label_column: str | None = None):
     """Opens ``source`` as a streaming ``datasets.IterableDataset`` holding only its image column, undecoded.
 
     Returns ``(dataset, image_column)``; each row is ``{image_column: {"bytes": ..., "path": ...}}``. The column is
     ``image_column`` if given, else the first ``Image`` feature, else the first of ``IMAGE_COLUMN_NAMES`` present.
+
+    With ``with_labels`` the rows also hold ``LABEL_KEY`` (an int class id) from the ``ClassLabel`` column
+    ``label_column``, else the first ``ClassLabel`` feature (see ``find_label_column``; an image folder with one
+    sub-folder per class has one, named from the folders); ``class_names(dataset)`` gives the names.
     """
     from datasets import Image as ImageFeature
     from datasets import load_dataset
@@ -135,8 +142,43 @@ def open_source(source: str, split: str = "train", config_name: str | None = Non
             f"dataset {source!r} {what} (columns: {', '.join(columns) or 'none'}); "
             "name the image column with --image-column (image_column=...)"
         )
-    dataset = dataset.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False))
+    if with_labels:
+        label = find_label_column(dataset.features, source, label_column)
+        dataset = dataset.select_columns([image_column, label])
+        if label != LABEL_KEY:
+            dataset = dataset.rename_column(label, LABEL_KEY)
+    else:
+        dataset = dataset.select_columns([image_column])
+    dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
     return dataset, image_column
+
+
+def find_label_column(features, source: str, label_column: str | None = None) -> str:
+    """The class-label column: ``label_column`` if given (it must be a ``ClassLabel``), else the first ``ClassLabel``
+    feature. ``ValueError`` with what to do when there is none."""
+    from datasets import ClassLabel
+
+    features = features or {}
+    labels = [name for name, feature in features.items() if isinstance(feature, ClassLabel)]
+    if label_column is not None:
+        if label_column not in features:
+            raise ValueError(f"dataset {source!r} has no column {label_column!r} (columns: "
+                             f"{', '.join(features) or 'unknown'}); fix --label-column")
+        if label_column not in labels:
+            raise ValueError(f"column {label_column!r} of dataset {source!r} is not a ClassLabel column (it has no "
+                             "class names); pick a ClassLabel column with --label-column")
+        return label_column
+    if not labels:
+        raise ValueError(
+            f"dataset {source!r} has no class labels (no ClassLabel column among: {', '.join(features) or 'none'}); "
+            "use a dataset with one, an image folder with one sub-folder per class, or drop --class-conditional"
+        )
+    return labels[0]
+
+
+def class_names(dataset) -> list[str]:
+    """The class names of a dataset opened ``with_labels`` (the ``ClassLabel`` names, in id order)."""
+    return list(dataset.features[LABEL_KEY].names)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,7 +282,8 @@ def worker_share() -> tuple[int, int]:
 
 
 class ImageBatchStream(torch.utils.data.IterableDataset):
-    """Endless, deterministic stream of pixel batches, tensors [B, 3, R, R] in [-1, 1].
+    """Endless, deterministic stream of pixel batches, tensors [B, 3, R, R] in [-1, 1] (with ``with_labels``:
+    ``(pixels, labels)`` pairs, labels int64 class ids [B], names in ``class_names``).
 
     Batch ``b`` holds items ``[b*B, (b+1)*B)`` of this process's endless item stream: epoch 0, 1, 2, ... of the
     (shuffled, node-split) dataset one after another, ``set_epoch(e)`` reshuffling each epoch (``num_epochs`` stops
@@ -263,6 +306,7 @@ class ImageBatchStream(torch.utils.data.IterableDataset):
         start_batch: the first batch to yield, for exact resume. Skipping reads (never decodes) the items before
             it once; with one process, later epochs are skipped by counting since they have the same length.
         num_epochs: stop after this many epochs (``None``: endless).
+        with_labels, label_column: yield class labels too, from this ``ClassLabel`` column (see ``open_source``).
     """
 
     def __init__(
@@ -282,6 +326,8 @@ class ImageBatchStream(torch.utils.data.IterableDataset):
         num_processes: int = 1,
         start_batch: int = 0,
         num_epochs: int | None = None,
+        with_labels: bool = False,
+        label_column: str | None = None,
     ):
         super().__init__()
         if resolution < 1 or batch_size < 1 or start_batch < 0:
@@ -294,7 +340,10 @@ class ImageBatchStream(torch.utils.data.IterableDataset):
         self.process_index, self.num_processes = process_index, num_processes
         self.start_batch, self.num_epochs = start_batch, num_epochs
 
-        dataset, self.image_column = open_source(source, split, config_name, image_column)
+        dataset, self.image_column = open_source(source, split, config_name, image_column, with_labels=with_labels,
+                                                 label_column=label_column)
+        self.with_labels = with_labels
+        self.class_names = class_names(dataset) if with_labels else None
         if shuffle_buffer > 1:  # same seed on every process, so the node split below stays disjoint
             # Interleaving shards only helps with several; with one it costs a 5 s thread-shutdown sleep per epoch
             # in datasets' parquet reader (datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN).
@@ -316,9 +365,9 @@ class ImageBatchStream(torch.utils.data.IterableDataset):
             return next(iter(self._epoch_lengths.values()))
         return None
 
-    def raw_items(self) -> Iterator[tuple[int, int, int, dict]]:
-        """``(item index, epoch, position in epoch, raw image value)`` of this process's endless item stream,
-        from item ``start_batch * batch_size`` on."""
+    def raw_items(self) -> Iterator[tuple[int, int, int, dict, int | None]]:
+        """``(item index, epoch, position in epoch, raw image value, class id or None)`` of this process's endless
+        item stream, from item ``start_batch * batch_size`` on."""
         # A private copy: the dataset's epoch lives in shared memory, which forked DataLoader workers would share.
         dataset = copy.deepcopy(self.dataset)
         start = self.start_batch * self.batch_size
@@ -332,9 +381,11 @@ class ImageBatchStream(torch.utils.data.IterableDataset):
             count = 0
             # .iter() rather than iter(): the latter would shard the data across DataLoader workers by itself.
             for chunk in dataset.iter(batch_size=256):
-                for value in chunk[self.image_column]:
+                values = chunk[self.image_column]
+                labels = chunk[LABEL_KEY] if self.with_labels else [None] * len(values)
+                for value, label in zip(values, labels):
                     if index >= start:
-                        yield index, epoch, count, value
+                        yield index, epoch, count, value, label
                     index, count = index + 1, count + 1
             if count == 0:
                 raise ValueError(
@@ -363,8 +414,8 @@ class ImageBatchStream(torch.utils.data.IterableDataset):
         usable_seen, whole_epoch, current_epoch = False, False, None
         for batch_index, items in itertools.groupby(self.raw_items(), key=lambda item: item[0] // self.batch_size):
             mine = (batch_index - self.start_batch) % num_workers == worker
-            pixels = []
-            for index, epoch, position, value in items:
+            pixels, labels = [], []
+            for index, epoch, position, value, label in items:
                 if epoch != current_epoch:
                     if whole_epoch and not usable_seen:
                         self._no_usable_image()
@@ -373,11 +424,13 @@ class ImageBatchStream(torch.utils.data.IterableDataset):
                     tensor = self._decode(index, value)
                     if tensor is not None:
                         pixels.append(tensor)
+                        labels.append(label)
                         usable_seen = True
                 elif not usable_seen:  # other workers' items: probe them only until one good image is seen
                     usable_seen = _decodable(value)
             if pixels:
-                yield torch.from_numpy(np.stack([p.numpy() for p in pixels]))
+                batch = torch.from_numpy(np.stack([p.numpy() for p in pixels]))
+                yield (batch, torch.tensor(labels, dtype=torch.long)) if self.with_labels else batch
         if whole_epoch and not usable_seen:
             self._no_usable_image()
 

@@ -11,6 +11,9 @@ Sampling integrates dx/dt = v from t = 1 down to t = 0 on the grid t_i = 1 - i /
 
 A *velocity function* is any callable ``v(x, t)`` with ``t`` of shape [B]; a diffusers-style model whose output
 has ``.sample`` (such as ``LiquidDiffusionUNet``) can be passed directly.
+
+Class-conditional models are sampled through ``guided_velocity``, which turns ``v(x, t, labels)`` into such a
+velocity function with classifier-free guidance; the samplers themselves stay label-agnostic.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+# Classifier-free guidance scale of sample grids and of the pipeline when nothing else is recorded.
+DEFAULT_GUIDANCE_SCALE = 2.0
 
 
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -135,6 +140,42 @@ def heun_sample(
 SAMPLERS = {"euler": euler_sample, "heun": heun_sample}
 
 
+def guided_velocity(
+    velocity_fn: Callable, class_labels: torch.Tensor, guidance_scale: float = 1.0, null_class: int | None = None
+) -> Callable:
+    """Classifier-free guidance: the velocity function ``x, t -> v_u + w * (v_c - v_u)`` for a conditional model.
+
+    ``v_c = v(x, t, class_labels)`` and ``v_u = v(x, t, null_class)`` come from ONE forward pass over the batch
+    ``[x; x]`` with labels ``[class_labels; null]``, and the guidance applies to every channel (the whole velocity,
+    not the first 3 of 4 latent channels as in a known DiT sampling bug). ``w = 1`` is exactly the conditional
+    prediction (one plain pass, no doubling), ``w = 0`` the unconditional one, ``w > 1`` pushes samples towards
+    their class.
+
+    Args:
+        velocity_fn: the conditional model, called as ``velocity_fn(x, t, class_labels)``.
+        class_labels: int64 ids [B] (or a scalar id for the whole batch).
+        guidance_scale: w.
+        null_class: the id of the unconditional class (``LiquidDiffusionUNet.null_class``); needed when w != 1.
+    """
+    if guidance_scale != 1 and null_class is None:
+        raise ValueError("classifier-free guidance needs the model's null class (null_class=model.null_class)")
+
+    def conditional(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        labels = torch.as_tensor(class_labels, device=x.device).long().expand(x.shape[0])
+        return _unwrap(velocity_fn(x, t, labels))
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        labels = torch.as_tensor(class_labels, device=x.device).long().expand(batch)
+        labels = torch.cat([labels, torch.full_like(labels, null_class)])
+        t = torch.as_tensor(t, device=x.device)
+        t = torch.cat([t, t]) if t.ndim else t
+        v_cond, v_uncond = _unwrap(velocity_fn(torch.cat([x, x]), t, labels)).chunk(2)
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+    return conditional if guidance_scale == 1 else guided
+
+
 def sample(velocity_fn: Callable, noise: torch.Tensor, num_steps: int = 25, sampler: str = "euler") -> torch.Tensor:
     """Runs the named sampler (``euler`` or ``heun``) from ``noise`` to t = 0."""
     if sampler not in SAMPLERS:
@@ -150,7 +191,11 @@ def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _velocity(velocity_fn: Callable, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Calls ``velocity_fn`` and unwraps a diffusers-style output (``.sample``) or a 1-tuple."""
-    out = velocity_fn(x, t)
+    return _unwrap(velocity_fn(x, t))
+
+
+def _unwrap(out) -> torch.Tensor:
+    """The velocity tensor of a model output: ``.sample`` of a diffusers-style output, a 1-tuple's item, or itself."""
     if hasattr(out, "sample"):
         return out.sample
     if isinstance(out, tuple):

@@ -274,7 +274,8 @@ def build_pipeline(checkpoint: str | os.PathLike, *, use_ema: bool = True, vae=N
     else:
         raise ValueError(f"train_config.json has space {space!r}; expected 'latent' or 'pixel'")
     return LiquidDiffusionPipeline(
-        unet=unet, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, resolution=config.get("resolution")
+        unet=unet, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, resolution=config.get("resolution"),
+        guidance_scale=config.get("guidance_scale") if unet.config.num_classes else None,
     )
 
 
@@ -440,8 +441,10 @@ def build_model_card(
     has_loss_curve: bool = False,
     has_raw_weights: bool = True,
     ema: bool = True,
+    class_names: list[str] | None = None,
 ) -> ModelCard:
-    """The model card: YAML metadata (``ModelCardData``) + a markdown body with samples, loss curve and usage."""
+    """The model card: YAML metadata (``ModelCardData``) + a markdown body with samples, loss curve and usage
+    (and, for a class-conditional model, its class list and recommended guidance scale)."""
     dataset = train_config.get("dataset")
     dataset_id = dataset_hub_id(dataset)
     preset = train_config.get("preset", "custom")
@@ -451,7 +454,7 @@ def build_model_card(
         license="mit",
         library_name="diffusers",
         pipeline_tag=PIPELINE_TAG,
-        tags=list(MODEL_CARD_TAGS),
+        tags=list(MODEL_CARD_TAGS) + (["class-conditional", "classifier-free-guidance"] if class_names else []),
         datasets=[dataset_id] if dataset_id else None,
     )
     load_id = repo_id or "USER/NAME"
@@ -491,7 +494,7 @@ def build_model_card(
     body = f"""
 # {name}
 
-An **attention-free** unconditional image generator: a LiquidDiffusion U-Net (closed-form continuous-time, CfC,
+An **attention-free** {"class-conditional" if class_names else "unconditional"} image generator: a LiquidDiffusion U-Net (closed-form continuous-time, CfC,
 gated "liquid" blocks; no attention anywhere) trained with **rectified flow** on {dataset_text}.
 
 {samples}
@@ -518,7 +521,7 @@ images[0].save("sample.png")
 ```
 
 or from the command line: `python -m liquid_diffusion sample --checkpoint {load_id}`.
-
+{_classes_section(class_names, train_config, load_id)}
 ## Training
 
 {loss_curve}
@@ -537,6 +540,35 @@ liquid relaxation), USM (U-Net + SSM for diffusion, CVPR 2025), DiffuSSM (2023),
 License: MIT.
 """
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
+
+
+def _classes_section(class_names: list[str] | None, train_config: dict, load_id: str) -> str:
+    """The model card's class list and guided-sampling snippet ('' for an unconditional model)."""
+    if not class_names:
+        return ""
+    from .flow import DEFAULT_GUIDANCE_SCALE
+
+    scale = train_config.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+    names = "\n".join(f"| {i} | {name} |" for i, name in enumerate(class_names))
+    return f"""
+## Classes and guidance
+
+This model is class-conditional ({len(class_names)} classes) with classifier-free guidance: it was trained with
+{train_config.get("class_dropout", 0.1):.0%} of the labels replaced by a null class, and samples with
+`v = v_uncond + w (v_cond - v_uncond)`. **Recommended guidance scale: w = {scale:g}** (1 = no guidance; the pipeline
+uses it by default).
+
+```python
+images = pipe(class_labels="{class_names[0]}", batch_size=4, guidance_scale={scale:g}).images   # a name or an id
+images = pipe(class_labels=[0, 1], guidance_scale={scale:g}).images                      # one label per image
+```
+
+or `python -m liquid_diffusion sample --checkpoint {load_id} --class {class_names[0]} --guidance-scale {scale:g}`.
+
+| id | class |
+|---|---|
+{names}
+"""
 
 
 def export_checkpoint(
@@ -593,6 +625,7 @@ def _write_export(checkpoint: Path, out: Path, *, repo_id: str | None, vae, toke
 
     pipe = build_pipeline(checkpoint, use_ema=True, vae=vae, token=token)
     num_parameters = sum(p.numel() for p in pipe.unet.parameters())
+    class_names = pipe.unet.config.get("class_names")
     pipe.save_pretrained(out, safe_serialization=True)
     del pipe
     if ema:
@@ -617,6 +650,7 @@ def _write_export(checkpoint: Path, out: Path, *, repo_id: str | None, vae, toke
         has_loss_curve=has_loss_curve,
         has_raw_weights=ema,
         ema=ema,
+        class_names=class_names,
     )
     card.save(out / "README.md")
 

@@ -4,7 +4,8 @@
   [-1, 1] pixels to ``latent * scaling_factor`` and decodes back, in chunks, in fp32 or bf16 (never fp16).
 * ``build_latent_cache`` -- encodes a source once (all images or the first N, plus flipped copies) into
   safetensors shards and a ``metadata.json`` (source, VAE, resolution, count).
-* ``load_latent_cache`` -- reads it back, refusing a cache made for another VAE or resolution.
+* ``load_latent_cache`` -- reads it back, refusing a cache made for another VAE or resolution
+  (``load_latent_labels``: the class ids of a cache built ``with_labels``).
 * ``LatentBatchStream`` -- the latent counterpart of ``data.ImageBatchStream``: same batch, seed, process and
   ``start_batch`` semantics, over cached latents with a seeded permutation per epoch.
 """
@@ -164,6 +165,8 @@ def build_latent_cache(
     shard_size: int = 8192,
     dtype: torch.dtype = torch.float16,
     progress: bool = True,
+    with_labels: bool = False,
+    label_column: str | None = None,
 ) -> Path:
     """Encodes ``source`` once into ``cache_dir`` and returns it; training then never touches the VAE.
 
@@ -172,6 +175,9 @@ def build_latent_cache(
     too (encoding the flipped pixels, since the VAE is not exactly flip-equivariant). Latents are stored as
     ``dtype`` (fp16 by default: half the disk and RAM, ~1e-3 relative error) in ``shard-XXXXX.safetensors`` files
     holding ``latents`` (and ``latents_flipped``), then ``metadata.json`` is written last, marking the cache complete.
+    With ``with_labels`` each shard also holds ``labels`` (int64 class ids of its images, from the ``ClassLabel``
+    column ``label_column`` or the first one) and the metadata ``class_names``; such a cache serves unconditional
+    training too.
 
     A complete cache with the same source, VAE, resolution, count, flip and crop is reused as is; a different one
     in ``cache_dir`` is refused (pick another directory or delete it).
@@ -183,6 +189,8 @@ def build_latent_cache(
     settings = dict(source=source, dataset=dataset_key(source), split=split, config_name=config_name, vae=vae.name,
                     resolution=resolution,
                     requested_images=num_images, flipped=flip, random_crop=random_crop)
+    if with_labels:  # only then, so caches built before labels existed stay valid for unconditional training
+        settings.update(labels=True, label_column=label_column)
     if (cache_dir / METADATA_FILE).is_file():
         existing = read_metadata(cache_dir)
         if all(existing.get(key) == value for key, value in settings.items()):
@@ -197,12 +205,13 @@ def build_latent_cache(
 
     stream = ImageBatchStream(source, resolution, batch_size, split=split, config_name=config_name,
                               image_column=image_column, random_crop=random_crop, flip=False, shuffle_buffer=0,
-                              num_epochs=1)
-    shards, pending, count = [], {"latents": [], "latents_flipped": []}, 0
+                              num_epochs=1, with_labels=with_labels, label_column=label_column)
+    shards, pending, count = [], {"latents": [], "latents_flipped": [], "labels": []}, 0
 
     def flush():
         if pending["latents"]:
-            tensors = {key: torch.cat(value).to(dtype).contiguous() for key, value in pending.items() if value}
+            tensors = {key: torch.cat(value).to(torch.long if key == "labels" else dtype).contiguous()
+                       for key, value in pending.items() if value}
             name = f"shard-{len(shards):05d}.safetensors"
             save_file(tensors, str(cache_dir / name))
             shards.append({"file": name, "count": len(tensors["latents"])})
@@ -211,6 +220,9 @@ def build_latent_cache(
 
     with tqdm(total=num_images, unit="img", desc="encoding latents", disable=not progress) as bar:
         for pixels in make_dataloader(stream, num_workers):
+            if with_labels:
+                pixels, labels = pixels
+                pending["labels"].append(labels[: len(pixels) if num_images is None else num_images - count])
             if num_images is not None:
                 pixels = pixels[: num_images - count]
             pending["latents"].append(vae.encode(pixels).cpu())
@@ -232,6 +244,7 @@ def build_latent_cache(
         num_images=count, num_latents=count * (2 if flip else 1),
         latent_shape=[vae.latent_channels, latent_size, latent_size], scaling_factor=vae.scaling_factor,
         shift_factor=vae.shift_factor, dtype=str(dtype).removeprefix("torch."), shards=shards,
+        class_names=stream.class_names,
         # Decode counts live in the process that decodes: only known here without DataLoader workers.
         stats=None if num_workers else dict(read=stream.stats.read, skipped=stream.stats.skipped,
                                             upscaled=stream.stats.upscaled),
@@ -262,6 +275,19 @@ def load_latent_cache(cache_dir, *, vae_id: str | None = None, resolution: int |
     return torch.cat(originals + flipped), metadata
 
 
+def load_latent_labels(cache_dir, metadata: dict | None = None) -> torch.Tensor:
+    """The int64 class ids [N] of a cache built ``with_labels``, row for row with ``load_latent_cache``'s latents
+    (a flipped copy has its original's label); ``ValueError`` for a cache without labels."""
+    from safetensors.torch import load_file
+
+    metadata = metadata or read_metadata(cache_dir)
+    if not metadata.get("labels"):
+        raise ValueError(f"latent cache {str(cache_dir)!r} holds no class labels; rebuild it for class-conditional "
+                         "training (another --cache-dir, or delete it)")
+    labels = torch.cat([load_file(str(Path(cache_dir) / shard["file"]))["labels"] for shard in metadata["shards"]])
+    return torch.cat([labels, labels]) if metadata["flipped"] else labels
+
+
 class LatentBatchStream(torch.utils.data.IterableDataset):
     """Endless, deterministic stream of cached-latent batches [B, C, h, w] (float32), ``ImageBatchStream``'s twin.
 
@@ -274,16 +300,23 @@ class LatentBatchStream(torch.utils.data.IterableDataset):
         cache: a cache directory (read with ``load_latent_cache``, checked against ``vae_id`` / ``resolution`` /
             ``source``) or a latent tensor [N, C, h, w].
         batch_size, seed, process_index, num_processes, start_batch: as in ``ImageBatchStream``.
+        with_labels: yield ``(latents, labels)`` (int64 class ids [B]) from a cache built ``with_labels``.
+        labels: the class ids [N] when ``cache`` is a tensor and ``with_labels``.
     """
 
     def __init__(self, cache, batch_size: int, *, seed: int = 0, process_index: int = 0, num_processes: int = 1,
                  start_batch: int = 0, vae_id: str | None = None, resolution: int | None = None,
-                 source: str | None = None):
+                 source: str | None = None, with_labels: bool = False, labels: torch.Tensor | None = None):
         super().__init__()
         if torch.is_tensor(cache):
             self.latents, self.metadata = cache, {}
         else:
             self.latents, self.metadata = load_latent_cache(cache, vae_id=vae_id, resolution=resolution, source=source)
+            labels = load_latent_labels(cache, self.metadata) if with_labels else None
+        if with_labels and (labels is None or len(labels) != len(self.latents)):
+            raise ValueError("with_labels needs one class id per cached latent")
+        self.labels = labels if with_labels else None
+        self.class_names = self.metadata.get("class_names")
         if batch_size < 1 or start_batch < 0 or not 0 <= process_index < num_processes:
             raise ValueError(f"need batch_size >= 1, start_batch >= 0 and 0 <= process_index < num_processes "
                              f"(got {batch_size}, {start_batch}, {process_index}, {num_processes})")
@@ -299,8 +332,9 @@ class LatentBatchStream(torch.utils.data.IterableDataset):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.latents), generator=generator)[self.process_index :: self.num_processes]
 
-    def batch(self, batch_index: int, permutations: dict | None = None) -> torch.Tensor:
-        """Batch ``batch_index`` of this process's stream, as float32 (``permutations``: a per-iterator memo)."""
+    def batch(self, batch_index: int, permutations: dict | None = None):
+        """Batch ``batch_index`` of this process's stream, as float32 (``permutations``: a per-iterator memo); with
+        labels, ``(latents, labels)``."""
         permutations = {} if permutations is None else permutations
         rows = []
         position, end = batch_index * self.batch_size, (batch_index + 1) * self.batch_size
@@ -312,7 +346,10 @@ class LatentBatchStream(torch.utils.data.IterableDataset):
             count = min(end - position, self.epoch_length - offset)
             rows.append(permutations[epoch][offset : offset + count])
             position += count
-        return self.latents[torch.cat(rows)].float()
+        rows = torch.cat(rows)
+        if self.labels is not None:
+            return self.latents[rows].float(), self.labels[rows]
+        return self.latents[rows].float()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         worker, num_workers = worker_share()

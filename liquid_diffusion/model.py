@@ -322,6 +322,10 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         ff_mult: FeedForward expansion.
         time_embed_dim: width of ``t_emb`` (defaults to ``4 * widths[0]``).
         liquid: ``False`` replaces every ``ParallelCfC`` by the ``ResidualConv`` ablation.
+        num_classes: K > 0 makes the model class-conditional: ``t_emb = MLP(sinusoid(t)) + E[y]`` with a learned
+            label embedding ``E`` of K + 1 rows, row K being the "null" class (unconditional). 0 (the default):
+            unconditional, with no label embedding at all.
+        class_names: the K label names, in id order (stored in the config so sampling can ask for names).
     """
 
     _supports_gradient_checkpointing = False
@@ -337,6 +341,8 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         ff_mult: int = 4,
         time_embed_dim: int | None = None,
         liquid: bool = True,
+        num_classes: int = 0,
+        class_names: list[str] | None = None,
     ):
         super().__init__()
         widths, depths = tuple(widths), tuple(depths)
@@ -346,6 +352,7 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         embed_dim = time_embed_dim or 4 * widths[0]
 
         self.time_embedder = TimestepEmbedder(widths[0], embed_dim)
+        self.class_embedder = _class_embedder(num_classes, class_names, embed_dim)
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 3, padding=1), nn.SiLU(), nn.Conv2d(widths[0], widths[0], 3, padding=1)
         )
@@ -410,17 +417,27 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         return timestep
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor | float, return_dict: bool = True
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
     ) -> LiquidDiffusionOutput | tuple[torch.Tensor]:
         """Predicts the velocity ``v = noise - x0`` at ``x_t = (1 - t) x0 + t noise``.
 
         Args:
             sample: ``x_t``, shape [B, in_channels, H, W] with H, W divisible by ``downsample_factor``.
             timestep: t in [0, 1] (0 data, 1 noise), a float tensor of shape [B] or a scalar.
+            class_labels: class-conditional models only: integer ids of shape [B] in [0, num_classes], where
+                ``num_classes`` (``null_class``) asks for the unconditional prediction; ``None`` means all null.
             return_dict: return a ``LiquidDiffusionOutput`` (else a 1-tuple).
         """
         timestep = self._check_inputs(sample, timestep)
         t_emb = self.time_embedder(timestep)
+        if self.class_embedder is not None:
+            t_emb = t_emb + self.class_embedder(self._check_labels(class_labels, sample))
+        elif class_labels is not None:
+            raise ValueError("class_labels given, but this model is unconditional (num_classes=0)")
 
         x = self.stem(sample)
         skips = []
@@ -444,6 +461,32 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
             return (velocity,)
         return LiquidDiffusionOutput(sample=velocity)
 
+    @property
+    def null_class(self) -> int | None:
+        """The label id of the unconditional ("null") class, ``num_classes``; ``None`` for unconditional models."""
+        return self.config.num_classes if self.config.num_classes else None
+
+    def _check_labels(self, class_labels, sample: torch.Tensor) -> torch.Tensor:
+        """``class_labels`` as int64 ids [B] on the sample's device (``None``: all null)."""
+        batch = sample.shape[0]
+        if class_labels is None:
+            return torch.full((batch,), self.config.num_classes, dtype=torch.long, device=sample.device)
+        class_labels = torch.as_tensor(class_labels, device=sample.device)
+        if class_labels.is_floating_point() or class_labels.shape not in ((batch,), ()):
+            raise ValueError(f"class_labels must be integer ids of shape [{batch}], got {class_labels.dtype} of "
+                             f"shape {tuple(class_labels.shape)}")
+        class_labels = class_labels.long().expand(batch)
+        if class_labels.device.type == "cpu" and bool(((class_labels < 0) | (class_labels > self.null_class)).any()):
+            raise ValueError(f"class_labels must lie in [0, {self.null_class}] ({self.null_class} = unconditional), "
+                             f"got {class_labels.min().item()} to {class_labels.max().item()}")
+        return class_labels
+
+    def class_ids(self, labels) -> torch.Tensor:
+        """Label names (from ``class_names``) or ids, one or a list, as int64 ids [N]; ``ValueError`` if unknown."""
+        if not self.config.num_classes:
+            raise ValueError("this model is unconditional: it takes no class (train with --class-conditional)")
+        return resolve_class_labels(labels, self.config.class_names or [], self.config.num_classes)
+
     # ------------------------------------------------------------------------------------------------------------
     # 4. Presets
     # ------------------------------------------------------------------------------------------------------------
@@ -457,6 +500,36 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def _class_embedder(num_classes: int, class_names, embed_dim: int) -> nn.Embedding | None:
+    """The label embedding of a class-conditional model (K + 1 rows, the last one the null class), else ``None``."""
+    if not num_classes:
+        return None
+    if num_classes < 0 or (class_names is not None and len(class_names) != num_classes):
+        raise ValueError(f"num_classes={num_classes} must be positive and match the {len(class_names or [])} "
+                         "class_names")
+    embedder = nn.Embedding(num_classes + 1, embed_dim)
+    nn.init.normal_(embedder.weight, std=0.02)  # as DiT's LabelEmbedder: small next to t_emb at init
+    return embedder
+
+
+def resolve_class_labels(labels, class_names: list[str], num_classes: int) -> torch.Tensor:
+    """Names or ids (an int, a str, a digit string or a list of them) -> int64 ids [N] in [0, num_classes)."""
+    items = [labels] if isinstance(labels, (int, str)) or torch.is_tensor(labels) and labels.ndim == 0 else labels
+    ids = []
+    for item in items:
+        item = item.item() if torch.is_tensor(item) else item
+        if isinstance(item, str) and item in class_names:
+            ids.append(class_names.index(item))
+        elif isinstance(item, int) or isinstance(item, str) and item.strip().isdigit():
+            ids.append(int(item))
+        else:
+            ids.append(-1)
+        if not 0 <= ids[-1] < num_classes:
+            names = ", ".join(class_names[:20]) + (", ..." if len(class_names) > 20 else "")
+            raise ValueError(f"unknown class {item!r}; use a name ({names}) or an id in [0, {num_classes - 1}]")
+    return torch.tensor(ids, dtype=torch.long)
 
 
 PRESETS: dict[str, dict] = {

@@ -1,4 +1,5 @@
-"""``LiquidDiffusionPipeline``: unconditional image generation with a LiquidDiffusion U-Net, as a diffusers pipeline.
+"""``LiquidDiffusionPipeline``: image generation with a LiquidDiffusion U-Net, as a diffusers pipeline: unconditional,
+or class-conditional with classifier-free guidance (``pipe(class_labels="dog", guidance_scale=2.0)``).
 
 Components:
 
@@ -16,6 +17,7 @@ Example::
     from liquid_diffusion import LiquidDiffusionPipeline
     pipe = LiquidDiffusionPipeline.from_pretrained("USER/NAME")   # or a local folder
     images = pipe(batch_size=4, num_inference_steps=25, generator=torch.Generator().manual_seed(0)).images
+    images = pipe(class_labels=["cat", "dog"], guidance_scale=2.0).images   # class-conditional models
 
 Because ``unet`` is this package's own class, ``model_index.json`` records it as ``["liquid_diffusion.model",
 "LiquidDiffusionUNet"]``: diffusers imports that module of the installed package when loading, and finds the load
@@ -35,7 +37,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
-from .flow import timestep_grid
+from .flow import DEFAULT_GUIDANCE_SCALE, guided_velocity, timestep_grid
 from .model import LiquidDiffusionUNet
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 class LiquidDiffusionPipeline(DiffusionPipeline):
-    """Unconditional rectified-flow sampling with an attention-free LiquidDiffusion U-Net.
+    """Rectified-flow sampling with an attention-free LiquidDiffusion U-Net, unconditional or class-conditional.
 
     Args:
         unet: the velocity network.
@@ -54,6 +56,8 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
         vae: ``AutoencoderKL`` that decodes latents (latent-space models); ``None`` for pixel-space models.
         resolution: default image height and width in pixels (the training resolution). ``None`` falls back to
             64 pixels for pixel-space models and 256 for latent-space ones.
+        guidance_scale: the recommended classifier-free guidance scale of a class-conditional model (the one its
+            training grids used), the default of ``__call__``; ``None`` falls back to ``DEFAULT_GUIDANCE_SCALE``.
     """
 
     model_cpu_offload_seq = "unet->vae"
@@ -65,10 +69,12 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
         scheduler: SchedulerMixin,
         vae: AutoencoderKL | None = None,
         resolution: int | None = None,
+        guidance_scale: float | None = None,
     ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
-        self.register_to_config(resolution=resolution)
+        self.register_to_config(resolution=resolution, guidance_scale=guidance_scale)
+        self._velocity_fn = self._model_velocity
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "LiquidDiffusionPipeline":
@@ -123,10 +129,22 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
             width // self.vae_scale_factor,
         )
 
+    def _model_velocity(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None):
+        return self.unet(x.to(self.unet.dtype), t, class_labels).sample
+
     def _velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """v(x, t) with t a scalar tensor, expanded to [B] (float32, the model casts its embedding itself)."""
+        """v(x, t) with t a scalar tensor, expanded to [B] (float32, the model casts its embedding itself), guided
+        when ``__call__`` was given class labels."""
         t = t.to(device=x.device, dtype=torch.float32).clamp(0.0, 1.0).expand(x.shape[0])
-        return self.unet(x.to(self.unet.dtype), t).sample
+        return self._velocity_fn(x, t)
+
+    def _class_ids(self, class_labels, batch_size: int, latents: torch.Tensor | None) -> torch.Tensor:
+        """Names or ids -> int64 ids [B]: one label for the whole batch, or one per image (then B = their number)."""
+        ids = self.unet.class_ids(class_labels)
+        batch = len(latents) if latents is not None else (batch_size if len(ids) == 1 else len(ids))
+        if len(ids) not in (1, batch):
+            raise ValueError(f"got {len(ids)} class labels for {batch} images; give one label or one per image")
+        return ids.expand(batch)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (as the model sees them, ``z * scaling_factor``) -> images in [-1, 1]; identity without a VAE.
@@ -160,8 +178,10 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
         width: int | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        class_labels: int | str | list | torch.Tensor | None = None,
+        guidance_scale: float | None = None,
     ) -> ImagePipelineOutput | tuple:
-        """Generates ``batch_size`` images.
+        """Generates ``batch_size`` images (one per label when ``class_labels`` is a list).
 
         Args:
             batch_size: number of images (ignored when ``latents`` is given).
@@ -175,6 +195,11 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
                 ``"pt"`` (float tensor [B, 3, H, W] in [0, 1]) or ``"latent"`` (the raw sample at t = 0, before
                 VAE decoding and clamping).
             return_dict: return an ``ImagePipelineOutput`` (else a 1-tuple).
+            class_labels: class-conditional models: a class name or id for every image, or a list with one per image
+                (names from ``unet.config.class_names``). ``None`` samples unconditionally (the null class).
+            guidance_scale: classifier-free guidance w, ``v = v_uncond + w (v_cond - v_uncond)`` on all channels
+                (``flow.guided_velocity``, one batched model call); 1 = no guidance. Default: the model's
+                recommended scale (``config.guidance_scale``), else ``DEFAULT_GUIDANCE_SCALE``.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
@@ -183,6 +208,13 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         device = self._execution_device
+        self._velocity_fn = self._model_velocity
+        if class_labels is not None:
+            ids = self._class_ids(class_labels, batch_size, latents)
+            batch_size = len(ids)
+            scale = guidance_scale if guidance_scale is not None else self.config.guidance_scale
+            scale = DEFAULT_GUIDANCE_SCALE if scale is None else scale
+            self._velocity_fn = guided_velocity(self._model_velocity, ids.to(device), scale, self.unet.null_class)
 
         if latents is None:
             shape = self._sample_shape(batch_size, height, width)

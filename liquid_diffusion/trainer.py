@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -71,6 +72,15 @@ class TrainConfig:
     random_crop: bool = _help("random instead of center crop", default=False)
     shuffle_buffer: int = _help("streaming shuffle buffer size", default=1000)
     num_workers: int = _help("DataLoader worker processes for decoding images", default=2)
+    # class conditioning (classifier-free guidance)
+    class_conditional: bool = _help("condition on the dataset's ClassLabel column (image folders: one sub-folder "
+                                    "per class) and learn classifier-free guidance", default=False)
+    label_column: str | None = _help("ClassLabel column to condition on (found automatically when omitted)",
+                                     default=None)
+    class_dropout: float = _help("fraction of labels replaced by the null class in training (for guidance)",
+                                 default=0.1)
+    guidance_scale: float = _help("classifier-free guidance scale w of the sample grids (1: no guidance); the "
+                                  "model card recommends it", default=flow.DEFAULT_GUIDANCE_SCALE)
     # model and latent space
     preset: str = _help(f"model size: {', '.join(PRESETS)}", default="tiny")
     space: str = _help("'latent' (frozen SD-VAE) or 'pixel' (no VAE)", default="latent")
@@ -132,6 +142,9 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.cache_latents and self.space != "latent":
             raise ValueError("cache_latents needs space='latent' (pixel space has no VAE to cache)")
+        if not 0 <= self.class_dropout < 1 or self.guidance_scale < 0:
+            raise ValueError(f"need 0 <= class_dropout < 1 and guidance_scale >= 0, got {self.class_dropout} and "
+                             f"{self.guidance_scale}")
 
 
 class TrainerCallback:
@@ -183,7 +196,7 @@ class Trainer:
             # chunks of 4 keep the sample-grid decode (16 images) small next to the training state on a T4
             self.vae = FrozenVAE(config.vae, device=self.device, dtype=vae_dtype(self.device), chunk_size=4)
             in_channels = self.vae.latent_channels
-        model = LiquidDiffusionUNet.from_preset(config.preset, in_channels=in_channels)
+        model = LiquidDiffusionUNet.from_preset(config.preset, in_channels=in_channels, **self._class_config())
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         self.ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=2 / 3,
@@ -208,8 +221,26 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------- data
 
-    def _batches(self) -> Iterator[torch.Tensor]:
-        """This process's endless stream of model inputs (latents or pixels), resumed at ``batches_consumed``."""
+    def _class_config(self) -> dict:
+        """``num_classes`` and ``class_names`` of a class-conditional run, read from the dataset's labels ({} else)."""
+        config = self.config
+        if not config.class_conditional:
+            return {}
+        from .data import class_names, open_source
+
+        dataset, _ = open_source(config.dataset, config.split, config.config_name, config.image_column,
+                                 with_labels=True, label_column=config.label_column)
+        names = class_names(dataset)
+        if len(names) < 2:
+            raise ValueError(f"dataset {config.dataset!r} has {len(names)} class; class-conditional training needs "
+                             "at least 2 (or drop --class-conditional)")
+        if self.is_main:
+            print(f"class-conditional on {len(names)} classes: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}")
+        return dict(num_classes=len(names), class_names=names)
+
+    def _batches(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        """This process's endless stream of model inputs (latents or pixels), resumed at ``batches_consumed``;
+        ``(inputs, class ids)`` pairs in a class-conditional run."""
         config, state = self.config, self.accelerator.state
         common = dict(seed=config.seed, process_index=state.process_index, num_processes=state.num_processes,
                       start_batch=self.batches_consumed)
@@ -219,22 +250,28 @@ class Trainer:
             from .latents import LatentBatchStream
 
             stream = LatentBatchStream(self._cache_dir(), config.batch_size, vae_id=config.vae,
-                                       resolution=config.resolution, source=config.dataset, **common)
+                                       resolution=config.resolution, source=config.dataset,
+                                       with_labels=config.class_conditional, **common)
             loader = make_dataloader(stream, num_workers=0)  # latents are in memory already
         else:
             stream = ImageBatchStream(
                 config.dataset, config.resolution, config.batch_size, split=config.split,
                 config_name=config.config_name, image_column=config.image_column, random_crop=config.random_crop,
-                flip=config.flip, shuffle_buffer=config.shuffle_buffer, **common,
+                flip=config.flip, shuffle_buffer=config.shuffle_buffer, with_labels=config.class_conditional,
+                label_column=config.label_column, **common,
             )
             loader = make_dataloader(stream, num_workers=config.num_workers)
         for batch in loader:
+            labels = None
+            if config.class_conditional:
+                batch, labels = batch
+                labels = labels.to(self.device, non_blocking=True)
             batch = batch.to(self.device, non_blocking=True)
             if self.vae is not None and not config.cache_latents:
                 batch = self.vae.encode(batch)
             if self.device.type == "cuda":
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            yield batch
+            yield batch if labels is None else (batch, labels)
 
     def _cache_dir(self) -> Path:
         return Path(self.config.cache_dir) if self.config.cache_dir else self.output_dir / "latent-cache"
@@ -250,6 +287,7 @@ class Trainer:
                 num_images=config.cache_num_images, flip=config.flip, split=config.split,
                 config_name=config.config_name, image_column=config.image_column,
                 random_crop=config.random_crop, num_workers=config.num_workers,
+                with_labels=config.class_conditional, label_column=config.label_column,
             )
         self.accelerator.wait_for_everyone()
 
@@ -311,7 +349,9 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches, with no host-device synchronisation."""
         config, accelerator = self.config, self.accelerator
         for micro in range(config.grad_accum):
-            x0 = next(batches)
+            x0, labels = next(batches), None
+            if isinstance(x0, tuple):
+                x0, labels = x0
             self.batches_consumed += 1
             # Noise and t depend only on (seed, process, step, micro-batch): resume needs no generator state.
             mixed = ((config.seed * 1_000_003 + accelerator.process_index) * 1_000_003 + self.step) * 256 + micro
@@ -319,9 +359,12 @@ class Trainer:
             noise = torch.randn(x0.shape, generator=self.generator, device=self.device, dtype=x0.dtype)
             t = flow.sample_timesteps(x0.shape[0], config.timestep_sampling, device=self.device,
                                       generator=self.generator)
+            velocity_fn = self.model
+            if labels is not None:  # drawn after noise and t, so unconditional runs see the very same draws
+                velocity_fn = functools.partial(self.model, class_labels=self._drop_labels(labels))
             with accelerator.accumulate(self.model):
                 with accelerator.autocast():
-                    per_sample = flow.flow_matching_loss(self.model, x0, noise, t, reduction="none")
+                    per_sample = flow.flow_matching_loss(velocity_fn, x0, noise, t, reduction="none")
                 loss = per_sample.mean()
                 accelerator.backward(loss)
                 grad_norm = None
@@ -334,6 +377,13 @@ class Trainer:
             self.lr_scheduler.step()
         self.ema.step(accelerator.unwrap_model(self.model).parameters())
         stats.steps += 1
+
+    def _drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance training: each label becomes the null class with probability ``class_dropout``,
+        drawn from the step's seeded generator (so exact resume still holds)."""
+        drop = torch.rand(labels.shape, generator=self.generator, device=self.device) < self.config.class_dropout
+        null = self.accelerator.unwrap_model(self.model).null_class
+        return torch.where(drop, torch.full_like(labels, null), labels)
 
     def _log(self, stats: "_IntervalStats", images_per_s: float) -> dict:
         """Reduces the interval's statistics over processes, checks for divergence, appends to metrics.jsonl.
@@ -371,13 +421,15 @@ class Trainer:
         self.ema.copy_to(model.parameters())
         try:
             model.eval()
-            images = generate(model, self.vae, config.num_sample_images, config.sample_steps, "euler",
-                              seed=config.seed, resolution=config.resolution)
+            labels, columns = class_grid_labels(model, config.num_sample_images)
+            images = generate(model, self.vae, len(labels) if labels is not None else config.num_sample_images,
+                              config.sample_steps, "euler", seed=config.seed, resolution=config.resolution,
+                              class_labels=labels, guidance_scale=config.guidance_scale)
         finally:
             self.ema.restore(model.parameters())
             model.train()
         path = self.output_dir / "samples" / f"step-{self.step:06d}.png"
-        save_grid(images, path)
+        save_grid(images, path, columns)
         for callback in self.callbacks:
             callback.on_sample(self, self.step, path)
         return path
@@ -461,6 +513,7 @@ class Trainer:
             details = ", ".join(f"{k}={saved.get(k)!r} (now {getattr(self.config, k)!r})" for k in mismatched)
             raise ValueError(f"cannot resume {path}: it was trained with {details}; use the same values or a new "
                              "--output-dir")
+        self._check_resume_classes(path)
         state = json.loads((path / "state.json").read_text())
         batches_consumed = state["batches_consumed"]
         changed = [k for k in RESUME_EXACT_ONLY_IF_SAME if saved.get(k) != getattr(self.config, k)]
@@ -491,6 +544,19 @@ class Trainer:
         self.batches_consumed = batches_consumed
         if self.is_main:
             print(f"resumed from {path} at step {self.step}")
+
+
+    def _check_resume_classes(self, path: Path) -> None:
+        """Refuses, in one line, to resume a checkpoint trained on another label set (or with/without labels)."""
+        saved = json.loads((path / "unet" / "config.json").read_text()).get("class_names")
+        model = self.accelerator.unwrap_model(self.model)
+        current = getattr(model, "_orig_mod", model).config.class_names
+        if (saved or None) != (current or None):
+            def describe(names):
+                return f"classes [{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}]" if names else "no classes"
+
+            raise ValueError(f"cannot resume {path}: it was trained with {describe(saved)}, this run has "
+                             f"{describe(current)}; use the same dataset and labels or a new --output-dir")
 
 
 class _IntervalStats:
@@ -613,16 +679,34 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 @torch.no_grad()
 def generate(model: LiquidDiffusionUNet, vae, num_images: int, steps: int = 25, sampler: str = "euler", *,
-             seed: int = 0, resolution: int | None = None) -> torch.Tensor:
-    """Samples ``num_images`` images in [-1, 1] (decoded through ``vae`` when given) from seeded noise."""
+             seed: int = 0, resolution: int | None = None, class_labels: torch.Tensor | None = None,
+             guidance_scale: float = 1.0) -> torch.Tensor:
+    """Samples ``num_images`` images in [-1, 1] (decoded through ``vae`` when given) from seeded noise.
+
+    ``class_labels`` (int64 ids [num_images], class-conditional models) samples those classes with classifier-free
+    guidance ``guidance_scale`` (``flow.guided_velocity``); without them a conditional model samples unconditionally.
+    """
     device = next(model.parameters()).device
     channels = model.config.in_channels
     size = resolution // (vae.downsample_factor if vae is not None else 1)
     noise = torch.randn(num_images, channels, size, size, generator=torch.Generator().manual_seed(seed))
-    x = flow.sample(model, noise.to(device), steps, sampler)
+    velocity_fn = model
+    if class_labels is not None:
+        velocity_fn = flow.guided_velocity(model, class_labels.to(device), guidance_scale, model.null_class)
+    x = flow.sample(velocity_fn, noise.to(device), steps, sampler)
     if vae is not None:
         x = vae.decode(x)
     return x.float().clamp(-1, 1).cpu()
+
+
+def class_grid_labels(model: LiquidDiffusionUNet, num_images: int, max_rows: int = 8):
+    """``(labels, columns)`` of a grid with one row per class (the first ``max_rows`` classes) and about
+    ``num_images`` images in all; ``(None, None)`` for an unconditional model."""
+    if not model.config.num_classes:
+        return None, None
+    rows = max(1, min(model.config.num_classes, max_rows, num_images))
+    columns = max(1, num_images // rows)
+    return torch.arange(rows).repeat_interleave(columns), columns
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
@@ -715,8 +799,12 @@ def _run_sample(args: argparse.Namespace) -> int:
     resolution = args.resolution or resolution
     if resolution is None:
         raise ValueError("the checkpoint does not record its resolution; pass --resolution")
-    images = generate(unet, vae, args.num_images, args.steps, args.sampler, seed=args.seed, resolution=resolution)
-    print(f"wrote {save_grid(images, Path(args.out))}")
+    labels, columns = class_grid_labels(unet, args.num_images, max_rows=args.num_images)
+    if args.class_label is not None:  # names or ids; refused with one line for an unconditional model
+        labels, columns = unet.class_ids(args.class_label).expand(args.num_images), None
+    images = generate(unet, vae, len(labels) if labels is not None else args.num_images, args.steps, args.sampler,
+                      seed=args.seed, resolution=resolution, class_labels=labels, guidance_scale=args.guidance_scale)
+    print(f"wrote {save_grid(images, Path(args.out), columns)}")
     return 0
 
 
@@ -733,4 +821,9 @@ def add_sample_command(subparsers) -> None:
     parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument("--resolution", type=int, default=None, help="override the checkpoint's resolution")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--class", dest="class_label", default=None, metavar="NAME|ID",
+                        help="class-conditional models: sample this class (default: one row per class)")
+    parser.add_argument("--guidance-scale", type=float, default=flow.DEFAULT_GUIDANCE_SCALE,
+                        help="classifier-free guidance scale w for class-conditional models; 1 = no guidance "
+                             f"(default: {flow.DEFAULT_GUIDANCE_SCALE})")
     parser.set_defaults(func=_run_sample)
