@@ -42,7 +42,7 @@ latent space of the frozen SD-VAE, or directly on pixels for small images.
 | 4 · Preview | a grid of training images exactly as the model will see them |
 | 5 · Model | parameter count and expected GPU memory |
 | 6 · Train | one live panel: progress, latest sample grid, loss curves |
-| 7 · Final samples | Euler vs Heun at 25 and 50 steps |
+| 7 · Final samples | Euler vs Heun at 25 and 50 steps; with class labels, a class picker and a guidance slider |
 | 8 · Hub | log in and push (skipped when no repo id is set) |
 | 9 · Load back | load the pushed model as any user would, and sample |
 
@@ -51,7 +51,8 @@ are practical.
 
 **Headless use:** every choice can be overridden by an environment variable (`LD_DATASET`, `LD_PRESET`,
 `LD_RESOLUTION`, `LD_SPACE`, `LD_VAE`, `LD_STEPS`, `LD_BATCH_SIZE`, `LD_SAMPLE_EVERY`, `LD_OUTPUT_DIR`, `LD_HUB_REPO`;
-also `LD_LR`, `LD_NUM_SAMPLES`, `LD_MOUNT_DRIVE`, `LD_CACHE_LATENTS`, `LD_PACKAGE_SPEC`, `LD_SKIP_INSTALL`), so the
+also `LD_LR`, `LD_NUM_SAMPLES`, `LD_MOUNT_DRIVE`, `LD_CACHE_LATENTS`, `LD_CLASS_CONDITIONAL`, `LD_GUIDANCE_SCALE`,
+`LD_PACKAGE_SPEC`, `LD_SKIP_INSTALL`), so the
 notebook also runs unattended, e.g. `jupyter nbconvert --to notebook --execute`.
 """
 
@@ -199,6 +200,8 @@ CHOICES_MD = """\
 | `LEARNING_RATE` | AdamW learning rate (after a linear warmup) |
 | `SAMPLE_EVERY` | steps between live sample grids |
 | `CACHE_LATENTS` | latent space only: encode every image once with the VAE, then train on latents alone (much faster per step, a one-off wait that grows with the dataset) |
+| `CLASS_CONDITIONAL` | when the dataset has class labels (a `ClassLabel` column, or a folder with one sub-folder per class), train a class-conditional model with classifier-free guidance; ignored for datasets without labels |
+| `GUIDANCE_SCALE` | classifier-free guidance of the sample grids (1 = none; higher = more typical of the class, less varied) |
 | `HUB_REPO_ID` | `user/name` to push to at the end; leave empty to skip the Hub |
 | `RUN_NAME` | output sub-folder; empty = derived from the choices, so the same choices resume the same run |
 
@@ -217,6 +220,8 @@ BATCH_SIZE = 0  # @param {type:"integer"}
 LEARNING_RATE = 1e-4  # @param {type:"number"}
 SAMPLE_EVERY = 500  # @param {type:"integer"}
 CACHE_LATENTS = False  # @param {type:"boolean"}
+CLASS_CONDITIONAL = True  # @param {type:"boolean"}
+GUIDANCE_SCALE = 2.0  # @param {type:"slider", min:1, max:8, step:0.5}
 VAE = "stabilityai/sd-vae-ft-mse"  # @param {type:"string"}
 HUB_REPO_ID = ""  # @param {type:"string"}
 HUB_PRIVATE = False  # @param {type:"boolean"}
@@ -226,6 +231,7 @@ import json
 import re
 
 from liquid_diffusion import LiquidDiffusionUNet
+from liquid_diffusion.data import class_names, open_source
 from liquid_diffusion.trainer import RESUME_MUST_MATCH, TrainConfig, list_checkpoints, vae_dtype
 
 # Environment variables win over the form, so the notebook runs headless.
@@ -245,6 +251,14 @@ SAMPLE_EVERY = env("LD_SAMPLE_EVERY", SAMPLE_EVERY, int)
 CACHE_LATENTS = env("LD_CACHE_LATENTS", CACHE_LATENTS, bool) and SPACE == "latent"
 HUB_REPO_ID = env("LD_HUB_REPO", HUB_REPO_ID).strip()
 NUM_SAMPLE_IMAGES = env("LD_NUM_SAMPLES", 16, int)  # images per sample grid (live and final)
+GUIDANCE_SCALE = env("LD_GUIDANCE_SCALE", GUIDANCE_SCALE, float)
+CLASS_NAMES = None  # the dataset's class labels, when it has some and CLASS_CONDITIONAL is on
+if env("LD_CLASS_CONDITIONAL", CLASS_CONDITIONAL, bool):
+    try:
+        CLASS_NAMES = class_names(open_source(DATASET, with_labels=True)[0])
+    except ValueError as error:  # no ClassLabel column (or the dataset cannot be read: the preview will say)
+        print(f"class labels: none usable ({str(error).split(';')[0]}): training an unconditional model")
+CLASS_CONDITIONAL = bool(CLASS_NAMES) and len(CLASS_NAMES) >= 2
 
 # --- expected GPU memory: an estimate, not a measurement (the measured peak is printed after training) ----------
 _activations = {}
@@ -299,7 +313,7 @@ SUGGESTED_BATCH_SIZE = suggest_batch_size()
 
 # --- the run's folder; a checkpoint there is resumed ------------------------------------------------------------
 slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(DATASET.rstrip("/")).name).strip("-").lower() or "data"
-RUN_NAME = RUN_NAME.strip() or f"{slug}-{PRESET}-{SPACE}-{RESOLUTION}px"
+RUN_NAME = RUN_NAME.strip() or f"{slug}-{PRESET}-{SPACE}-{RESOLUTION}px" + ("-cond" if CLASS_CONDITIONAL else "")
 OUTPUT_DIR = Path(env("LD_OUTPUT_DIR", str(OUTPUT_ROOT / RUN_NAME))).expanduser()
 checkpoints = list_checkpoints(OUTPUT_DIR)
 saved_config = json.loads((checkpoints[-1] / "train_config.json").read_text()) if checkpoints else None
@@ -312,6 +326,7 @@ CONFIG = TrainConfig(
     sample_every=SAMPLE_EVERY, num_sample_images=NUM_SAMPLE_IMAGES, log_every=max(1, min(50, STEPS // 20)),
     checkpoint_every=min(1000, STEPS), keep_checkpoints=2, output_dir=str(OUTPUT_DIR), resume="latest",
     num_workers=2 if DEVICE == "cuda" else 0, mixed_precision=MIXED_PRECISION, progress_bar=False,
+    class_conditional=CLASS_CONDITIONAL, guidance_scale=GUIDANCE_SCALE,
 )
 CONFIG.validate()  # a one-line error with the fix for values that cannot work
 
@@ -321,6 +336,10 @@ print(f"training    {STEPS} steps · batch {BATCH_SIZE} (suggested here: {SUGGES
       f"lr {LEARNING_RATE:g} · {MIXED_PRECISION if MIXED_PRECISION != 'no' else 'fp32'}"
       + (" · cached latents" if CACHE_LATENTS else ""))
 print(f"samples     every {SAMPLE_EVERY} steps ({NUM_SAMPLE_IMAGES} images)")
+if CLASS_CONDITIONAL:
+    shown = ", ".join(CLASS_NAMES[:12]) + (", ..." if len(CLASS_NAMES) > 12 else "")
+    print(f"classes     {len(CLASS_NAMES)} ({shown}): class-conditional, guidance {GUIDANCE_SCALE:g}, "
+          "one grid row per class (up to 8)")
 print(f"outputs     {OUTPUT_DIR}")
 print(f"hub         {HUB_REPO_ID or '(none: the push is skipped)'}")
 if checkpoints:
@@ -331,6 +350,9 @@ if checkpoints:
         print("WARNING: that checkpoint was trained with "
               + ", ".join(f"{k}={saved_config.get(k)!r}" for k in conflicts)
               + ": use the same values or another RUN_NAME, or training will refuse to resume")
+    if saved_config.get("class_conditional", False) != CLASS_CONDITIONAL:
+        print("WARNING: that checkpoint was trained " + ("without" if CLASS_CONDITIONAL else "with")
+              + " class labels: change CLASS_CONDITIONAL or RUN_NAME, or training will refuse to resume")
 if DATASET in ("anime", "huggan/anime-faces") and (SPACE, RESOLUTION) != ("pixel", 64):
     print("tip: the anime faces are 64x64 images; SPACE='pixel' with RESOLUTION=64 suits them best")
 if DEVICE == "cpu" and PRESET != "micro":
@@ -339,9 +361,11 @@ flags = [("dataset", DATASET), ("preset", PRESET), ("space", SPACE), ("resolutio
          ("batch_size", BATCH_SIZE), ("steps", STEPS), ("lr", LEARNING_RATE), ("sample_every", SAMPLE_EVERY),
          ("mixed_precision", MIXED_PRECISION), ("output_dir", OUTPUT_DIR)]
 flags += [("vae", VAE)] if SPACE == "latent" else []
+flags += [("guidance_scale", GUIDANCE_SCALE)] if CLASS_CONDITIONAL else []
 print("\\nsame run from a terminal:\\n  python -m liquid_diffusion train "
       + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags)
-      + (" --cache-latents" if CACHE_LATENTS else "") + " --resume latest")
+      + (" --cache-latents" if CACHE_LATENTS else "") + (" --class-conditional" if CLASS_CONDITIONAL else "")
+      + " --resume latest")
 '''
 
 PREVIEW_MD = """\
@@ -394,13 +418,16 @@ after training. The trainer builds its own copy of the model, so this one is dis
 """
 
 MODEL = '''\
-model = LiquidDiffusionUNet.from_preset(PRESET, in_channels=4 if SPACE == "latent" else 3)
+model = LiquidDiffusionUNet.from_preset(PRESET, in_channels=4 if SPACE == "latent" else 3,
+                                        num_classes=len(CLASS_NAMES) if CLASS_CONDITIONAL else 0)
 count = lambda module: sum(p.numel() for p in module.parameters())
 total = count(model)
 parts = {"encoder": count(model.encoder) + count(model.downsamples) + count(model.stem),
          "bottleneck": count(model.bottleneck),
          "decoder": count(model.decoder) + count(model.upsamples) + count(model.fusions) + count(model.head),
          "time embedding": count(model.time_embedder)}
+if CLASS_CONDITIONAL:
+    parts["label embedding"] = count(model.class_embedder)
 print(f"LiquidDiffusionUNet '{PRESET}': {total / 1e6:.1f}M parameters, widths {tuple(model.config.widths)}, "
       f"depths {tuple(model.config.depths)}, no attention")
 for name, n in parts.items():
@@ -556,7 +583,7 @@ SAMPLES = '''\
 import numpy as np
 from PIL import Image as PILImage
 
-from liquid_diffusion.trainer import generate, load_for_sampling, save_grid
+from liquid_diffusion.trainer import class_grid_labels, generate, load_for_sampling, save_grid
 
 unet, sampling_vae, resolution = load_for_sampling(str(FINAL_CHECKPOINT), use_ema=True, device=DEVICE)
 if sampling_vae is not None:
@@ -566,9 +593,11 @@ axes = figure.subplots(2, 2)
 for row, sampler in enumerate(("euler", "heun")):
     for column, steps in enumerate((25, 50)):
         start = time.time()
-        images = generate(unet, sampling_vae, NUM_SAMPLE_IMAGES, steps, sampler, seed=0, resolution=resolution)
+        labels, columns = class_grid_labels(unet, NUM_SAMPLE_IMAGES)  # one row per class; (None, None) if unconditional
+        images = generate(unet, sampling_vae, NUM_SAMPLE_IMAGES if labels is None else len(labels), steps, sampler,
+                          seed=0, resolution=resolution, class_labels=labels, guidance_scale=GUIDANCE_SCALE)
         seconds = time.time() - start
-        path = save_grid(images, OUTPUT_DIR / "samples" / f"final-{sampler}-{steps}.png")
+        path = save_grid(images, OUTPUT_DIR / "samples" / f"final-{sampler}-{steps}.png", columns)
         axes[row, column].imshow(np.asarray(PILImage.open(path)), interpolation="nearest")
         axes[row, column].set_title(f"{sampler.capitalize()}, {steps} steps ({seconds:.1f} s)")
         axes[row, column].axis("off")
@@ -576,6 +605,46 @@ figure.tight_layout()
 figure.savefig(OUTPUT_DIR / "samples" / "final-comparison.png", dpi=90)
 display(ImageDisplay(data=png(figure)))
 del unet, sampling_vae
+'''
+
+PICK_MD = """\
+## 7b · Pick a class (class-conditional models)
+
+A class-conditional model samples the class you ask for. Guidance `w` mixes its conditional and unconditional
+predictions, `v = v_uncond + w (v_cond - v_uncond)`: `w = 1` is the plain conditional model, larger values give
+images more typical of the class and less varied. Pick a class and a guidance scale below and press *Run Interact*.
+
+**Expect:** a row of samples of the first class at `GUIDANCE_SCALE` right away, then one per pick; for a model
+without classes, one line saying so.
+"""
+
+PICK = '''\
+import ipywidgets as widgets
+
+if not CLASS_CONDITIONAL:
+    print("this model is unconditional (the dataset has no class labels, or CLASS_CONDITIONAL is off): "
+          "no class to pick")
+else:
+    unet, sampling_vae, resolution = load_for_sampling(str(FINAL_CHECKPOINT), use_ema=True, device=DEVICE)
+    count = min(8, NUM_SAMPLE_IMAGES)
+
+    def show_class(class_name, guidance_scale, seed=0):
+        labels = unet.class_ids(class_name).expand(count)
+        images = generate(unet, sampling_vae, count, 25, "euler", seed=seed, resolution=resolution,
+                          class_labels=labels, guidance_scale=guidance_scale)
+        grid = image_grid(images, columns=count)
+        buffer = io.BytesIO()
+        grid.save(buffer, format="PNG")
+        display(ImageDisplay(data=buffer.getvalue(), width=min(1024, max(256, grid.width))))
+        print(f"{class_name} · guidance {guidance_scale:g} · seed {seed}")
+
+    show_class(CLASS_NAMES[0], GUIDANCE_SCALE)
+    widgets.interact_manual(
+        show_class,
+        class_name=widgets.Dropdown(options=CLASS_NAMES, value=CLASS_NAMES[0], description="class"),
+        guidance_scale=widgets.FloatSlider(value=GUIDANCE_SCALE, min=1.0, max=8.0, step=0.5, description="guidance"),
+        seed=widgets.IntText(value=0, description="seed"),
+    )
 '''
 
 HUB_MD = """\
@@ -644,8 +713,9 @@ else:
 
 pipe = LiquidDiffusionPipeline.from_pretrained(SOURCE).to(DEVICE)
 count = min(8, NUM_SAMPLE_IMAGES)
+labels = [CLASS_NAMES[i % len(CLASS_NAMES)] for i in range(count)] if CLASS_CONDITIONAL else None  # names work
 images = pipe(batch_size=count, num_inference_steps=25, generator=torch.Generator().manual_seed(1),
-              output_type="pt").images  # the default output_type="pil" gives a list of PIL images
+              class_labels=labels, output_type="pt").images  # the default output_type="pil" gives PIL images
 grid = image_grid(images.cpu() * 2 - 1, columns=count)
 buffer = io.BytesIO()
 grid.save(buffer, format="PNG")
@@ -671,6 +741,7 @@ CELLS = [
     ("model", MODEL_MD, MODEL),
     ("train", TRAIN_MD, TRAIN),
     ("samples", SAMPLES_MD, SAMPLES),
+    ("pick", PICK_MD, PICK),
     ("hub", HUB_MD, HUB),
     ("load", LOAD_MD, LOAD),
     ("next", OUTRO, None),

@@ -376,3 +376,33 @@ def test_pipeline_round_trip_keeps_class_names_guidance_and_the_model_card(condi
     assert "class-conditional" in card and "Recommended guidance scale: w = 2" in card
     assert "| 0 | blue_square |" in card and "| 1 | red_disc |" in card
     assert 'class_labels="blue_square"' in card
+
+
+def test_notebook_trains_class_conditionally_and_offers_a_class_picker(class_folder, tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    root = Path(__file__).resolve().parents[1]
+    output_dir = tmp_path / "run"
+    overrides = {
+        "LD_DATASET": str(class_folder), "LD_SPACE": "pixel", "LD_PRESET": "micro", "LD_RESOLUTION": str(RES),
+        "LD_STEPS": "2", "LD_BATCH_SIZE": "4", "LD_SAMPLE_EVERY": "1", "LD_NUM_SAMPLES": "4",
+        "LD_GUIDANCE_SCALE": "3", "LD_OUTPUT_DIR": str(output_dir), "LD_HUB_REPO": "", "LD_MOUNT_DRIVE": "0",
+        "LD_SKIP_INSTALL": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+        "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
+    }
+    for name, value in overrides.items():
+        monkeypatch.setenv(name, value)
+    notebook = nbformat.read(root / "LiquidDiffusion_Training.ipynb", as_version=nbformat.NO_CONVERT)
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(root)}}).execute()
+    cells = {cell.get("id"): cell for cell in notebook.cells if cell.cell_type == "code"}
+    text = "".join(o.get("text", "") for cell in cells.values() for o in cell.outputs if o.output_type == "stream")
+    assert "classes     2 (blue_square, red_disc): class-conditional, guidance 3" in text
+    assert "--class-conditional" in text  # the same run from a terminal
+    assert "blue_square · guidance 3 · seed 0" in text
+    assert any("image/png" in o.get("data", {}) for o in cells["pick-code"].outputs)
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in cells["pick-code"].outputs)
+    checkpoint = output_dir / "checkpoint-000002"
+    assert json.loads((checkpoint / "unet" / "config.json").read_text())["class_names"] == CLASSES
+    assert json.loads((checkpoint / "train_config.json").read_text())["guidance_scale"] == 3.0
+    assert Image.open(output_dir / "samples" / "final-euler-25.png").size == (2 * RES, 2 * RES)  # a row per class
