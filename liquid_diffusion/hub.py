@@ -546,6 +546,8 @@ def _classes_section(class_names: list[str] | None, train_config: dict, load_id:
     """The model card's class list and guided-sampling snippet ('' for an unconditional model)."""
     if not class_names:
         return ""
+    import shlex
+
     from .flow import DEFAULT_GUIDANCE_SCALE
 
     scale = train_config.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
@@ -563,7 +565,7 @@ images = pipe(class_labels="{class_names[0]}", batch_size=4, guidance_scale={sca
 images = pipe(class_labels=[0, 1], guidance_scale={scale:g}).images                      # one label per image
 ```
 
-or `python -m liquid_diffusion sample --checkpoint {load_id} --class {class_names[0]} --guidance-scale {scale:g}`.
+or `python -m liquid_diffusion sample --checkpoint {load_id} --class {shlex.quote(class_names[0])} --guidance-scale {scale:g}`.
 
 | id | class |
 |---|---|

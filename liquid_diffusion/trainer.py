@@ -777,9 +777,11 @@ def add_train_command(subparsers) -> None:
     parser.set_defaults(func=_run_train)
 
 
-def load_for_sampling(checkpoint: str, use_ema: bool = True, device: str | torch.device = "cpu"):
+def load_for_sampling(checkpoint: str, use_ema: bool = True, device: str | torch.device = "cpu", *,
+                      with_guidance: bool = False):
     """``(unet, FrozenVAE or None, resolution)`` from a training checkpoint, an output dir (its newest checkpoint),
-    an exported pipeline folder or a Hub id -- whatever ``hub.load_pipeline`` accepts."""
+    an exported pipeline folder or a Hub id -- whatever ``hub.load_pipeline`` accepts. ``with_guidance`` appends the
+    model's recommended guidance scale (``None`` when none is recorded)."""
     from .hub import load_pipeline
     from .latents import FrozenVAE
 
@@ -788,14 +790,18 @@ def load_for_sampling(checkpoint: str, use_ema: bool = True, device: str | torch
     vae = getattr(pipe, "vae", None)
     if vae is not None:
         vae = FrozenVAE(vae, device=device, dtype=vae_dtype(device))
-    return pipe.unet.to(device).eval(), vae, pipe.config.resolution
+    loaded = pipe.unet.to(device).eval(), vae, pipe.config.resolution
+    return (*loaded, pipe.config.get("guidance_scale")) if with_guidance else loaded
 
 
 def _run_sample(args: argparse.Namespace) -> int:
     if args.sampler not in flow.SAMPLERS:
         raise ValueError(f"unknown sampler {args.sampler!r}; valid: {', '.join(flow.SAMPLERS)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    unet, vae, resolution = load_for_sampling(args.checkpoint, use_ema=not args.raw, device=device)
+    unet, vae, resolution, recommended = load_for_sampling(args.checkpoint, use_ema=not args.raw, device=device,
+                                                           with_guidance=True)
+    if args.guidance_scale is None:
+        args.guidance_scale = recommended if recommended is not None else flow.DEFAULT_GUIDANCE_SCALE
     resolution = args.resolution or resolution
     if resolution is None:
         raise ValueError("the checkpoint does not record its resolution; pass --resolution")
@@ -823,7 +829,7 @@ def add_sample_command(subparsers) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--class", dest="class_label", default=None, metavar="NAME|ID",
                         help="class-conditional models: sample this class (default: one row per class)")
-    parser.add_argument("--guidance-scale", type=float, default=flow.DEFAULT_GUIDANCE_SCALE,
+    parser.add_argument("--guidance-scale", type=float, default=None,
                         help="classifier-free guidance scale w for class-conditional models; 1 = no guidance "
-                             f"(default: {flow.DEFAULT_GUIDANCE_SCALE})")
+                             f"(default: the model's recommended scale, else {flow.DEFAULT_GUIDANCE_SCALE})")
     parser.set_defaults(func=_run_sample)

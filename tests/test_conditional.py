@@ -311,6 +311,18 @@ def test_conditional_resume_is_exact(class_folder, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resume"
 
 
+def test_class_dropout_replaces_that_fraction_with_the_null_class_from_the_step_generator(class_folder, tmp_path):
+    trainer = Trainer(config(class_folder, tmp_path, class_dropout=0.25))
+    labels = torch.arange(2).repeat(2000)
+    trainer.generator.manual_seed(7)
+    dropped = trainer._drop_labels(labels)
+    trainer.generator.manual_seed(7)
+    assert torch.equal(trainer._drop_labels(labels), dropped)  # seeded: resume replays the same drops
+    is_null = dropped == 2
+    assert 0.22 < is_null.float().mean().item() < 0.28
+    assert torch.equal(dropped[~is_null], labels[~is_null])
+
+
 def test_sample_grids_show_one_row_per_class(conditional_run):
     grid = Image.open(sorted((conditional_run / "samples").glob("step-*.png"))[-1])
     assert grid.size == (2 * RES, 2 * RES)  # 4 images: 2 classes x 2 columns
