@@ -491,10 +491,11 @@ def build_model_card(
         "- `scheduler/`: `FlowMatchEulerDiscreteScheduler` (sigma = t)",
         "- `train_config.json`: the full training configuration",
     ]
+    kind = "class-conditional" if class_names else "unconditional"
     body = f"""
 # {name}
 
-An **attention-free** {"class-conditional" if class_names else "unconditional"} image generator: a LiquidDiffusion U-Net (closed-form continuous-time, CfC,
+An **attention-free** {kind} image generator: a LiquidDiffusion U-Net (closed-form continuous-time, CfC,
 gated "liquid" blocks; no attention anywhere) trained with **rectified flow** on {dataset_text}.
 
 {samples}
@@ -552,6 +553,8 @@ def _classes_section(class_names: list[str] | None, train_config: dict, load_id:
 
     scale = train_config.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
     names = "\n".join(f"| {i} | {name} |" for i, name in enumerate(class_names))
+    command = (f"python -m liquid_diffusion sample --checkpoint {load_id} --class {shlex.quote(class_names[0])} "
+               f"--guidance-scale {scale:g}")
     return f"""
 ## Classes and guidance
 
@@ -561,11 +564,15 @@ This model is class-conditional ({len(class_names)} classes) with classifier-fre
 uses it by default).
 
 ```python
-images = pipe(class_labels="{class_names[0]}", batch_size=4, guidance_scale={scale:g}).images   # a name or an id
+images = pipe(class_labels={json.dumps(class_names[0])}, batch_size=4, guidance_scale={scale:g}).images   # a name or an id
 images = pipe(class_labels=[0, 1], guidance_scale={scale:g}).images                      # one label per image
 ```
 
-or `python -m liquid_diffusion sample --checkpoint {load_id} --class {shlex.quote(class_names[0])} --guidance-scale {scale:g}`.
+or from the command line:
+
+```bash
+{command}
+```
 
 | id | class |
 |---|---|

@@ -235,7 +235,8 @@ class Trainer:
             raise ValueError(f"dataset {config.dataset!r} has {len(names)} class; class-conditional training needs "
                              "at least 2 (or drop --class-conditional)")
         if self.is_main:
-            print(f"class-conditional on {len(names)} classes: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}")
+            shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+            print(f"class-conditional on {len(names)} classes: {shown}")
         return dict(num_classes=len(names), class_names=names)
 
     def _batches(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
