@@ -145,6 +145,8 @@ class TrainConfig:
         if not 0 <= self.class_dropout < 1 or self.guidance_scale < 0:
             raise ValueError(f"need 0 <= class_dropout < 1 and guidance_scale >= 0, got {self.class_dropout} and "
                              f"{self.guidance_scale}")
+        if self.label_column and not self.class_conditional:
+            raise ValueError("label_column only applies to class-conditional training: add --class-conditional")
 
 
 class TrainerCallback:

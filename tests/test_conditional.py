@@ -219,6 +219,11 @@ def test_class_conditional_without_labels_is_one_clean_line(clean_image_folder, 
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith("error:") and "has no class labels" in lines[0] and "--class-conditional" in lines[0]
+    for flags, message in ((["--class-dropout", "1"], "class_dropout < 1"), (["--label-column", "kind"],
+                                                                           "add --class-conditional")):
+        assert main(["train", "--dataset", str(clean_image_folder), "--space", "pixel", "--preset", "micro",
+                     "--resolution", "8", "--output-dir", str(tmp_path), *flags]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_latent_cache_stores_labels_and_conditional_latent_training_runs(class_folder, tiny_vae_dir, tmp_path):
@@ -367,6 +372,10 @@ def test_pipeline_round_trip_keeps_class_names_guidance_and_the_model_card(condi
     x = pipe(latents=noise, class_labels=["red_disc", "blue_square"], guidance_scale=3.0, num_inference_steps=6,
              output_type="latent").images
     torch.testing.assert_close(x, expected, atol=1e-6, rtol=0)  # the pipeline and the package share one CFG
+    heun = pipe(latents=noise, class_labels=["red_disc", "blue_square"], guidance_scale=3.0, num_inference_steps=3,
+                sampler="heun", output_type="latent").images
+    expected = flow.heun_sample(flow.guided_velocity(pipe.unet, labels, 3.0, pipe.unet.null_class), noise, 3)
+    torch.testing.assert_close(heun, expected, atol=1e-6, rtol=0)
     default = pipe(latents=noise, class_labels=[1, 0], num_inference_steps=6, output_type="latent").images
     recorded = flow.euler_sample(flow.guided_velocity(pipe.unet, labels, pipe.config.guidance_scale,
                                                       pipe.unet.null_class), noise, 6)
