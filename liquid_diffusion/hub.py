@@ -564,8 +564,8 @@ This model is class-conditional ({len(class_names)} classes) with classifier-fre
 uses it by default).
 
 ```python
-images = pipe(class_labels={json.dumps(class_names[0])}, batch_size=4, guidance_scale={scale:g}).images   # a name or an id
-images = pipe(class_labels=[0, 1], guidance_scale={scale:g}).images                      # one label per image
+images = pipe(class_labels={json.dumps(class_names[0])}, batch_size=4, guidance_scale={scale:g}).images  # name or id
+images = pipe(class_labels=[0, 1], guidance_scale={scale:g}).images  # one label per image
 ```
 
 or from the command line:

@@ -52,8 +52,8 @@ are practical.
 **Headless use:** every choice can be overridden by an environment variable (`LD_DATASET`, `LD_PRESET`,
 `LD_RESOLUTION`, `LD_SPACE`, `LD_VAE`, `LD_STEPS`, `LD_BATCH_SIZE`, `LD_SAMPLE_EVERY`, `LD_OUTPUT_DIR`, `LD_HUB_REPO`;
 also `LD_LR`, `LD_NUM_SAMPLES`, `LD_MOUNT_DRIVE`, `LD_CACHE_LATENTS`, `LD_CLASS_CONDITIONAL`, `LD_GUIDANCE_SCALE`,
-`LD_PACKAGE_SPEC`, `LD_SKIP_INSTALL`), so the
-notebook also runs unattended, e.g. `jupyter nbconvert --to notebook --execute`.
+`LD_PACKAGE_SPEC`, `LD_SKIP_INSTALL`), so the notebook also runs unattended, e.g.
+`jupyter nbconvert --to notebook --execute`.
 """
 
 SETUP_MD = """\
@@ -200,7 +200,7 @@ CHOICES_MD = """\
 | `LEARNING_RATE` | AdamW learning rate (after a linear warmup) |
 | `SAMPLE_EVERY` | steps between live sample grids |
 | `CACHE_LATENTS` | latent space only: encode every image once with the VAE, then train on latents alone (much faster per step, a one-off wait that grows with the dataset) |
-| `CLASS_CONDITIONAL` | when the dataset has class labels (a `ClassLabel` column, or a folder with one sub-folder per class), train a class-conditional model with classifier-free guidance; ignored for datasets without labels |
+| `CLASS_CONDITIONAL` | when the dataset has class labels (a `ClassLabel` column, or a folder with one sub-folder per class), train a class-conditional model with classifier-free guidance, so you can ask for a class; the cell says when the dataset has labels; ignored for datasets without them |
 | `GUIDANCE_SCALE` | classifier-free guidance of the sample grids (1 = none; higher = more typical of the class, less varied) |
 | `HUB_REPO_ID` | `user/name` to push to at the end; leave empty to skip the Hub |
 | `RUN_NAME` | output sub-folder; empty = derived from the choices, so the same choices resume the same run |
@@ -220,7 +220,7 @@ BATCH_SIZE = 0  # @param {type:"integer"}
 LEARNING_RATE = 1e-4  # @param {type:"number"}
 SAMPLE_EVERY = 500  # @param {type:"integer"}
 CACHE_LATENTS = False  # @param {type:"boolean"}
-CLASS_CONDITIONAL = True  # @param {type:"boolean"}
+CLASS_CONDITIONAL = False  # @param {type:"boolean"}
 GUIDANCE_SCALE = 2.0  # @param {type:"slider", min:1, max:8, step:0.5}
 VAE = "stabilityai/sd-vae-ft-mse"  # @param {type:"string"}
 HUB_REPO_ID = ""  # @param {type:"string"}
@@ -252,13 +252,18 @@ CACHE_LATENTS = env("LD_CACHE_LATENTS", CACHE_LATENTS, bool) and SPACE == "laten
 HUB_REPO_ID = env("LD_HUB_REPO", HUB_REPO_ID).strip()
 NUM_SAMPLE_IMAGES = env("LD_NUM_SAMPLES", 16, int)  # images per sample grid (live and final)
 GUIDANCE_SCALE = env("LD_GUIDANCE_SCALE", GUIDANCE_SCALE, float)
-CLASS_NAMES = None  # the dataset's class labels, when it has some and CLASS_CONDITIONAL is on
-if env("LD_CLASS_CONDITIONAL", CLASS_CONDITIONAL, bool):
-    try:
-        CLASS_NAMES = class_names(open_source(DATASET, with_labels=True)[0])
-    except ValueError as error:  # no ClassLabel column (or the dataset cannot be read: the preview will say)
+CLASS_CONDITIONAL = env("LD_CLASS_CONDITIONAL", CLASS_CONDITIONAL, bool)
+try:  # does the dataset have class labels? (a ClassLabel column, or one sub-folder per class)
+    CLASS_NAMES = class_names(open_source(DATASET, with_labels=True)[0])
+except ValueError as error:  # none (or the dataset cannot be read: the preview below will say so)
+    CLASS_NAMES = []
+    if CLASS_CONDITIONAL:
         print(f"class labels: none usable ({str(error).split(';')[0]}): training an unconditional model")
-CLASS_CONDITIONAL = bool(CLASS_NAMES) and len(CLASS_NAMES) >= 2
+if len(CLASS_NAMES) >= 2 and not CLASS_CONDITIONAL:
+    shown = ", ".join(CLASS_NAMES[:6]) + (", ..." if len(CLASS_NAMES) > 6 else "")
+    print(f"tip: this dataset has {len(CLASS_NAMES)} classes ({shown}): tick CLASS_CONDITIONAL to train a model "
+          "you can ask for a class")
+CLASS_CONDITIONAL = CLASS_CONDITIONAL and len(CLASS_NAMES) >= 2
 
 # --- expected GPU memory: an estimate, not a measurement (the measured peak is printed after training) ----------
 _activations = {}

@@ -407,7 +407,8 @@ def test_notebook_trains_class_conditionally_and_offers_a_class_picker(class_fol
     overrides = {
         "LD_DATASET": str(class_folder), "LD_SPACE": "pixel", "LD_PRESET": "micro", "LD_RESOLUTION": str(RES),
         "LD_STEPS": "2", "LD_BATCH_SIZE": "4", "LD_SAMPLE_EVERY": "1", "LD_NUM_SAMPLES": "4",
-        "LD_GUIDANCE_SCALE": "3", "LD_OUTPUT_DIR": str(output_dir), "LD_HUB_REPO": "", "LD_MOUNT_DRIVE": "0",
+        "LD_CLASS_CONDITIONAL": "1", "LD_GUIDANCE_SCALE": "3", "LD_OUTPUT_DIR": str(output_dir), "LD_HUB_REPO": "",
+        "LD_MOUNT_DRIVE": "0",
         "LD_SKIP_INSTALL": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
         "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
     }
