@@ -361,3 +361,21 @@ def test_export_overwrite_keeps_the_old_export_until_the_new_one_is_complete(pix
 
     assert main(["export", "--checkpoint", str(pixel_checkpoint), "--out", str(export), "--overwrite"]) == 0
     assert (export / "model_index.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ quickstart
+
+
+def test_quickstart_trains_offline_on_built_in_shapes_and_writes_a_progress_strip(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "liquid_diffusion", "quickstart", "--output-dir", str(tmp_path),
+                             "--steps", "3", "--batch-size", "4"], capture_output=True, text=True, cwd=REPO,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(list((tmp_path / "shapes").glob("*.png"))) == 1024
+    grids = sorted((tmp_path / "samples").glob("step-*.png"))
+    assert [g.name for g in grids] == [f"step-{s:06d}.png" for s in range(1, 4)]  # a grid every max(1, steps // 6)
+    strip = Image.open(tmp_path / "samples" / "progress.png")
+    one = Image.open(grids[0])
+    assert strip.width == 3 * one.width + 2 * 6 and strip.height > one.height
+    assert "progress.png" in result.stdout
