@@ -175,9 +175,13 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
     loaded = LiquidDiffusionUNet.from_pretrained(tmp_path)
-    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
     assert loaded.config.in_channels == 3
-    assert torch.equal(loaded(x, t).sample, model(x, t).sample)
+    saved, reloaded = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == reloaded.keys() and all(torch.equal(saved[k], reloaded[k]) for k in saved)  # bit-exact
+    # Outputs only to a tight tolerance: from_pretrained memory-maps the weights at addresses that need not be
+    # 64-byte aligned, and the CPU convolution kernels then take another path (differences ~1e-7).
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    torch.testing.assert_close(loaded(x, t).sample, model(x, t).sample, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ flow objective

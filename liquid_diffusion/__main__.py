@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+from .errors import USER_ERRORS
+
 # (module, registration function) per sub-command group, in the order data flows.
 COMMANDS = [
     ("liquid_diffusion.data", "add_preview_command"),
@@ -18,11 +20,8 @@ COMMANDS = [
     ("liquid_diffusion.trainer", "add_sample_command"),
     ("liquid_diffusion.hub", "add_export_command"),
     ("liquid_diffusion.hub", "add_push_command"),
+    ("liquid_diffusion.quickstart", "add_quickstart_command"),
 ]
-
-# Exceptions that mean "the user asked for something that cannot be done", not "the program is broken".
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .errors import check_number
+
 # The verified datasets of the model card, by short name (SPEC.md).
 DATASETS: dict[str, str] = {
     "afhq": "huggan/AFHQv2",
@@ -59,6 +61,12 @@ WHITE = (255, 255, 255, 255)
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def looks_like_local_path(text: str) -> bool:
+    """``./x``, ``/x``, ``~/x``, ``a/b/c`` or a Windows path: never a Hub id (which is ``name`` or ``namespace/name``)."""
+    return (text.startswith((".", "/", "~")) or text.count("/") >= 2 or "\\" in text
+            or (len(text) > 1 and text[1] == ":"))
+
+
 def resolve_source(source: str) -> tuple[str, str]:
     """Says what ``source`` is: ``("hub", id)``, ``("imagefolder", dir)``, ``("dataset_dir", dir)`` or
     ``("dataset_file", file)``. A path that exists locally is local; otherwise it must be a Hub id."""
@@ -75,8 +83,7 @@ def resolve_source(source: str) -> tuple[str, str]:
         if path.suffix in DATASET_FILE_SUFFIXES:
             return "dataset_file", str(path)
         raise ValueError(f"{source!r} is a single file; pass a folder of images or a dataset directory / .parquet file")
-    looks_like_path = source.startswith(("/", ".", "~")) or source.count("/") > 1 or os.sep != "/" and os.sep in source
-    if looks_like_path:
+    if looks_like_local_path(source):
         raise FileNotFoundError(f"no such file or folder: {source!r}; check the path (or pass a Hub id namespace/name)")
     if "/" not in source:
         raise ValueError(
@@ -84,6 +91,29 @@ def resolve_source(source: str) -> tuple[str, str]:
             "or an existing local folder"
         )
     return "hub", source
+
+
+OFFLINE_HINT = (
+    "to train without the Hub use --space pixel with a local image folder (--dataset PATH), or a local VAE folder "
+    "(--vae PATH, written by AutoencoderKL.save_pretrained)"
+)
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """One quick request to the Hugging Face Hub (huggingface_hub's own session, so proxies and HF_ENDPOINT apply).
+
+    Checked before a download, so that an offline machine gets one clear line at once instead of a minute of
+    retries ending in "does not appear to have a file named config.json"."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # noqa: BLE001 -- DNS, refused, timeout, proxy: all mean "not reachable now"
+        return False
+    return True
 
 
 def _image_extensions() -> set[str]:
@@ -116,6 +146,9 @@ def open_source(source: str, split: str = "train", config_name: str | None = Non
         args, kwargs = (Path(target).suffix[1:],), dict(data_files=target)
     else:  # a Hub id or a local directory in the Hub's layout: the very same call
         args, kwargs = (target,), dict(name=config_name)
+    if kind == "hub" and not hub_reachable():
+        raise ConnectionError(f"the Hugging Face Hub is unreachable, so dataset {target!r} cannot be streamed; "
+                              + OFFLINE_HINT)
     try:
         dataset = load_dataset(*args, split=split, streaming=True, **kwargs)
     except Exception as error:  # the Hub, the network or the files: tell the user in one line, keep the cause
@@ -428,8 +461,9 @@ class ImageBatchStream(torch.utils.data.IterableDataset):
                         usable_seen = True
                 elif not usable_seen:  # other workers' items: probe them only until one good image is seen
                     usable_seen = _decodable(value)
-            if pixels:
-                batch = torch.from_numpy(np.stack([p.numpy() for p in pixels]))
+            if mine:  # empty when every image of the batch was undecodable: keeps batch indices exact for resume
+                batch = (torch.from_numpy(np.stack([p.numpy() for p in pixels])) if pixels
+                         else torch.empty(0, 3, self.resolution, self.resolution))
                 yield (batch, torch.tensor(labels, dtype=torch.long)) if self.with_labels else batch
         if whole_epoch and not usable_seen:
             self._no_usable_image()
@@ -449,10 +483,34 @@ def _decodable(value) -> bool:
         return False
 
 
+class BatchLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose worker errors surface as the original one-line error (``ValueError: no usable image``)
+    rather than as the worker's whole traceback wrapped in "Caught ValueError in DataLoader worker process 0"."""
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except Exception as error:
+                text = str(error).strip()
+                if not (text.startswith("Caught ") and "Original Traceback" in text):
+                    raise
+                last, prefix = text.splitlines()[-1], f"{type(error).__name__}: "
+                try:
+                    clean = type(error)(last.removeprefix(prefix))
+                except Exception:  # noqa: BLE001 -- an exception type that takes other arguments: keep it whole
+                    raise error from None
+                raise clean from None
+            yield batch
+
+
 def make_dataloader(stream: torch.utils.data.IterableDataset, num_workers: int = 0) -> torch.utils.data.DataLoader:
     """A DataLoader over a batch stream (``ImageBatchStream`` / ``LatentBatchStream``): batches pass through as
     they are (``batch_size=None``), in order, with ``num_workers`` decoding processes."""
-    return torch.utils.data.DataLoader(
+    return BatchLoader(
         stream,
         batch_size=None,
         num_workers=num_workers,
@@ -506,19 +564,20 @@ def add_preview_command(subparsers) -> None:
 
 
 def run_preview(args: argparse.Namespace) -> int:
-    if args.num < 1:
-        raise ValueError(f"--num must be >= 1, got {args.num}")
+    for name, minimum in (("num", 1), ("resolution", 1), ("shuffle_buffer", 0), ("seed", 0)):
+        check_number(args, name, minimum)
     stream = ImageBatchStream(
         args.dataset, args.resolution, args.num, split=args.split, config_name=args.config_name,
         image_column=args.image_column, random_crop=args.random_crop, flip=args.flip,
         shuffle_buffer=args.shuffle_buffer, seed=args.seed, num_epochs=1,
     )
-    pixels = next(iter(stream))
+    pixels = next(batch for batch in stream if len(batch))
     if args.vae:
         from .latents import FrozenVAE  # latents builds on data: imported here only, to keep the flow one-way
 
         cuda = torch.cuda.is_available()
-        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+        # native bf16 only: a T4 emulates it (slowly), and the SD-VAE overflows in fp16
+        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
         vae = FrozenVAE(args.vae, device="cuda" if cuda else "cpu", dtype=dtype)
         pixels = vae.decode(vae.encode(pixels)).cpu()
     out = Path(args.out)

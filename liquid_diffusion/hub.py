@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HFValidationError,
@@ -55,9 +55,11 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
+from .checkpoints import CHECKPOINT_PATTERN, CorruptCheckpointError, read_unet_folder
+from .data import looks_like_local_path
+
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 SAMPLE_PATTERN = re.compile(r"^step-(\d+)\.png$")
 # What ``resolve_checkpoint`` downloads from a Hub repo: weights as safetensors only, configs, card and images.
 HUB_ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.png", "*.md"]
@@ -125,14 +127,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     )
 
 
-def _looks_like_local_path(text: str) -> bool:
-    """``./x``, ``/x``, ``~/x``, ``a/b/c`` or a Windows path: never a Hub repo id."""
-    return (
-        text.startswith((".", "/", "~")) or text.count("/") >= 2 or "\\" in text or (len(text) > 1 and text[1] == ":")
-    )
-
-
-def _check_repo_id(repo_id: str) -> str:
+def check_repo_id(repo_id: str) -> str:
     """Validates a Hub model repo id of the form ``USER/NAME``; raises ValueError with the rule it breaks."""
     if not isinstance(repo_id, str) or repo_id.count("/") != 1:
         raise ValueError(f"{repo_id!r} is not a Hub repo id of the form USER/NAME")
@@ -167,10 +162,10 @@ def resolve_checkpoint(
         if local.is_dir() and (is_exported_pipeline(local) or is_complete_checkpoint(local)):
             return local
         return find_checkpoint(local)
-    if _looks_like_local_path(text):
+    if looks_like_local_path(text):
         raise FileNotFoundError(f"checkpoint path {text!r} does not exist")
     try:
-        repo_id = _check_repo_id(text)
+        repo_id = check_repo_id(text)
     except ValueError:
         raise FileNotFoundError(
             f"{text!r} is neither an existing local path nor a Hub repo id of the form USER/NAME"
@@ -254,13 +249,12 @@ def build_pipeline(checkpoint: str | os.PathLike, *, use_ema: bool = True, vae=N
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from .model import LiquidDiffusionUNet
     from .pipeline import LiquidDiffusionPipeline
 
     checkpoint = find_checkpoint(checkpoint)
     config = _read_json(checkpoint / "train_config.json")
     unet_dir = checkpoint / "unet_ema" if use_ema and _has_weights(checkpoint / "unet_ema") else checkpoint / "unet"
-    unet = LiquidDiffusionUNet.from_pretrained(unet_dir, use_safetensors=True).eval()
+    unet = _unet_from_folder(unet_dir)
     space = config.get("space", "latent" if unet.config.in_channels == 4 else "pixel")
     if space == "latent":
         if vae is None:
@@ -279,6 +273,20 @@ def build_pipeline(checkpoint: str | os.PathLike, *, use_ema: bool = True, vae=N
     )
 
 
+def _unet_from_folder(folder: Path):
+    """The U-Net saved in ``folder``, read from local files only and verified (a damaged file is named)."""
+    from .model import LiquidDiffusionUNet
+
+    config, weights = read_unet_folder(folder)
+    unet = LiquidDiffusionUNet.from_config(config)
+    try:
+        unet.load_state_dict(weights)
+    except RuntimeError as error:
+        raise ValueError(f"{folder} holds weights of another LiquidDiffusion architecture (the format changed: "
+                         f"{error.args[0].splitlines()[0]})") from None
+    return unet.eval()
+
+
 def load_pipeline(path_or_repo_id: str | os.PathLike, *, use_ema: bool = True, token: str | None = None, **kwargs):
     """``LiquidDiffusionPipeline`` from anything: an exported folder, a training checkpoint, an output dir or a Hub id.
 
@@ -291,7 +299,10 @@ def load_pipeline(path_or_repo_id: str | os.PathLike, *, use_ema: bool = True, t
     folder = resolve_checkpoint(path_or_repo_id, token=token)
     if not is_exported_pipeline(folder):
         return build_pipeline(folder, use_ema=use_ema, token=token)
-    pipe = LiquidDiffusionPipeline.from_pretrained(folder, use_safetensors=True, **kwargs)
+    try:
+        pipe = LiquidDiffusionPipeline.from_pretrained(folder, use_safetensors=True, **kwargs)
+    except (OSError, RuntimeError, ValueError) as error:  # truncated or garbage files: one line naming the folder
+        raise CorruptCheckpointError(f"could not load the pipeline in {str(folder)!r}: {_first_line(error)}") from None
     if not use_ema:
         if not _has_weights(folder / "unet_raw"):
             raise FileNotFoundError(f"{path_or_repo_id!s} has no raw weights (unet_raw/); drop use_ema=False")
@@ -418,10 +429,10 @@ def dataset_hub_id(dataset: str | None) -> str | None:
     if not dataset:
         return None
     dataset = DATASETS.get(dataset.lower(), dataset)
-    if Path(dataset).expanduser().exists() or _looks_like_local_path(dataset):
+    if Path(dataset).expanduser().exists() or looks_like_local_path(dataset):
         return None
     try:
-        return _check_repo_id(dataset)
+        return check_repo_id(dataset)
     except ValueError:
         return None
 
@@ -587,8 +598,12 @@ def export_checkpoint(
     repo_id: str | None = None,
     vae=None,
     token: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Writes the folder that ``push`` uploads (see the module docstring) and returns it.
+
+    The new export is built beside ``out`` and swapped in only when complete: with ``overwrite``, a previous export
+    at ``out`` stays untouched until then (a bad checkpoint or a failed VAE download never costs the old export).
 
     Args:
         checkpoint: a ``checkpoint-NNNNNN`` folder or an output dir (its newest complete checkpoint is used).
@@ -596,25 +611,35 @@ def export_checkpoint(
         repo_id: the Hub repo the card's how-to-load snippet names (``USER/NAME`` placeholder when omitted).
         vae: an already loaded ``AutoencoderKL`` (latent space), to skip loading ``train_config["vae"]`` again.
         token: Hub token, only used to download a private VAE.
+        overwrite: replace an existing export at ``out`` (only a LiquidDiffusion export is ever replaced).
 
     Raises:
         FileNotFoundError: no complete checkpoint at ``checkpoint``.
-        FileExistsError: ``out`` exists and is not empty.
+        FileExistsError: ``out`` exists and is not empty (and not ``overwrite``), or is not an export.
     """
     checkpoint = find_checkpoint(checkpoint)
     out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"export folder {str(out)!r} already exists and is not empty")
+    replace = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if replace and not overwrite:
+        raise FileExistsError(f"export folder {str(out)!r} already exists and is not empty (pass --overwrite)")
+    if replace and not is_exported_pipeline(out):
+        raise FileExistsError(f"refusing to overwrite {str(out)!r}: it is not a LiquidDiffusion export")
     if repo_id is not None:
-        _check_repo_id(repo_id)
+        check_repo_id(repo_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         _write_export(checkpoint, staging, repo_id=repo_id, vae=vae, token=token)
         staging.chmod(0o755)  # mkdtemp makes it private
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(staging, out)  # all or nothing: a half-written export never sits at `out`
+        if replace:  # swap: the old export moves aside only now that the new one is complete
+            old = staging.with_name(staging.name.replace(".partial-", ".replaced-"))
+            os.replace(out, old)
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if out.exists():
+                out.rmdir()  # empty (checked above)
+            os.replace(staging, out)  # all or nothing: a half-written export never sits at `out`
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -699,6 +724,18 @@ def _friendly_hub_error(error: BaseException, repo_id: str, action: str = "push"
     return error
 
 
+def check_can_push(repo_id: str, token: str | None = None) -> str:
+    """Validates ``repo_id`` and that a Hub token is at hand (given, logged in, or HF_TOKEN), before any work is done.
+
+    Raises ValueError (bad repo id) or PermissionError ("not logged in", with how to log in).
+    """
+    check_repo_id(repo_id)
+    if not (token or get_token()):
+        raise PermissionError(f"not logged in to the Hugging Face Hub, so nothing can be pushed to {repo_id!r}: "
+                              f"{LOGIN_HINT}")
+    return repo_id
+
+
 def upload_folder(
     folder: str | os.PathLike,
     repo_id: str,
@@ -713,7 +750,7 @@ def upload_folder(
     errors propagate unchanged.
     """
     folder = Path(folder)
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
@@ -744,7 +781,7 @@ def push_to_hub(
     Returns the repo URL. Raises PermissionError with how to log in for a missing/invalid token or a repo without
     write access, ValueError for a bad repo id, FileNotFoundError for a missing checkpoint.
     """
-    _check_repo_id(repo_id)
+    check_can_push(repo_id, token)
     checkpoint = find_checkpoint(checkpoint)
     if commit_message is None:
         step = _read_json(checkpoint / "state.json").get("step", "?")
@@ -792,7 +829,7 @@ class HubPusher:
         on_success: Callable[[Path, str], None] | None = None,
         on_failure: Callable[[Path, BaseException], None] | None = None,
     ):
-        self.repo_id = _check_repo_id(repo_id)
+        self.repo_id = check_can_push(repo_id, token)
         self.private = private
         self._token = token
         self.max_attempts = max(1, int(max_attempts))
@@ -984,15 +1021,9 @@ def _first_line(error: BaseException) -> str:
 
 def _run_export(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not args.overwrite:
-            raise FileExistsError(f"export folder {str(out)!r} already exists and is not empty (pass --overwrite)")
-        if not is_exported_pipeline(out):
-            raise FileExistsError(f"refusing to overwrite {str(out)!r}: it is not a LiquidDiffusion export")
-        shutil.rmtree(out)
     checkpoint = find_checkpoint(args.checkpoint)
     try:
-        export_checkpoint(checkpoint, out, repo_id=args.repo_id)
+        export_checkpoint(checkpoint, out, repo_id=args.repo_id, overwrite=args.overwrite)
     except _PERMANENT_ERRORS:
         raise
     except OSError as error:  # e.g. the VAE could not be downloaded: one line, not a traceback

@@ -19,7 +19,15 @@ from typing import Iterator
 
 import torch
 
-from .data import DATASETS, ImageBatchStream, make_dataloader, worker_share
+from .data import (
+    DATASETS,
+    OFFLINE_HINT,
+    ImageBatchStream,
+    hub_reachable,
+    looks_like_local_path,
+    make_dataloader,
+    worker_share,
+)
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 CACHE_FORMAT = "liquid-diffusion-latent-cache"
@@ -52,12 +60,7 @@ class FrozenVAE:
         if isinstance(pretrained, AutoencoderKL):
             vae, name = pretrained, pretrained.config.get("_name_or_path") or "custom AutoencoderKL"
         else:
-            name = str(pretrained)
-            try:
-                vae = AutoencoderKL.from_pretrained(name, torch_dtype=dtype)
-            except Exception as error:  # bad path / id / no connection: one clear line, cause kept
-                first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                raise ValueError(f"could not load the VAE {name!r}: {first_line}") from error
+            vae, name = _load_vae(str(pretrained), dtype), str(pretrained)
         if vae.dtype != dtype:
             vae = vae.to(dtype=dtype)
         self.vae = vae.to(device).eval().requires_grad_(False)
@@ -95,6 +98,31 @@ class FrozenVAE:
                 pixels = self.vae.decode(chunk / self.scaling_factor + self.shift_factor).sample
                 out.append(pixels.float().clamp(-1, 1))
         return torch.cat(out)
+
+
+def _load_vae(name: str, dtype: torch.dtype):
+    """``AutoencoderKL`` from a local folder or a Hub id (the local cache first, then the Hub if it is reachable)."""
+    from diffusers import AutoencoderKL
+
+    local = Path(name).expanduser()
+    if not local.exists() and looks_like_local_path(name):
+        raise FileNotFoundError(f"VAE folder {name!r} does not exist; check the path (or pass a Hub id)")
+    try:
+        if local.exists():
+            return AutoencoderKL.from_pretrained(local, torch_dtype=dtype)
+        try:  # already downloaded: no network needed
+            return AutoencoderKL.from_pretrained(name, torch_dtype=dtype, local_files_only=True)
+        except OSError:
+            pass
+        if not hub_reachable():
+            raise ConnectionError(f"the Hugging Face Hub is unreachable, so the VAE {name!r} cannot be downloaded; "
+                                  + OFFLINE_HINT)
+        return AutoencoderKL.from_pretrained(name, torch_dtype=dtype)
+    except ConnectionError:
+        raise
+    except Exception as error:  # bad path / id / corrupt files: one clear line, cause kept
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"could not load the VAE {name!r}: {first_line}") from error
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,6 +250,9 @@ def build_latent_cache(
         for pixels in make_dataloader(stream, num_workers):
             if with_labels:
                 pixels, labels = pixels
+            if len(pixels) == 0:  # every image of this batch was undecodable
+                continue
+            if with_labels:
                 pending["labels"].append(labels[: len(pixels) if num_images is None else num_images - count])
             if num_images is not None:
                 pixels = pixels[: num_images - count]

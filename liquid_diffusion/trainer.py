@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import sys
@@ -43,9 +42,19 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from . import flow
+from .checkpoints import (
+    CheckpointWriteError,
+    list_checkpoints,
+    newest_intact,
+    read_checkpoint,
+    remove_stale_temporaries,
+    save_torch,
+    write_checkpoint,
+)
+from .data import resolve_source
+from .errors import check_number
 from .model import PRESETS, LiquidDiffusionUNet
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 NUM_T_BINS = 10
 # Fields that fix the network or what its inputs mean; resuming with other values is refused.
 RESUME_MUST_MATCH = ("preset", "space", "resolution", "vae")
@@ -136,10 +145,16 @@ class TrainConfig:
             )
         for name in ("batch_size", "grad_accum", "steps", "log_every", "checkpoint_every", "keep_checkpoints",
                      "num_sample_images", "sample_steps", "push_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            check_number(self, name, minimum=1)
+        for name in ("warmup_steps", "sample_every", "num_workers", "shuffle_buffer", "seed"):
+            check_number(self, name, minimum=0)
+        if self.cache_num_images is not None:
+            check_number(self, "cache_num_images", minimum=1)
+        for name in ("lr", "max_grad_norm"):
+            check_number(self, name, minimum=0, inclusive=False)
+        check_number(self, "weight_decay", minimum=0)
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must lie in [0, 1) (e.g. 0.9999), got {self.ema_decay}")
         if self.cache_latents and self.space != "latent":
             raise ValueError("cache_latents needs space='latent' (pixel space has no VAE to cache)")
         if not 0 <= self.class_dropout < 1 or self.guidance_scale < 0:
@@ -147,6 +162,18 @@ class TrainConfig:
                              f"{self.guidance_scale}")
         if self.label_column and not self.class_conditional:
             raise ValueError("label_column only applies to class-conditional training: add --class-conditional")
+
+
+def _check_writable(folder: Path) -> None:
+    """Creates ``folder`` and proves it writable now, not at the first checkpoint an hour later."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(f"cannot write to --output-dir {str(folder)!r} ({error.strerror or error}); "
+                              "pick a folder you can write to") from None
 
 
 class TrainerCallback:
@@ -178,7 +205,14 @@ class Trainer:
         config.validate()
         self.config = config
         self.callbacks = list(callbacks or [])
-        self.output_dir = Path(config.output_dir)
+        self.output_dir = Path(config.output_dir).expanduser()
+        # The cheap checks first: a typo in a path must not wait for a VAE download.
+        if not config.cache_latents or not (Path(self._cache_dir()) / "metadata.json").is_file():
+            resolve_source(config.dataset)
+        if config.push_to_hub:
+            from .hub import check_can_push
+
+            check_can_push(config.push_to_hub)
         self.accelerator = Accelerator(
             mixed_precision=resolve_mixed_precision(config.mixed_precision),
             gradient_accumulation_steps=config.grad_accum,
@@ -188,6 +222,8 @@ class Trainer:
         )
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
+        if self.is_main:
+            _check_writable(self.output_dir)
         self.vae = None  # FrozenVAE, loaded when needed
 
         set_seed(config.seed)  # same initial weights on every process and every run
@@ -218,8 +254,16 @@ class Trainer:
                 print("note: --compile is only used on CUDA; training uncompiled on", self.device.type)
         self.step = 0
         self.batches_consumed = 0  # micro-batches drawn from this process's stream (the data position)
+        self.images_skipped = 0  # undecodable images this process's stream skipped since this run (re)started
+        self.images_skipped_before = 0  # all processes' skipped images up to the checkpoint resumed from
         self.generator = torch.Generator(self.device)
         self._pusher = None
+
+    @property
+    def unwrapped_model(self) -> LiquidDiffusionUNet:
+        """The model itself, without the DDP and ``torch.compile`` wrappers."""
+        model = self.accelerator.unwrap_model(self.model)
+        return getattr(model, "_orig_mod", model)
 
     # ------------------------------------------------------------------------------------------------------- data
 
@@ -268,6 +312,12 @@ class Trainer:
             labels = None
             if config.class_conditional:
                 batch, labels = batch
+            # Undecodable images are skipped by the stream: a batch comes short by their number (empty if all were).
+            self.images_skipped += config.batch_size - batch.shape[0] if not config.cache_latents else 0
+            self.batches_consumed += 1
+            if batch.shape[0] == 0:
+                continue
+            if labels is not None:
                 labels = labels.to(self.device, non_blocking=True)
             batch = batch.to(self.device, non_blocking=True)
             if self.vae is not None and not config.cache_latents:
@@ -301,8 +351,15 @@ class Trainer:
         config, accelerator = self.config, self.accelerator
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            stale = remove_stale_temporaries(self.output_dir)
+            if stale:
+                print(f"note: removed {len(stale)} unfinished checkpoint folder(s) left by an interrupted save")
         if config.resume:
             self._resume(config.resume)
+        if self.is_main:  # records of steps after the one this run starts from belong to a run that was cut off
+            dropped = _truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
+            if dropped:
+                print(f"note: dropped {dropped} metrics record(s) past step {self.step} from metrics.jsonl")
         if config.cache_latents:
             self._prepare_latent_cache()
         if config.push_to_hub and self.is_main:
@@ -318,25 +375,29 @@ class Trainer:
         stats = _IntervalStats(self.device)
         interval_start = time.perf_counter()
         try:
-            with _GracefulInterrupt() as interrupt:
+            with _GracefulStop() as stop:
                 while self.step < config.steps:
                     self._train_step(batches, stats)
                     self.step += 1
                     progress.update(1)
-                    if self.step % config.log_every == 0 or self.step == config.steps or interrupt.requested:
-                        elapsed = time.perf_counter() - interval_start
-                        record = self._log(stats, images_per_step * stats.steps / max(elapsed, 1e-9))
-                        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                             img_s=f"{record['images_per_s']:.1f}")
-                        stats = _IntervalStats(self.device)
-                        interval_start = time.perf_counter()
-                    if interrupt.requested:
+                    for check_stop in (False, True):  # log on log steps, and before stopping (a callback may stop)
+                        stopping = check_stop and self._agree(stop.requested is not None)
+                        if stats.steps and (stopping or self.step % config.log_every == 0 or self.step == config.steps):
+                            elapsed = time.perf_counter() - interval_start
+                            record = self._log(stats, images_per_step * stats.steps / max(elapsed, 1e-9))
+                            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                                 img_s=f"{record['images_per_s']:.1f}",
+                                                 skipped=record["images_skipped"])
+                            stats = _IntervalStats(self.device)
+                            interval_start = time.perf_counter()
+                    if stopping:
                         progress.close()
-                        checkpoint = self.save_checkpoint(barrier=False)
+                        checkpoint = self.save_checkpoint()
+                        name = stop.requested or "a stop signal on another process"
                         if self.is_main:
-                            print(f"\ninterrupted at step {self.step}: saved {checkpoint}; continue with "
-                                  "--resume latest", file=sys.stderr)
-                        raise KeyboardInterrupt
+                            print(f"\n{name} at step {self.step}: saved {checkpoint}; continue with --resume latest",
+                                  file=sys.stderr)
+                        raise TrainingInterrupted(name)
                     if config.sample_every and self.step % config.sample_every == 0 and self.step < config.steps:
                         self.write_samples()
                     if self.step % config.checkpoint_every == 0 and self.step < config.steps:
@@ -348,6 +409,14 @@ class Trainer:
             if self._pusher is not None:
                 self._pusher.close()
 
+    def _agree(self, requested: bool) -> bool:
+        """Whether to stop now: with several processes, every one stops at the same step if any was signalled
+        (one tiny all-reduce per step; a single process needs none)."""
+        if self.accelerator.num_processes == 1:
+            return requested
+        flag = torch.tensor(float(requested), device=self.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item())
+
     def _train_step(self, batches: Iterator[torch.Tensor], stats: "_IntervalStats") -> None:
         """One optimizer step over ``grad_accum`` micro-batches, with no host-device synchronisation."""
         config, accelerator = self.config, self.accelerator
@@ -355,7 +424,6 @@ class Trainer:
             x0, labels = next(batches), None
             if isinstance(x0, tuple):
                 x0, labels = x0
-            self.batches_consumed += 1
             # Noise and t depend only on (seed, process, step, micro-batch): resume needs no generator state.
             mixed = ((config.seed * 1_000_003 + accelerator.process_index) * 1_000_003 + self.step) * 256 + micro
             self.generator.manual_seed(mixed % 2**63)  # torch seeds are 64-bit; any --seed must work
@@ -385,7 +453,7 @@ class Trainer:
         """Classifier-free guidance training: each label becomes the null class with probability ``class_dropout``,
         drawn from the step's seeded generator (so exact resume still holds)."""
         drop = torch.rand(labels.shape, generator=self.generator, device=self.device) < self.config.class_dropout
-        null = self.accelerator.unwrap_model(self.model).null_class
+        null = self.unwrapped_model.null_class
         return torch.where(drop, torch.full_like(labels, null), labels)
 
     def _log(self, stats: "_IntervalStats", images_per_s: float) -> dict:
@@ -394,10 +462,13 @@ class Trainer:
         Under fp16 loss scaling a non-finite loss only skips its step (the scaler drops the update); anywhere else,
         or when every micro-batch of the interval was non-finite, training stops before anything is saved.
         """
-        reduced = self.accelerator.reduce(stats.packed(), reduction="sum").cpu()
-        record, nonfinite, micro_batches, first_bad_step = stats.record(
-            reduced, self.step, self.lr_scheduler.get_last_lr()[0], images_per_s)
+        totals = stats.reduce(self.accelerator, self.images_skipped)
+        record = stats.record(totals, self.step, self.lr_scheduler.get_last_lr()[0], images_per_s)
+        record["images_skipped"] += self.images_skipped_before
+        nonfinite, micro_batches = int(totals["nonfinite"][0]), int(totals["micro_batches"][0])
         if nonfinite and (self.accelerator.mixed_precision != "fp16" or nonfinite >= micro_batches):
+            first_bad = totals["first_bad_step"][0]
+            first_bad_step = int(first_bad) + 1 if math.isfinite(first_bad) else self.step
             raise NonFiniteLossError(
                 f"loss became NaN/inf at step {first_bad_step}; try a lower --lr (now {self.config.lr:g}) or "
                 f"--mixed-precision bf16/no, and resume from {self._newest_checkpoint_hint()}"
@@ -439,54 +510,58 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------- checkpoints
 
-    def save_checkpoint(self, barrier: bool = True) -> Path:
-        """Writes ``checkpoint-NNNNNN`` atomically (temporary directory + rename) and prunes old ones."""
-        final = self.output_dir / f"checkpoint-{self.step:06d}"
-        if barrier:
-            self.accelerator.wait_for_everyone()
+    def save_checkpoint(self) -> Path:
+        """Writes ``checkpoint-NNNNNN`` atomically (see ``checkpoints.write_checkpoint``) and prunes old ones.
+
+        Every process calls it; the main process writes. A full disk ends training with a one-line
+        ``CheckpointWriteError`` and leaves the previous checkpoints as they were.
+        """
+        self.accelerator.wait_for_everyone()
+        final = None
+        skipped = self._total_skipped()
         if self.is_main:
-            model = self.accelerator.unwrap_model(self.model)
-            model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+            model = self.unwrapped_model
             if not bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all()):
                 raise NonFiniteLossError(
                     f"weights became NaN/inf by step {self.step}; not saving them. Resume from "
                     f"{self._newest_checkpoint_hint()} with a lower --lr or --mixed-precision bf16/no"
                 )
-            tmp = self.output_dir / f".tmp-checkpoint-{self.step:06d}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            model.save_pretrained(tmp / "unet", safe_serialization=True)
-            ema_model = LiquidDiffusionUNet.from_config(model.config)
-            self.ema.copy_to(ema_model.parameters())
-            ema_model.save_pretrained(tmp / "unet_ema", safe_serialization=True)
-            scaler = self.accelerator.scaler
-            ema_state = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
-            torch.save(
-                {
-                    "optimizer": self.optimizer.state_dict(),
-                    "lr_scheduler": self.lr_scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "ema": ema_state,
-                    "rng": _rng_state(),
-                },
-                tmp / "training_state.pt",
-            )
-            (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
-            (tmp / "state.json").write_text(json.dumps(
-                {"step": self.step, "batches_consumed": self.batches_consumed,
-                 "num_processes": self.accelerator.num_processes}, indent=2))
-            if final.exists():  # re-saving the same step (e.g. interrupted right after a save)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            final = write_checkpoint(self.output_dir, self.step, lambda folder: self._fill_checkpoint(folder, skipped))
             self._prune_checkpoints()
             for callback in self.callbacks:
                 callback.on_checkpoint(self, self.step, final)
             every_nth = (self.step // self.config.checkpoint_every) % self.config.push_every == 0
             if self._pusher is not None and (every_nth or self.step >= self.config.steps):  # the final one always
                 self._pusher.push(final)
-        if barrier:
-            self.accelerator.wait_for_everyone()
-        return final
+        self.accelerator.wait_for_everyone()
+        return final or self.output_dir / f"checkpoint-{self.step:06d}"
+
+    def _fill_checkpoint(self, folder: Path, images_skipped: int) -> None:
+        model = self.unwrapped_model
+        model.save_pretrained(folder / "unet", safe_serialization=True)
+        ema_model = LiquidDiffusionUNet.from_config(model.config)
+        self.ema.copy_to(ema_model.parameters())
+        ema_model.save_pretrained(folder / "unet_ema", safe_serialization=True)
+        scaler = self.accelerator.scaler
+        save_torch(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "ema": {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"},
+                "rng": _rng_state(),
+            },
+            folder / "training_state.pt",
+        )
+        (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
+        (folder / "state.json").write_text(json.dumps(
+            {"step": self.step, "batches_consumed": self.batches_consumed,
+             "num_processes": self.accelerator.num_processes, "images_skipped": images_skipped}, indent=2))
+
+    def _total_skipped(self) -> int:
+        """Skipped images of all processes since the run began (a collective: every process must call it)."""
+        local = torch.tensor(float(self.images_skipped), device=self.device)
+        return self.images_skipped_before + int(self.accelerator.reduce(local, reduction="sum").item())
 
     def _prune_checkpoints(self) -> None:
         for old in list_checkpoints(self.output_dir)[: -self.config.keep_checkpoints]:
@@ -497,27 +572,26 @@ class Trainer:
         return str(checkpoints[-1]) if checkpoints else "scratch (no checkpoint was saved yet)"
 
     def _resume(self, resume: str) -> None:
-        """Restores model, EMA, optimizer, scheduler, loss scaler, step, data position and RNG."""
+        """Restores model, EMA, optimizer, scheduler, loss scaler, step, data position and RNG.
+
+        ``latest`` takes the newest checkpoint whose files all read back, saying which damaged ones it passed over;
+        an explicit path must be intact (a damaged one is refused, naming the bad file).
+        """
+        report = print if self.is_main else (lambda line: None)
         if resume == "latest":
-            checkpoints = list_checkpoints(self.output_dir)
-            if not checkpoints:
-                if self.is_main:
-                    print(f"no checkpoint in {self.output_dir} yet: starting from scratch")
+            checkpoint = newest_intact(self.output_dir, report=report)
+            if checkpoint is None:
+                report(f"no checkpoint in {self.output_dir} yet: starting from scratch")
                 return
-            path = checkpoints[-1]
         else:
-            path = Path(resume)
-            if not (path / "state.json").exists():
-                raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.json); pass a "
-                                        "checkpoint-NNNNNN directory or --resume latest")
-        saved = json.loads((path / "train_config.json").read_text())
+            checkpoint = read_checkpoint(resume)
+        path, saved, state = checkpoint.path, checkpoint.train_config, checkpoint.state
         mismatched = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(self.config, k)]
         if mismatched:
             details = ", ".join(f"{k}={saved.get(k)!r} (now {getattr(self.config, k)!r})" for k in mismatched)
             raise ValueError(f"cannot resume {path}: it was trained with {details}; use the same values or a new "
                              "--output-dir")
-        self._check_resume_classes(path)
-        state = json.loads((path / "state.json").read_text())
+        self._check_resume_classes(checkpoint)
         batches_consumed = state["batches_consumed"]
         changed = [k for k in RESUME_EXACT_ONLY_IF_SAME if saved.get(k) != getattr(self.config, k)]
         old_processes = state.get("num_processes", 1)
@@ -527,39 +601,60 @@ class Trainer:
             # Continue at the same number of images seen per process, in the new data order.
             images_per_process = batches_consumed * saved["batch_size"] * old_processes / self.accelerator.num_processes
             batches_consumed = int(images_per_process // self.config.batch_size)
-            if self.is_main:
-                print(f"note: {', '.join(changed)} changed since {path.name}: resuming, but not exactly "
-                      "(the data order differs from an uninterrupted run)")
-        model = self.accelerator.unwrap_model(self.model)
-        model = getattr(model, "_orig_mod", model)
-        model.load_state_dict(LiquidDiffusionUNet.from_pretrained(path / "unet").state_dict())
-        ema_weights = LiquidDiffusionUNet.from_pretrained(path / "unet_ema")
-        training = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-        self.ema.load_state_dict(
-            {**training["ema"], "shadow_params": [p.detach().to(self.device) for p in ema_weights.parameters()]}
-        )
+            report(f"note: {', '.join(changed)} changed since {path.name}: resuming, but not exactly "
+                   "(the data order differs from an uninterrupted run)")
+        model = self.unwrapped_model
+        names = [name for name, _ in model.named_parameters()]
+        try:
+            model.load_state_dict(checkpoint.unet[1])
+            ema_weights = (checkpoint.unet_ema or checkpoint.unet)[1]
+            shadow = [ema_weights[name].to(self.device) for name in names]
+        except (RuntimeError, KeyError) as error:
+            raise ValueError(f"cannot resume {path}: its weights do not fit this version of LiquidDiffusion's "
+                             f"{self.config.preset} model (the format changed: {str(error).splitlines()[0]}); "
+                             "start a new run with another --output-dir") from None
+        training = checkpoint.training
+        self.ema.load_state_dict({**training["ema"], "shadow_params": shadow})
         self.optimizer.load_state_dict(training["optimizer"])
         self.lr_scheduler.load_state_dict(training["lr_scheduler"])
         if training["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(training["scaler"])
         _set_rng_state(training["rng"])
-        self.step = state["step"]
+        self.step = checkpoint.step
         self.batches_consumed = batches_consumed
-        if self.is_main:
-            print(f"resumed from {path} at step {self.step}")
+        self.images_skipped_before = int(state.get("images_skipped", 0))
+        report(f"resumed from {path} at step {self.step}")
 
-
-    def _check_resume_classes(self, path: Path) -> None:
+    def _check_resume_classes(self, checkpoint) -> None:
         """Refuses, in one line, to resume a checkpoint trained on another label set (or with/without labels)."""
-        saved = json.loads((path / "unet" / "config.json").read_text()).get("class_names")
-        model = self.accelerator.unwrap_model(self.model)
-        current = getattr(model, "_orig_mod", model).config.class_names
+        saved = checkpoint.unet[0].get("class_names")
+        current = self.unwrapped_model.config.class_names
         if (saved or None) != (current or None):
             def describe(names):
                 return f"classes [{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}]" if names else "no classes"
 
-            raise ValueError(f"cannot resume {path}: it was trained with {describe(saved)}, this run has "
+            raise ValueError(f"cannot resume {checkpoint.path}: it was trained with {describe(saved)}, this run has "
                              f"{describe(current)}; use the same dataset and labels or a new --output-dir")
+
+
+def _truncate_metrics(path: Path, step: int) -> int:
+    """Drops the records logged after ``step`` (by a run that was cut off), so curves never repeat steps; returns
+    how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill: drop it
+            continue
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
 
 
 class _IntervalStats:
@@ -596,50 +691,62 @@ class _IntervalStats:
             self.grad_norm_sum += torch.where(ok, grad_norm, torch.zeros_like(grad_norm))
             self.grad_norm_count += ok.float()
 
-    def packed(self) -> torch.Tensor:
-        return torch.cat([
-            torch.stack([self.loss_sum, self.count, self.grad_norm_sum, self.grad_norm_count, self.nonfinite,
-                         torch.tensor(float(self.micro_batches), device=self.count.device)]),
-            self.bin_sum, self.bin_count, (-self.first_bad_step).reshape(1),
-        ])
+    def reduce(self, accelerator: Accelerator, images_skipped: int) -> dict[str, list[float]]:
+        """Every accumulator over all processes: sums, except ``first_bad_step`` (the earliest); host values."""
+        device = self.count.device
+        fields = {
+            "loss_sum": self.loss_sum, "count": self.count, "grad_norm_sum": self.grad_norm_sum,
+            "grad_norm_count": self.grad_norm_count, "nonfinite": self.nonfinite,
+            "micro_batches": torch.tensor(float(self.micro_batches), device=device),
+            "images_skipped": torch.tensor(float(images_skipped), device=device),
+            "bin_sum": self.bin_sum, "bin_count": self.bin_count, "first_bad_step": self.first_bad_step,
+        }
+        gathered = accelerator.gather({k: v.reshape(1, -1) for k, v in fields.items()})  # [processes, n] each
+        return {k: (v.min(0).values if k == "first_bad_step" else v.sum(0)).cpu().tolist()
+                for k, v in gathered.items()}
 
-    def record(self, reduced: torch.Tensor, step: int, lr: float, images_per_s: float) -> tuple[dict, int, int, int]:
-        """The metrics record, plus (non-finite micro-batches, micro-batches, first step with a non-finite loss)."""
-        loss_sum, count, gn_sum, gn_count, nonfinite, micro_batches = reduced[:6].tolist()
-        bin_sum, bin_count = reduced[6:6 + NUM_T_BINS], reduced[6 + NUM_T_BINS:6 + 2 * NUM_T_BINS]
-        first_bad = -reduced[-1].item()
-        record = {
+    @staticmethod
+    def record(totals: dict[str, list[float]], step: int, lr: float, images_per_s: float) -> dict:
+        """The metrics record of reduced ``totals``; ``first_bad_step`` is 1-based like ``step``."""
+        (loss_sum,), (count,) = totals["loss_sum"], totals["count"]
+        (gn_sum,), (gn_count,) = totals["grad_norm_sum"], totals["grad_norm_count"]
+        return {
             "step": step,
             "loss": loss_sum / count if count else float("nan"),
             "lr": lr,
             "images_per_s": images_per_s,
             "grad_norm": gn_sum / gn_count if gn_count else float("nan"),
-            "loss_t_bins": [(s / c) if c else None for s, c in zip(bin_sum.tolist(), bin_count.tolist())],
+            "loss_t_bins": [(s / c) if c else None for s, c in zip(totals["bin_sum"], totals["bin_count"])],
+            "images_skipped": int(totals["images_skipped"][0]),
         }
-        # steps are counted from 0 inside the loop; report them 1-based like ``step``
-        first_bad_step = int(first_bad) + 1 if math.isfinite(first_bad) else step
-        return record, int(nonfinite), int(micro_batches), first_bad_step
 
 
-class _GracefulInterrupt:
-    """The first Ctrl-C (SIGINT) only sets ``requested``, so the loop finishes its step and saves a consistent
-    checkpoint; a second Ctrl-C interrupts at once. Outside the main thread it does nothing."""
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on a signal (Ctrl-C, SIGTERM, SIGHUP) after saving a checkpoint; ``args[0]`` names it."""
 
-    def __enter__(self) -> "_GracefulInterrupt":
-        self.requested = False
-        self._previous = None
+
+class _GracefulStop:
+    """The first SIGINT (Ctrl-C), SIGTERM or SIGHUP -- what Colab, Slurm and Kubernetes send before they kill a job --
+    only records its name in ``requested``, so the loop finishes its step, saves a checkpoint and exits. A second
+    Ctrl-C interrupts at once. Outside the main thread it does nothing."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+    def __enter__(self) -> "_GracefulStop":
+        self.requested: str | None = None
+        self._previous = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.requested is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = self.requested or signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -670,24 +777,15 @@ def vae_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" and native_bf16() else torch.float32
 
 
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints (``checkpoint-NNNNNN`` with a ``state.json``) in ``output_dir``, oldest first."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
-             if (m := CHECKPOINT_PATTERN.match(p.name)) and (p / "state.json").exists()]
-    return [p for _, p in sorted(found)]
-
-
 @torch.no_grad()
 def generate(model: LiquidDiffusionUNet, vae, num_images: int, steps: int = 25, sampler: str = "euler", *,
-             seed: int = 0, resolution: int | None = None, class_labels: torch.Tensor | None = None,
-             guidance_scale: float = 1.0) -> torch.Tensor:
+             seed: int = 0, resolution: int | None = None, progress: bool = False,
+             class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
     """Samples ``num_images`` images in [-1, 1] (decoded through ``vae`` when given) from seeded noise.
 
-    ``class_labels`` (int64 ids [num_images], class-conditional models) samples those classes with classifier-free
-    guidance ``guidance_scale`` (``flow.guided_velocity``); without them a conditional model samples unconditionally.
+    ``progress`` shows a bar over the model calls (``steps`` for Euler, ``2 * steps`` for Heun). ``class_labels``
+    (int64 ids [num_images], class-conditional models) samples those classes with classifier-free guidance
+    ``guidance_scale`` (``flow.guided_velocity``); without them a conditional model samples unconditionally.
     """
     device = next(model.parameters()).device
     channels = model.config.in_channels
@@ -696,7 +794,14 @@ def generate(model: LiquidDiffusionUNet, vae, num_images: int, steps: int = 25, 
     velocity_fn = model
     if class_labels is not None:
         velocity_fn = flow.guided_velocity(model, class_labels.to(device), guidance_scale, model.null_class)
-    x = flow.sample(velocity_fn, noise.to(device), steps, sampler)
+    calls = steps * (2 if sampler == "heun" else 1)
+    with tqdm(total=calls, desc="sampling", unit="step", disable=not progress) as bar:
+        def velocity(x, t):
+            out = velocity_fn(x, t)
+            bar.update(1)
+            return out
+
+        x = flow.sample(velocity, noise.to(device), steps, sampler)
     if vae is not None:
         x = vae.decode(x)
     return x.float().clamp(-1, 1).cpu()
@@ -717,10 +822,15 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path
     from .data import image_grid
 
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{str(path)!r} is a folder; give the grid a file name, e.g. {str(path / 'grid.png')!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    image_grid(images, nrow).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        image_grid(images, nrow).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -762,8 +872,13 @@ def _run_train(args: argparse.Namespace) -> int:
     config.validate()
     try:
         checkpoint = Trainer(config).train()
+    except TrainingInterrupted as stop:  # saved; the exit status says which signal (130 Ctrl-C, 143 SIGTERM)
+        return 128 + getattr(signal, stop.args[0], signal.SIGINT) if stop.args else 130
     except KeyboardInterrupt:
         return 130
+    except CheckpointWriteError as error:
+        print(f"error: {error.strerror}", file=sys.stderr)
+        return 1
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
@@ -800,6 +915,14 @@ def load_for_sampling(checkpoint: str, use_ema: bool = True, device: str | torch
 def _run_sample(args: argparse.Namespace) -> int:
     if args.sampler not in flow.SAMPLERS:
         raise ValueError(f"unknown sampler {args.sampler!r}; valid: {', '.join(flow.SAMPLERS)}")
+    for name, minimum in (("num_images", 1), ("steps", 1), ("seed", 0)):
+        check_number(args, name, minimum)
+    if args.resolution is not None:
+        check_number(args, "resolution", 1)
+    out = Path(args.out)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {str(out)!r} is a folder; give the grid a file name, e.g. "
+                                f"{str(out / 'grid.png')!r}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     unet, vae, resolution, recommended = load_for_sampling(args.checkpoint, use_ema=not args.raw, device=device,
                                                            with_guidance=True)
@@ -808,12 +931,16 @@ def _run_sample(args: argparse.Namespace) -> int:
     resolution = args.resolution or resolution
     if resolution is None:
         raise ValueError("the checkpoint does not record its resolution; pass --resolution")
+    factor = unet.downsample_factor * (vae.downsample_factor if vae is not None else 1)
+    if resolution % factor:
+        raise ValueError(f"--resolution {resolution} must be a multiple of {factor} for this model")
     labels, columns = class_grid_labels(unet, args.num_images, max_rows=args.num_images)
     if args.class_label is not None:  # names or ids; refused with one line for an unconditional model
         labels, columns = unet.class_ids(args.class_label).expand(args.num_images), None
     images = generate(unet, vae, len(labels) if labels is not None else args.num_images, args.steps, args.sampler,
-                      seed=args.seed, resolution=resolution, class_labels=labels, guidance_scale=args.guidance_scale)
-    print(f"wrote {save_grid(images, Path(args.out), columns)}")
+                      seed=args.seed, resolution=resolution, progress=True, class_labels=labels,
+                      guidance_scale=args.guidance_scale)
+    print(f"wrote {save_grid(images, out, columns)}")
     return 0
 
 

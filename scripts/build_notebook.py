@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
 from pathlib import Path
 
 import nbformat
@@ -19,6 +20,9 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "LiquidDiffusion_Training.ipynb"
+# Where a notebook opened from GitHub installs the package from: the repository named in pyproject.toml.
+REPOSITORY = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+PACKAGE_SPEC = f"git+{REPOSITORY}.git"
 
 # ----------------------------------------------------------------------------------------------------------------
 # Cells: (id, markdown lead, code) in order. Code cells with ``# @param`` fields render as Colab forms.
@@ -46,8 +50,8 @@ latent space of the frozen SD-VAE, or directly on pixels for small images.
 | 8 · Hub | log in and push (skipped when no repo id is set) |
 | 9 · Load back | load the pushed model as any user would, and sample |
 
-**Runtime:** *Runtime → Change runtime type → T4 GPU* (free tier) or better. On a CPU only the tiny demo settings
-are practical.
+**Runtime:** *Runtime → Change runtime type → T4 GPU* (free tier) or better. On a CPU runtime the notebook switches
+to CPU-sized settings (the `micro` model on 32 px pixels), which show shapes emerging within about 10 minutes.
 
 **Headless use:** every choice can be overridden by an environment variable (`LD_DATASET`, `LD_PRESET`,
 `LD_RESOLUTION`, `LD_SPACE`, `LD_VAE`, `LD_STEPS`, `LD_BATCH_SIZE`, `LD_SAMPLE_EVERY`, `LD_OUTPUT_DIR`, `LD_HUB_REPO`;
@@ -61,16 +65,19 @@ SETUP_MD = """\
 
 Installs the package and checks the hardware. When this notebook sits in a checkout of the repository, the package is
 installed **editable from that checkout** (nothing is installed when its dependencies are already present). Otherwise
-(e.g. opened from GitHub in Colab) it is installed with pip from `PACKAGE_SPEC`: a git URL such as
-`git+https://github.com/<user>/LiquidDiffusion.git`, a wheel or a version (see the README's *Open in Colab*).
+(e.g. opened from GitHub in Colab) it is installed with pip from `PACKAGE_SPEC`, the project's repository (any pip
+spec works: a fork's git URL, a wheel, a version).
+
+From here on, a mistake (a bad choice, a Hub error, a cell run before the ones it needs) prints one line that says
+what to do, and stops *Run all* there.
 
 **Expect:** about a minute on a fresh Colab runtime, then one line with the GPU's name, memory and bf16 support.
-With no GPU you get a clear warning: everything still runs, but only the tiny demo settings are practical.
+With no GPU you get one warning, and section 3 picks CPU-sized settings.
 """
 
 SETUP = '''\
 # @title 1 · Setup: install LiquidDiffusion and check the GPU
-PACKAGE_SPEC = "git+https://github.com/YOUR-USER/LiquidDiffusion.git"  # @param {type:"string"}
+PACKAGE_SPEC = "{PACKAGE_SPEC}"  # @param {type:"string"}
 
 import importlib
 import importlib.util
@@ -121,17 +128,37 @@ if CHECKOUT is not None:
     else:
         print(f"using the checkout {CHECKOUT} (its dependencies are installed)")
 elif importlib.util.find_spec("liquid_diffusion") is None or missing:
-    if "YOUR-USER" in PACKAGE_SPEC:
-        raise ValueError("set PACKAGE_SPEC above to where LiquidDiffusion can be installed from, e.g. "
-                         "git+https://github.com/<user>/LiquidDiffusion.git (see the README's 'Open in Colab')")
     print(f"installing {PACKAGE_SPEC} ...")
     pip_install(PACKAGE_SPEC)
     print("installed (if Colab asks to restart the runtime, do so and run all cells again)")
 
 import torch
+from huggingface_hub.errors import HfHubHTTPError
+from IPython import get_ipython
 from IPython.display import HTML, display
 
 import liquid_diffusion
+from liquid_diffusion.checkpoints import CheckpointWriteError
+from liquid_diffusion.errors import USER_ERRORS, first_line
+from liquid_diffusion.trainer import NonFiniteLossError
+
+
+class RunStopped(Exception):
+    """Stops *Run all* at this cell with one line and no traceback: the cells below must not run."""
+
+    def _render_traceback_(self):
+        return [f"stopped: {self}"]
+
+
+def one_line_error(shell, etype, value, tb, tb_offset=None):
+    """Mistakes a user can fix print as one line (the cell still fails, so *Run all* stops there)."""
+    hint = ": run the cells above this one first (Runtime -> Run before)" if etype is NameError else ""
+    print(f"error: {first_line(value)}{hint}", file=sys.stderr)
+
+
+if get_ipython() is not None:
+    get_ipython().set_custom_exc(
+        USER_ERRORS + (NameError, HfHubHTTPError, NonFiniteLossError, CheckpointWriteError), one_line_error)
 
 print(f"liquid_diffusion {liquid_diffusion.__version__} from {Path(liquid_diffusion.__file__).parent}")
 print(f"torch {torch.__version__}")
@@ -149,11 +176,13 @@ else:
     DEVICE = "cpu"
     GPU_MEMORY_GIB = 0.0
     MIXED_PRECISION = "no"
-    warning = ("WARNING: no GPU found, training runs on the CPU and is only practical for tiny demo settings. "
-               "In Colab: Runtime -> Change runtime type -> T4 GPU, then run all cells again.")
+    warning = ("No GPU found: section 3 switches to CPU-sized settings (the micro model, 32 px pixels). For the real "
+               "thing in Colab: Runtime -> Change runtime type -> T4 GPU, then run all cells again.")
     display(HTML(f'<div style="padding:8px;border:2px solid #d33;color:#d33;font-weight:bold">{warning}</div>'))
     print(warning)
 '''
+
+SETUP = SETUP.replace('"{PACKAGE_SPEC}"', f'"{PACKAGE_SPEC}"')  # the repository of pyproject.toml
 
 OUTPUTS_MD = """\
 ## 2 · Where to keep outputs
@@ -192,7 +221,7 @@ CHOICES_MD = """\
 | field | meaning |
 |---|---|
 | `DATASET` | one of the six verified datasets, or `custom` with `CUSTOM_DATASET` = any Hub id (`user/name`) or a folder of images (e.g. on your Drive) |
-| `PRESET` | model size: `tiny` (~22M parameters, T4-friendly), `small` (~67M), `base` (~150M) |
+| `PRESET` | model size: `tiny` (~22M parameters, T4-friendly), `small` (~67M), `base` (~150M); `micro` (2M) for CPU demos |
 | `RESOLUTION` | training size in pixels; 256 or 512 in latent space, 64 in pixel space for the 64x64 anime faces |
 | `SPACE` | `latent` (through the frozen SD-VAE, for 256/512 px) or `pixel` (no VAE, small images) |
 | `STEPS` | optimizer steps in total (a resumed run continues up to this number) |
@@ -204,6 +233,7 @@ CHOICES_MD = """\
 | `GUIDANCE_SCALE` | classifier-free guidance of the sample grids (1 = none; higher = more typical of the class, less varied) |
 | `HUB_REPO_ID` | `user/name` to push to at the end; leave empty to skip the Hub |
 | `RUN_NAME` | output sub-folder; empty = derived from the choices, so the same choices resume the same run |
+| `CPU_SETTINGS` | on a CPU runtime, replace the model choices by CPU-sized ones (micro, pixel space, 32 px, 2,000 steps) |
 
 **Expect:** a summary of the run, the suggested batch size, and whether a checkpoint will be resumed.
 """
@@ -212,7 +242,7 @@ CHOICES = '''\
 # @title 3 · Choices
 DATASET = "afhq"  # @param ["afhq", "celeba", "flowers", "pokemon", "anime", "cartoon", "custom"]
 CUSTOM_DATASET = ""  # @param {type:"string"}
-PRESET = "tiny"  # @param ["tiny", "small", "base"]
+PRESET = "tiny"  # @param ["micro", "tiny", "small", "base"]
 RESOLUTION = "256"  # @param ["64", "256", "512"] {allow-input: true}
 SPACE = "latent"  # @param ["latent", "pixel"]
 STEPS = 20000  # @param {type:"integer"}
@@ -226,13 +256,22 @@ VAE = "stabilityai/sd-vae-ft-mse"  # @param {type:"string"}
 HUB_REPO_ID = ""  # @param {type:"string"}
 HUB_PRIVATE = False  # @param {type:"boolean"}
 RUN_NAME = ""  # @param {type:"string"}
+CPU_SETTINGS = True  # @param {type:"boolean"}
 
+if "IN_COLAB" not in globals():
+    raise SystemExit("run section 1 · Setup first (Runtime -> Run before)")
 import json
 import re
 
 from liquid_diffusion import LiquidDiffusionUNet
 from liquid_diffusion.data import class_names, open_source
+from liquid_diffusion.hub import check_repo_id
 from liquid_diffusion.trainer import RESUME_MUST_MATCH, TrainConfig, list_checkpoints, vae_dtype
+
+if DEVICE == "cpu" and CPU_SETTINGS:  # a GPU preset would take hours per grid on a CPU
+    PRESET, SPACE, RESOLUTION, STEPS, SAMPLE_EVERY = "micro", "pixel", "32", min(STEPS, 2000), 250
+    print("CPU runtime: CPU-sized settings (micro model, pixel space, 32 px, up to 2,000 steps); expect blurry "
+          "shapes after about 10 minutes. Untick CPU_SETTINGS to keep your own choices.")
 
 # Environment variables win over the form, so the notebook runs headless.
 if DATASET == "custom":
@@ -241,7 +280,10 @@ DATASET = env("LD_DATASET", DATASET)
 if not DATASET:
     raise ValueError("DATASET is 'custom' but CUSTOM_DATASET is empty: enter a Hub id (user/name) or a folder path")
 PRESET = env("LD_PRESET", PRESET)
-RESOLUTION = env("LD_RESOLUTION", int(RESOLUTION), int)
+RESOLUTION = str(env("LD_RESOLUTION", RESOLUTION))
+if not re.fullmatch(r"\s*\d+\s*(px)?\s*", RESOLUTION):
+    raise ValueError(f"RESOLUTION must be a number of pixels such as 256, got {RESOLUTION!r}")
+RESOLUTION = int(re.sub(r"\D", "", RESOLUTION))
 SPACE = env("LD_SPACE", SPACE)
 VAE = env("LD_VAE", VAE)
 STEPS = env("LD_STEPS", STEPS, int)
@@ -250,6 +292,8 @@ LEARNING_RATE = env("LD_LR", LEARNING_RATE, float)
 SAMPLE_EVERY = env("LD_SAMPLE_EVERY", SAMPLE_EVERY, int)
 CACHE_LATENTS = env("LD_CACHE_LATENTS", CACHE_LATENTS, bool) and SPACE == "latent"
 HUB_REPO_ID = env("LD_HUB_REPO", HUB_REPO_ID).strip()
+if HUB_REPO_ID:
+    check_repo_id(HUB_REPO_ID)  # now, not after an hour of training
 NUM_SAMPLE_IMAGES = env("LD_NUM_SAMPLES", 16, int)  # images per sample grid (live and final)
 GUIDANCE_SCALE = env("LD_GUIDANCE_SCALE", GUIDANCE_SCALE, float)
 CLASS_CONDITIONAL = env("LD_CLASS_CONDITIONAL", CLASS_CONDITIONAL, bool)
@@ -340,7 +384,8 @@ print(f"model       {PRESET} in {SPACE} space at {RESOLUTION}px" + (f" (VAE {VAE
 print(f"training    {STEPS} steps · batch {BATCH_SIZE} (suggested here: {SUGGESTED_BATCH_SIZE}) · "
       f"lr {LEARNING_RATE:g} · {MIXED_PRECISION if MIXED_PRECISION != 'no' else 'fp32'}"
       + (" · cached latents" if CACHE_LATENTS else ""))
-print(f"samples     every {SAMPLE_EVERY} steps ({NUM_SAMPLE_IMAGES} images)")
+print(f"samples     {f'every {SAMPLE_EVERY} steps' if SAMPLE_EVERY else 'at the end only'} "
+      f"({NUM_SAMPLE_IMAGES} images)")
 if CLASS_CONDITIONAL:
     shown = ", ".join(CLASS_NAMES[:12]) + (", ..." if len(CLASS_NAMES) > 12 else "")
     print(f"classes     {len(CLASS_NAMES)} ({shown}): class-conditional, guidance {GUIDANCE_SCALE:g}, "
@@ -361,7 +406,7 @@ if checkpoints:
 if DATASET in ("anime", "huggan/anime-faces") and (SPACE, RESOLUTION) != ("pixel", 64):
     print("tip: the anime faces are 64x64 images; SPACE='pixel' with RESOLUTION=64 suits them best")
 if DEVICE == "cpu" and PRESET != "micro":
-    print(f"note: on a CPU the {PRESET} preset is very slow; this is meant for a GPU runtime")
+    print(f"note: the {PRESET} preset is meant for a GPU; on this CPU each sample grid takes a long time")
 flags = [("dataset", DATASET), ("preset", PRESET), ("space", SPACE), ("resolution", RESOLUTION),
          ("batch_size", BATCH_SIZE), ("steps", STEPS), ("lr", LEARNING_RATE), ("sample_every", SAMPLE_EVERY),
          ("mixed_precision", MIXED_PRECISION), ("output_dir", OUTPUT_DIR)]
@@ -386,6 +431,8 @@ space the VAE (~330 MB) downloads once.
 """
 
 PREVIEW = '''\
+if "CONFIG" not in globals():
+    raise SystemExit("run sections 1 to 3 first (Runtime -> Run before)")
 import io
 
 from IPython.display import Image as ImageDisplay
@@ -423,6 +470,8 @@ after training. The trainer builds its own copy of the model, so this one is dis
 """
 
 MODEL = '''\
+if "estimate_gpu_memory_gib" not in globals():
+    raise SystemExit("run sections 1 to 3 first (Runtime -> Run before)")
 model = LiquidDiffusionUNet.from_preset(PRESET, in_channels=4 if SPACE == "latent" else 3,
                                         num_classes=len(CLASS_NAMES) if CLASS_CONDITIONAL else 0)
 count = lambda module: sum(p.numel() for p in module.parameters())
@@ -468,6 +517,8 @@ resumes.
 """
 
 TRAIN = '''\
+if "CONFIG" not in globals() or "ImageDisplay" not in globals():
+    raise SystemExit("run sections 1 to 4 first (Runtime -> Run before)")
 import gc
 import html
 import time
@@ -488,33 +539,44 @@ class LiveDashboard(TrainerCallback):
 
     def __init__(self, config):
         self.config, self.losses, self.t_bins, self.started = config, {}, None, time.time()
-        self.checkpoint = "none yet"
+        self.checkpoint, self.first_seen = "none yet", None  # (step, time) of this session's first log
         metrics = Path(config.output_dir) / "metrics.jsonl"
         if metrics.exists():  # a resumed run shows its whole history
             for line in metrics.read_text().splitlines():
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line cut short by a kill
+                    continue
                 self.losses[record["step"]] = record["loss"]
+                self.t_bins = record.get("loss_t_bins")
         self.status = display(HTML("<b>starting ...</b> (streaming the first images" + (
             "; encoding the whole dataset into the latent cache first" if config.cache_latents else "") + ")"),
             display_id=True)
         samples = sorted((Path(config.output_dir) / "samples").glob("step-*.png"))
+        first = f"at step {config.sample_every}" if config.sample_every else "at the end of training"
         self.grid = display(ImageDisplay(filename=str(samples[-1]), width=512) if samples else
-                            HTML(f"<i>the first sample grid appears at step {config.sample_every}</i>"),
-                            display_id=True)
+                            HTML(f"<i>the first sample grid appears {first}</i>"), display_id=True)
         self.curves = display(HTML(""), display_id=True)
+        if self.losses:  # also when the run is already finished and no new step will be logged
+            self.draw_curves()
 
     def on_log(self, trainer, record):
         step, steps = record["step"], self.config.steps
         self.losses = {s: v for s, v in self.losses.items() if s < step}  # drop steps redone after a resume
         self.losses[step] = record["loss"]
         self.t_bins = record.get("loss_t_bins")
-        images_per_step = self.config.batch_size * self.config.grad_accum
-        left = (steps - step) * images_per_step / max(record["images_per_s"], 1e-9)
+        # time left from this session's average pace, which includes sample grids and checkpoints (an interval's
+        # images/s does not, and jumps whenever a grid is drawn)
+        if self.first_seen is None:
+            self.first_seen = (step - self.config.log_every, self.started)
+        pace = (time.time() - self.first_seen[1]) / max(step - self.first_seen[0], 1)
+        minutes = (steps - step) * pace / 60
+        left = f"~{minutes:.0f} min left" if minutes >= 1 else "less than a minute left"
         self.status.update(HTML(
             f'<progress value="{step}" max="{steps}" style="width:60%"></progress> '
             f"<b>step {step}/{steps}</b> · loss {record['loss']:.4f} · lr {record['lr']:.2e} · "
             f"grad norm {record['grad_norm']:.2f} · {record['images_per_s']:.1f} img/s · "
-            f"~{left / 60:.0f} min left · last checkpoint: {self.checkpoint}"))
+            f"{left} · skipped images: {record.get('images_skipped', 0)} · last checkpoint: {self.checkpoint}"))
         self.draw_curves()
 
     def on_sample(self, trainer, step, path):
@@ -552,17 +614,17 @@ dashboard = LiveDashboard(CONFIG)
 trainer = Trainer(CONFIG, callbacks=[dashboard])
 if DEVICE == "cuda":
     torch.cuda.reset_peak_memory_stats()
+TRAINING_COMPLETE = False
 try:
     FINAL_CHECKPOINT = trainer.train()
+    TRAINING_COMPLETE = True
     dashboard.finish(trainer.step)
     print(f"done: {FINAL_CHECKPOINT}")
 except KeyboardInterrupt:
     dashboard.finish(trainer.step, stopped=True)
     FINAL_CHECKPOINT = list_checkpoints(OUTPUT_DIR)[-1] if list_checkpoints(OUTPUT_DIR) else None
-    print(f"stopped; the newest checkpoint is {FINAL_CHECKPOINT}. Run the notebook again to resume from it.")
-except NonFiniteLossError as error:
-    print(f"training diverged: {error}")
-    raise
+    raise RunStopped(f"training stopped at step {trainer.step} and saved {Path(str(FINAL_CHECKPOINT)).name}. "
+                     "Run the notebook again (Runtime -> Run all) to resume; nothing below ran or was pushed.") from None
 if DEVICE == "cuda":
     print(f"measured peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated by PyTorch "
           f"(estimated ~{EXPECTED_GIB:.1f} GiB including the CUDA context)")
@@ -581,10 +643,12 @@ Samples the EMA weights of the final checkpoint from the same noise with both OD
 per step; Heun (second order) takes two and usually gives cleaner images at the same step count. Each grid is also
 saved next to the checkpoint's samples.
 
-**Expect:** four grids side by side with their sampling time; on a GPU a few seconds each.
+**Expect:** four grids in a 2x2 panel, each titled with its sampling time; on a GPU a few seconds each.
 """
 
 SAMPLES = '''\
+if "FINAL_CHECKPOINT" not in globals():
+    raise SystemExit("run the training cell (section 6) first")
 import numpy as np
 from PIL import Image as PILImage
 
@@ -598,7 +662,7 @@ axes = figure.subplots(2, 2)
 for row, sampler in enumerate(("euler", "heun")):
     for column, steps in enumerate((25, 50)):
         start = time.time()
-        labels, columns = class_grid_labels(unet, NUM_SAMPLE_IMAGES)  # one row per class; (None, None) if unconditional
+        labels, columns = class_grid_labels(unet, NUM_SAMPLE_IMAGES)  # one row per class (None: unconditional)
         images = generate(unet, sampling_vae, NUM_SAMPLE_IMAGES if labels is None else len(labels), steps, sampler,
                           seed=0, resolution=resolution, class_labels=labels, guidance_scale=GUIDANCE_SCALE)
         seconds = time.time() - start
@@ -624,6 +688,8 @@ without classes, one line saying so.
 """
 
 PICK = '''\
+if "FINAL_CHECKPOINT" not in globals():
+    raise SystemExit("run the training cell (section 6) first")
 import ipywidgets as widgets
 
 if not CLASS_CONDITIONAL:
@@ -659,15 +725,22 @@ Exports the final checkpoint as a `LiquidDiffusionPipeline` (EMA weights as the 
 scheduler, the VAE in latent space, the training config, a model card with the loss curve and the latest sample grid)
 and uploads it to `HUB_REPO_ID`. Skipped with one line when no repo id is set.
 
-Log in with the `notebook_login()` prompt below (a **write** token from https://huggingface.co/settings/tokens), or
-add the token as the Colab secret `HF_TOKEN` beforehand. The token is stored only in the Hugging Face cache of this
-runtime: it is never printed, and never written to the notebook, the output folder or the repository. If the prompt
-returns before you have logged in (older `huggingface_hub`), log in, then run this cell again.
+**Logging in.** If you are not logged in yet, `notebook_login()` shows a link to huggingface.co and a short code:
+open the link, sign in, enter the code and approve; the cell waits meanwhile and then says *Login successful*.
+(Older `huggingface_hub` versions show a token box instead: paste a **write** token from
+https://huggingface.co/settings/tokens.) Or add the token as the Colab secret `HF_TOKEN` before running the notebook.
+The token stays in this runtime's Hugging Face cache: it is never printed, and never written to the notebook, the
+output folder or the repository.
+
+Only a finished training run is pushed by *Run all*; after a stop, running this cell by hand pushes the newest
+checkpoint.
 
 **Expect:** the repo's URL after a minute or so (the upload size is about 4 bytes per parameter, twice, plus the VAE).
 """
 
 HUB = '''\
+if "FINAL_CHECKPOINT" not in globals():
+    raise SystemExit("run the training cell (section 6) first")
 PUSHED = False
 if not HUB_REPO_ID:
     print("no HUB_REPO_ID set: skipping the push to the Hub")
@@ -682,6 +755,8 @@ else:
         print("not logged in yet: log in with the prompt above, then run this cell again")
     else:
         print(f"logged in as {whoami()['name']}")
+        if not TRAINING_COMPLETE:
+            print(f"training did not finish: pushing the newest checkpoint, {Path(str(FINAL_CHECKPOINT)).name}")
         url = push_to_hub(FINAL_CHECKPOINT, HUB_REPO_ID, private=HUB_PRIVATE)
         PUSHED = True
         print(f"pushed {Path(FINAL_CHECKPOINT).name} to {url}")
@@ -702,6 +777,8 @@ pipe = LiquidDiffusionPipeline.from_pretrained("USER/NAME")
 """
 
 LOAD = '''\
+if "PUSHED" not in globals():
+    raise SystemExit("run sections 6 to 8 first (Runtime -> Run before)")
 import shutil
 
 from liquid_diffusion import LiquidDiffusionPipeline

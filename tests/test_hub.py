@@ -185,6 +185,7 @@ class FakeHfApi:
 def fake_hub(monkeypatch):
     FakeHfApi.instances, FakeHfApi.upload_errors, FakeHfApi.create_error, FakeHfApi.gate = [], [], None, None
     monkeypatch.setattr(hub, "HfApi", FakeHfApi)
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)  # "logged in"
     return FakeHfApi
 
 
@@ -354,7 +355,10 @@ def test_pixel_pipeline_save_and_load_round_trip(pixel_run, tmp_path):
     assert isinstance(loaded.scheduler, FlowMatchEulerDiscreteScheduler)
     a = pipe(batch_size=2, num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(1))
     b = loaded(batch_size=2, num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(a.images, b.images, atol=0, rtol=0)
+    # weights bit-exact; images to a tight tolerance (memory-mapped weights take other CPU kernel paths, ~1e-7)
+    a_state, b_state = pipe.unet.state_dict(), loaded.unet.state_dict()
+    assert a_state.keys() == b_state.keys() and all(torch.equal(a_state[k], b_state[k]) for k in a_state)
+    torch.testing.assert_close(a.images, b.images, atol=1e-5, rtol=0)
     # weights are read from safetensors only: a pickled save does not load
     pipe.save_pretrained(tmp_path / "pickled", safe_serialization=False)
     assert list((tmp_path / "pickled").rglob("*.bin"))
@@ -376,7 +380,7 @@ def test_latent_pipeline_decodes_through_the_vae_and_round_trips(latent_run, lat
     built = hub.build_pipeline(latent_run)
     built.set_progress_bar_config(disable=True)
     again = built(latents=noise.clone(), num_inference_steps=4, output_type="pt").images
-    torch.testing.assert_close(again, images, atol=1e-6, rtol=0)
+    torch.testing.assert_close(again, images, atol=1e-5, rtol=0)
     # an fp16 VAE is upcast before decoding, never run in fp16
     pipe.vae.to(torch.float16)
     pipe(batch_size=1, num_inference_steps=1, output_type="pt")

@@ -1,0 +1,230 @@
+"""Training checkpoints on disk: the one place that writes, lists, verifies and reads them.
+
+Layout of ``OUTPUT_DIR/checkpoint-NNNNNN/``::
+
+    unet/                 config.json + diffusion_pytorch_model.safetensors (raw weights)
+    unet_ema/             the same for the EMA weights
+    training_state.pt     optimizer, lr scheduler, loss scaler, EMA counters, RNG (loads with weights_only=True)
+    train_config.json     the run's TrainConfig
+    state.json            step, data position, number of processes
+
+A checkpoint is written into a hidden ``.tmp-checkpoint-NNNNNN-PID`` folder and renamed into place only when every
+file is complete, so a kill in mid-save never leaves a half-written ``checkpoint-NNNNNN``. A failed save (a full
+disk, say) removes its temporary folder and keeps the previous checkpoints. Reading verifies every file, so a
+checkpoint damaged after the fact (a truncated upload, a disk error) is reported by name and resume falls back to
+the newest intact one.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TMP_PREFIX = ".tmp-checkpoint-"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+UNET_FOLDERS = ("unet", "unet_ema")
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file is missing or unreadable; the message names the file."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (for example: no space left on device); nothing partial was left."""
+
+
+def checkpoint_path(output_dir: str | os.PathLike, step: int) -> Path:
+    return Path(output_dir) / f"checkpoint-{step:06d}"
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The N of a ``checkpoint-N`` folder name (``None`` for other names)."""
+    match = CHECKPOINT_PATTERN.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Finished checkpoints (``checkpoint-NNNNNN`` with a ``state.json``) in ``output_dir``, oldest first.
+
+    Cheap (no file is read): use ``read_checkpoint`` or ``newest_intact`` to know that the files are sound.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(step, p) for p in output_dir.iterdir()
+             if (step := checkpoint_step(p)) is not None and (p / "state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
+    """Removes the ``.tmp-checkpoint-*`` folders that killed saves left in ``output_dir``; returns them.
+
+    Call it once at the start of a run, on the main process only, before that run saves anything.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    stale = [p for p in output_dir.iterdir() if p.name.startswith(TMP_PREFIX) and p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def _disk_full(error: BaseException) -> bool:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "os error 28" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def write_checkpoint(output_dir: str | os.PathLike, step: int, fill: Callable[[Path], None]) -> Path:
+    """Creates ``checkpoint-NNNNNN`` atomically: ``fill(folder)`` writes every file into a temporary folder, which is
+    then renamed into place (replacing an older save of the same step only once the new one is complete).
+
+    Raises:
+        CheckpointWriteError: the disk is full (one line, saying so); the temporary folder is removed.
+        Any other error of ``fill``, after removing the temporary folder.
+    """
+    final = checkpoint_path(output_dir, step)
+    tmp = Path(output_dir) / f"{TMP_PREFIX}{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        if final.exists():  # the same step saved again (interrupted right after a save): swap, then delete
+            old = tmp.with_name(tmp.name + "-replaced")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(error):
+            raise CheckpointWriteError(
+                errno.ENOSPC, f"no space left on device while saving {final.name}; free space and resume with "
+                f"--resume latest (the earlier checkpoints in {str(output_dir)!r} are intact)"
+            ) from None
+        raise
+    return final
+
+
+def save_torch(obj, path: Path) -> None:
+    """``torch.save`` through a Python file object, so that a write error is an ``OSError`` with its errno."""
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading and verifying
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """Everything a checkpoint holds, read and verified.
+
+    ``unet`` and ``unet_ema`` are ``(config, state_dict)`` pairs; ``unet_ema`` is ``None`` when the checkpoint has no
+    EMA weights; ``training`` is the ``training_state.pt`` dict (``None`` when ``with_training_state=False``)."""
+
+    path: Path
+    step: int
+    state: dict
+    train_config: dict
+    unet: tuple[dict, dict]
+    unet_ema: tuple[dict, dict] | None
+    training: dict | None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path} is missing") from None
+    except (OSError, ValueError) as error:
+        raise CorruptCheckpointError(f"{path} is unreadable ({_first_line(error)})") from None
+    if not isinstance(value, dict):
+        raise CorruptCheckpointError(f"{path} is unreadable (not a JSON object)")
+    return value
+
+
+def read_unet_folder(folder: Path) -> tuple[dict, dict]:
+    """``(config, state_dict)`` of a ``save_pretrained`` folder, read from local files only (never the Hub)."""
+    config = _read_json(folder / "config.json")
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CorruptCheckpointError(f"{weights} is missing")
+    try:
+        state_dict = load_file(weights)
+    except Exception as error:  # noqa: BLE001 -- truncated or garbage safetensors: name the file
+        raise CorruptCheckpointError(f"{weights} is unreadable ({_first_line(error)})") from None
+    return config, state_dict
+
+
+def read_checkpoint(path: str | os.PathLike, with_training_state: bool = True) -> Checkpoint:
+    """Reads and verifies every file of the checkpoint at ``path``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CorruptCheckpointError: a file is missing or unreadable (the message names it).
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass a checkpoint-NNNNNN folder or "
+                                "--resume latest")
+    state = _read_json(path / "state.json")
+    train_config = _read_json(path / "train_config.json")
+    unet = read_unet_folder(path / "unet")
+    unet_ema = read_unet_folder(path / "unet_ema") if (path / "unet_ema").exists() else None
+    training = None
+    if with_training_state:
+        training_path = path / "training_state.pt"
+        if not training_path.is_file():
+            raise CorruptCheckpointError(f"{training_path} is missing")
+        try:
+            training = torch.load(training_path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 -- truncated or garbage pickle: name the file
+            raise CorruptCheckpointError(f"{training_path} is unreadable ({_first_line(error)})") from None
+    if "step" not in state:
+        raise CorruptCheckpointError(f"{path / 'state.json'} has no 'step'")
+    return Checkpoint(path, int(state["step"]), state, train_config, unet, unet_ema, training)
+
+
+def newest_intact(output_dir: str | os.PathLike, report: Callable[[str], None] = print,
+                  with_training_state: bool = True) -> Checkpoint | None:
+    """The newest checkpoint in ``output_dir`` whose files all read back; each damaged newer one is reported in one
+    line (``report``) naming the bad file. ``None`` when there is no checkpoint at all.
+
+    Raises:
+        CorruptCheckpointError: there are checkpoints, but none is intact.
+    """
+    checkpoints = list_checkpoints(output_dir)
+    problems = []
+    for path in reversed(checkpoints):
+        try:
+            return read_checkpoint(path, with_training_state)
+        except CorruptCheckpointError as error:
+            problems.append(str(error))
+            report(f"warning: skipping damaged {path.name}: {error}")
+    if problems:
+        raise CorruptCheckpointError(f"no intact checkpoint in {str(output_dir)!r}: {problems[0]} (and "
+                                     f"{len(problems) - 1} more); start a new run with another --output-dir")
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
