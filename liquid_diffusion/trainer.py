@@ -623,8 +623,8 @@ class _IntervalStats:
             self.grad_norm_sum += torch.where(ok, grad_norm, torch.zeros_like(grad_norm))
             self.grad_norm_count += ok.float()
 
-    def reduce(self, accelerator: Accelerator, images_skipped: int) -> dict[str, list[float]]:
-        """Every accumulator over all processes: sums, except ``first_bad_step`` (the earliest); host values."""
+    def fields(self, images_skipped: int) -> dict[str, torch.Tensor]:
+        """This process's accumulators, each of shape [1, n] (one row per process once gathered)."""
         device = self.count.device
         fields = {
             "loss_sum": self.loss_sum, "count": self.count, "grad_norm_sum": self.grad_norm_sum,
@@ -633,7 +633,11 @@ class _IntervalStats:
             "images_skipped": torch.tensor(float(images_skipped), device=device),
             "bin_sum": self.bin_sum, "bin_count": self.bin_count, "first_bad_step": self.first_bad_step,
         }
-        gathered = accelerator.gather({k: v.reshape(1, -1) for k, v in fields.items()})  # [processes, n] each
+        return {k: v.reshape(1, -1) for k, v in fields.items()}
+
+    def reduce(self, accelerator: Accelerator, images_skipped: int) -> dict[str, list[float]]:
+        """Every accumulator over all processes: sums, except ``first_bad_step`` (the earliest); host values."""
+        gathered = accelerator.gather(self.fields(images_skipped))  # [processes, n] each
         return {k: (v.min(0).values if k == "first_bad_step" else v.sum(0)).cpu().tolist()
                 for k, v in gathered.items()}
 
