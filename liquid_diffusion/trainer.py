@@ -10,6 +10,7 @@ Output directory layout::
     metrics.jsonl               one JSON object per logged step
     samples/step-000500.png     EMA sample grids, always from the same noise
     checkpoint-000500/          unet/ and unet_ema/ (safetensors), training_state.pt, state.json, train_config.json
+    best.json                   with --eval-every: the checkpoint with the best KID so far (kept when pruning)
 
 Exact resume: the only randomness of a step (noise and t) comes from a generator re-seeded from
 (seed, process, step), and the data streams restart at the batch where they stopped, so N steps + resume + N steps
@@ -19,6 +20,7 @@ equals 2N steps in one go.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -107,6 +109,12 @@ class TrainConfig:
     push_to_hub: str | None = _help("Hub repo id USER/NAME to push checkpoints to (in the background)", default=None)
     push_every: int = _help("push every N checkpoints", default=1)
     hub_private: bool = _help("create the Hub repo as private", default=False)
+    # evaluation (liquid_diffusion/evaluate.py)
+    eval_every: int = _help("KID/FID of the EMA weights at the first checkpoint at or past every N steps and at the "
+                            "end, logged to metrics.jsonl; best.json names the best checkpoint (0: off)", default=0)
+    eval_samples: int = _help("generated (and real) images per in-training evaluation", default=1000)
+    eval_feature_extractor: str = _help("'inception' or module.path:callable (see `evaluate --help`)",
+                                        default="inception")
 
     def validate(self) -> None:
         """Raises ValueError with a one-line fix for values that cannot work."""
@@ -130,6 +138,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.eval_every < 0 or (self.eval_every and self.eval_samples < 2):
+            raise ValueError(f"eval_every must be >= 0 (0: off) and eval_samples >= 2, got {self.eval_every} and "
+                             f"{self.eval_samples}")
         if self.cache_latents and self.space != "latent":
             raise ValueError("cache_latents needs space='latent' (pixel space has no VAE to cache)")
 
@@ -145,6 +156,9 @@ class TrainerCallback:
 
     def on_checkpoint(self, trainer: "Trainer", step: int, path: Path) -> None:
         """Called on the main process after a checkpoint is complete."""
+
+    def on_eval(self, trainer: "Trainer", record: dict) -> None:
+        """Called on the main process after an ``--eval-every`` evaluation (``record``: step, kid, kid_std, fid, ...)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -205,6 +219,10 @@ class Trainer:
         self.batches_consumed = 0  # micro-batches drawn from this process's stream (the data position)
         self.generator = torch.Generator(self.device)
         self._pusher = None
+        if config.eval_every and self.is_main:
+            from .evaluate import TrainingEvaluator
+
+            self.callbacks.append(TrainingEvaluator(config))
 
     # ------------------------------------------------------------------------------------------------------- data
 
@@ -366,21 +384,27 @@ class Trainer:
         if not self.is_main:
             return None
         config = self.config
-        model = self.accelerator.unwrap_model(self.model)
-        self.ema.store(model.parameters())
-        self.ema.copy_to(model.parameters())
-        try:
-            model.eval()
+        with self.ema_weights() as model:
             images = generate(model, self.vae, config.num_sample_images, config.sample_steps, "euler",
                               seed=config.seed, resolution=config.resolution)
-        finally:
-            self.ema.restore(model.parameters())
-            model.train()
         path = self.output_dir / "samples" / f"step-{self.step:06d}.png"
         save_grid(images, path)
         for callback in self.callbacks:
             callback.on_sample(self, self.step, path)
         return path
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[LiquidDiffusionUNet]:
+        """The model with the EMA weights swapped in, in eval mode; the training weights come back afterwards."""
+        model = self.accelerator.unwrap_model(self.model)
+        self.ema.store(model.parameters())
+        self.ema.copy_to(model.parameters())
+        try:
+            model.eval()
+            yield model
+        finally:
+            self.ema.restore(model.parameters())
+            model.train()
 
     # ------------------------------------------------------------------------------------------------------- checkpoints
 
@@ -434,8 +458,13 @@ class Trainer:
         return final
 
     def _prune_checkpoints(self) -> None:
+        try:  # --eval-every's best checkpoint is kept
+            best = json.loads((self.output_dir / "best.json").read_text()).get("checkpoint")
+        except (OSError, ValueError):
+            best = None
         for old in list_checkpoints(self.output_dir)[: -self.config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name != best:
+                shutil.rmtree(old, ignore_errors=True)
 
     def _newest_checkpoint_hint(self) -> str:
         checkpoints = list_checkpoints(self.output_dir)
