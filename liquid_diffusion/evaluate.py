@@ -10,8 +10,9 @@ Data flows one way through this file::
 * **Features.** The default extractor is torchmetrics' ``NoTrainInceptionV3`` with the ``inception-v3-compat``
   weights of torch-fidelity (the TF-Inception used for FID since Heusel et al. 2017), 2048-d pool features. It takes
   uint8 images [B, 3, H, W] and resizes them to 299x299 itself with torch-fidelity's TF1-compatible bilinear resize
-  (``antialias=False``), the resize of the original TF FID code, the same way for real and generated images. Any ``nn.Module`` with that contract can replace it (``feature_extractor``
-  / ``--feature-extractor module:callable``); the tests use a small stand-in.
+  (``antialias=False``), the resize of the original TF FID code, the same way for real and generated images. Any
+  ``nn.Module`` with that contract can replace it (``feature_extractor`` / ``--feature-extractor module:callable``);
+  the tests use a small stand-in.
 * **Metrics.** torchmetrics' ``FrechetInceptionDistance`` and ``KernelInceptionDistance`` compute the numbers, fed
   through their own ``feature=`` hook with a pass-through module, so each image goes through the extractor once,
   the FID and KID share its features, and the real features can be cached::
@@ -73,8 +74,9 @@ def inception_weights_path() -> Path:
 
 def inception_extractor(weights: str | os.PathLike | None = None) -> nn.Module:
     """torchmetrics' ``NoTrainInceptionV3`` (2048-d pool features of the FID Inception, TF1-compatible resize to 299
-    as in torch-fidelity), weights from ``weights`` or downloaded once by ``torch.hub`` (about 92 MB). Raises ``ValueError`` with one line saying what to do when
-    torch-fidelity is missing or the weights cannot be downloaded."""
+    as in torch-fidelity), weights from ``weights`` or downloaded once by ``torch.hub`` (about 92 MB). Raises
+    ``ValueError`` with one line saying what to do when torch-fidelity is missing or the weights cannot be
+    downloaded."""
     from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
     if not _TORCH_FIDELITY_AVAILABLE:
@@ -162,8 +164,10 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, *, kid_subsets: int = KID_SU
             kid_subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> dict:
     """``{"fid", "kid", "kid_std"}`` of two feature sets [N, D] and [M, D] (torchmetrics, in float64).
 
-    KID averages the unbiased MMD^2 over ``kid_subsets`` random subsets of ``min(kid_subset_size, N, M)`` features
-    each, drawn from ``seed`` (the global torch RNG is left untouched); ``kid_std`` is the std over the subsets.
+    KID averages the unbiased MMD^2 over ``kid_subsets`` random subsets of ``min(kid_subset_size, N/2, M/2)``
+    features each (at least 2), drawn from ``seed`` (the global torch RNG is left untouched); ``kid_std`` is the std
+    over the subsets. Capping at half the set keeps the subsets different, so the std means something at N <= 1000
+    (with subsets of all N it would be 0); the mean is unbiased at any subset size.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
@@ -177,7 +181,7 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, *, kid_subsets: int = KID_SU
     with warnings.catch_warnings():  # "KID will save all extracted features": they are already in memory
         warnings.simplefilter("ignore", UserWarning)
         kid = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=kid_subsets,
-                                      subset_size=min(kid_subset_size, len(real), len(fake)))
+                                      subset_size=max(2, min(kid_subset_size, len(real) // 2, len(fake) // 2)))
     kid.update(real, real=True)
     kid.update(fake, real=False)
     with torch.random.fork_rng(devices=[]):
@@ -310,12 +314,13 @@ def generated_features(unet, vae, extractor: nn.Module, num_samples: int, *, res
 def evaluate_model(unet, vae, resolution: int, dataset: str, extractor: nn.Module, *,
                    num_samples: int = DEFAULT_NUM_SAMPLES, steps: int = 25, sampler: str = "euler", seed: int = 0,
                    split: str = "train", config_name: str | None = None, image_column: str | None = None,
-                   random_crop: bool = False, reference_dir=None, batch_size: int = 50, num_workers: int = 0,
-                   device: torch.device | str = "cpu", progress: bool = True) -> dict:
+                   random_crop: bool = False, reference_dir=None, reference_root=None, batch_size: int = 50,
+                   num_workers: int = 0, device: torch.device | str = "cpu", progress: bool = True) -> dict:
     """FID and KID of ``unet`` (+ ``vae``) sampled at ``resolution`` against ``dataset`` at the same resolution.
 
     Draws ``num_samples`` images, or as many as the dataset has real images (with a warning) when it is smaller.
-    ``reference_dir``: the reference cache folder (default: one per setting under ``default_cache_root()``).
+    ``reference_dir``: the reference cache folder (default: one per setting under ``reference_root``, itself by
+    default ``default_cache_root()``).
     Returns a JSON-ready dict: fid, kid, kid_std, num_samples, num_real, sampler, steps, seed, resolution, dataset,
     split, feature_extractor, reference_dir, wall_time_s and sample_time_s.
     """
@@ -331,7 +336,7 @@ def evaluate_model(unet, vae, resolution: int, dataset: str, extractor: nn.Modul
     start = time.perf_counter()
     key = reference_key(dataset, resolution, extractor.name, split=split, config_name=config_name,
                         random_crop=random_crop)
-    reference_dir = Path(reference_dir) if reference_dir else default_reference_dir(default_cache_root(), key)
+    reference_dir = Path(reference_dir or default_reference_dir(reference_root or default_cache_root(), key))
     real, metadata = reference_features(dataset, resolution, extractor, num_samples, reference_dir, split=split,
                                         config_name=config_name, image_column=image_column, random_crop=random_crop,
                                         batch_size=batch_size, num_workers=num_workers, device=device,
@@ -427,9 +432,7 @@ class TrainingEvaluator(TrainerCallback):
                 model, trainer.vae, config.resolution, config.dataset, self.extractor,
                 num_samples=config.eval_samples, steps=config.sample_steps, seed=config.seed, split=config.split,
                 config_name=config.config_name, image_column=config.image_column, random_crop=config.random_crop,
-                reference_dir=default_reference_dir(trainer.output_dir / "fid-reference", reference_key(
-                    config.dataset, config.resolution, self.extractor.name, split=config.split,
-                    config_name=config.config_name, random_crop=config.random_crop)),
+                reference_root=trainer.output_dir / "fid-reference",
                 batch_size=max(config.batch_size, 16), device=trainer.device, progress=False,
             )
         record = {"step": step, "kid": result["kid"], "kid_std": result["kid_std"], "fid": result["fid"],
@@ -450,41 +453,64 @@ class TrainingEvaluator(TrainerCallback):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _run_evaluate(args: argparse.Namespace) -> int:
+def evaluate_checkpoint(checkpoint: str | os.PathLike, *, num_samples: int = DEFAULT_NUM_SAMPLES,
+                        dataset: str | None = None, split: str | None = None, config_name: str | None = None,
+                        image_column: str | None = None, resolution: int | None = None, use_ema: bool = True,
+                        feature_extractor: str | nn.Module = INCEPTION, inception_weights=None,
+                        device: str | None = None, num_workers: int | None = None, **options) -> dict:
+    """``evaluate_model`` for a checkpoint, an output dir (its newest checkpoint), an export folder or a Hub id,
+    against its training dataset, split and crop (from its ``train_config.json``) unless told otherwise.
+
+    ``resolution`` may only repeat the training resolution. ``options`` (steps, sampler, seed, batch_size,
+    reference_dir, reference_root, progress) go to ``evaluate_model``. Returns its dict plus ``checkpoint``,
+    ``step`` (of a training checkpoint; else the run's total steps) and ``weights`` ("ema" or "raw").
+    """
     from .hub import resolve_checkpoint
     from .trainer import load_for_sampling
 
-    if args.num_samples < 1:
-        raise ValueError(f"--num-samples must be at least 1, got {args.num_samples} (default {DEFAULT_NUM_SAMPLES})")
-    folder = resolve_checkpoint(args.checkpoint)
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be at least 1, got {num_samples} (default {DEFAULT_NUM_SAMPLES})")
+    folder = resolve_checkpoint(checkpoint)
     config_path = folder / "train_config.json"
     trained = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    dataset = args.dataset or trained.get("dataset")
+    dataset = dataset or trained.get("dataset")
     if not dataset:
-        raise ValueError(f"no dataset to compare with: {args.checkpoint} does not record its training dataset; pass "
+        raise ValueError(f"no dataset to compare with: {checkpoint} does not record its training dataset; pass "
                          "--dataset (a short name, Hub id or folder of images)")
-    if args.resolution and trained.get("resolution") and args.resolution != trained["resolution"]:
-        raise ValueError(f"the model was trained at {trained['resolution']}px, not {args.resolution}px: FID compares "
-                         "at the training resolution (drop --resolution)")
-    extractor = load_feature_extractor(args.feature_extractor, args.inception_weights)  # fails fast when offline
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    unet, vae, resolution = load_for_sampling(str(folder), use_ema=not args.raw, device=device)
-    if args.resolution and resolution and args.resolution != resolution:
-        raise ValueError(f"the model was trained at {resolution}px, not {args.resolution}px: FID compares at the "
-                         "training resolution (drop --resolution)")
-    resolution = resolution or args.resolution
+    extractor = load_feature_extractor(feature_extractor, inception_weights)  # fails fast when offline
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_resolution(resolution, trained.get("resolution"))  # before loading anything
+    unet, vae, trained_at = load_for_sampling(str(folder), use_ema=use_ema, device=device)
+    _check_resolution(resolution, trained_at)
+    resolution = trained_at or resolution
     if not resolution:
         raise ValueError("the checkpoint does not record its resolution; pass --resolution")
-    num_workers = args.num_workers if args.num_workers is not None else (2 if torch.cuda.is_available() else 0)
+    num_workers = num_workers if num_workers is not None else (2 if torch.cuda.is_available() else 0)
     result = evaluate_model(
-        unet, vae, resolution, dataset, extractor, num_samples=args.num_samples, steps=args.steps,
-        sampler=args.sampler, seed=args.seed, split=args.split or trained.get("split", "train"),
-        config_name=args.config_name or trained.get("config_name"),
-        image_column=args.image_column or trained.get("image_column"),
-        random_crop=trained.get("random_crop", False), reference_dir=args.reference_dir, batch_size=args.batch_size,
-        num_workers=num_workers, device=device, progress=not args.no_progress,
+        unet, vae, resolution, dataset, extractor, num_samples=num_samples,
+        split=split or trained.get("split", "train"), config_name=config_name or trained.get("config_name"),
+        image_column=image_column or trained.get("image_column"),
+        random_crop=trained.get("random_crop", False), num_workers=num_workers, device=device, **options,
     )
-    result = {"checkpoint": str(args.checkpoint), "weights": "raw" if args.raw else "ema", **result}
+    state = folder / "state.json"
+    step = json.loads(state.read_text()).get("step") if state.is_file() else trained.get("steps")
+    return {"checkpoint": str(checkpoint), "step": step, "weights": "ema" if use_ema else "raw", **result}
+
+
+def _check_resolution(asked: int | None, trained_at: int | None) -> None:
+    if asked and trained_at and asked != trained_at:
+        raise ValueError(f"the model was trained at {trained_at}px, not {asked}px: FID compares at the training "
+                         "resolution (drop --resolution)")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    result = evaluate_checkpoint(
+        args.checkpoint, num_samples=args.num_samples, dataset=args.dataset, split=args.split,
+        config_name=args.config_name, image_column=args.image_column, resolution=args.resolution,
+        use_ema=not args.raw, feature_extractor=args.feature_extractor, inception_weights=args.inception_weights,
+        device=args.device, num_workers=args.num_workers, steps=args.steps, sampler=args.sampler, seed=args.seed,
+        batch_size=args.batch_size, reference_dir=args.reference_dir, progress=not args.no_progress,
+    )
     print(summary_line(result))
     print(json.dumps(result))
     if args.out:

@@ -158,7 +158,7 @@ class TrainerCallback:
         """Called on the main process after a checkpoint is complete."""
 
     def on_eval(self, trainer: "Trainer", record: dict) -> None:
-        """Called on the main process after an ``--eval-every`` evaluation (``record``: step, kid, kid_std, fid, ...)."""
+        """Called on the main process after an ``--eval-every`` evaluation (``record``: step, kid, fid, ...)."""
 
 
 class NonFiniteLossError(RuntimeError):

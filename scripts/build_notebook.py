@@ -43,6 +43,7 @@ latent space of the frozen SD-VAE, or directly on pixels for small images.
 | 5 · Model | parameter count and expected GPU memory |
 | 6 · Train | one live panel: progress, latest sample grid, loss curves |
 | 7 · Final samples | Euler vs Heun at 25 and 50 steps |
+| 7b · FID and KID | the quality numbers, against the training images |
 | 8 · Hub | log in and push (skipped when no repo id is set) |
 | 9 · Load back | load the pushed model as any user would, and sample |
 
@@ -51,8 +52,9 @@ are practical.
 
 **Headless use:** every choice can be overridden by an environment variable (`LD_DATASET`, `LD_PRESET`,
 `LD_RESOLUTION`, `LD_SPACE`, `LD_VAE`, `LD_STEPS`, `LD_BATCH_SIZE`, `LD_SAMPLE_EVERY`, `LD_OUTPUT_DIR`, `LD_HUB_REPO`;
-also `LD_LR`, `LD_NUM_SAMPLES`, `LD_MOUNT_DRIVE`, `LD_CACHE_LATENTS`, `LD_PACKAGE_SPEC`, `LD_SKIP_INSTALL`), so the
-notebook also runs unattended, e.g. `jupyter nbconvert --to notebook --execute`.
+also `LD_LR`, `LD_NUM_SAMPLES`, `LD_MOUNT_DRIVE`, `LD_CACHE_LATENTS`, `LD_PACKAGE_SPEC`, `LD_SKIP_INSTALL`,
+`LD_EVAL_EVERY`, `LD_EVAL_SAMPLES`), so the notebook also runs unattended, e.g.
+`jupyter nbconvert --to notebook --execute`.
 """
 
 SETUP_MD = """\
@@ -109,7 +111,7 @@ def pip_install(*args):
 
 PACKAGE_SPEC = env("LD_PACKAGE_SPEC", PACKAGE_SPEC)
 DEPENDENCIES = ("torch", "diffusers", "accelerate", "datasets", "huggingface_hub", "safetensors", "PIL",
-                "matplotlib", "ipywidgets", "tqdm")
+                "matplotlib", "ipywidgets", "tqdm", "torchmetrics")
 missing = [name for name in DEPENDENCIES if importlib.util.find_spec(name) is None]
 CHECKOUT = find_checkout(Path.cwd().resolve())
 if CHECKOUT is not None:
@@ -198,6 +200,7 @@ CHOICES_MD = """\
 | `BATCH_SIZE` | `0` = the suggested size for this preset, resolution and GPU memory |
 | `LEARNING_RATE` | AdamW learning rate (after a linear warmup) |
 | `SAMPLE_EVERY` | steps between live sample grids |
+| `EVAL_EVERY` | steps between KID/FID measurements of the EMA weights on 1,000 samples, plotted under the loss (`best.json` names the best checkpoint); `0` = off |
 | `CACHE_LATENTS` | latent space only: encode every image once with the VAE, then train on latents alone (much faster per step, a one-off wait that grows with the dataset) |
 | `HUB_REPO_ID` | `user/name` to push to at the end; leave empty to skip the Hub |
 | `RUN_NAME` | output sub-folder; empty = derived from the choices, so the same choices resume the same run |
@@ -216,6 +219,7 @@ STEPS = 20000  # @param {type:"integer"}
 BATCH_SIZE = 0  # @param {type:"integer"}
 LEARNING_RATE = 1e-4  # @param {type:"number"}
 SAMPLE_EVERY = 500  # @param {type:"integer"}
+EVAL_EVERY = 2000  # @param {type:"integer"}
 CACHE_LATENTS = False  # @param {type:"boolean"}
 VAE = "stabilityai/sd-vae-ft-mse"  # @param {type:"string"}
 HUB_REPO_ID = ""  # @param {type:"string"}
@@ -242,6 +246,9 @@ STEPS = env("LD_STEPS", STEPS, int)
 BATCH_SIZE = env("LD_BATCH_SIZE", BATCH_SIZE, int)
 LEARNING_RATE = env("LD_LR", LEARNING_RATE, float)
 SAMPLE_EVERY = env("LD_SAMPLE_EVERY", SAMPLE_EVERY, int)
+EVAL_EVERY = env("LD_EVAL_EVERY", EVAL_EVERY, int)
+if EVAL_EVERY and importlib.util.find_spec("torch_fidelity") is None and not env("LD_SKIP_INSTALL", False, bool):
+    pip_install("torch-fidelity")  # the FID Inception network; keeps Colab's torch and torchvision
 CACHE_LATENTS = env("LD_CACHE_LATENTS", CACHE_LATENTS, bool) and SPACE == "latent"
 HUB_REPO_ID = env("LD_HUB_REPO", HUB_REPO_ID).strip()
 NUM_SAMPLE_IMAGES = env("LD_NUM_SAMPLES", 16, int)  # images per sample grid (live and final)
@@ -310,6 +317,7 @@ CONFIG = TrainConfig(
     dataset=DATASET, resolution=RESOLUTION, preset=PRESET, space=SPACE, vae=VAE, cache_latents=CACHE_LATENTS,
     batch_size=BATCH_SIZE, steps=STEPS, lr=LEARNING_RATE, warmup_steps=min(500, max(1, STEPS // 10)),
     sample_every=SAMPLE_EVERY, num_sample_images=NUM_SAMPLE_IMAGES, log_every=max(1, min(50, STEPS // 20)),
+    eval_every=EVAL_EVERY,
     checkpoint_every=min(1000, STEPS), keep_checkpoints=2, output_dir=str(OUTPUT_DIR), resume="latest",
     num_workers=2 if DEVICE == "cuda" else 0, mixed_precision=MIXED_PRECISION, progress_bar=False,
 )
@@ -456,12 +464,16 @@ class LiveDashboard(TrainerCallback):
 
     def __init__(self, config):
         self.config, self.losses, self.t_bins, self.started = config, {}, None, time.time()
+        self.evals = {}  # step -> {"kid", "kid_std", "fid", ...} with EVAL_EVERY
         self.checkpoint = "none yet"
         metrics = Path(config.output_dir) / "metrics.jsonl"
         if metrics.exists():  # a resumed run shows its whole history
             for line in metrics.read_text().splitlines():
                 record = json.loads(line)
-                self.losses[record["step"]] = record["loss"]
+                if "loss" in record:
+                    self.losses[record["step"]] = record["loss"]
+                if "kid" in record:
+                    self.evals[record["step"]] = record
         self.status = display(HTML("<b>starting ...</b> (streaming the first images" + (
             "; encoding the whole dataset into the latent cache first" if config.cache_latents else "") + ")"),
             display_id=True)
@@ -491,6 +503,11 @@ class LiveDashboard(TrainerCallback):
     def on_checkpoint(self, trainer, step, path):
         self.checkpoint = f"step {step}"
 
+    def on_eval(self, trainer, record):
+        self.evals = {s: r for s, r in self.evals.items() if s < record["step"]}
+        self.evals[record["step"]] = record
+        self.draw_curves()
+
     def finish(self, step, stopped=False):
         minutes = (time.time() - self.started) / 60
         self.status.update(HTML(f'<progress value="{step}" max="{self.config.steps}" style="width:60%"></progress> '
@@ -499,8 +516,9 @@ class LiveDashboard(TrainerCallback):
                                 f"{html.escape(str(self.config.output_dir))}"))
 
     def draw_curves(self):
-        figure = Figure(figsize=(10, 3.2))
-        ax_loss, ax_t = figure.subplots(1, 2)
+        figure = Figure(figsize=(10, 6.4 if self.evals else 3.2))
+        axes = figure.subplots(2 if self.evals else 1, 2)
+        ax_loss, ax_t = axes[0] if self.evals else axes
         steps = sorted(self.losses)
         ax_loss.plot(steps, [self.losses[s] for s in steps], color="tab:blue")
         ax_loss.set(xlabel="step", ylabel="loss (MSE on velocity)", title="training loss")
@@ -512,6 +530,13 @@ class LiveDashboard(TrainerCallback):
             values = [v if v is not None else float("nan") for v in self.t_bins]
             ax_t.bar(centers, values, width=0.9 / len(self.t_bins), color="tab:orange")
         ax_t.set(xlabel="t (0 = data, 1 = noise)", ylabel="loss", title="loss per noise level (last interval)")
+        if self.evals:  # under the loss: KID (with its std over subsets) and FID of the EMA weights
+            steps = sorted(self.evals)
+            axes[1, 0].errorbar(steps, [self.evals[s]["kid"] for s in steps],
+                                yerr=[self.evals[s]["kid_std"] for s in steps], marker="o", color="tab:green")
+            axes[1, 0].set(xlabel="step", ylabel="KID", title=f"KID ({self.evals[steps[-1]]['eval_samples']} samples)")
+            axes[1, 1].plot(steps, [self.evals[s]["fid"] for s in steps], marker="o", color="tab:red")
+            axes[1, 1].set(xlabel="step", ylabel="FID", title="FID (biased at this N: compare at equal N only)")
         figure.tight_layout()
         self.curves.update(ImageDisplay(data=png(figure)))
 
@@ -576,6 +601,45 @@ figure.tight_layout()
 figure.savefig(OUTPUT_DIR / "samples" / "final-comparison.png", dpi=90)
 display(ImageDisplay(data=png(figure)))
 del unet, sampling_vae
+'''
+
+EVALUATE_MD = """\
+## 7b · FID and KID
+
+Draws `EVAL_SAMPLES` images from the EMA weights of the best checkpoint (the one `best.json` names when
+`EVAL_EVERY` was on, else the final one) and compares them with as many training images at the training resolution,
+through the Inception network used for FID (torchmetrics with torch-fidelity's weights). **KID** (with its standard
+deviation) is unbiased, so it is the honest number for a few thousand images; **FID** is what papers report, but it is
+biased upward at small N: compare FIDs only at equal N (the protocol is in the README). The real images' features are
+cached in the output folder, so a second run only samples. The same from a terminal:
+`python -m liquid_diffusion evaluate --checkpoint OUTPUT_DIR --num-samples 10000`.
+
+**Expect:** one line with FID, KID and the time taken (the first run downloads the Inception network, ~92 MB, and
+encodes the real images once). Without the internet it says so in one line and skips.
+"""
+
+EVALUATE = '''\
+# @title 7b · FID and KID
+EVAL_SAMPLES = 2000  # @param {type:"integer"}
+
+from liquid_diffusion.evaluate import evaluate_checkpoint, read_best, summary_line
+
+EVAL_SAMPLES = env("LD_EVAL_SAMPLES", EVAL_SAMPLES, int)
+best = read_best(OUTPUT_DIR)
+EVAL_CHECKPOINT = Path(FINAL_CHECKPOINT)
+if best and (OUTPUT_DIR / best["checkpoint"]).is_dir():
+    EVAL_CHECKPOINT = OUTPUT_DIR / best["checkpoint"]
+try:
+    EVALUATION = evaluate_checkpoint(EVAL_CHECKPOINT, num_samples=EVAL_SAMPLES, device=DEVICE,
+                                     reference_root=OUTPUT_DIR / "fid-reference")
+except ValueError as error:  # e.g. offline: the Inception weights cannot be downloaded
+    EVALUATION = None
+    print(f"skipping FID/KID: {error}")
+else:
+    (OUTPUT_DIR / "evaluation.json").write_text(json.dumps(EVALUATION, indent=2))
+    print(f"{EVAL_CHECKPOINT.name}: {summary_line(EVALUATION)}")
+if DEVICE == "cuda":
+    torch.cuda.empty_cache()
 '''
 
 HUB_MD = """\
@@ -671,6 +735,7 @@ CELLS = [
     ("model", MODEL_MD, MODEL),
     ("train", TRAIN_MD, TRAIN),
     ("samples", SAMPLES_MD, SAMPLES),
+    ("evaluate", EVALUATE_MD, EVALUATE),
     ("hub", HUB_MD, HUB),
     ("load", LOAD_MD, LOAD),
     ("next", OUTRO, None),
