@@ -219,6 +219,30 @@ def test_evaluate_matches_itself_and_the_library_api(trained, tmp_path, capsys):
     assert fid_kid(real, fake)["fid"] == pytest.approx(first["fid"], rel=1e-6)
 
 
+def test_evaluate_an_export_folder_gives_the_checkpoints_numbers(trained, tmp_path):
+    from liquid_diffusion.hub import export_checkpoint
+
+    export = tmp_path / "export"
+    export_checkpoint(list_checkpoints(trained)[-1], export)
+    options = dict(num_samples=10, steps=2, batch_size=5, feature_extractor=StandInFeatures(), progress=False,
+                   reference_dir=tmp_path / "ref")
+    from_checkpoint = evaluate.evaluate_checkpoint(trained, **options)
+    from_export = evaluate.evaluate_checkpoint(export, **options)
+    assert from_export["dataset"] == from_checkpoint["dataset"] and from_export["resolution"] == RES
+    assert from_export["fid"] == pytest.approx(from_checkpoint["fid"], rel=1e-5, abs=1e-8)
+    assert from_checkpoint["step"] == 2
+
+
+def test_evaluate_a_latent_space_model_decodes_through_its_vae(clean_image_folder, tiny_vae_dir, tmp_path):
+    out = tmp_path / "latent-run"
+    Trainer(pixel_config(clean_image_folder, out, space="latent", vae=str(tiny_vae_dir), resolution=32, steps=1,
+                         batch_size=4)).train()
+    result = evaluate.evaluate_checkpoint(out, num_samples=6, steps=2, batch_size=4, progress=False,
+                                          feature_extractor=StandInFeatures(), reference_dir=tmp_path / "ref")
+    assert result["resolution"] == 32 and result["num_samples"] == 6 and result["fid"] > 0
+    assert json.loads((tmp_path / "ref" / "metadata.json").read_text())["key"]["resolution"] == 32
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--num-samples", "0"], "--num-samples must be at least 1"),
     (["--resolution", "32"], "the model was trained at 16px, not 32px"),
