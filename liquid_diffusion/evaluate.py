@@ -31,8 +31,10 @@ Data flows one way through this file::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib
+import io
 import json
 import os
 import re
@@ -86,16 +88,20 @@ def inception_extractor(weights: str | os.PathLike | None = None) -> nn.Module:
 
     if weights is not None and not Path(weights).is_file():
         raise FileNotFoundError(f"no Inception weights at {str(weights)!r}; download them from {INCEPTION_URL}")
+    downloading = weights is None and not inception_weights_path().is_file()
     try:
-        module = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                    feature_extractor_weights_path=None if weights is None else str(weights),
-                                    antialias=False)
+        with contextlib.redirect_stderr(io.StringIO()):  # torch.hub's "Downloading ..." and progress bar
+            module = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                        feature_extractor_weights_path=None if weights is None else str(weights),
+                                        antialias=False)
     except Exception as error:  # no connection, a proxy, a truncated download: one line, cause kept
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(
             f"could not download the Inception weights ({first_line}); for offline use put {INCEPTION_URL} at "
             f"{inception_weights_path()} (or pass --inception-weights PATH)"
         ) from error
+    if downloading:
+        print(f"downloaded the Inception weights to {inception_weights_path()}", file=sys.stderr)
     module.name = INCEPTION_NAME
     return module
 
