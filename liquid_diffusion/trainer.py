@@ -384,9 +384,16 @@ class Trainer:
         if not self.is_main:
             return None
         config = self.config
-        with self.ema_weights() as model:
+        model = self.accelerator.unwrap_model(self.model)
+        self.ema.store(model.parameters())
+        self.ema.copy_to(model.parameters())
+        try:
+            model.eval()
             images = generate(model, self.vae, config.num_sample_images, config.sample_steps, "euler",
                               seed=config.seed, resolution=config.resolution)
+        finally:
+            self.ema.restore(model.parameters())
+            model.train()
         path = self.output_dir / "samples" / f"step-{self.step:06d}.png"
         save_grid(images, path)
         for callback in self.callbacks:

@@ -43,18 +43,17 @@ latent space of the frozen SD-VAE, or directly on pixels for small images.
 | 5 · Model | parameter count and expected GPU memory |
 | 6 · Train | one live panel: progress, latest sample grid, loss curves |
 | 7 · Final samples | Euler vs Heun at 25 and 50 steps |
-| 7b · FID and KID | the quality numbers, against the training images |
 | 8 · Hub | log in and push (skipped when no repo id is set) |
 | 9 · Load back | load the pushed model as any user would, and sample |
+| 10 · FID and KID | the quality numbers, against the training images |
 
 **Runtime:** *Runtime → Change runtime type → T4 GPU* (free tier) or better. On a CPU only the tiny demo settings
 are practical.
 
 **Headless use:** every choice can be overridden by an environment variable (`LD_DATASET`, `LD_PRESET`,
 `LD_RESOLUTION`, `LD_SPACE`, `LD_VAE`, `LD_STEPS`, `LD_BATCH_SIZE`, `LD_SAMPLE_EVERY`, `LD_OUTPUT_DIR`, `LD_HUB_REPO`;
-also `LD_LR`, `LD_NUM_SAMPLES`, `LD_MOUNT_DRIVE`, `LD_CACHE_LATENTS`, `LD_PACKAGE_SPEC`, `LD_SKIP_INSTALL`,
-`LD_EVAL_EVERY`, `LD_EVAL_SAMPLES`), so the notebook also runs unattended, e.g.
-`jupyter nbconvert --to notebook --execute`.
+also `LD_LR`, `LD_NUM_SAMPLES`, `LD_MOUNT_DRIVE`, `LD_CACHE_LATENTS`, `LD_PACKAGE_SPEC`, `LD_SKIP_INSTALL`), so the
+notebook also runs unattended, e.g. `jupyter nbconvert --to notebook --execute`.
 """
 
 SETUP_MD = """\
@@ -200,7 +199,7 @@ CHOICES_MD = """\
 | `BATCH_SIZE` | `0` = the suggested size for this preset, resolution and GPU memory |
 | `LEARNING_RATE` | AdamW learning rate (after a linear warmup) |
 | `SAMPLE_EVERY` | steps between live sample grids |
-| `EVAL_EVERY` | steps between KID/FID measurements of the EMA weights on 1,000 samples, plotted under the loss (`best.json` names the best checkpoint); `0` = off |
+| `EVAL_EVERY` | steps between KID/FID measurements of the EMA weights on 1,000 samples, plotted under the loss (`best.json` names the best checkpoint); `0` = off (env: `LD_EVAL_EVERY`) |
 | `CACHE_LATENTS` | latent space only: encode every image once with the VAE, then train on latents alone (much faster per step, a one-off wait that grows with the dataset) |
 | `HUB_REPO_ID` | `user/name` to push to at the end; leave empty to skip the Hub |
 | `RUN_NAME` | output sub-folder; empty = derived from the choices, so the same choices resume the same run |
@@ -603,45 +602,6 @@ display(ImageDisplay(data=png(figure)))
 del unet, sampling_vae
 '''
 
-EVALUATE_MD = """\
-## 7b · FID and KID
-
-Draws `EVAL_SAMPLES` images from the EMA weights of the best checkpoint (the one `best.json` names when
-`EVAL_EVERY` was on, else the final one) and compares them with as many training images at the training resolution,
-through the Inception network used for FID (torchmetrics with torch-fidelity's weights). **KID** (with its standard
-deviation) is unbiased, so it is the honest number for a few thousand images; **FID** is what papers report, but it is
-biased upward at small N: compare FIDs only at equal N (the protocol is in the README). The real images' features are
-cached in the output folder, so a second run only samples. The same from a terminal:
-`python -m liquid_diffusion evaluate --checkpoint OUTPUT_DIR --num-samples 10000`.
-
-**Expect:** one line with FID, KID and the time taken (the first run downloads the Inception network, ~92 MB, and
-encodes the real images once). Without the internet it says so in one line and skips.
-"""
-
-EVALUATE = '''\
-# @title 7b · FID and KID
-EVAL_SAMPLES = 2000  # @param {type:"integer"}
-
-from liquid_diffusion.evaluate import evaluate_checkpoint, read_best, summary_line
-
-EVAL_SAMPLES = env("LD_EVAL_SAMPLES", EVAL_SAMPLES, int)
-best = read_best(OUTPUT_DIR)
-EVAL_CHECKPOINT = Path(FINAL_CHECKPOINT)
-if best and (OUTPUT_DIR / best["checkpoint"]).is_dir():
-    EVAL_CHECKPOINT = OUTPUT_DIR / best["checkpoint"]
-try:
-    EVALUATION = evaluate_checkpoint(EVAL_CHECKPOINT, num_samples=EVAL_SAMPLES, device=DEVICE,
-                                     reference_root=OUTPUT_DIR / "fid-reference")
-except ValueError as error:  # e.g. offline: the Inception weights cannot be downloaded
-    EVALUATION = None
-    print(f"skipping FID/KID: {error}")
-else:
-    (OUTPUT_DIR / "evaluation.json").write_text(json.dumps(EVALUATION, indent=2))
-    print(f"{EVAL_CHECKPOINT.name}: {summary_line(EVALUATION)}")
-if DEVICE == "cuda":
-    torch.cuda.empty_cache()
-'''
-
 HUB_MD = """\
 ## 8 · Push to the Hugging Face Hub
 
@@ -717,6 +677,46 @@ display(ImageDisplay(data=buffer.getvalue(), width=min(1024, max(256, grid.width
 print(f"loaded {SOURCE}: {count} images at {images.shape[-1]}px")
 '''
 
+EVALUATE_MD = """\
+## 10 · FID and KID
+
+Draws `EVAL_SAMPLES` images from the EMA weights of the best checkpoint (the one `best.json` names when
+`EVAL_EVERY` was on, else the final one) and compares them with as many training images at the training resolution,
+through the Inception network used for FID (torchmetrics with torch-fidelity's weights). **KID** (with its standard
+deviation) is unbiased, so it is the honest number for a few thousand images; **FID** is what papers report, but it is
+biased upward at small N: compare FIDs only at equal N (the protocol is in the README). The real images' features are
+cached in the output folder, so a second run only samples. The same from a terminal:
+`python -m liquid_diffusion evaluate --checkpoint OUTPUT_DIR --num-samples 10000` (`LD_EVAL_SAMPLES` overrides
+`EVAL_SAMPLES`).
+
+**Expect:** one line with FID, KID and the time taken (the first run downloads the Inception network, ~92 MB, and
+encodes the real images once). Without the internet it says so in one line and skips.
+"""
+
+EVALUATE = '''\
+# @title 10 · FID and KID
+EVAL_SAMPLES = 2000  # @param {type:"integer"}
+
+from liquid_diffusion.evaluate import evaluate_checkpoint, read_best, summary_line
+
+EVAL_SAMPLES = env("LD_EVAL_SAMPLES", EVAL_SAMPLES, int)
+best = read_best(OUTPUT_DIR)
+EVAL_CHECKPOINT = Path(FINAL_CHECKPOINT)
+if best and (OUTPUT_DIR / best["checkpoint"]).is_dir():
+    EVAL_CHECKPOINT = OUTPUT_DIR / best["checkpoint"]
+try:
+    EVALUATION = evaluate_checkpoint(EVAL_CHECKPOINT, num_samples=EVAL_SAMPLES, device=DEVICE,
+                                     reference_root=OUTPUT_DIR / "fid-reference")
+except ValueError as error:  # e.g. offline: the Inception weights cannot be downloaded
+    EVALUATION = None
+    print(f"skipping FID/KID: {error}")
+else:
+    (OUTPUT_DIR / "evaluation.json").write_text(json.dumps(EVALUATION, indent=2))
+    print(f"{EVAL_CHECKPOINT.name}: {summary_line(EVALUATION)}")
+if DEVICE == "cuda":
+    torch.cuda.empty_cache()
+'''
+
 OUTRO = """\
 ## What next
 
@@ -735,9 +735,9 @@ CELLS = [
     ("model", MODEL_MD, MODEL),
     ("train", TRAIN_MD, TRAIN),
     ("samples", SAMPLES_MD, SAMPLES),
-    ("evaluate", EVALUATE_MD, EVALUATE),
     ("hub", HUB_MD, HUB),
     ("load", LOAD_MD, LOAD),
+    ("evaluate", EVALUATE_MD, EVALUATE),
     ("next", OUTRO, None),
 ]
 FORM_CELLS = {"outputs", "choices"}  # shown as forms in Colab (code folded away, one click to see it)
