@@ -1,4 +1,4 @@
-"""Command line: ``python -m liquid_diffusion {preview,train,sample,export,push} ...``.
+"""Command line: ``python -m liquid_diffusion {preview,train,sample,export,push,evaluate} ...``.
 
 Each module owns its sub-command (``add_*_command(subparsers)`` sets ``func``); this file only dispatches and
 turns user errors into one clean line (set ``LD_DEBUG=1`` for the full traceback).
@@ -20,6 +20,7 @@ COMMANDS = [
     ("liquid_diffusion.trainer", "add_sample_command"),
     ("liquid_diffusion.hub", "add_export_command"),
     ("liquid_diffusion.hub", "add_push_command"),
+    ("liquid_diffusion.evaluate", "add_evaluate_command"),
     ("liquid_diffusion.quickstart", "add_quickstart_command"),
 ]
 

@@ -49,6 +49,7 @@ latent space of the frozen SD-VAE, or directly on pixels for small images.
 | 7 · Final samples | Euler vs Heun at 25 and 50 steps |
 | 8 · Hub | log in and push (skipped when no repo id is set) |
 | 9 · Load back | load the pushed model as any user would, and sample |
+| 10 · FID and KID | the quality numbers, against the training images |
 
 **Runtime:** *Runtime → Change runtime type → T4 GPU* (free tier) or better. On a CPU runtime the notebook switches
 to CPU-sized settings (the `micro` model on 32 px pixels), which show shapes emerging within about 10 minutes.
@@ -116,7 +117,7 @@ def pip_install(*args):
 
 PACKAGE_SPEC = env("LD_PACKAGE_SPEC", PACKAGE_SPEC)
 DEPENDENCIES = ("torch", "diffusers", "accelerate", "datasets", "huggingface_hub", "safetensors", "PIL",
-                "matplotlib", "ipywidgets", "tqdm")
+                "matplotlib", "ipywidgets", "tqdm", "torchmetrics")
 missing = [name for name in DEPENDENCIES if importlib.util.find_spec(name) is None]
 CHECKOUT = find_checkout(Path.cwd().resolve())
 if CHECKOUT is not None:
@@ -227,6 +228,7 @@ CHOICES_MD = """\
 | `BATCH_SIZE` | `0` = the suggested size for this preset, resolution and GPU memory |
 | `LEARNING_RATE` | AdamW learning rate (after a linear warmup) |
 | `SAMPLE_EVERY` | steps between live sample grids |
+| `EVAL_EVERY` | steps between KID/FID measurements of the EMA weights on 1,000 samples, plotted under the loss (`best.json` names the best checkpoint); `0` = off (env: `LD_EVAL_EVERY`) |
 | `CACHE_LATENTS` | latent space only: encode every image once with the VAE, then train on latents alone (much faster per step, a one-off wait that grows with the dataset) |
 | `HUB_REPO_ID` | `user/name` to push to at the end; leave empty to skip the Hub |
 | `RUN_NAME` | output sub-folder; empty = derived from the choices, so the same choices resume the same run |
@@ -246,6 +248,7 @@ STEPS = 20000  # @param {type:"integer"}
 BATCH_SIZE = 0  # @param {type:"integer"}
 LEARNING_RATE = 1e-4  # @param {type:"number"}
 SAMPLE_EVERY = 500  # @param {type:"integer"}
+EVAL_EVERY = 2000  # @param {type:"integer"}
 CACHE_LATENTS = False  # @param {type:"boolean"}
 VAE = "stabilityai/sd-vae-ft-mse"  # @param {type:"string"}
 HUB_REPO_ID = ""  # @param {type:"string"}
@@ -284,6 +287,9 @@ STEPS = env("LD_STEPS", STEPS, int)
 BATCH_SIZE = env("LD_BATCH_SIZE", BATCH_SIZE, int)
 LEARNING_RATE = env("LD_LR", LEARNING_RATE, float)
 SAMPLE_EVERY = env("LD_SAMPLE_EVERY", SAMPLE_EVERY, int)
+EVAL_EVERY = env("LD_EVAL_EVERY", EVAL_EVERY, int)
+if EVAL_EVERY and importlib.util.find_spec("torch_fidelity") is None and not env("LD_SKIP_INSTALL", False, bool):
+    pip_install("torch-fidelity")  # the FID Inception network; keeps Colab's torch and torchvision
 CACHE_LATENTS = env("LD_CACHE_LATENTS", CACHE_LATENTS, bool) and SPACE == "latent"
 HUB_REPO_ID = env("LD_HUB_REPO", HUB_REPO_ID).strip()
 if HUB_REPO_ID:
@@ -354,6 +360,7 @@ CONFIG = TrainConfig(
     dataset=DATASET, resolution=RESOLUTION, preset=PRESET, space=SPACE, vae=VAE, cache_latents=CACHE_LATENTS,
     batch_size=BATCH_SIZE, steps=STEPS, lr=LEARNING_RATE, warmup_steps=min(500, max(1, STEPS // 10)),
     sample_every=SAMPLE_EVERY, num_sample_images=NUM_SAMPLE_IMAGES, log_every=max(1, min(50, STEPS // 20)),
+    eval_every=EVAL_EVERY,
     checkpoint_every=min(1000, STEPS), keep_checkpoints=2, output_dir=str(OUTPUT_DIR), resume="latest",
     num_workers=2 if DEVICE == "cuda" else 0, mixed_precision=MIXED_PRECISION, progress_bar=False,
 )
@@ -507,6 +514,7 @@ class LiveDashboard(TrainerCallback):
 
     def __init__(self, config):
         self.config, self.losses, self.t_bins, self.started = config, {}, None, time.time()
+        self.evals = {}  # step -> {"kid", "kid_std", "fid", ...} with EVAL_EVERY
         self.checkpoint, self.first_seen = "none yet", None  # (step, time) of this session's first log
         metrics = Path(config.output_dir) / "metrics.jsonl"
         if metrics.exists():  # a resumed run shows its whole history
@@ -515,8 +523,11 @@ class LiveDashboard(TrainerCallback):
                     record = json.loads(line)
                 except ValueError:  # a line cut short by a kill
                     continue
-                self.losses[record["step"]] = record["loss"]
-                self.t_bins = record.get("loss_t_bins")
+                if "loss" in record:
+                    self.losses[record["step"]] = record["loss"]
+                    self.t_bins = record.get("loss_t_bins")
+                if "kid" in record:
+                    self.evals[record["step"]] = record
         self.status = display(HTML("<b>starting ...</b> (streaming the first images" + (
             "; encoding the whole dataset into the latent cache first" if config.cache_latents else "") + ")"),
             display_id=True)
@@ -553,6 +564,11 @@ class LiveDashboard(TrainerCallback):
     def on_checkpoint(self, trainer, step, path):
         self.checkpoint = f"step {step}"
 
+    def on_eval(self, trainer, record):
+        self.evals = {s: r for s, r in self.evals.items() if s < record["step"]}
+        self.evals[record["step"]] = record
+        self.draw_curves()
+
     def finish(self, step, stopped=False):
         minutes = (time.time() - self.started) / 60
         self.status.update(HTML(f'<progress value="{step}" max="{self.config.steps}" style="width:60%"></progress> '
@@ -561,8 +577,9 @@ class LiveDashboard(TrainerCallback):
                                 f"{html.escape(str(self.config.output_dir))}"))
 
     def draw_curves(self):
-        figure = Figure(figsize=(10, 3.2))
-        ax_loss, ax_t = figure.subplots(1, 2)
+        figure = Figure(figsize=(10, 6.4 if self.evals else 3.2))
+        axes = figure.subplots(2 if self.evals else 1, 2)
+        ax_loss, ax_t = axes[0] if self.evals else axes
         steps = sorted(self.losses)
         ax_loss.plot(steps, [self.losses[s] for s in steps], color="tab:blue")
         ax_loss.set(xlabel="step", ylabel="loss (MSE on velocity)", title="training loss")
@@ -574,6 +591,13 @@ class LiveDashboard(TrainerCallback):
             values = [v if v is not None else float("nan") for v in self.t_bins]
             ax_t.bar(centers, values, width=0.9 / len(self.t_bins), color="tab:orange")
         ax_t.set(xlabel="t (0 = data, 1 = noise)", ylabel="loss", title="loss per noise level (last interval)")
+        if self.evals:  # under the loss: KID (with its std over subsets) and FID of the EMA weights
+            steps = sorted(self.evals)
+            axes[1, 0].errorbar(steps, [self.evals[s]["kid"] for s in steps],
+                                yerr=[self.evals[s]["kid_std"] for s in steps], marker="o", color="tab:green")
+            axes[1, 0].set(xlabel="step", ylabel="KID", title=f"KID ({self.evals[steps[-1]]['eval_samples']} samples)")
+            axes[1, 1].plot(steps, [self.evals[s]["fid"] for s in steps], marker="o", color="tab:red")
+            axes[1, 1].set(xlabel="step", ylabel="FID", title="FID (biased at this N: compare at equal N only)")
         figure.tight_layout()
         self.curves.update(ImageDisplay(data=png(figure)))
 
@@ -728,6 +752,46 @@ display(ImageDisplay(data=buffer.getvalue(), width=min(1024, max(256, grid.width
 print(f"loaded {SOURCE}: {count} images at {images.shape[-1]}px")
 '''
 
+EVALUATE_MD = """\
+## 10 · FID and KID
+
+Draws `EVAL_SAMPLES` images from the EMA weights of the best checkpoint (the one `best.json` names when
+`EVAL_EVERY` was on, else the final one) and compares them with as many training images at the training resolution,
+through the Inception network used for FID (torchmetrics with torch-fidelity's weights). **KID** (with its standard
+deviation) is unbiased, so it is the honest number for a few thousand images; **FID** is what papers report, but it is
+biased upward at small N: compare FIDs only at equal N (the protocol is in the README). The real images' features are
+cached in the output folder, so a second run only samples. The same from a terminal:
+`python -m liquid_diffusion evaluate --checkpoint OUTPUT_DIR --num-samples 10000` (`LD_EVAL_SAMPLES` overrides
+`EVAL_SAMPLES`).
+
+**Expect:** one line with FID, KID and the time taken (the first run downloads the Inception network, ~92 MB, and
+encodes the real images once). Without the internet it says so in one line and skips.
+"""
+
+EVALUATE = '''\
+# @title 10 · FID and KID
+EVAL_SAMPLES = 2000  # @param {type:"integer"}
+
+from liquid_diffusion.evaluate import evaluate_checkpoint, read_best, summary_line
+
+EVAL_SAMPLES = env("LD_EVAL_SAMPLES", EVAL_SAMPLES, int)
+best = read_best(OUTPUT_DIR)
+EVAL_CHECKPOINT = Path(FINAL_CHECKPOINT)
+if best and (OUTPUT_DIR / best["checkpoint"]).is_dir():
+    EVAL_CHECKPOINT = OUTPUT_DIR / best["checkpoint"]
+try:
+    EVALUATION = evaluate_checkpoint(EVAL_CHECKPOINT, num_samples=EVAL_SAMPLES, device=DEVICE,
+                                     reference_root=OUTPUT_DIR / "fid-reference")
+except ValueError as error:  # e.g. offline: the Inception weights cannot be downloaded
+    EVALUATION = None
+    print(f"skipping FID/KID: {error}")
+else:
+    (OUTPUT_DIR / "evaluation.json").write_text(json.dumps(EVALUATION, indent=2))
+    print(f"{EVAL_CHECKPOINT.name}: {summary_line(EVALUATION)}")
+if DEVICE == "cuda":
+    torch.cuda.empty_cache()
+'''
+
 OUTRO = """\
 ## What next
 
@@ -748,6 +812,7 @@ CELLS = [
     ("samples", SAMPLES_MD, SAMPLES),
     ("hub", HUB_MD, HUB),
     ("load", LOAD_MD, LOAD),
+    ("evaluate", EVALUATE_MD, EVALUATE),
     ("next", OUTRO, None),
 ]
 FORM_CELLS = {"outputs", "choices"}  # shown as forms in Colab (code folded away, one click to see it)

@@ -91,6 +91,7 @@ def test_notebook_runs_headless_on_cpu_and_resumes(tmp_path, monkeypatch, clean_
         "LD_NUM_SAMPLES": "4",
         "LD_OUTPUT_DIR": str(output_dir),
         "LD_HUB_REPO": "",
+        "LD_EVAL_EVERY": "0",  # no Inception download where the internet is reachable
         "LD_MOUNT_DRIVE": "0",
         "LD_SKIP_INSTALL": "1",
         "CUDA_VISIBLE_DEVICES": "",
@@ -155,7 +156,7 @@ def test_notebook_runs_headless_in_latent_space(tmp_path, monkeypatch, clean_ima
     overrides = {
         "LD_DATASET": str(clean_image_folder), "LD_SPACE": "latent", "LD_VAE": str(tiny_vae_dir),
         "LD_PRESET": "micro", "LD_RESOLUTION": "32", "LD_STEPS": "2", "LD_BATCH_SIZE": "2", "LD_SAMPLE_EVERY": "1",
-        "LD_NUM_SAMPLES": "2", "LD_OUTPUT_DIR": str(output_dir), "LD_HUB_REPO": "", "LD_MOUNT_DRIVE": "0",
+        "LD_NUM_SAMPLES": "2", "LD_OUTPUT_DIR": str(output_dir), "LD_HUB_REPO": "", "LD_EVAL_EVERY": "0", "LD_MOUNT_DRIVE": "0",
         "LD_SKIP_INSTALL": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
         "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
     }
@@ -176,7 +177,7 @@ def test_notebook_runs_headless_in_latent_space(tmp_path, monkeypatch, clean_ima
 
 def _run_cells(sources: list[str], monkeypatch, **env) -> tuple[nbformat.NotebookNode, bool]:
     """Runs code cells like *Run all* in a fresh kernel; returns the notebook and whether it stopped at an error."""
-    for name, value in {"LD_SKIP_INSTALL": "1", "LD_MOUNT_DRIVE": "0", "CUDA_VISIBLE_DEVICES": "",
+    for name, value in {"LD_SKIP_INSTALL": "1", "LD_MOUNT_DRIVE": "0", "LD_EVAL_EVERY": "0", "CUDA_VISIBLE_DEVICES": "",
                         "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", **env}.items():
         monkeypatch.setenv(name, value)
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in sources])
