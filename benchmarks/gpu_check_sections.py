@@ -307,7 +307,9 @@ def _build_job(ctx: Context, name: str, size: int, batch: int, compiled: bool) -
             latents = latents.contiguous(memory_format=torch.channels_last)
         # FLOPs are linear in the batch; counting at batch 1 keeps this fp32 pass out of the measured peak
         flops = common.train_step_flops(model, latents[:1]) * batch
-        runner = torch.compile(model, backend=plan.compile_backend) if compiled else model
+        # dynamic=False: the models share one forward code object, and a second shape would otherwise make dynamo
+        # recompile it with dynamic shapes (slower kernels) for every model after the first
+        runner = torch.compile(model, backend=plan.compile_backend, dynamic=False) if compiled else model
         step = common.make_train_step(runner, latents, autocast_dtype=plan.dtype)
         warmup_s = common.timed(lambda: [step() for _ in range(plan.warmup)], device)
     graphs1, breaks1 = _dynamo_graphs()
