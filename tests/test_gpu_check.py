@@ -52,7 +52,8 @@ def test_dry_run_writes_every_section_with_finite_numbers_and_passing_checks(tmp
     compiled = [r for r in speed if r["variant"].endswith("+compile")]
     assert {r["model"] for r in compiled} == {"liquid-micro", "dit-s2"}
     assert all(r["graphs"] >= 1 and r["graph_breaks"] == 0 for r in compiled if r["model"] == "liquid-micro")
-    assert {r["batch_kind"] for r in speed} == {"8", "max"}
+    assert {r["batch_kind"] for r in speed} == {"8", "max", "8+"}  # "8+": compiled rows only
+    assert all(r["variant"].endswith("+compile") for r in speed if r["batch_kind"] == "8+")
     assert all(r["batch"] >= 2 for r in speed if r["batch_kind"] == "max")
     assert all(_finite(r["tflops"]) and r["tflops"] > 0 for r in sections["mfu"]["data"]["rows"])
     assert _finite(sections["targets"]["data"]["speed_ratio"], sections["targets"]["data"]["tiny_cached_bf16_mib"])
