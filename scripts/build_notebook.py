@@ -152,7 +152,7 @@ class RunStopped(Exception):
 
 def one_line_error(shell, etype, value, tb, tb_offset=None):
     """Mistakes a user can fix print as one line (the cell still fails, so *Run all* stops there)."""
-    hint = ": run the cells above this one first (Runtime -> Run before)" if etype is NameError else ""
+    hint = ": run the cells above this one first" if etype is NameError else ""
     print(f"error: {first_line(value)}{hint}", file=sys.stderr)
 
 
@@ -179,7 +179,6 @@ else:
     warning = ("No GPU found: section 3 switches to CPU-sized settings (the micro model, 32 px pixels). For the real "
                "thing in Colab: Runtime -> Change runtime type -> T4 GPU, then run all cells again.")
     display(HTML(f'<div style="padding:8px;border:2px solid #d33;color:#d33;font-weight:bold">{warning}</div>'))
-    print(warning)
 '''
 
 SETUP = SETUP.replace('"{PACKAGE_SPEC}"', f'"{PACKAGE_SPEC}"')  # the repository of pyproject.toml
@@ -256,8 +255,9 @@ HUB_PRIVATE = False  # @param {type:"boolean"}
 RUN_NAME = ""  # @param {type:"string"}
 CPU_SETTINGS = True  # @param {type:"boolean"}
 
-if "IN_COLAB" not in globals():
-    raise SystemExit("run section 1 · Setup first (Runtime -> Run before)")
+if "IN_COLAB" not in globals():  # run out of order: say in one line which cells come first
+    raise type("RunFirst", (Exception,), {"_render_traceback_": lambda e: [f"error: {e}"]})(
+        "run section 1 · Setup first (run the cells above this one)")
 import json
 import re
 
@@ -265,10 +265,9 @@ from liquid_diffusion import LiquidDiffusionUNet
 from liquid_diffusion.hub import check_repo_id
 from liquid_diffusion.trainer import RESUME_MUST_MATCH, TrainConfig, list_checkpoints, vae_dtype
 
-if DEVICE == "cpu" and CPU_SETTINGS:  # a GPU preset would take hours per grid on a CPU
+CPU_SIZED = DEVICE == "cpu" and CPU_SETTINGS
+if CPU_SIZED:  # a GPU preset would take hours per grid on a CPU
     PRESET, SPACE, RESOLUTION, STEPS, SAMPLE_EVERY = "micro", "pixel", "32", min(STEPS, 2000), 250
-    print("CPU runtime: CPU-sized settings (micro model, pixel space, 32 px, up to 2,000 steps); expect blurry "
-          "shapes after about 10 minutes. Untick CPU_SETTINGS to keep your own choices.")
 
 # Environment variables win over the form, so the notebook runs headless.
 if DATASET == "custom":
@@ -366,6 +365,9 @@ CONFIG = TrainConfig(
 )
 CONFIG.validate()  # a one-line error with the fix for values that cannot work
 
+if CPU_SIZED:
+    print(f"CPU runtime: CPU-sized settings ({PRESET} model, {SPACE} space, {RESOLUTION} px, {STEPS} steps); expect "
+          "blurry shapes after about 10 minutes. Untick CPU_SETTINGS to keep your own choices.")
 print(f"dataset     {DATASET}")
 print(f"model       {PRESET} in {SPACE} space at {RESOLUTION}px" + (f" (VAE {VAE})" if SPACE == "latent" else ""))
 print(f"training    {STEPS} steps · batch {BATCH_SIZE} (suggested here: {SUGGESTED_BATCH_SIZE}) · "
@@ -409,8 +411,9 @@ space the VAE (~330 MB) downloads once.
 """
 
 PREVIEW = '''\
-if "CONFIG" not in globals():
-    raise SystemExit("run sections 1 to 3 first (Runtime -> Run before)")
+if "CONFIG" not in globals():  # run out of order: say in one line which cells come first
+    raise type("RunFirst", (Exception,), {"_render_traceback_": lambda e: [f"error: {e}"]})(
+        "run sections 1 to 3 first (run the cells above this one)")
 import io
 
 from IPython.display import Image as ImageDisplay
@@ -448,8 +451,9 @@ after training. The trainer builds its own copy of the model, so this one is dis
 """
 
 MODEL = '''\
-if "estimate_gpu_memory_gib" not in globals():
-    raise SystemExit("run sections 1 to 3 first (Runtime -> Run before)")
+if "estimate_gpu_memory_gib" not in globals():  # run out of order: say in one line which cells come first
+    raise type("RunFirst", (Exception,), {"_render_traceback_": lambda e: [f"error: {e}"]})(
+        "run sections 1 to 3 first (run the cells above this one)")
 model = LiquidDiffusionUNet.from_preset(PRESET, in_channels=4 if SPACE == "latent" else 3)
 count = lambda module: sum(p.numel() for p in module.parameters())
 total = count(model)
@@ -492,8 +496,9 @@ resumes.
 """
 
 TRAIN = '''\
-if "CONFIG" not in globals() or "ImageDisplay" not in globals():
-    raise SystemExit("run sections 1 to 4 first (Runtime -> Run before)")
+if "CONFIG" not in globals() or "ImageDisplay" not in globals():  # run out of order: say in one line which cells come first
+    raise type("RunFirst", (Exception,), {"_render_traceback_": lambda e: [f"error: {e}"]})(
+        "run sections 1 to 4 first (run the cells above this one)")
 import gc
 import html
 import time
@@ -639,8 +644,9 @@ saved next to the checkpoint's samples.
 """
 
 SAMPLES = '''\
-if "FINAL_CHECKPOINT" not in globals():
-    raise SystemExit("run the training cell (section 6) first")
+if "FINAL_CHECKPOINT" not in globals():  # run out of order: say in one line which cells come first
+    raise type("RunFirst", (Exception,), {"_render_traceback_": lambda e: [f"error: {e}"]})(
+        "run the training cell (section 6) first (run the cells above this one)")
 import numpy as np
 from PIL import Image as PILImage
 
@@ -687,8 +693,9 @@ checkpoint.
 """
 
 HUB = '''\
-if "FINAL_CHECKPOINT" not in globals():
-    raise SystemExit("run the training cell (section 6) first")
+if "FINAL_CHECKPOINT" not in globals():  # run out of order: say in one line which cells come first
+    raise type("RunFirst", (Exception,), {"_render_traceback_": lambda e: [f"error: {e}"]})(
+        "run the training cell (section 6) first (run the cells above this one)")
 PUSHED = False
 if not HUB_REPO_ID:
     print("no HUB_REPO_ID set: skipping the push to the Hub")
@@ -725,8 +732,9 @@ pipe = LiquidDiffusionPipeline.from_pretrained("USER/NAME")
 """
 
 LOAD = '''\
-if "PUSHED" not in globals():
-    raise SystemExit("run sections 6 to 8 first (Runtime -> Run before)")
+if "PUSHED" not in globals():  # run out of order: say in one line which cells come first
+    raise type("RunFirst", (Exception,), {"_render_traceback_": lambda e: [f"error: {e}"]})(
+        "run sections 6 to 8 first (run the cells above this one)")
 import shutil
 
 from liquid_diffusion import LiquidDiffusionPipeline
@@ -772,6 +780,9 @@ EVALUATE = '''\
 # @title 10 · FID and KID
 EVAL_SAMPLES = 2000  # @param {type:"integer"}
 
+if "FINAL_CHECKPOINT" not in globals():  # run out of order: say in one line which cells come first
+    raise type("RunFirst", (Exception,), {"_render_traceback_": lambda e: [f"error: {e}"]})(
+        "run the training cell (section 6) first (run the cells above this one)")
 from liquid_diffusion.evaluate import evaluate_checkpoint, read_best, summary_line
 
 EVAL_SAMPLES = env("LD_EVAL_SAMPLES", EVAL_SAMPLES, int)
