@@ -349,23 +349,26 @@ class Trainer:
                         desc="train", dynamic_ncols=True)
         stats = _IntervalStats(self.device)
         interval_start = time.perf_counter()
+
+        def log_interval():
+            nonlocal stats, interval_start
+            elapsed = time.perf_counter() - interval_start
+            record = self._log(stats, images_per_step * stats.steps / max(elapsed, 1e-9))
+            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 img_s=f"{record['images_per_s']:.1f}", skipped=record["images_skipped"])
+            stats, interval_start = _IntervalStats(self.device), time.perf_counter()
+
         try:
             with _GracefulStop() as stop:
                 while self.step < config.steps:
                     self._train_step(batches, stats)
                     self.step += 1
                     progress.update(1)
-                    for check_stop in (False, True):  # log on log steps, and before stopping (a callback may stop)
-                        stopping = check_stop and self._agree(stop.requested is not None)
-                        if stats.steps and (stopping or self.step % config.log_every == 0 or self.step == config.steps):
-                            elapsed = time.perf_counter() - interval_start
-                            record = self._log(stats, images_per_step * stats.steps / max(elapsed, 1e-9))
-                            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                                 img_s=f"{record['images_per_s']:.1f}",
-                                                 skipped=record["images_skipped"])
-                            stats = _IntervalStats(self.device)
-                            interval_start = time.perf_counter()
-                    if stopping:
+                    if self.step % config.log_every == 0 or self.step == config.steps:
+                        log_interval()
+                    if self._agree(stop.requested is not None):  # asked after the log: a callback may stop too
+                        if stats.steps:
+                            log_interval()
                         progress.close()
                         checkpoint = self.save_checkpoint()
                         name = stop.requested or "a stop signal on another process"
