@@ -46,7 +46,9 @@ from liquid_diffusion import flow
 # Peak dense bf16 tensor throughput in TFLOP/s, matched by substring of torch.cuda.get_device_name() (first hit).
 PEAK_BF16_TFLOPS = {
     "H200": 989.0,
-    "H100": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.0,  # SXM ("H100 80GB HBM3")
     "A100": 312.0,
     "A10G": 70.0,
     "A6000": 155.0,

@@ -1,7 +1,7 @@
-"""Command line: ``python -m liquid_diffusion {preview,train,sample,export,push} ...``.
+"""Command line: ``python -m liquid_diffusion {preview,train,sample,export,push,evaluate} ...``.
 
 Each module owns its sub-command (``add_*_command(subparsers)`` sets ``func``); this file only dispatches and
-turns user errors into one clean line (set ``LD_DEBUG=1`` for the full traceback).
+turns user errors into one clean line (set ``LIQUID_DIFFUSION_DEBUG=1`` for the full traceback).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ COMMANDS = [
     ("liquid_diffusion.trainer", "add_sample_command"),
     ("liquid_diffusion.hub", "add_export_command"),
     ("liquid_diffusion.hub", "add_push_command"),
+    ("liquid_diffusion.evaluate", "add_evaluate_command"),
     ("liquid_diffusion.quickstart", "add_quickstart_command"),
 ]
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as error:
-        if os.environ.get("LD_DEBUG"):
+        if os.environ.get("LIQUID_DIFFUSION_DEBUG"):
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1027,7 +1027,7 @@ def _run_export(args: argparse.Namespace) -> int:
     except _PERMANENT_ERRORS:
         raise
     except OSError as error:  # e.g. the VAE could not be downloaded: one line, not a traceback
-        if os.environ.get("LD_DEBUG"):
+        if os.environ.get("LIQUID_DIFFUSION_DEBUG"):
             raise
         print(f"error: export of {checkpoint} failed: {type(error).__name__}: {_first_line(error)}", file=sys.stderr)
         return 1
@@ -1045,7 +1045,7 @@ def _run_push(args: argparse.Namespace) -> int:
     except _PERMANENT_ERRORS:
         raise
     except Exception as error:  # noqa: BLE001 -- network or server trouble: one line, not a traceback
-        if os.environ.get("LD_DEBUG"):
+        if os.environ.get("LIQUID_DIFFUSION_DEBUG"):
             raise
         print(f"error: push to {args.repo_id} failed: {type(error).__name__}: {_first_line(error)}", file=sys.stderr)
         return 1

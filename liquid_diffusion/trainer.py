@@ -10,6 +10,7 @@ Output directory layout::
     metrics.jsonl               one JSON object per logged step
     samples/step-000500.png     EMA sample grids, always from the same noise
     checkpoint-000500/          unet/ and unet_ema/ (safetensors), training_state.pt, state.json, train_config.json
+    best.json                   with --eval-every: the checkpoint with the best KID so far (kept when pruning)
 
 Exact resume: the only randomness of a step (noise and t) comes from a generator re-seeded from
 (seed, process, step), and the data streams restart at the batch where they stopped, so N steps + resume + N steps
@@ -19,6 +20,7 @@ equals 2N steps in one go.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -126,6 +128,12 @@ class TrainConfig:
     push_to_hub: str | None = _help("Hub repo id USER/NAME to push checkpoints to (in the background)", default=None)
     push_every: int = _help("push every N checkpoints", default=1)
     hub_private: bool = _help("create the Hub repo as private", default=False)
+    # evaluation (liquid_diffusion/evaluate.py)
+    eval_every: int = _help("KID/FID of the EMA weights at the first checkpoint at or past every N steps and at the "
+                            "end, logged to metrics.jsonl; best.json names the best checkpoint (0: off)", default=0)
+    eval_samples: int = _help("generated (and real) images per in-training evaluation", default=1000)
+    eval_feature_extractor: str = _help("'inception' or module.path:callable (see `evaluate --help`)",
+                                        default="inception")
 
     def validate(self) -> None:
         """Raises ValueError with a one-line fix for values that cannot work."""
@@ -146,10 +154,12 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "steps", "log_every", "checkpoint_every", "keep_checkpoints",
                      "num_sample_images", "sample_steps", "push_every"):
             check_number(self, name, minimum=1)
-        for name in ("warmup_steps", "sample_every", "num_workers", "shuffle_buffer", "seed"):
+        for name in ("warmup_steps", "sample_every", "num_workers", "shuffle_buffer", "seed", "eval_every"):
             check_number(self, name, minimum=0)
         if self.cache_num_images is not None:
             check_number(self, "cache_num_images", minimum=1)
+        if self.eval_every:
+            check_number(self, "eval_samples", minimum=2)
         for name in ("lr", "max_grad_norm"):
             check_number(self, name, minimum=0, inclusive=False)
         check_number(self, "weight_decay", minimum=0)
@@ -187,6 +197,9 @@ class TrainerCallback:
 
     def on_checkpoint(self, trainer: "Trainer", step: int, path: Path) -> None:
         """Called on the main process after a checkpoint is complete."""
+
+    def on_eval(self, trainer: "Trainer", record: dict) -> None:
+        """Called on the main process after an ``--eval-every`` evaluation (``record``: step, kid, fid, ...)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -258,6 +271,10 @@ class Trainer:
         self.images_skipped_before = 0  # all processes' skipped images up to the checkpoint resumed from
         self.generator = torch.Generator(self.device)
         self._pusher = None
+        if config.eval_every and self.is_main:
+            from .evaluate import TrainingEvaluator
+
+            self.callbacks.append(TrainingEvaluator(config))
 
     @property
     def unwrapped_model(self) -> LiquidDiffusionUNet:
@@ -374,23 +391,26 @@ class Trainer:
                         desc="train", dynamic_ncols=True)
         stats = _IntervalStats(self.device)
         interval_start = time.perf_counter()
+
+        def log_interval():
+            nonlocal stats, interval_start
+            elapsed = time.perf_counter() - interval_start
+            record = self._log(stats, images_per_step * stats.steps / max(elapsed, 1e-9))
+            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 img_s=f"{record['images_per_s']:.1f}", skipped=record["images_skipped"])
+            stats, interval_start = _IntervalStats(self.device), time.perf_counter()
+
         try:
             with _GracefulStop() as stop:
                 while self.step < config.steps:
                     self._train_step(batches, stats)
                     self.step += 1
                     progress.update(1)
-                    for check_stop in (False, True):  # log on log steps, and before stopping (a callback may stop)
-                        stopping = check_stop and self._agree(stop.requested is not None)
-                        if stats.steps and (stopping or self.step % config.log_every == 0 or self.step == config.steps):
-                            elapsed = time.perf_counter() - interval_start
-                            record = self._log(stats, images_per_step * stats.steps / max(elapsed, 1e-9))
-                            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                                 img_s=f"{record['images_per_s']:.1f}",
-                                                 skipped=record["images_skipped"])
-                            stats = _IntervalStats(self.device)
-                            interval_start = time.perf_counter()
-                    if stopping:
+                    if self.step % config.log_every == 0 or self.step == config.steps:
+                        log_interval()
+                    if self._agree(stop.requested is not None):  # asked after the log: a callback may stop too
+                        if stats.steps:
+                            log_interval()
                         progress.close()
                         checkpoint = self.save_checkpoint()
                         name = stop.requested or "a stop signal on another process"
@@ -508,6 +528,19 @@ class Trainer:
             callback.on_sample(self, self.step, path)
         return path
 
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[LiquidDiffusionUNet]:
+        """The model with the EMA weights swapped in, in eval mode; the training weights come back afterwards."""
+        model = self.accelerator.unwrap_model(self.model)
+        self.ema.store(model.parameters())
+        self.ema.copy_to(model.parameters())
+        try:
+            model.eval()
+            yield model
+        finally:
+            self.ema.restore(model.parameters())
+            model.train()
+
     # ------------------------------------------------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self) -> Path:
@@ -564,8 +597,13 @@ class Trainer:
         return self.images_skipped_before + int(self.accelerator.reduce(local, reduction="sum").item())
 
     def _prune_checkpoints(self) -> None:
+        try:  # --eval-every's best checkpoint is kept
+            best = json.loads((self.output_dir / "best.json").read_text()).get("checkpoint")
+        except (OSError, ValueError):
+            best = None
         for old in list_checkpoints(self.output_dir)[: -self.config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name != best:
+                shutil.rmtree(old, ignore_errors=True)
 
     def _newest_checkpoint_hint(self) -> str:
         checkpoints = list_checkpoints(self.output_dir)
@@ -691,8 +729,8 @@ class _IntervalStats:
             self.grad_norm_sum += torch.where(ok, grad_norm, torch.zeros_like(grad_norm))
             self.grad_norm_count += ok.float()
 
-    def reduce(self, accelerator: Accelerator, images_skipped: int) -> dict[str, list[float]]:
-        """Every accumulator over all processes: sums, except ``first_bad_step`` (the earliest); host values."""
+    def fields(self, images_skipped: int) -> dict[str, torch.Tensor]:
+        """This process's accumulators, each of shape [1, n] (one row per process once gathered)."""
         device = self.count.device
         fields = {
             "loss_sum": self.loss_sum, "count": self.count, "grad_norm_sum": self.grad_norm_sum,
@@ -701,7 +739,11 @@ class _IntervalStats:
             "images_skipped": torch.tensor(float(images_skipped), device=device),
             "bin_sum": self.bin_sum, "bin_count": self.bin_count, "first_bad_step": self.first_bad_step,
         }
-        gathered = accelerator.gather({k: v.reshape(1, -1) for k, v in fields.items()})  # [processes, n] each
+        return {k: v.reshape(1, -1) for k, v in fields.items()}
+
+    def reduce(self, accelerator: Accelerator, images_skipped: int) -> dict[str, list[float]]:
+        """Every accumulator over all processes: sums, except ``first_bad_step`` (the earliest); host values."""
+        gathered = accelerator.gather(self.fields(images_skipped))  # [processes, n] each
         return {k: (v.min(0).values if k == "first_bad_step" else v.sum(0)).cpu().tolist()
                 for k, v in gathered.items()}
 

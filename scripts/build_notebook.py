@@ -49,6 +49,7 @@ latent space of the frozen SD-VAE, or directly on pixels for small images.
 | 7 · Final samples | Euler vs Heun at 25 and 50 steps; with class labels, a class picker and a guidance slider |
 | 8 · Hub | log in and push (skipped when no repo id is set) |
 | 9 · Load back | load the pushed model as any user would, and sample |
+| 10 · FID and KID | the quality numbers, against the training images |
 
 **Runtime:** *Runtime → Change runtime type → T4 GPU* (free tier) or better. On a CPU runtime the notebook switches
 to CPU-sized settings (the `micro` model on 32 px pixels), which show shapes emerging within about 10 minutes.
@@ -117,7 +118,7 @@ def pip_install(*args):
 
 PACKAGE_SPEC = env("LD_PACKAGE_SPEC", PACKAGE_SPEC)
 DEPENDENCIES = ("torch", "diffusers", "accelerate", "datasets", "huggingface_hub", "safetensors", "PIL",
-                "matplotlib", "ipywidgets", "tqdm")
+                "matplotlib", "ipywidgets", "tqdm", "torchmetrics")
 missing = [name for name in DEPENDENCIES if importlib.util.find_spec(name) is None]
 CHECKOUT = find_checkout(Path.cwd().resolve())
 if CHECKOUT is not None:
@@ -152,7 +153,7 @@ class RunStopped(Exception):
 
 def one_line_error(shell, etype, value, tb, tb_offset=None):
     """Mistakes a user can fix print as one line (the cell still fails, so *Run all* stops there)."""
-    hint = ": run the cells above this one first (Runtime -> Run before)" if etype is NameError else ""
+    hint = ": run the cells above this one first" if etype is NameError else ""
     print(f"error: {first_line(value)}{hint}", file=sys.stderr)
 
 
@@ -179,7 +180,6 @@ else:
     warning = ("No GPU found: section 3 switches to CPU-sized settings (the micro model, 32 px pixels). For the real "
                "thing in Colab: Runtime -> Change runtime type -> T4 GPU, then run all cells again.")
     display(HTML(f'<div style="padding:8px;border:2px solid #d33;color:#d33;font-weight:bold">{warning}</div>'))
-    print(warning)
 '''
 
 SETUP = SETUP.replace('"{PACKAGE_SPEC}"', f'"{PACKAGE_SPEC}"')  # the repository of pyproject.toml
@@ -228,6 +228,7 @@ CHOICES_MD = """\
 | `BATCH_SIZE` | `0` = the suggested size for this preset, resolution and GPU memory |
 | `LEARNING_RATE` | AdamW learning rate (after a linear warmup) |
 | `SAMPLE_EVERY` | steps between live sample grids |
+| `EVAL_EVERY` | steps between KID/FID measurements of the EMA weights on 1,000 samples, plotted under the loss (`best.json` names the best checkpoint); `0` = off (env: `LD_EVAL_EVERY`) |
 | `CACHE_LATENTS` | latent space only: encode every image once with the VAE, then train on latents alone (much faster per step, a one-off wait that grows with the dataset) |
 | `CLASS_CONDITIONAL` | when the dataset has class labels (a `ClassLabel` column, or a folder with one sub-folder per class), train a class-conditional model with classifier-free guidance, so you can ask for a class; the cell says when the dataset has labels; ignored for datasets without them |
 | `GUIDANCE_SCALE` | classifier-free guidance of the sample grids (1 = none; higher = more typical of the class, less varied) |
@@ -249,6 +250,7 @@ STEPS = 20000  # @param {type:"integer"}
 BATCH_SIZE = 0  # @param {type:"integer"}
 LEARNING_RATE = 1e-4  # @param {type:"number"}
 SAMPLE_EVERY = 500  # @param {type:"integer"}
+EVAL_EVERY = 2000  # @param {type:"integer"}
 CACHE_LATENTS = False  # @param {type:"boolean"}
 CLASS_CONDITIONAL = False  # @param {type:"boolean"}
 GUIDANCE_SCALE = 2.0  # @param {type:"slider", min:1, max:8, step:0.5}
@@ -258,8 +260,9 @@ HUB_PRIVATE = False  # @param {type:"boolean"}
 RUN_NAME = ""  # @param {type:"string"}
 CPU_SETTINGS = True  # @param {type:"boolean"}
 
-if "IN_COLAB" not in globals():
-    raise SystemExit("run section 1 · Setup first (Runtime -> Run before)")
+if "IN_COLAB" not in globals():  # run out of order: say in one line which cells come first
+    raise type("RunFirst", (Exception,), {"_render_traceback_": lambda e: [f"error: {e}"]})(
+        "run section 1 · Setup first (run the cells above this one)")
 import json
 import re
 
@@ -268,10 +271,9 @@ from liquid_diffusion.data import class_names, open_source
 from liquid_diffusion.hub import check_repo_id
 from liquid_diffusion.trainer import RESUME_MUST_MATCH, TrainConfig, list_checkpoints, vae_dtype
 
-if DEVICE == "cpu" and CPU_SETTINGS:  # a GPU preset would take hours per grid on a CPU
+CPU_SIZED = DEVICE == "cpu" and CPU_SETTINGS
+if CPU_SIZED:  # a GPU preset would take hours per grid on a CPU
     PRESET, SPACE, RESOLUTION, STEPS, SAMPLE_EVERY = "micro", "pixel", "32", min(STEPS, 2000), 250
-    print("CPU runtime: CPU-sized settings (micro model, pixel space, 32 px, up to 2,000 steps); expect blurry "
-          "shapes after about 10 minutes. Untick CPU_SETTINGS to keep your own choices.")
 
 # Environment variables win over the form, so the notebook runs headless.
 if DATASET == "custom":
@@ -290,6 +292,9 @@ STEPS = env("LD_STEPS", STEPS, int)
 BATCH_SIZE = env("LD_BATCH_SIZE", BATCH_SIZE, int)
 LEARNING_RATE = env("LD_LR", LEARNING_RATE, float)
 SAMPLE_EVERY = env("LD_SAMPLE_EVERY", SAMPLE_EVERY, int)
+EVAL_EVERY = env("LD_EVAL_EVERY", EVAL_EVERY, int)
+if EVAL_EVERY and importlib.util.find_spec("torch_fidelity") is None and not env("LD_SKIP_INSTALL", False, bool):
+    pip_install("torch-fidelity")  # the FID Inception network; keeps Colab's torch and torchvision
 CACHE_LATENTS = env("LD_CACHE_LATENTS", CACHE_LATENTS, bool) and SPACE == "latent"
 HUB_REPO_ID = env("LD_HUB_REPO", HUB_REPO_ID).strip()
 if HUB_REPO_ID:
@@ -373,12 +378,16 @@ CONFIG = TrainConfig(
     dataset=DATASET, resolution=RESOLUTION, preset=PRESET, space=SPACE, vae=VAE, cache_latents=CACHE_LATENTS,
     batch_size=BATCH_SIZE, steps=STEPS, lr=LEARNING_RATE, warmup_steps=min(500, max(1, STEPS // 10)),
     sample_every=SAMPLE_EVERY, num_sample_images=NUM_SAMPLE_IMAGES, log_every=max(1, min(50, STEPS // 20)),
+    eval_every=EVAL_EVERY,
     checkpoint_every=min(1000, STEPS), keep_checkpoints=2, output_dir=str(OUTPUT_DIR), resume="latest",
     num_workers=2 if DEVICE == "cuda" else 0, mixed_precision=MIXED_PRECISION, progress_bar=False,
     class_conditional=CLASS_CONDITIONAL, guidance_scale=GUIDANCE_SCALE,
 )
 CONFIG.validate()  # a one-line error with the fix for values that cannot work
 
+if CPU_SIZED:
+    print(f"CPU runtime: CPU-sized settings ({PRESET} model, {SPACE} space, {RESOLUTION} px, {STEPS} steps); expect "
+          "blurry shapes after about 10 minutes. Untick CPU_SETTINGS to keep your own choices.")
 print(f"dataset     {DATASET}")
 print(f"model       {PRESET} in {SPACE} space at {RESOLUTION}px" + (f" (VAE {VAE})" if SPACE == "latent" else ""))
 print(f"training    {STEPS} steps · batch {BATCH_SIZE} (suggested here: {SUGGESTED_BATCH_SIZE}) · "
@@ -431,8 +440,9 @@ space the VAE (~330 MB) downloads once.
 """
 
 PREVIEW = '''\
-if "CONFIG" not in globals():
-    raise SystemExit("run sections 1 to 3 first (Runtime -> Run before)")
+if "CONFIG" not in globals():  # run out of order: say in one line which cells come first
+    raise type("RunFirst", (Exception,), {"_render_traceback_": lambda e: [f"error: {e}"]})(
+        "run sections 1 to 3 first (run the cells above this one)")
 import io
 
 from IPython.display import Image as ImageDisplay
@@ -470,8 +480,9 @@ after training. The trainer builds its own copy of the model, so this one is dis
 """
 
 MODEL = '''\
-if "estimate_gpu_memory_gib" not in globals():
-    raise SystemExit("run sections 1 to 3 first (Runtime -> Run before)")
+if "estimate_gpu_memory_gib" not in globals():  # run out of order: say in one line which cells come first
+    raise type("RunFirst", (Exception,), {"_render_traceback_": lambda e: [f"error: {e}"]})(
+        "run sections 1 to 3 first (run the cells above this one)")
 model = LiquidDiffusionUNet.from_preset(PRESET, in_channels=4 if SPACE == "latent" else 3,
                                         num_classes=len(CLASS_NAMES) if CLASS_CONDITIONAL else 0)
 count = lambda module: sum(p.numel() for p in module.parameters())
@@ -517,8 +528,9 @@ resumes.
 """
 
 TRAIN = '''\
-if "CONFIG" not in globals() or "ImageDisplay" not in globals():
-    raise SystemExit("run sections 1 to 4 first (Runtime -> Run before)")
+if "CONFIG" not in globals() or "ImageDisplay" not in globals():  # run out of order: say in one line which cells come first
+    raise type("RunFirst", (Exception,), {"_render_traceback_": lambda e: [f"error: {e}"]})(
+        "run sections 1 to 4 first (run the cells above this one)")
 import gc
 import html
 import time
@@ -539,6 +551,7 @@ class LiveDashboard(TrainerCallback):
 
     def __init__(self, config):
         self.config, self.losses, self.t_bins, self.started = config, {}, None, time.time()
+        self.evals = {}  # step -> {"kid", "kid_std", "fid", ...} with EVAL_EVERY
         self.checkpoint, self.first_seen = "none yet", None  # (step, time) of this session's first log
         metrics = Path(config.output_dir) / "metrics.jsonl"
         if metrics.exists():  # a resumed run shows its whole history
@@ -547,8 +560,11 @@ class LiveDashboard(TrainerCallback):
                     record = json.loads(line)
                 except ValueError:  # a line cut short by a kill
                     continue
-                self.losses[record["step"]] = record["loss"]
-                self.t_bins = record.get("loss_t_bins")
+                if "loss" in record:
+                    self.losses[record["step"]] = record["loss"]
+                    self.t_bins = record.get("loss_t_bins")
+                if "kid" in record:
+                    self.evals[record["step"]] = record
         self.status = display(HTML("<b>starting ...</b> (streaming the first images" + (
             "; encoding the whole dataset into the latent cache first" if config.cache_latents else "") + ")"),
             display_id=True)
@@ -585,6 +601,11 @@ class LiveDashboard(TrainerCallback):
     def on_checkpoint(self, trainer, step, path):
         self.checkpoint = f"step {step}"
 
+    def on_eval(self, trainer, record):
+        self.evals = {s: r for s, r in self.evals.items() if s < record["step"]}
+        self.evals[record["step"]] = record
+        self.draw_curves()
+
     def finish(self, step, stopped=False):
         minutes = (time.time() - self.started) / 60
         self.status.update(HTML(f'<progress value="{step}" max="{self.config.steps}" style="width:60%"></progress> '
@@ -593,8 +614,9 @@ class LiveDashboard(TrainerCallback):
                                 f"{html.escape(str(self.config.output_dir))}"))
 
     def draw_curves(self):
-        figure = Figure(figsize=(10, 3.2))
-        ax_loss, ax_t = figure.subplots(1, 2)
+        figure = Figure(figsize=(10, 6.4 if self.evals else 3.2))
+        axes = figure.subplots(2 if self.evals else 1, 2)
+        ax_loss, ax_t = axes[0] if self.evals else axes
         steps = sorted(self.losses)
         ax_loss.plot(steps, [self.losses[s] for s in steps], color="tab:blue")
         ax_loss.set(xlabel="step", ylabel="loss (MSE on velocity)", title="training loss")
@@ -606,6 +628,13 @@ class LiveDashboard(TrainerCallback):
             values = [v if v is not None else float("nan") for v in self.t_bins]
             ax_t.bar(centers, values, width=0.9 / len(self.t_bins), color="tab:orange")
         ax_t.set(xlabel="t (0 = data, 1 = noise)", ylabel="loss", title="loss per noise level (last interval)")
+        if self.evals:  # under the loss: KID (with its std over subsets) and FID of the EMA weights
+            steps = sorted(self.evals)
+            axes[1, 0].errorbar(steps, [self.evals[s]["kid"] for s in steps],
+                                yerr=[self.evals[s]["kid_std"] for s in steps], marker="o", color="tab:green")
+            axes[1, 0].set(xlabel="step", ylabel="KID", title=f"KID ({self.evals[steps[-1]]['eval_samples']} samples)")
+            axes[1, 1].plot(steps, [self.evals[s]["fid"] for s in steps], marker="o", color="tab:red")
+            axes[1, 1].set(xlabel="step", ylabel="FID", title="FID (biased at this N: compare at equal N only)")
         figure.tight_layout()
         self.curves.update(ImageDisplay(data=png(figure)))
 
@@ -647,8 +676,9 @@ saved next to the checkpoint's samples.
 """
 
 SAMPLES = '''\
-if "FINAL_CHECKPOINT" not in globals():
-    raise SystemExit("run the training cell (section 6) first")
+if "FINAL_CHECKPOINT" not in globals():  # run out of order: say in one line which cells come first
+    raise type("RunFirst", (Exception,), {"_render_traceback_": lambda e: [f"error: {e}"]})(
+        "run the training cell (section 6) first (run the cells above this one)")
 import numpy as np
 from PIL import Image as PILImage
 
@@ -688,8 +718,9 @@ without classes, one line saying so.
 """
 
 PICK = '''\
-if "FINAL_CHECKPOINT" not in globals():
-    raise SystemExit("run the training cell (section 6) first")
+if "FINAL_CHECKPOINT" not in globals():  # run out of order: say in one line which cells come first
+    raise type("RunFirst", (Exception,), {"_render_traceback_": lambda e: [f"error: {e}"]})(
+        "run the training cell (section 6) first (run the cells above this one)")
 import ipywidgets as widgets
 
 if not CLASS_CONDITIONAL:
@@ -739,8 +770,9 @@ checkpoint.
 """
 
 HUB = '''\
-if "FINAL_CHECKPOINT" not in globals():
-    raise SystemExit("run the training cell (section 6) first")
+if "FINAL_CHECKPOINT" not in globals():  # run out of order: say in one line which cells come first
+    raise type("RunFirst", (Exception,), {"_render_traceback_": lambda e: [f"error: {e}"]})(
+        "run the training cell (section 6) first (run the cells above this one)")
 PUSHED = False
 if not HUB_REPO_ID:
     print("no HUB_REPO_ID set: skipping the push to the Hub")
@@ -777,8 +809,9 @@ pipe = LiquidDiffusionPipeline.from_pretrained("USER/NAME")
 """
 
 LOAD = '''\
-if "PUSHED" not in globals():
-    raise SystemExit("run sections 6 to 8 first (Runtime -> Run before)")
+if "PUSHED" not in globals():  # run out of order: say in one line which cells come first
+    raise type("RunFirst", (Exception,), {"_render_traceback_": lambda e: [f"error: {e}"]})(
+        "run sections 6 to 8 first (run the cells above this one)")
 import shutil
 
 from liquid_diffusion import LiquidDiffusionPipeline
@@ -805,6 +838,49 @@ display(ImageDisplay(data=buffer.getvalue(), width=min(1024, max(256, grid.width
 print(f"loaded {SOURCE}: {count} images at {images.shape[-1]}px")
 '''
 
+EVALUATE_MD = """\
+## 10 · FID and KID
+
+Draws `EVAL_SAMPLES` images from the EMA weights of the best checkpoint (the one `best.json` names when
+`EVAL_EVERY` was on, else the final one) and compares them with as many training images at the training resolution,
+through the Inception network used for FID (torchmetrics with torch-fidelity's weights). **KID** (with its standard
+deviation) is unbiased, so it is the honest number for a few thousand images; **FID** is what papers report, but it is
+biased upward at small N: compare FIDs only at equal N (the protocol is in the README). The real images' features are
+cached in the output folder, so a second run only samples. The same from a terminal:
+`python -m liquid_diffusion evaluate --checkpoint OUTPUT_DIR --num-samples 10000` (`LD_EVAL_SAMPLES` overrides
+`EVAL_SAMPLES`).
+
+**Expect:** one line with FID, KID and the time taken (the first run downloads the Inception network, ~92 MB, and
+encodes the real images once). Without the internet it says so in one line and skips.
+"""
+
+EVALUATE = '''\
+# @title 10 · FID and KID
+EVAL_SAMPLES = 2000  # @param {type:"integer"}
+
+if "FINAL_CHECKPOINT" not in globals():  # run out of order: say in one line which cells come first
+    raise type("RunFirst", (Exception,), {"_render_traceback_": lambda e: [f"error: {e}"]})(
+        "run the training cell (section 6) first (run the cells above this one)")
+from liquid_diffusion.evaluate import evaluate_checkpoint, read_best, summary_line
+
+EVAL_SAMPLES = env("LD_EVAL_SAMPLES", EVAL_SAMPLES, int)
+best = read_best(OUTPUT_DIR)
+EVAL_CHECKPOINT = Path(FINAL_CHECKPOINT)
+if best and (OUTPUT_DIR / best["checkpoint"]).is_dir():
+    EVAL_CHECKPOINT = OUTPUT_DIR / best["checkpoint"]
+try:
+    EVALUATION = evaluate_checkpoint(EVAL_CHECKPOINT, num_samples=EVAL_SAMPLES, device=DEVICE,
+                                     reference_root=OUTPUT_DIR / "fid-reference")
+except ValueError as error:  # e.g. offline: the Inception weights cannot be downloaded
+    EVALUATION = None
+    print(f"skipping FID/KID: {error}")
+else:
+    (OUTPUT_DIR / "evaluation.json").write_text(json.dumps(EVALUATION, indent=2))
+    print(f"{EVAL_CHECKPOINT.name}: {summary_line(EVALUATION)}")
+if DEVICE == "cuda":
+    torch.cuda.empty_cache()
+'''
+
 OUTRO = """\
 ## What next
 
@@ -826,6 +902,7 @@ CELLS = [
     ("pick", PICK_MD, PICK),
     ("hub", HUB_MD, HUB),
     ("load", LOAD_MD, LOAD),
+    ("evaluate", EVALUATE_MD, EVALUATE),
     ("next", OUTRO, None),
 ]
 FORM_CELLS = {"outputs", "choices"}  # shown as forms in Colab (code folded away, one click to see it)

@@ -379,3 +379,31 @@ def test_quickstart_trains_offline_on_built_in_shapes_and_writes_a_progress_stri
     one = Image.open(grids[0])
     assert strip.width == 3 * one.width + 2 * 6 and strip.height > one.height
     assert "progress.png" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------ multi-process stats
+
+
+def test_interval_stats_sum_over_processes_but_report_the_earliest_bad_step():
+    from liquid_diffusion.trainer import _IntervalStats
+
+    class TwoProcesses:  # gathers this process's fields and a second process's, as accelerate's gather would
+        def __init__(self, other):
+            self.other = other
+
+        def gather(self, fields):
+            return {k: torch.cat([v, self.other[k]]) for k, v in fields.items()}
+
+    def stats(loss, bad_step):
+        s = _IntervalStats(torch.device("cpu"))
+        s.add(torch.tensor([loss, loss]), torch.tensor([0.05, 0.95]), torch.tensor(1.0), step=0)
+        s.add(torch.tensor([float("nan"), loss]), torch.tensor([0.5, 0.5]), None, step=bad_step)
+        return s
+
+    rank1_fields = stats(3.0, bad_step=4).fields(images_skipped=5)
+    totals = stats(1.0, bad_step=9).reduce(TwoProcesses(rank1_fields), images_skipped=2)
+    assert totals["first_bad_step"] == [4.0]  # the earliest of 9 and 4, not their sum
+    assert totals["nonfinite"] == [2.0] and totals["micro_batches"] == [4.0] and totals["images_skipped"] == [7.0]
+    record = _IntervalStats.record(totals, step=10, lr=1e-4, images_per_s=1.0)
+    assert record["loss"] == pytest.approx((3 * 1.0 + 3 * 3.0) / 6)  # finite losses of both processes
+    assert record["images_skipped"] == 7

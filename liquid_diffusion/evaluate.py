@@ -1,0 +1,566 @@
+"""FID and KID of a model against its training data, on demand (``python -m liquid_diffusion evaluate``) and during
+training (``--eval-every``).
+
+Data flows one way through this file::
+
+    real images (data.ImageBatchStream: training resolution, no flip) --feature extractor--> reference cache
+    model (trainer.load_for_sampling) --trainer.generate, in batches--> images --feature extractor--> features
+    reference features + generated features --torchmetrics--> FID, KID (mean and std over subsets)
+
+* **Features.** The default extractor is torchmetrics' ``NoTrainInceptionV3`` with the ``inception-v3-compat``
+  weights of torch-fidelity (the TF-Inception used for FID since Heusel et al. 2017), 2048-d pool features. It takes
+  uint8 images [B, 3, H, W] and resizes them to 299x299 itself with torch-fidelity's TF1-compatible bilinear resize
+  (``antialias=False``), the resize of the original TF FID code, the same way for real and generated images. Any
+  ``nn.Module`` with that contract can replace it (``feature_extractor`` / ``--feature-extractor module:callable``);
+  the tests use a small stand-in.
+* **Metrics.** torchmetrics' ``FrechetInceptionDistance`` and ``KernelInceptionDistance`` compute the numbers, fed
+  through their own ``feature=`` hook with a pass-through module, so each image goes through the extractor once,
+  the FID and KID share its features, and the real features can be cached::
+
+      FID = |mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2))
+      KID = mean over subsets of the unbiased MMD^2 with the kernel k(x, y) = (x.y / d + 1)^3
+
+  KID is unbiased, so it is the honest number at a few thousand images (pokemon has 833); FID is biased upward at
+  small N and only comparable at equal N.
+* **Reference cache.** The real features of a dataset (by dataset id or path, split, configuration, resolution,
+  crop and extractor) are computed once into ``features.safetensors`` + ``metadata.json``. The set is the first N
+  images of a fixed-seed streaming shuffle; a cache with more images serves any smaller N (the same prefix), and a
+  cache made with other settings is refused with a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib
+import io
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .trainer import TrainerCallback
+
+REFERENCE_FORMAT = "liquid-diffusion-reference-features"
+REFERENCE_VERSION = 1
+METADATA_FILE = "metadata.json"
+FEATURES_FILE = "features.safetensors"
+DEFAULT_NUM_SAMPLES = 10_000
+# The real set is the first N images of this fixed streaming shuffle, whatever N: a larger cache serves smaller N.
+REFERENCE_SHUFFLE_BUFFER = 10_000
+REFERENCE_SEED = 0
+INCEPTION = "inception"
+INCEPTION_NAME = "inception-v3-compat-2048 (torch-fidelity weights, TF1-compatible bilinear resize to 299)"
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
+KID_SUBSETS = 100
+KID_SUBSET_SIZE = 1000
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Feature extractors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def inception_weights_path() -> Path:
+    """Where ``torch.hub`` keeps the downloaded Inception weights (``$TORCH_HOME/hub/checkpoints/...``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL.rsplit("/", 1)[1]
+
+
+def inception_extractor(weights: str | os.PathLike | None = None) -> nn.Module:
+    """torchmetrics' ``NoTrainInceptionV3`` (2048-d pool features of the FID Inception, TF1-compatible resize to 299
+    as in torch-fidelity), weights from ``weights`` or downloaded once by ``torch.hub`` (about 92 MB). Raises
+    ``ValueError`` with one line saying what to do when torch-fidelity is missing or the weights cannot be
+    downloaded."""
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+    if not _TORCH_FIDELITY_AVAILABLE:
+        raise ValueError("the Inception feature extractor needs torch-fidelity: pip install 'liquid-diffusion[eval]' "
+                         "(or pip install torch-fidelity)")
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"no Inception weights at {str(weights)!r}; download them from {INCEPTION_URL}")
+    downloading = weights is None and not inception_weights_path().is_file()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # torch.hub's "Downloading ..." and progress bar
+            module = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                        feature_extractor_weights_path=None if weights is None else str(weights),
+                                        antialias=False)
+    except Exception as error:  # no connection, a proxy, a truncated download: one line, cause kept
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(
+            f"could not download the Inception weights ({first_line}); for offline use put {INCEPTION_URL} at "
+            f"{inception_weights_path()} (or pass --inception-weights PATH)"
+        ) from error
+    if downloading:
+        print(f"downloaded the Inception weights to {inception_weights_path()}", file=sys.stderr)
+    module.name = INCEPTION_NAME
+    return module
+
+
+def load_feature_extractor(spec: str | nn.Module = INCEPTION, weights: str | os.PathLike | None = None) -> nn.Module:
+    """An extractor from ``"inception"``, ``"module.path:callable"`` (called with no argument) or an ``nn.Module``.
+
+    The contract (torchmetrics' ``feature=`` hook): uint8 images [B, 3, H, W] in 0..255 -> features [B, D]. Its
+    ``name`` attribute (else its spec or class name) keys the reference cache.
+    """
+    if isinstance(spec, nn.Module):
+        module = spec
+    elif spec == INCEPTION:
+        return inception_extractor(weights)
+    elif isinstance(spec, str) and re.fullmatch(r"[\w.]+:[\w.]+", spec):
+        module_name, attribute = spec.split(":")
+        try:
+            target = importlib.import_module(module_name)
+            for part in attribute.split("."):
+                target = getattr(target, part)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"cannot load the feature extractor {spec!r}: {error}") from None
+        module = target()
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"feature extractor {spec!r} gave a {type(module).__name__}, not a torch nn.Module")
+        if not getattr(module, "name", None):
+            module.name = spec
+    else:
+        raise ValueError(f"unknown feature extractor {spec!r}; use 'inception' or 'module.path:callable'")
+    if not getattr(module, "name", None):
+        module.name = f"{type(module).__module__}.{type(module).__qualname__}"
+    return module.eval().requires_grad_(False)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] -> uint8 in 0..255, quantised exactly as a saved PNG."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def extract_features(extractor: nn.Module, images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Features [B, D] (float32, on the CPU) of images [B, 3, H, W] in [-1, 1]."""
+    device = torch.device(device)
+    extractor.to(device)
+    features = extractor(to_uint8(images).to(device))
+    return features.reshape(len(images), -1).float().cpu()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Precomputed(nn.Module):
+    """Pass-through "feature extractor" for torchmetrics: the inputs already are features [B, num_features]."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def fid_kid(real: torch.Tensor, fake: torch.Tensor, *, kid_subsets: int = KID_SUBSETS,
+            kid_subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> dict:
+    """``{"fid", "kid", "kid_std"}`` of two feature sets [N, D] and [M, D] (torchmetrics, in float64).
+
+    KID averages the unbiased MMD^2 over ``kid_subsets`` random subsets of ``min(kid_subset_size, N/2, M/2)``
+    features each (at least 2), drawn from ``seed`` (the global torch RNG is left untouched); ``kid_std`` is the std
+    over the subsets. Capping at half the set keeps the subsets different, so the std means something at N <= 1000
+    (with subsets of all N it would be 0); the mean is unbiased at any subset size.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    if len(real) < 2 or len(fake) < 2:
+        raise ValueError(f"FID and KID need at least 2 real and 2 generated images (got {len(real)} and {len(fake)})")
+    real, fake = real.double(), fake.double()
+    fid = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]))
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    with warnings.catch_warnings():  # "KID will save all extracted features": they are already in memory
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=kid_subsets,
+                                      subset_size=max(2, min(kid_subset_size, len(real) // 2, len(fake) // 2)))
+    kid.update(real, real=True)
+    kid.update(fake, real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference statistics (real features), cached
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def reference_key(dataset: str, resolution: int, extractor_name: str, *, split: str = "train",
+                  config_name: str | None = None, random_crop: bool = False) -> dict:
+    """What fixes a reference set: the dataset (canonical id or absolute path), split, configuration, resolution,
+    crop, the fixed shuffle and the feature extractor."""
+    from .latents import dataset_key
+
+    return dict(dataset=dataset_key(dataset), split=split, config_name=config_name, resolution=resolution,
+                random_crop=random_crop, flip=False, shuffle_buffer=REFERENCE_SHUFFLE_BUFFER, seed=REFERENCE_SEED,
+                feature_extractor=extractor_name)
+
+
+def default_reference_dir(root: str | os.PathLike, key: dict) -> Path:
+    """``root/<dataset>-<split>-<R>px-<hash of the key>``: one folder per reference setting."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(str(key["dataset"]).rstrip("/")).name).strip("-").lower() or "data"
+    return Path(root).expanduser() / f"{slug}-{key['split']}-{key['resolution']}px-{digest}"
+
+
+def default_cache_root() -> Path:
+    """``$LD_CACHE/fid-reference``, else ``~/.cache/liquid_diffusion/fid-reference``."""
+    return Path(os.environ.get("LD_CACHE", Path.home() / ".cache" / "liquid_diffusion")).expanduser() / "fid-reference"
+
+
+def _read_reference(cache_dir: Path, key: dict) -> tuple[dict | None, torch.Tensor | None]:
+    path = cache_dir / METADATA_FILE
+    if not path.is_file():
+        return None, None
+    metadata = json.loads(path.read_text())
+    if metadata.get("format") != REFERENCE_FORMAT:
+        raise ValueError(f"{str(cache_dir)!r} is not a LiquidDiffusion reference-feature cache; use another folder")
+    different = [k for k, v in key.items() if metadata.get("key", {}).get(k) != v]
+    if different:
+        details = ", ".join(f"{k}={metadata['key'].get(k)!r} (wanted {key[k]!r})" for k in different)
+        raise ValueError(f"reference cache {str(cache_dir)!r} was made with {details}; use another folder or delete it")
+    from safetensors.torch import load_file
+
+    return metadata, load_file(str(cache_dir / FEATURES_FILE))["features"]
+
+
+def reference_features(dataset: str, resolution: int, extractor: nn.Module, num_images: int, cache_dir, *,
+                       split: str = "train", config_name: str | None = None, image_column: str | None = None,
+                       random_crop: bool = False, batch_size: int = 50, num_workers: int = 0,
+                       device: torch.device | str = "cpu", progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """Real features [n, D] (``n = min(num_images, dataset size)``) and the cache metadata.
+
+    Read from ``cache_dir`` when it holds at least ``num_images`` (or the whole dataset) for the same settings;
+    computed and written there otherwise (features first, ``metadata.json`` last, so a cache is complete or absent).
+    A cache made with other settings is refused (``ValueError``).
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from .data import ImageBatchStream, make_dataloader
+
+    cache_dir = Path(cache_dir)
+    key = reference_key(dataset, resolution, extractor.name, split=split, config_name=config_name,
+                        random_crop=random_crop)
+    metadata, features = _read_reference(cache_dir, key)
+    if metadata is not None and (metadata["num_images"] >= num_images or metadata["whole_dataset"]):
+        return features[:num_images], metadata
+
+    stream = ImageBatchStream(dataset, resolution, batch_size, split=split, config_name=config_name,
+                              image_column=image_column, random_crop=random_crop, flip=False,
+                              shuffle_buffer=REFERENCE_SHUFFLE_BUFFER, seed=REFERENCE_SEED, num_epochs=1)
+    chunks, count = [], 0
+    with tqdm(total=num_images, unit="img", desc="real features", disable=not progress) as bar:
+        for pixels in make_dataloader(stream, num_workers):
+            pixels = pixels[: num_images - count]
+            chunks.append(extract_features(extractor, pixels, device))
+            count += len(pixels)
+            bar.update(len(pixels))
+            if count >= num_images:
+                break
+    if count == 0:
+        raise ValueError(f"dataset {dataset!r} gave no image to compare with")
+    features = torch.cat(chunks)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / METADATA_FILE).unlink(missing_ok=True)  # incomplete until the new metadata is written
+    save_file({"features": features.contiguous()}, str(cache_dir / FEATURES_FILE))
+    metadata = dict(format=REFERENCE_FORMAT, version=REFERENCE_VERSION, key=key, source=dataset,
+                    image_column=stream.image_column, num_images=count, whole_dataset=count < num_images,
+                    num_features=features.shape[1],
+                    stats=None if num_workers else dict(read=stream.stats.read, skipped=stream.stats.skipped,
+                                                        upscaled=stream.stats.upscaled))
+    tmp = cache_dir / f".{METADATA_FILE}.tmp"
+    tmp.write_text(json.dumps(metadata, indent=2))
+    os.replace(tmp, cache_dir / METADATA_FILE)
+    return features, metadata
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generated features and the whole evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generated_features(unet, vae, extractor: nn.Module, num_samples: int, *, resolution: int, steps: int = 25,
+                       sampler: str = "euler", seed: int = 0, batch_size: int = 50,
+                       device: torch.device | str = "cpu", progress: bool = True) -> torch.Tensor:
+    """Features [num_samples, D] of images drawn with ``trainer.generate`` in batches (VAE decode in the VAE's
+    chunks); batch ``b`` draws its noise from seed ``seed * 1_000_003 + b``, so a run is reproducible."""
+    from tqdm.auto import tqdm
+
+    from .trainer import generate
+
+    chunks = []
+    with tqdm(total=num_samples, unit="img", desc=f"samples ({sampler}, {steps} steps)", disable=not progress) as bar:
+        for index, start in enumerate(range(0, num_samples, batch_size)):
+            count = min(batch_size, num_samples - start)
+            images = generate(unet, vae, count, steps, sampler, seed=(seed * 1_000_003 + index) % 2**63,
+                              resolution=resolution)
+            chunks.append(extract_features(extractor, images, device))
+            bar.update(count)
+    return torch.cat(chunks)
+
+
+def evaluate_model(unet, vae, resolution: int, dataset: str, extractor: nn.Module, *,
+                   num_samples: int = DEFAULT_NUM_SAMPLES, steps: int = 25, sampler: str = "euler", seed: int = 0,
+                   split: str = "train", config_name: str | None = None, image_column: str | None = None,
+                   random_crop: bool = False, reference_dir=None, reference_root=None, batch_size: int = 50,
+                   num_workers: int = 0, device: torch.device | str = "cpu", progress: bool = True) -> dict:
+    """FID and KID of ``unet`` (+ ``vae``) sampled at ``resolution`` against ``dataset`` at the same resolution.
+
+    Draws ``num_samples`` images, or as many as the dataset has real images (with a warning) when it is smaller.
+    ``reference_dir``: the reference cache folder (default: one per setting under ``reference_root``, itself by
+    default ``default_cache_root()``).
+    Returns a JSON-ready dict: fid, kid, kid_std, num_samples, num_real, sampler, steps, seed, resolution, dataset,
+    split, feature_extractor, reference_dir, wall_time_s and sample_time_s.
+    """
+    from .flow import SAMPLERS
+
+    if num_samples < 1:
+        raise ValueError(f"the number of samples must be at least 1, got {num_samples} (the default is "
+                         f"{DEFAULT_NUM_SAMPLES})")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch size must be at least 1, got {steps} and {batch_size}")
+    start = time.perf_counter()
+    key = reference_key(dataset, resolution, extractor.name, split=split, config_name=config_name,
+                        random_crop=random_crop)
+    reference_dir = Path(reference_dir or default_reference_dir(reference_root or default_cache_root(), key))
+    real, metadata = reference_features(dataset, resolution, extractor, num_samples, reference_dir, split=split,
+                                        config_name=config_name, image_column=image_column, random_crop=random_crop,
+                                        batch_size=batch_size, num_workers=num_workers, device=device,
+                                        progress=progress)
+    if len(real) < num_samples:
+        print(f"warning: {dataset} has only {len(real)} images, so {len(real)} samples are drawn instead of "
+              f"{num_samples}: FID is biased upward at small N (compare FIDs only at equal N); KID is unbiased",
+              file=sys.stderr)
+        num_samples = len(real)
+    if num_samples < 2:
+        raise ValueError(f"FID and KID need at least 2 images; {dataset!r} gave {len(real)}")
+    sample_start = time.perf_counter()
+    fake = generated_features(unet, vae, extractor, num_samples, resolution=resolution, steps=steps, sampler=sampler,
+                              seed=seed, batch_size=batch_size, device=device, progress=progress)
+    sample_time = time.perf_counter() - sample_start
+    scores = fid_kid(real, fake, seed=seed)
+    return dict(**scores, num_samples=num_samples, num_real=len(real), sampler=sampler, steps=steps, seed=seed,
+                resolution=resolution, dataset=metadata["key"]["dataset"], split=split,
+                feature_extractor=extractor.name, reference_dir=str(reference_dir),
+                wall_time_s=round(time.perf_counter() - start, 3), sample_time_s=round(sample_time, 3))
+
+
+def summary_line(result: dict) -> str:
+    """One human line: ``FID 12.3 · KID 0.0123 ± 0.0008 · 10000 samples vs 10000 real ... · 312.4 s``."""
+    return (f"FID {result['fid']:.2f} · KID {result['kid']:.5f} ± {result['kid_std']:.5f} · "
+            f"{result['num_samples']} samples vs {result['num_real']} real images of {result['dataset']} "
+            f"({result['split']}, {result['resolution']}px) · {result['sampler']} {result['steps']} steps · "
+            f"seed {result['seed']} · {result['feature_extractor'].split(' (')[0]} · {result['wall_time_s']:.1f} s")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# In training: --eval-every
+# ----------------------------------------------------------------------------------------------------------------
+
+BEST_FILE = "best.json"
+
+
+def read_best(output_dir: str | os.PathLike) -> dict | None:
+    """The ``best.json`` of a training output dir (``{"checkpoint", "step", "kid", ...}``), or ``None``."""
+    path = Path(output_dir) / BEST_FILE
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def update_best(output_dir: str | os.PathLike, record: dict, metric: str = "kid") -> bool:
+    """Points ``best.json`` at ``record["checkpoint"]`` if its ``metric`` beats the current best (or the current best
+    checkpoint is gone); returns whether it moved. Written to a temporary file and renamed: atomic on local disks and
+    on Google Drive, where symlinks do not exist."""
+    best = read_best(output_dir)
+    current = best is not None and (Path(output_dir) / best["checkpoint"]).is_dir()
+    if current and not record[metric] < best[metric]:
+        return False
+    tmp = Path(output_dir) / f".{BEST_FILE}.tmp"
+    tmp.write_text(json.dumps({**record, "metric": metric}, indent=2))
+    os.replace(tmp, Path(output_dir) / BEST_FILE)
+    return True
+
+
+class TrainingEvaluator(TrainerCallback):
+    """A trainer callback for ``--eval-every N``: a cheaper KID/FID of the EMA weights on ``eval_samples`` samples
+    (Euler, ``sample_steps`` steps) against as many real images, after the first checkpoint at or past every
+    multiple of N steps and after the final one. It appends ``{"step", "kid", "kid_std", "fid", ...}`` to
+    ``metrics.jsonl``, moves ``best.json`` to the checkpoint when KID improves (KID: unbiased at small N), and calls
+    ``on_eval(trainer, record)`` on the trainer's callbacks. Runs on the main process only.
+
+    When the feature extractor cannot be loaded (offline, torch-fidelity missing), it says so in one line and the
+    run trains on without evaluations: a metric never stops a long run.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.extractor = None
+        try:
+            self.extractor = load_feature_extractor(config.eval_feature_extractor)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"warning: --eval-every is off for this run: {error}", file=sys.stderr)
+
+    def due(self, step: int) -> bool:
+        config = self.config
+        if step >= config.steps:
+            return True
+        every, each = config.eval_every, config.checkpoint_every
+        return step % each == 0 and step // every > (step - each) // every
+
+    def on_checkpoint(self, trainer, step: int, path: Path) -> None:
+        if self.extractor is None or not self.due(step):
+            return
+        config = self.config
+        with trainer.ema_weights() as model:
+            result = evaluate_model(
+                model, trainer.vae, config.resolution, config.dataset, self.extractor,
+                num_samples=config.eval_samples, steps=config.sample_steps, seed=config.seed, split=config.split,
+                config_name=config.config_name, image_column=config.image_column, random_crop=config.random_crop,
+                reference_root=trainer.output_dir / "fid-reference",
+                batch_size=max(config.batch_size, 16), device=trainer.device, progress=False,
+            )
+        record = {"step": step, "kid": result["kid"], "kid_std": result["kid_std"], "fid": result["fid"],
+                  "eval_samples": result["num_samples"], "eval_time_s": result["wall_time_s"],
+                  "checkpoint": Path(path).name}
+        record["best"] = update_best(trainer.output_dir, record)
+        if record["best"]:
+            trainer._prune_checkpoints()  # the previous best is no longer kept for being the best
+        with open(trainer.output_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        for callback in trainer.callbacks:
+            if callback is not self and hasattr(callback, "on_eval"):
+                callback.on_eval(trainer, record)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, *, num_samples: int = DEFAULT_NUM_SAMPLES,
+                        dataset: str | None = None, split: str | None = None, config_name: str | None = None,
+                        image_column: str | None = None, resolution: int | None = None, use_ema: bool = True,
+                        feature_extractor: str | nn.Module = INCEPTION, inception_weights=None,
+                        device: str | None = None, num_workers: int | None = None, **options) -> dict:
+    """``evaluate_model`` for a checkpoint, an output dir (its newest checkpoint), an export folder or a Hub id,
+    against its training dataset, split and crop (from its ``train_config.json``) unless told otherwise.
+
+    ``resolution`` may only repeat the training resolution. ``options`` (steps, sampler, seed, batch_size,
+    reference_dir, reference_root, progress) go to ``evaluate_model``. Returns its dict plus ``checkpoint``,
+    ``step`` (of a training checkpoint; else the run's total steps) and ``weights`` ("ema" or "raw").
+    """
+    from .hub import resolve_checkpoint
+    from .trainer import load_for_sampling
+
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be at least 1, got {num_samples} (default {DEFAULT_NUM_SAMPLES})")
+    folder = resolve_checkpoint(checkpoint)
+    config_path = folder / "train_config.json"
+    trained = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    dataset = dataset or trained.get("dataset")
+    if not dataset:
+        raise ValueError(f"no dataset to compare with: {checkpoint} does not record its training dataset; pass "
+                         "--dataset (a short name, Hub id or folder of images)")
+    extractor = load_feature_extractor(feature_extractor, inception_weights)  # fails fast when offline
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_resolution(resolution, trained.get("resolution"))  # before loading anything
+    unet, vae, trained_at = load_for_sampling(str(folder), use_ema=use_ema, device=device)
+    _check_resolution(resolution, trained_at)
+    resolution = trained_at or resolution
+    if not resolution:
+        raise ValueError("the checkpoint does not record its resolution; pass --resolution")
+    num_workers = num_workers if num_workers is not None else (2 if torch.cuda.is_available() else 0)
+    result = evaluate_model(
+        unet, vae, resolution, dataset, extractor, num_samples=num_samples,
+        split=split or trained.get("split", "train"), config_name=config_name or trained.get("config_name"),
+        image_column=image_column or trained.get("image_column"),
+        random_crop=trained.get("random_crop", False), num_workers=num_workers, device=device, **options,
+    )
+    state = folder / "state.json"
+    step = json.loads(state.read_text()).get("step") if state.is_file() else trained.get("steps")
+    return {"checkpoint": str(checkpoint), "step": step, "weights": "ema" if use_ema else "raw", **result}
+
+
+def _check_resolution(asked: int | None, trained_at: int | None) -> None:
+    if asked and trained_at and asked != trained_at:
+        raise ValueError(f"the model was trained at {trained_at}px, not {asked}px: FID compares at the training "
+                         "resolution (drop --resolution)")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    result = evaluate_checkpoint(
+        args.checkpoint, num_samples=args.num_samples, dataset=args.dataset, split=args.split,
+        config_name=args.config_name, image_column=args.image_column, resolution=args.resolution,
+        use_ema=not args.raw, feature_extractor=args.feature_extractor, inception_weights=args.inception_weights,
+        device=args.device, num_workers=args.num_workers, steps=args.steps, sampler=args.sampler, seed=args.seed,
+        batch_size=args.batch_size, reference_dir=args.reference_dir, progress=not args.no_progress,
+    )
+    print(summary_line(result))
+    print(json.dumps(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def add_evaluate_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="FID and KID of a checkpoint against its training data",
+        description="Draws N samples (EMA weights) and reports FID and KID (mean and std) against the training "
+        "dataset at the training resolution, with the sampler, steps, N, seed and wall time: one human line, then "
+        "one JSON line. Real-image features are cached per dataset, split, resolution, crop and feature extractor.",
+    )
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint-NNNNNN dir, a training output dir (newest checkpoint), an exported folder "
+                             "or a Hub id USER/NAME")
+    parser.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES,
+                        help=f"N generated images, and as many real ones (default: {DEFAULT_NUM_SAMPLES}; fewer, with "
+                             "a warning, when the dataset is smaller)")
+    parser.add_argument("--steps", type=int, default=25, help="ODE integration steps (default: 25)")
+    parser.add_argument("--sampler", default="euler", help="euler or heun (default: euler)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=50, help="images per sampling batch (default: 50)")
+    parser.add_argument("--dataset", default=None, help="real images (default: the checkpoint's training dataset)")
+    parser.add_argument("--split", default=None, help="dataset split (default: the training split)")
+    parser.add_argument("--config-name", default=None, help="dataset configuration (default: the training one)")
+    parser.add_argument("--image-column", default=None, help="image column (default: the training one)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="must be the training resolution (default: read from the checkpoint)")
+    parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    parser.add_argument("--feature-extractor", default=INCEPTION,
+                        help="'inception' (default: FID Inception v3 via torchmetrics/torch-fidelity) or "
+                             "module.path:callable returning an nn.Module (uint8 [B,3,H,W] -> [B,D])")
+    parser.add_argument("--inception-weights", default=None,
+                        help=f"local copy of {INCEPTION_URL.rsplit('/', 1)[1]} (default: downloaded once to "
+                             "the torch hub cache)")
+    parser.add_argument("--reference-dir", default=None,
+                        help="folder of the cached real features (default: one per setting under "
+                             "$LD_CACHE/fid-reference or ~/.cache/liquid_diffusion/fid-reference)")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="DataLoader workers decoding real images (default: 2 on a GPU, 0 on a CPU)")
+    parser.add_argument("--out", default=None, help="also write the JSON result to this file")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=_run_evaluate)

@@ -1,0 +1,101 @@
+"""``benchmarks/gpu_check.py``: the prepared GPU check runs end to end on the CPU (``--dry-run``), so GPU minutes are
+spent measuring, not debugging; a failing section is recorded and the next one runs; a spent budget skips with a note.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+
+def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p), CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--out-dir", str(out), "--dry-run", *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _finite(*values) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def test_dry_run_writes_every_section_with_finite_numbers_and_passing_checks(tmp_path):
+    done = _run(tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    sections = {s["name"].split(":")[0]: s for s in report["sections"]}
+    assert [s["status"] for s in report["sections"]] == ["ok"] * len(report["sections"])
+    assert set(sections) == {"environment", "memory", "cli", "sampling", "speed", "tests", "mfu", "targets"}
+
+    memory = sections["memory"]["data"]
+    assert len(memory) == 4 and {(r["data"], r["precision"][:4]) for r in memory} == {
+        (d, p) for d in ("cached latents", "VAE in the loop") for p in ("fp16", "bf16")}
+    assert all(_finite(r["mib"]) and r["mib"] > 0 and r["loss_finite"] for r in memory)
+
+    (cli,) = sections["cli"]["data"]  # the dry run's one chain: bf16 + compile + cached latents
+    assert cli["name"] == "bf16+compile+cache" and cli["passed"] and not cli["failed_checks"]
+    assert _finite(*cli["checks"]["_losses"])
+
+    assert all(r["seconds_with_vae"] > r["seconds"] > 0 for r in sections["sampling"]["data"])
+
+    speed = [r for s in report["sections"] if s["name"].startswith("speed") for r in s["data"]["rows"]]
+    assert all(_finite(r["images_per_s"], r["gflop_per_img"], r["peak_mem_mib"]) and r["images_per_s"] > 0
+               for r in speed)
+    compiled = [r for r in speed if r["variant"].endswith("+compile")]
+    assert {r["model"] for r in compiled} == {"liquid-micro", "dit-s2"}
+    assert all(r["graphs"] >= 1 and r["graph_breaks"] == 0 for r in compiled if r["model"] == "liquid-micro")
+    assert {r["batch_kind"] for r in speed} == {"8", "max", "8+"}  # "8+": compiled rows only
+    assert all(r["variant"].endswith("+compile") for r in speed if r["batch_kind"] == "8+")
+    assert all(r["batch"] >= 2 for r in speed if r["batch_kind"] == "max")
+    assert all(_finite(r["tflops"]) and r["tflops"] > 0 for r in sections["mfu"]["data"]["rows"])
+    assert _finite(sections["targets"]["data"]["speed_ratio"], sections["targets"]["data"]["tiny_cached_bf16_mib"])
+    assert sections["tests"]["data"]["rc"] == 0 and "passed" in sections["tests"]["data"]["summary"]
+
+    text = (tmp_path / "report.md").read_text()
+    assert "DRY RUN" in text and "| bf16+compile+cache | PASS |" in text
+    for name in sections:
+        assert f"## {name}" in text
+
+
+def test_spent_budget_skips_the_remaining_sections_with_a_note(tmp_path):
+    done = _run(tmp_path, "--budget-s", "0", "--sections", "environment", "memory", "cli", "mfu")
+    assert done.returncode == 0, done.stderr[-3000:]
+    statuses = {s["name"]: (s["status"], s["error"]) for s in json.loads((tmp_path / "report.json").read_text())["sections"]}
+    assert statuses["environment"] == ("ok", None)  # cheap sections run regardless
+    for name in ("memory", "cli"):
+        assert statuses[name][0] == "skipped" and "--budget-s 0" in statuses[name][1]
+    assert statuses["mfu"][0] == "skipped"
+    assert "| memory | skipped |" in (tmp_path / "report.md").read_text()
+
+
+def test_a_failing_section_is_recorded_in_one_line_and_the_next_one_runs(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("gpu_check_under_test", BENCH / "gpu_check.py")
+        gpu_check = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = gpu_check  # dataclasses look their module up there
+        spec.loader.exec_module(gpu_check)
+    finally:
+        sys.path.remove(str(BENCH))
+    report = gpu_check.Report(tmp_path, "# header", {})
+    runner = gpu_check.Runner(report, budget_s=60, log=lambda *_: None)
+
+    def broken():
+        raise RuntimeError("CUDA error: out of memory\nlong details")
+
+    runner.run("broken", broken)
+    runner.run("fine", lambda: ("all good", {"x": 1.0}, "ok"))
+    saved = json.loads((tmp_path / "report.json").read_text())["sections"]
+    assert [(s["name"], s["status"]) for s in saved] == [("broken", "failed"), ("fine", "ok")]
+    assert saved[0]["error"] == "RuntimeError: CUDA error: out of memory"
+    assert "long details" in saved[0]["data"]["traceback"]
+    text = (tmp_path / "report.md").read_text()
+    assert "| broken | failed |" in text and "all good" in text
