@@ -36,7 +36,7 @@ from PIL import Image, ImageOps
 
 from .errors import check_number
 
-# The verified datasets of the model card, by short name (SPEC.md).
+# The verified datasets of the model card, by short name.
 DATASETS: dict[str, str] = {
     "afhq": "huggan/AFHQv2",
     "celeba": "nielsr/CelebA-faces",
