@@ -57,12 +57,14 @@ from huggingface_hub.utils import validate_repo_id
 
 from .checkpoints import CHECKPOINT_PATTERN, CorruptCheckpointError, read_unet_folder
 from .data import looks_like_local_path
+from .pipeline import WEIGHTS_AND_CONFIGS
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_PATTERN = re.compile(r"^step-(\d+)\.png$")
-# What ``resolve_checkpoint`` downloads from a Hub repo: weights as safetensors only, configs, card and images.
-HUB_ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.png", "*.md"]
+# What ``resolve_checkpoint`` downloads from a Hub repo: the pipeline's weights (safetensors only) and configs, plus
+# the model card and its images.
+HUB_ALLOW_PATTERNS = [*WEIGHTS_AND_CONFIGS, "*.png", "*.md"]
 MODEL_CARD_TAGS = ["liquid-diffusion", "unconditional-image-generation", "rectified-flow", "attention-free"]
 PIPELINE_TAG = "unconditional-image-generation"
 LOGIN_HINT = (

@@ -35,6 +35,12 @@ CACHE_VERSION = 1
 METADATA_FILE = "metadata.json"
 
 
+def vae_latent_scale(vae) -> tuple[float, float]:
+    """``(scaling_factor, shift_factor)`` of an ``AutoencoderKL``: the model sees ``(z - shift) * scaling``, so a
+    sample goes back to the VAE as ``latent / scaling + shift`` (0.18215 and no shift for SD-VAE)."""
+    return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
 class FrozenVAE:
     """A frozen ``diffusers.AutoencoderKL``: pixels in [-1, 1] <-> scaled latents, in chunks, without gradients.
 
@@ -66,8 +72,7 @@ class FrozenVAE:
         self.vae = vae.to(device).eval().requires_grad_(False)
         self.name, self.device, self.dtype, self.chunk_size = name, torch.device(device), dtype, chunk_size
         config = self.vae.config
-        self.scaling_factor: float = float(config.scaling_factor)
-        self.shift_factor: float = float(config.get("shift_factor") or 0.0)
+        self.scaling_factor, self.shift_factor = vae_latent_scale(self.vae)
         self.latent_channels: int = int(config.latent_channels)
         self.downsample_factor: int = 2 ** (len(config.block_out_channels) - 1)
 

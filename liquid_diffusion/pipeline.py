@@ -37,13 +37,14 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
-from .flow import DEFAULT_GUIDANCE_SCALE, guided_velocity, timestep_grid
+from .flow import DEFAULT_GUIDANCE_SCALE, SAMPLERS, guided_velocity
+from .flow import sample as flow_sample
+from .latents import vae_latent_scale
 from .model import LiquidDiffusionUNet
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS = ("euler", "heun")
-HUB_ALLOW_PATTERNS = ("*.safetensors", "*.json")  # what from_pretrained fetches from a Hub repo: no pickles
+WEIGHTS_AND_CONFIGS = ("*.safetensors", "*.json")  # what from_pretrained fetches from a Hub repo: no pickles
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -98,7 +99,7 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
                 repo_type="model",
                 token=kwargs.get("token"),
                 cache_dir=kwargs.get("cache_dir"),
-                allow_patterns=list(HUB_ALLOW_PATTERNS),
+                allow_patterns=list(WEIGHTS_AND_CONFIGS),
                 **download,
             )
         kwargs.setdefault("use_safetensors", True)  # weights are read from safetensors only, never from pickles
@@ -157,12 +158,9 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
         if self.vae.dtype == torch.float16:
             logger.info("upcasting the VAE to float32 (SD-VAE decoding in float16 overflows)")
             self.vae.to(torch.float32)
+        scaling, shift = vae_latent_scale(self.vae)
         latents = latents.to(device=self.vae.device, dtype=self.vae.dtype)
-        latents = latents / self.vae.config.scaling_factor
-        shift = getattr(self.vae.config, "shift_factor", None)
-        if shift:
-            latents = latents + shift
-        return self.vae.decode(latents).sample
+        return self.vae.decode(latents / scaling + shift).sample
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -246,21 +244,17 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images)
 
     def _integrate_on_grid(self, x: torch.Tensor, num_steps: int, sampler: str) -> torch.Tensor:
-        """Euler (``scheduler.step``) or Heun on sigmas t_i = 1 - i / N, as ``flow.euler_sample`` / ``heun_sample``."""
-        grid = timestep_grid(num_steps)  # the package's grid, so both samplers see bit-identical times
-        self.scheduler.set_timesteps(sigmas=grid[:-1].tolist(), device=x.device)  # diffusers appends sigma = 0
-        self.scheduler.set_begin_index(0)
-        sigmas = self.scheduler.sigmas
-        for i, timestep in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            t, t_next = sigmas[i], sigmas[i + 1]
-            v = self._velocity(x, t)
-            if sampler == "euler":
-                x = self.scheduler.step(v.float(), timestep, x).prev_sample.float()
-            else:  # Heun: trapezoid with a second model call at t_next
-                dt = t_next - t
-                v_next = self._velocity(x + dt * v.float(), t_next)
-                x = x + dt * (v.float() + v_next.float()) / 2
-        return x
+        """The package's own Euler or Heun sampler (``flow.sample``) on t_i = 1 - i / N: the very code that draws
+        the training grids and the ``sample`` command's images; ``FlowMatchEulerDiscreteScheduler.step`` is the same
+        Euler step, and its config is kept for diffusers' tools."""
+        bar = self.progress_bar(total=num_steps * (2 if sampler == "heun" else 1))
+
+        def velocity(x, t):
+            bar.update(1)
+            return self._velocity_fn(x, t.to(torch.float32))
+
+        with bar:
+            return flow_sample(velocity, x, num_steps, sampler).float()
 
     def _scheduler_loop(self, x: torch.Tensor, num_steps: int, device: torch.device) -> torch.Tensor:
         """The generic diffusers loop for another flow-matching scheduler (its timesteps are sigma * 1000)."""
