@@ -88,7 +88,7 @@ def environment(ctx: Context):
 def _train_memory(ctx: Context, preset: str, precision: str, in_loop: bool, vae_cpu) -> dict:
     """Peak memory added by building and training ``preset`` for 3 steps (model, fp32 EMA copy, AdamW, activations,
     batch; with ``in_loop`` also the VAE and its encoder pass). The VAE runs in bf16 for bf16 and in fp32 for fp16
-    -- the trainer's ``vae_dtype`` on a T4, which has no native bf16."""
+    -- ``latents.vae_dtype`` on a T4, which has no native bf16."""
     plan, device = ctx.plan, ctx.device
     cuda = device.type == "cuda"
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision] if cuda else None

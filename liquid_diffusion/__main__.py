@@ -10,14 +10,14 @@ import argparse
 import os
 import sys
 
-from . import data, evaluate, hub, quickstart, trainer
+from . import data, evaluate, hub, quickstart, sampling, trainer
 from .errors import USER_ERRORS
 
 # The sub-commands, in the order data flows.
 COMMANDS = [
     data.add_preview_command,
     trainer.add_train_command,
-    trainer.add_sample_command,
+    sampling.add_sample_command,
     hub.add_export_command,
     hub.add_push_command,
     evaluate.add_evaluate_command,

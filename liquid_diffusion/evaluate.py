@@ -4,7 +4,7 @@ training (``--eval-every``).
 Data flows one way through this file::
 
     real images (data.ImageBatchStream: training resolution, no flip) --feature extractor--> reference cache
-    model (trainer.load_for_sampling) --trainer.generate, in batches--> images --feature extractor--> features
+    model (sampling.load_for_sampling) --sampling.generate, in batches--> images --feature extractor--> features
     reference features + generated features --torchmetrics--> FID, KID (mean and std over subsets)
 
 * **Features.** The default extractor is torchmetrics' ``NoTrainInceptionV3`` with the ``inception-v3-compat``
@@ -300,11 +300,11 @@ def reference_features(dataset: str, resolution: int, extractor: nn.Module, num_
 def generated_features(unet, vae, extractor: nn.Module, num_samples: int, *, resolution: int, steps: int = 25,
                        sampler: str = "euler", seed: int = 0, batch_size: int = 50,
                        device: torch.device | str = "cpu", progress: bool = True) -> torch.Tensor:
-    """Features [num_samples, D] of images drawn with ``trainer.generate`` in batches (VAE decode in the VAE's
+    """Features [num_samples, D] of images drawn with ``sampling.generate`` in batches (VAE decode in the VAE's
     chunks); batch ``b`` draws its noise from seed ``seed * 1_000_003 + b``, so a run is reproducible."""
     from tqdm.auto import tqdm
 
-    from .trainer import generate
+    from .sampling import generate
 
     chunks = []
     with tqdm(total=num_samples, unit="img", desc=f"samples ({sampler}, {steps} steps)", disable=not progress) as bar:
@@ -472,7 +472,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, num_samples: int = DEF
     ``step`` (of a training checkpoint; else the run's total steps) and ``weights`` ("ema" or "raw").
     """
     from .hub import resolve_checkpoint
-    from .trainer import load_for_sampling
+    from .sampling import load_for_sampling
 
     if num_samples < 1:
         raise ValueError(f"--num-samples must be at least 1, got {num_samples} (default {DEFAULT_NUM_SAMPLES})")

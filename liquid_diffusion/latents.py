@@ -35,6 +35,17 @@ CACHE_VERSION = 1
 METADATA_FILE = "metadata.json"
 
 
+def native_bf16() -> bool:
+    """True on GPUs with bf16 in hardware (compute capability 8.0+: A100, L4, H100). ``is_bf16_supported()`` alone
+    also says yes for a T4's slow emulated bf16."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def vae_dtype(device: torch.device) -> torch.dtype:
+    """The SD-VAE overflows in fp16: bf16 where the GPU has it natively, else fp32."""
+    return torch.bfloat16 if device.type == "cuda" and native_bf16() else torch.float32
+
+
 def vae_latent_scale(vae) -> tuple[float, float]:
     """``(scaling_factor, shift_factor)`` of an ``AutoencoderKL``: the model sees ``(z - shift) * scaling``, so a
     sample goes back to the VAE as ``latent / scaling + shift`` (0.18215 and no shift for SD-VAE)."""

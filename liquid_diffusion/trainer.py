@@ -55,7 +55,9 @@ from .checkpoints import (
 )
 from .data import resolve_source
 from .errors import check_number
+from .latents import native_bf16, vae_dtype
 from .model import PRESETS, LiquidDiffusionUNet
+from .sampling import class_grid_labels, generate, save_grid
 
 NUM_T_BINS = 10
 # Fields that fix the network or what its inputs mean; resuming with other values is refused.
@@ -808,74 +810,6 @@ def resolve_mixed_precision(choice: str) -> str:
     return "bf16" if native_bf16() else "fp16"
 
 
-def native_bf16() -> bool:
-    """True on GPUs with bf16 in hardware (compute capability 8.0+: A100, L4, H100). ``is_bf16_supported()`` alone
-    also says yes for a T4's slow emulated bf16."""
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-
-
-def vae_dtype(device: torch.device) -> torch.dtype:
-    """The SD-VAE overflows in fp16: bf16 where the GPU has it natively, else fp32."""
-    return torch.bfloat16 if device.type == "cuda" and native_bf16() else torch.float32
-
-
-@torch.no_grad()
-def generate(model: LiquidDiffusionUNet, vae, num_images: int, steps: int = 25, sampler: str = "euler", *,
-             seed: int = 0, resolution: int | None = None, progress: bool = False,
-             class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
-    """Samples ``num_images`` images in [-1, 1] (decoded through ``vae`` when given) from seeded noise.
-
-    ``progress`` shows a bar over the model calls (``steps`` for Euler, ``2 * steps`` for Heun). ``class_labels``
-    (int64 ids [num_images], class-conditional models) samples those classes with classifier-free guidance
-    ``guidance_scale`` (``flow.guided_velocity``); without them a conditional model samples unconditionally.
-    """
-    device = next(model.parameters()).device
-    channels = model.config.in_channels
-    size = resolution // (vae.downsample_factor if vae is not None else 1)
-    noise = torch.randn(num_images, channels, size, size, generator=torch.Generator().manual_seed(seed))
-    velocity_fn = model
-    if class_labels is not None:
-        velocity_fn = flow.guided_velocity(model, class_labels.to(device), guidance_scale, model.null_class)
-    calls = steps * (2 if sampler == "heun" else 1)
-    with tqdm(total=calls, desc="sampling", unit="step", disable=not progress) as bar:
-        def velocity(x, t):
-            out = velocity_fn(x, t)
-            bar.update(1)
-            return out
-
-        x = flow.sample(velocity, noise.to(device), steps, sampler)
-    if vae is not None:
-        x = vae.decode(x)
-    return x.float().clamp(-1, 1).cpu()
-
-
-def class_grid_labels(model: LiquidDiffusionUNet, num_images: int, max_rows: int = 8):
-    """``(labels, columns)`` of a grid with one row per class (the first ``max_rows`` classes) and about
-    ``num_images`` images in all; ``(None, None)`` for an unconditional model."""
-    if not model.config.num_classes:
-        return None, None
-    rows = max(1, min(model.config.num_classes, max_rows, num_images))
-    columns = max(1, num_images // rows)
-    return torch.arange(rows).repeat_interleave(columns), columns
-
-
-def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
-    """Writes images in [-1, 1] of shape [N, 3, H, W] as one PNG grid, atomically (a viewer never sees half a file)."""
-    from .data import image_grid
-
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{str(path)!r} is a folder; give the grid a file name, e.g. {str(path / 'grid.png')!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image_grid(images, nrow).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
     if torch.cuda.is_available():
@@ -935,73 +869,3 @@ def add_train_command(subparsers) -> None:
     )
     _add_config_flags(parser)
     parser.set_defaults(func=_run_train)
-
-
-def load_for_sampling(checkpoint: str, use_ema: bool = True, device: str | torch.device = "cpu", *,
-                      with_guidance: bool = False):
-    """``(unet, FrozenVAE or None, resolution)`` from a training checkpoint, an output dir (its newest checkpoint),
-    an exported pipeline folder or a Hub id -- whatever ``hub.load_pipeline`` accepts. ``with_guidance`` appends the
-    model's recommended guidance scale (``None`` when none is recorded)."""
-    from .hub import load_pipeline
-    from .latents import FrozenVAE
-
-    pipe = load_pipeline(checkpoint, use_ema=use_ema)
-    device = torch.device(device)
-    vae = getattr(pipe, "vae", None)
-    if vae is not None:
-        vae = FrozenVAE(vae, device=device, dtype=vae_dtype(device))
-    loaded = pipe.unet.to(device).eval(), vae, pipe.config.resolution
-    return (*loaded, pipe.config.get("guidance_scale")) if with_guidance else loaded
-
-
-def _run_sample(args: argparse.Namespace) -> int:
-    if args.sampler not in flow.SAMPLERS:
-        raise ValueError(f"unknown sampler {args.sampler!r}; valid: {', '.join(flow.SAMPLERS)}")
-    for name, minimum in (("num_images", 1), ("steps", 1), ("seed", 0)):
-        check_number(args, name, minimum)
-    if args.resolution is not None:
-        check_number(args, "resolution", 1)
-    out = Path(args.out)
-    if out.is_dir():
-        raise IsADirectoryError(f"--out {str(out)!r} is a folder; give the grid a file name, e.g. "
-                                f"{str(out / 'grid.png')!r}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    unet, vae, resolution, recommended = load_for_sampling(args.checkpoint, use_ema=not args.raw, device=device,
-                                                           with_guidance=True)
-    if args.guidance_scale is None:
-        args.guidance_scale = recommended if recommended is not None else flow.DEFAULT_GUIDANCE_SCALE
-    resolution = args.resolution or resolution
-    if resolution is None:
-        raise ValueError("the checkpoint does not record its resolution; pass --resolution")
-    factor = unet.downsample_factor * (vae.downsample_factor if vae is not None else 1)
-    if resolution % factor:
-        raise ValueError(f"--resolution {resolution} must be a multiple of {factor} for this model")
-    labels, columns = class_grid_labels(unet, args.num_images, max_rows=args.num_images)
-    if args.class_label is not None:  # names or ids; refused with one line for an unconditional model
-        labels, columns = unet.class_ids(args.class_label).expand(args.num_images), None
-    images = generate(unet, vae, len(labels) if labels is not None else args.num_images, args.steps, args.sampler,
-                      seed=args.seed, resolution=resolution, progress=True, class_labels=labels,
-                      guidance_scale=args.guidance_scale)
-    print(f"wrote {save_grid(images, out, columns)}")
-    return 0
-
-
-def add_sample_command(subparsers) -> None:
-    parser = subparsers.add_parser("sample", help="sample an image grid from a checkpoint (EMA weights)")
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint-NNNNNN dir, a training output dir (newest checkpoint), an exported folder "
-                             "or a Hub id USER/NAME")
-    parser.add_argument("--num-images", type=int, default=16, help="images in the grid (default: 16)")
-    parser.add_argument("--steps", type=int, default=25, help="ODE integration steps (default: 25)")
-    parser.add_argument("--sampler", default="euler", help="euler or heun (default: euler)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
-    parser.add_argument("--out", default="grid.png", help="output PNG (default: grid.png)")
-    parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
-    parser.add_argument("--resolution", type=int, default=None, help="override the checkpoint's resolution")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--class", dest="class_label", default=None, metavar="NAME|ID",
-                        help="class-conditional models: sample this class (default: one row per class)")
-    parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="classifier-free guidance scale w for class-conditional models; 1 = no guidance "
-                             f"(default: the model's recommended scale, else {flow.DEFAULT_GUIDANCE_SCALE})")
-    parser.set_defaults(func=_run_sample)

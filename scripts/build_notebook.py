@@ -269,7 +269,8 @@ import re
 from liquid_diffusion import LiquidDiffusionUNet
 from liquid_diffusion.data import class_names, open_source
 from liquid_diffusion.hub import check_repo_id
-from liquid_diffusion.trainer import RESUME_MUST_MATCH, TrainConfig, list_checkpoints, vae_dtype
+from liquid_diffusion.latents import vae_dtype
+from liquid_diffusion.trainer import RESUME_MUST_MATCH, TrainConfig, list_checkpoints
 
 CPU_SIZED = DEVICE == "cpu" and CPU_SETTINGS
 if CPU_SIZED:  # a GPU preset would take hours per grid on a CPU
@@ -682,7 +683,7 @@ if "FINAL_CHECKPOINT" not in globals():  # run out of order: say in one line whi
 import numpy as np
 from PIL import Image as PILImage
 
-from liquid_diffusion.trainer import class_grid_labels, generate, load_for_sampling, save_grid
+from liquid_diffusion.sampling import class_grid_labels, generate, load_for_sampling, save_grid
 
 unet, sampling_vae, resolution = load_for_sampling(str(FINAL_CHECKPOINT), use_ema=True, device=DEVICE)
 if sampling_vae is not None:

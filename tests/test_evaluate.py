@@ -209,7 +209,7 @@ def test_evaluate_matches_itself_and_the_library_api(trained, tmp_path, capsys):
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (first["fid"], first["kid"]) == (second["fid"], second["kid"])
 
-    from liquid_diffusion.trainer import load_for_sampling
+    from liquid_diffusion.sampling import load_for_sampling
 
     unet, vae, resolution = load_for_sampling(str(trained))
     real, _ = reference_features(json.loads((list_checkpoints(trained)[-1] / "train_config.json").read_text())
