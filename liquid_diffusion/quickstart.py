@@ -72,7 +72,7 @@ class _Progress(TrainerCallback):
         print(f"\nsample grid at step {step}: {path}")
 
 
-def quickstart_config(output_dir: str | Path, steps: int = 1500, batch_size: int = 16) -> TrainConfig:
+def quickstart_config(output_dir: str | Path, steps: int = 1000, batch_size: int = 16) -> TrainConfig:
     """The quickstart's training settings: micro model, pixel space, 32 px, CPU-sized."""
     output_dir = Path(output_dir)
     return TrainConfig(
@@ -108,6 +108,6 @@ def add_quickstart_command(subparsers) -> None:
         "samples/progress.png.",
     )
     parser.add_argument("--output-dir", default="outputs/quickstart", help="where everything goes")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps (default: 1500)")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps (default: 1000)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per step (default: 16)")
     parser.set_defaults(func=_run_quickstart)
