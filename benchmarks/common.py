@@ -31,7 +31,9 @@ import math
 import os
 import platform
 import resource
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Iterable
@@ -131,6 +133,18 @@ def build_model(name: str, in_channels: int = 4, sample_size: int = 32, **overri
         )
         return VelocityModel(net, "unet2d")
     raise ValueError(f"unknown model {name!r}; use liquid-<preset>[-ablation], dit-s2, dit-b2 or unet2d")
+
+
+def npm_pack(spec: str, cache_dir: str) -> str:
+    """Path of the npm tarball of ``spec`` (``name@version``) in ``cache_dir``, fetched with ``npm pack`` once."""
+    name, version = spec.rsplit("@", 1)
+    path = os.path.join(cache_dir, f"{name.replace('/', '-').lstrip('@')}-{version}.tgz")
+    if not os.path.exists(path):
+        os.makedirs(cache_dir, exist_ok=True)
+        if shutil.which("npm") is None:
+            raise FileNotFoundError(f"npm is needed to fetch {spec}; install Node.js or put {path} there by hand")
+        subprocess.run(["npm", "pack", spec, "--pack-destination", cache_dir], check=True, capture_output=True)
+    return path
 
 
 def build_vae():
