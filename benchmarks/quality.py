@@ -6,9 +6,15 @@ flow-matching loss** on a fixed grid of t values with fixed noise seeds, overall
 relaxation that tends to the identity at small t would show up; see SPEC.md), and sampled with 25 Euler steps from
 fixed noise into PNG grids.
 
-Data: a synthetic but structured set generated deterministically here (no downloads): 32x32 RGB images of one to
-three anti-aliased coloured shapes (discs, squares, triangles, rings) over a two-colour linear-gradient background.
-Train and held-out sets come from different seeds.
+Data (``--data``): ``shapes`` (default, offline, the fast smoke test) is a synthetic but structured set generated
+deterministically here: 32x32 RGB images of one to three anti-aliased coloured shapes over a two-colour gradient;
+train and held-out sets come from different seeds. ``twemoji`` is real art no one here drew: the 3786 Twemoji 64 px
+PNGs of the npm package ``emoji-datasource-twitter`` (CC-BY 4.0), fetched once with ``npm pack`` into
+``--cache-dir`` (never the repo), composited on white, box-filtered to 32 px, with a fixed held-out split by
+file-name hash (392 images held out, the first ``--eval-size`` of them scored).
+
+``--eval-at 300`` with ``--steps 600`` scores the same run after 300 and 600 steps (two budgets, one schedule).
+``--liquid-variant NAME`` trains a block design of ``variants.py`` instead of the package's (the ablation table).
 
 Models at the default settings (chosen so the study fits about 15 minutes of a 2-core CPU, and roughly matched in
 training FLOPs per image rather than in parameters -- the table prints both):
@@ -29,6 +35,9 @@ Example::
     python benchmarks/quality.py --merge out/q_liquid out/q_dit out/q_unet2d out/q_liquid-ablation --out-dir out/q
     python benchmarks/quality.py --liquid-preset tiny --dit-hidden 384 --dit-heads 6 \\
         --unet-channels 96 192 256 --steps 5000 --device cuda           # full-size models, on a GPU
+    # issue 11's protocol: tiny vs DiT-S/2 vs UNet2DModel (tiny's size) on real images, 300 and 600 steps, per seed
+    python benchmarks/quality.py --data twemoji --liquid-preset tiny --dit-hidden 384 --dit-heads 6 \\
+        --unet-channels 96 192 256 --steps 600 --eval-at 300 --eval-seeds 1 --seed 0 --out-dir out/tiny_s0
 """
 
 from __future__ import annotations

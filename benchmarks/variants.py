@@ -2,6 +2,8 @@
 
 Each variant builds a ``LiquidDiffusionUNet`` of a preset and swaps its blocks (and, where named, its skip fusions)
 for another design of the same widths, so that every row of the ablation table is reproducible by one command.
+``seed`` is a verbatim copy of the package's block as of issue 11 (so it stays reproducible if the package's block
+changes); ``package`` is whatever the installed package builds. ``conv-*`` is the DiCo-style ``LiquidConvBlock``.
 """
 from __future__ import annotations
 
@@ -333,7 +335,8 @@ VARIANTS: dict = {
     "conv-k3": _conv(kernel=3),
     "conv-k5": _conv(kernel=5),
     "conv-k7": _conv(kernel=7),
-    "conv-k5-h2": _conv(kernel=5, hidden_mult=2),
+    "conv-k5-h2": _conv(kernel=5, hidden_mult=2),  # = branch issue-11-convblock's package block (format 2)
+    "conv-k7-h2": _conv(kernel=7, hidden_mult=2),
     "conv-k5-nocca": _conv(kernel=5, cca=False),
     "conv-k5-ablation": _conv(kernel=5, liquid=False),
     "conv-k5-addskip": _conv(kernel=5, additive=True),

@@ -130,3 +130,15 @@ def test_emoji_data_is_composited_on_white_and_split_by_file_name(tmp_path):
     assert torch.allclose(train[0, :, :, :16], torch.tensor([200 / 127.5 - 1, -1.0, -1.0])[:, None, None].expand(3, 32, 16))
     again_train, again_held = quality.load_emoji(str(tmp_path))  # from the decoded cache, the same split
     assert torch.equal(again_train, train) and torch.equal(again_held, held)
+
+
+def test_screened_block_variants_build_through_the_common_interface():
+    common = _load("common")
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([0.05, 0.9])
+    for name in ("liquid-micro@seed", "liquid-micro@conv-k5-h2", "liquid-micro@conv-k5-ablation"):
+        assert common.build_model(name, 4, 16)(x, t).shape == x.shape
+    # the verbatim copy of the seed's block has the package's parameter count (the package still builds it)
+    assert common.count_params(common.build_model("liquid-micro@seed", 4, 16)) == common.count_params(
+        common.build_model("liquid-micro", 4, 16))
+    with pytest.raises(ValueError, match="unknown variant 'nope'; valid: seed"):
+        common.build_model("liquid-micro@nope", 4, 16)
