@@ -4,7 +4,8 @@ Every model is wrapped in ``VelocityModel`` so that all of them are called the s
 t in [0, 1] (t = 0 data, t = 1 noise, the package's convention) and a plain tensor out:
 
 * ``liquid-<preset>``  -- ``LiquidDiffusionUNet.from_preset(preset)``; ``liquid-<preset>-ablation`` is the same with
-  ``liquid=False`` (ParallelCfC replaced by a plain residual conv with the same depthwise-7x7 + 1x1 backbone).
+  ``liquid=False`` (ParallelCfC replaced by a plain residual conv with the same depthwise-7x7 + 1x1 backbone);
+  ``liquid-<preset>@<variant>`` is a block design of ``variants.py`` (e.g. ``liquid-tiny@seed``, the seed's block).
 * ``dit-s2`` / ``dit-b2`` -- diffusers ``DiTTransformer2DModel``: DiT-S/2 (hidden 384, depth 12, 6 heads, patch 2)
   and DiT-B/2 (768, 12, 12, 2). DiT is class-conditional; we build it with a single class
   (``num_embeds_ada_norm=1``) and pass ``class_labels`` of zeros. Its timestep embedding expects the 0..1000 scale,
@@ -31,7 +32,9 @@ import math
 import os
 import platform
 import resource
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Iterable
@@ -105,6 +108,11 @@ def build_model(name: str, in_channels: int = 4, sample_size: int = 32, **overri
     ``overrides`` go to the underlying constructor (e.g. ``widths=...`` for a reduced liquid model, or
     ``hidden``/``depth``/``heads``/``patch`` for a DiT, ``block_out_channels`` for the UNet2DModel).
     """
+    if name.startswith("liquid-") and "@" in name:  # liquid-<preset>@<variant>: a design of benchmarks/variants.py
+        import variants
+
+        preset, variant = name[len("liquid-") :].split("@", 1)
+        return variants.build(variant, preset, in_channels)
     if name.startswith("liquid-"):
         preset = name[len("liquid-") :]
         liquid = not preset.endswith("-ablation")
@@ -133,6 +141,18 @@ def build_model(name: str, in_channels: int = 4, sample_size: int = 32, **overri
         )
         return VelocityModel(net, "unet2d")
     raise ValueError(f"unknown model {name!r}; use liquid-<preset>[-ablation], dit-s2, dit-b2 or unet2d")
+
+
+def npm_pack(spec: str, cache_dir: str) -> str:
+    """Path of the npm tarball of ``spec`` (``name@version``) in ``cache_dir``, fetched with ``npm pack`` once."""
+    name, version = spec.rsplit("@", 1)
+    path = os.path.join(cache_dir, f"{name.replace('/', '-').lstrip('@')}-{version}.tgz")
+    if not os.path.exists(path):
+        os.makedirs(cache_dir, exist_ok=True)
+        if shutil.which("npm") is None:
+            raise FileNotFoundError(f"npm is needed to fetch {spec}; install Node.js or put {path} there by hand")
+        subprocess.run(["npm", "pack", spec, "--pack-destination", cache_dir], check=True, capture_output=True)
+    return path
 
 
 def build_vae():

@@ -6,9 +6,15 @@ flow-matching loss** on a fixed grid of t values with fixed noise seeds, overall
 relaxation that tends to the identity at small t would show up; see SPEC.md), and sampled with 25 Euler steps from
 fixed noise into PNG grids.
 
-Data: a synthetic but structured set generated deterministically here (no downloads): 32x32 RGB images of one to
-three anti-aliased coloured shapes (discs, squares, triangles, rings) over a two-colour linear-gradient background.
-Train and held-out sets come from different seeds.
+Data (``--data``): ``shapes`` (default, offline, the fast smoke test) is a synthetic but structured set generated
+deterministically here: 32x32 RGB images of one to three anti-aliased coloured shapes over a two-colour gradient;
+train and held-out sets come from different seeds. ``twemoji`` is real art no one here drew: the 3786 Twemoji 64 px
+PNGs of the npm package ``emoji-datasource-twitter`` (CC-BY 4.0), fetched once with ``npm pack`` into
+``--cache-dir`` (never the repo), composited on white, box-filtered to 32 px, with a fixed held-out split by
+file-name hash (392 images held out, the first ``--eval-size`` of them scored).
+
+``--eval-at 300`` with ``--steps 600`` scores the same run after 300 and 600 steps (two budgets, one schedule).
+``--liquid-variant NAME`` trains a block design of ``variants.py`` instead of the package's (the ablation table).
 
 Models at the default settings (chosen so the study fits about 15 minutes of a 2-core CPU, and roughly matched in
 training FLOPs per image rather than in parameters -- the table prints both):
@@ -29,16 +35,22 @@ Example::
     python benchmarks/quality.py --merge out/q_liquid out/q_dit out/q_unet2d out/q_liquid-ablation --out-dir out/q
     python benchmarks/quality.py --liquid-preset tiny --dit-hidden 384 --dit-heads 6 \\
         --unet-channels 96 192 256 --steps 5000 --device cuda           # full-size models, on a GPU
+    # issue 11's protocol: tiny vs DiT-S/2 vs UNet2DModel (tiny's size) on real images, 300 and 600 steps, per seed
+    python benchmarks/quality.py --data twemoji --liquid-preset tiny --dit-hidden 384 --dit-heads 6 \\
+        --unet-channels 96 192 256 --steps 600 --eval-at 300 --eval-seeds 1 --seed 0 --out-dir out/tiny_s0
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
+import re
 import sys
+import tarfile
 import time
 
 import numpy as np
@@ -86,6 +98,40 @@ def make_shapes(n: int, seed: int, size: int = 32, supersample: int = 2) -> torc
     return torch.from_numpy(images)
 
 
+EMOJI_PACKAGE = "emoji-datasource-twitter@16.0.0"  # Twemoji 64 px PNGs, CC-BY 4.0 (npm registry)
+
+
+def load_emoji(cache_dir: str, size: int = 32, holdout_pct: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) RGB images in [-1, 1], shape [n, 3, size, size], from the Twemoji 64 px PNGs.
+
+    The npm package is fetched once with ``npm pack`` into ``cache_dir`` (never into the repo); every PNG is
+    composited on white and box-filtered to ``size``. The split is fixed by file name: an image is held out when
+    ``md5(name) % 100 < holdout_pct`` (about 380 of 3786 images at 10 %), so it does not depend on any seed;
+    the held-out images come in md5 order, so ``--eval-size`` takes a fair subset of them.
+    """
+    cache = os.path.join(cache_dir, f"{EMOJI_PACKAGE.replace('@', '-')}-{size}px.pt")
+    if not os.path.exists(cache):
+        from PIL import Image
+
+        with tarfile.open(common.npm_pack(EMOJI_PACKAGE, cache_dir)) as tar:
+            members = sorted((m for m in tar.getmembers() if re.fullmatch(r"package/img/twitter/64/[^/]+\.png", m.name)),
+                             key=lambda m: m.name)
+            names, images = [], []
+            for m in members:
+                rgba = Image.open(tar.extractfile(m)).convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                rgb = Image.alpha_composite(white, rgba).convert("RGB").resize((size, size), Image.BOX)
+                names.append(os.path.basename(m.name))
+                images.append(torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1))
+        torch.save(dict(names=names, images=torch.stack(images)), cache)
+    blob = torch.load(cache)
+    digest = [int(hashlib.md5(n.encode()).hexdigest(), 16) for n in blob["names"]]
+    held = torch.tensor([d % 100 < holdout_pct for d in digest])
+    images = blob["images"].float() / 127.5 - 1
+    order = sorted(range(len(digest)), key=lambda i: digest[i])  # held-out in hash order: any prefix is a fair sample
+    return images[~held], images[[i for i in order if held[i]]]
+
+
 def save_grid(images: torch.Tensor, path: str, nrow: int = 4) -> None:
     """Writes images in [-1, 1] of shape [N, 3, H, W] as one PNG grid (PIL), upscaled 4x for viewing."""
     from PIL import Image
@@ -101,12 +147,33 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 4) -> None:
     img.resize((img.width * 4, img.height * 4), Image.NEAREST).save(path)
 
 
+def side_by_side(grids: dict[str, str], path: str) -> None:
+    """Pastes the PNG grids ``{label: file}`` next to each other, each under its label, into one PNG."""
+    from PIL import Image, ImageDraw
+
+    images = {k: Image.open(v).convert("RGB") for k, v in grids.items() if os.path.exists(v)}
+    if not images:
+        return
+    width, height = sum(i.width + 16 for i in images.values()), max(i.height for i in images.values()) + 24
+    canvas = Image.new("RGB", (width, height), "white")
+    x = 0
+    for label, image in images.items():
+        ImageDraw.Draw(canvas).text((x + 4, 4), label, fill="black")
+        canvas.paste(image, (x, 24))
+        x += image.width + 16
+    canvas.save(path)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Models, training, evaluation
 # ------------------------------------------------------------------------------------------------------------------
 
 
 def build(kind: str, args) -> common.VelocityModel:
+    if kind == "liquid" and args.liquid_variant:
+        import variants
+
+        return variants.build(args.liquid_variant, args.liquid_preset, 3)
     if kind == "liquid":
         return common.build_model(f"liquid-{args.liquid_preset}", 3, 32)
     if kind == "liquid-ablation":
@@ -118,8 +185,11 @@ def build(kind: str, args) -> common.VelocityModel:
     raise ValueError(kind)
 
 
-def train(model, data: torch.Tensor, args, device) -> dict:
-    """AdamW with linear warm-up then cosine decay; data order, noise and t come from ``args.seed`` (same for all)."""
+def train(model, data: torch.Tensor, args, device, on_eval=None) -> dict:
+    """AdamW with linear warm-up then cosine decay; data order, noise and t come from ``args.seed`` (same for all).
+
+    ``on_eval(step, seconds)`` is called after each step listed in ``args.eval_at`` (seconds: training time so far).
+    """
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     warmup = max(1, args.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -127,8 +197,9 @@ def train(model, data: torch.Tensor, args, device) -> dict:
     )
     gen = torch.Generator().manual_seed(args.seed)
     model.train()
-    losses, start = [], time.perf_counter()
+    losses, seconds = [], 0.0
     for step in range(args.steps):
+        start = time.perf_counter()
         idx = torch.randint(0, data.shape[0], (args.batch,), generator=gen)
         x0 = data[idx].to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
@@ -140,11 +211,14 @@ def train(model, data: torch.Tensor, args, device) -> dict:
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
+        seconds += time.perf_counter() - start
         if (step + 1) % max(1, args.steps // 10) == 0:
-            print(f"    step {step + 1}/{args.steps}: loss {np.mean(losses[-50:]):.4f} "
-                  f"({time.perf_counter() - start:.0f}s)", flush=True)
+            print(f"    step {step + 1}/{args.steps}: loss {np.mean(losses[-50:]):.4f} ({seconds:.0f}s)", flush=True)
+        if on_eval is not None and step + 1 in args.eval_at:
+            on_eval(step + 1, seconds)
+            model.train()
     common.sync(device)
-    return dict(train_seconds=time.perf_counter() - start, final_train_loss=float(np.mean(losses[-50:])))
+    return dict(train_seconds=seconds, final_train_loss=float(np.mean(losses[-50:])))
 
 
 @torch.no_grad()
@@ -171,6 +245,40 @@ def sample_grid(model, args, device, path: str) -> None:
     save_grid(flow.euler_sample(model, noise, num_steps=args.sample_steps), path)
 
 
+def _floats_per_t(r: dict) -> dict:
+    """JSON turns the float t keys into strings; this turns them back (also in the per-step ``at`` entries)."""
+    r = {**r, "per_t": {float(t): v for t, v in r["per_t"].items()}}
+    if "at" in r:
+        r["at"] = {int(k): {**a, "per_t": {float(t): v for t, v in a["per_t"].items()}} for k, a in r["at"].items()}
+    return r
+
+
+def write_json(args, results, machine, command) -> None:
+    with open(os.path.join(args.out_dir, "quality.json"), "w") as f:
+        json.dump(dict(args=vars(args), results=results, machine=machine, command=command), f, indent=1)
+
+
+def run_model(kind, train_data, eval_data, args, device, results, machine, command) -> dict:
+    """Trains one model, scores it at every ``args.eval_at`` step (JSON written after each), samples a grid."""
+    torch.manual_seed(args.seed)
+    model = build(kind, args).to(device)
+    gflop = common.train_step_flops(model, train_data[:2].to(device)) / 2 / 1e9
+    print(f"\n== {kind}: {common.count_params(model):.2f}M params, {gflop:.2f} GFLOP/img fwd+bwd ==", flush=True)
+    stats = dict(params_m=common.count_params(model), gflop_per_img=gflop, at={})
+    results[kind] = stats
+
+    def on_eval(step, seconds):
+        stats["at"][step] = dict(evaluate(model, eval_data, args, device), train_seconds=seconds)
+        print(f"  step {step}: held-out loss {stats['at'][step]['mean']:.4f}; "
+              f"t=0.05: {stats['at'][step]['per_t'][0.05]:.4f}; {seconds:.0f}s", flush=True)
+        write_json(args, results, machine, command)
+
+    stats.update(train(model, train_data, args, device, on_eval))
+    stats.update(stats["at"][args.steps])
+    sample_grid(model, args, device, os.path.join(args.out_dir, f"samples_{kind}.png"))
+    return stats
+
+
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -189,6 +297,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--liquid-preset", default="micro")
+    p.add_argument("--liquid-variant", help="a block design of benchmarks/variants.py instead of the package's")
+    p.add_argument("--data", choices=["shapes", "twemoji"], default="shapes",
+                   help="shapes: synthetic, offline; twemoji: real 64px emoji art via `npm pack` (cached, see --cache-dir)")
+    p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/liquid-diffusion-bench"))
+    p.add_argument("--eval-at", type=int, nargs="+", default=[],
+                   help="also score the held-out loss after these steps of the same run (the final step always)")
     p.add_argument("--dit-hidden", type=int, default=128)
     p.add_argument("--dit-depth", type=int, default=12)
     p.add_argument("--dit-heads", type=int, default=2)
@@ -205,6 +319,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.steps, args.batch, args.train_size, args.eval_size = 5, 4, 64, 16
         args.eval_seeds, args.num_samples, args.sample_steps = 1, 4, 2
         args.dit_depth, args.unet_channels = 2, [32, 32, 64]
+        args.eval_at = [3]
+    args.eval_at = sorted({s for s in args.eval_at if 0 < s < args.steps} | {args.steps})
     return args
 
 
@@ -218,38 +334,35 @@ def main(argv=None) -> int:
     print(f"machine: {common.describe_machine(device)}\ncommand: {command}", flush=True)
 
     if not args.merge:
-        train_data = make_shapes(args.train_size, seed=args.seed)
-        eval_data = make_shapes(args.eval_size, seed=args.seed + 999_983)
+        if args.data == "twemoji":
+            train_data, eval_data = load_emoji(args.cache_dir)
+            eval_data = eval_data[: args.eval_size]
+        else:
+            train_data = make_shapes(args.train_size, seed=args.seed)
+            eval_data = make_shapes(args.eval_size, seed=args.seed + 999_983)
         save_grid(eval_data[: args.num_samples], os.path.join(args.out_dir, "data.png"))
 
     results, commands, machine = {}, [], common.describe_machine(device)
+    grids = {}
     for run_dir in args.merge or []:  # combine runs made in separate processes (same budget flags)
         with open(os.path.join(run_dir, "quality.json")) as f:
             run = json.load(f)
-        results.update({k: {**r, "per_t": {float(t): v for t, v in r["per_t"].items()}}
-                        for k, r in run["results"].items()})
-        for key in ("steps", "batch", "lr", "seed", "eval_size", "eval_seeds", "sample_steps"):
-            setattr(args, key, run["args"][key])
+        results.update({k: _floats_per_t(r) for k, r in run["results"].items()})
+        grids.update({k: os.path.join(run_dir, f"samples_{k}.png") for k in run["results"]})
+        for key in ("steps", "batch", "lr", "seed", "eval_size", "eval_seeds", "sample_steps", "data", "eval_at"):
+            setattr(args, key, run["args"].get(key, getattr(args, key)))
         commands.append(run["command"])
         machine = run["machine"]
     command = "; ".join(commands) if commands else command
     for kind in [] if args.merge else args.models:
-        torch.manual_seed(args.seed)
-        model = build(kind, args).to(device)
-        gflop = common.train_step_flops(model, train_data[:2].to(device)) / 2 / 1e9
-        print(f"\n== {kind}: {common.count_params(model):.2f}M params, {gflop:.2f} GFLOP/img fwd+bwd ==", flush=True)
-        stats = train(model, train_data, args, device)
-        stats.update(evaluate(model, eval_data, args, device), params_m=common.count_params(model), gflop_per_img=gflop)
-        sample_grid(model, args, device, os.path.join(args.out_dir, f"samples_{kind}.png"))
-        results[kind] = stats
-        print(f"  held-out loss {stats['mean']:.4f}; t=0.05: {stats['per_t'][0.05]:.4f}; "
-              f"{stats['train_seconds']:.0f}s", flush=True)
-        del model
-
-    header = ["model", "params (M)", "GFLOP/img", "train s", "final train loss", "held-out loss (mean over t)"]
+        results[kind] = run_model(kind, train_data, eval_data, args, device, results, machine, command)
+        grids[kind] = os.path.join(args.out_dir, f"samples_{kind}.png")
+    side_by_side(grids, os.path.join(args.out_dir, "samples_side_by_side.png"))
+    header = ["model", "step", "params (M)", "GFLOP/img", "train s", "held-out loss (mean over t)"]
     header += [f"t={t}" for t in T_GRID]
-    rows = [[k, r["params_m"], r["gflop_per_img"], r["train_seconds"], r["final_train_loss"], r["mean"]]
-            + [r["per_t"][t] for t in T_GRID] for k, r in results.items()]
+    rows = [[k, step, r["params_m"], r["gflop_per_img"], a["train_seconds"], a["mean"]]
+            + [a["per_t"][t] for t in T_GRID]
+            for k, r in results.items() for step, a in sorted(r.get("at", {args.steps: r}).items())]
     table = common.markdown_table(header, rows)
     ref = results.get("liquid")
     verdicts = []
@@ -262,16 +375,16 @@ def main(argv=None) -> int:
     text = "\n".join([
         f"# Equal-budget quality, pixel space 32x32 ({datetime.date.today().isoformat()})\n",
         f"machine: {machine}", f"command: {command}",
-        f"budget: {args.steps} steps x batch {args.batch}, AdamW lr {args.lr} (warm-up + cosine), seed {args.seed}; "
+        f"data: {args.data}; budget: {args.steps} steps x batch {args.batch}, AdamW lr {args.lr} (warm-up + cosine), "
+        f"seed {args.seed}, scored after steps {args.eval_at} of the same run; "
         f"held-out: {args.eval_size} images x {args.eval_seeds} noise seeds x t in {list(T_GRID)}\n",
         table, "", *verdicts, "", f"sample grids ({args.sample_steps} Euler steps, same noise): "
-        + ", ".join(f"samples_{k}.png" for k in results) + "; data.png: held-out images"])
+        + ", ".join(f"samples_{k}.png" for k in results) + " and all of them in samples_side_by_side.png; data.png: "
+        "held-out images"])
     print("\n" + text)
     with open(os.path.join(args.out_dir, "quality.md"), "w") as f:
         f.write(text + "\n")
-    with open(os.path.join(args.out_dir, "quality.json"), "w") as f:
-        json.dump(dict(args=vars(args), results=results, machine=machine, command=command),
-                  f, indent=1)
+    write_json(args, results, machine, command)
     return 0
 
 

@@ -78,9 +78,12 @@ def test_quality_quick(tmp_path):
     for kind in ("liquid", "dit", "unet2d", "liquid-ablation"):
         assert f"| {kind} |" in text
         assert (tmp_path / f"samples_{kind}.png").stat().st_size > 0
-    assert (tmp_path / "data.png").exists()
+    assert (tmp_path / "data.png").exists() and (tmp_path / "samples_side_by_side.png").stat().st_size > 0
     results = json.loads((tmp_path / "quality.json").read_text())["results"]
     assert all(0 < r["mean"] < 10 for r in results.values())
+    # --quick scores after step 3 and after the last step (5) of the same run: one table row each
+    assert all(sorted(r["at"]) == ["3", "5"] and r["at"]["5"]["mean"] == r["mean"] for r in results.values())
+    assert "| liquid | 3 |" in text and "| liquid | 5 |" in text
 
 
 def test_synthetic_data_is_deterministic_and_in_range():
@@ -100,3 +103,42 @@ def test_quality_merge_of_single_model_runs(tmp_path):
     text = (merged / "quality.md").read_text()
     assert "| liquid |" in text and "| liquid-ablation |" in text and "liquid / liquid-ablation" in text
     assert "budget: 5 steps x batch 4" in text  # the runs' budget, not the merging call's defaults
+
+
+def test_emoji_data_is_composited_on_white_and_split_by_file_name(tmp_path):
+    """A stand-in for the npm tarball in the cache dir: nothing is downloaded when it is there."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    quality = _load("quality")
+    name = quality.EMOJI_PACKAGE.replace("@", "-")
+    with tarfile.open(tmp_path / f"{name}.tgz", "w:gz") as tar:
+        for k in range(40):
+            image = Image.new("RGBA", (64, 64), (0, 0, 0, 0))  # transparent: must come out white
+            image.paste((200, 0, 0, 255), (0, 0, 32, 64))  # opaque red left half
+            data = io.BytesIO()
+            image.save(data, format="PNG")
+            info = tarfile.TarInfo(f"package/img/twitter/64/{k:04x}.png")
+            info.size = data.tell()
+            data.seek(0)
+            tar.addfile(info, data)
+    train, held = quality.load_emoji(str(tmp_path))
+    assert train.shape[1:] == (3, 32, 32) and train.shape[0] + held.shape[0] == 40 and 0 < held.shape[0] < 15
+    assert torch.equal(train[0, :, :, 20:], torch.ones(3, 32, 12))  # white where transparent
+    assert torch.allclose(train[0, :, :, :16], torch.tensor([200 / 127.5 - 1, -1.0, -1.0])[:, None, None].expand(3, 32, 16))
+    again_train, again_held = quality.load_emoji(str(tmp_path))  # from the decoded cache, the same split
+    assert torch.equal(again_train, train) and torch.equal(again_held, held)
+
+
+def test_screened_block_variants_build_through_the_common_interface():
+    common = _load("common")
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([0.05, 0.9])
+    for name in ("liquid-micro@seed", "liquid-micro@conv-k5-h2", "liquid-micro@conv-k5-ablation"):
+        assert common.build_model(name, 4, 16)(x, t).shape == x.shape
+    # the verbatim copy of the seed's block has the package's parameter count (the package still builds it)
+    assert common.count_params(common.build_model("liquid-micro@seed", 4, 16)) == common.count_params(
+        common.build_model("liquid-micro", 4, 16))
+    with pytest.raises(ValueError, match="unknown variant 'nope'; valid: seed"):
+        common.build_model("liquid-micro@nope", 4, 16)
