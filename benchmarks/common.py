@@ -109,6 +109,9 @@ def build_model(name: str, in_channels: int = 4, sample_size: int = 32, **overri
     ``hidden``/``depth``/``heads``/``patch`` for a DiT, ``block_out_channels`` for the UNet2DModel).
     """
     if name.startswith("liquid-") and "@" in name:  # liquid-<preset>@<variant>: a design of benchmarks/variants.py
+        here = os.path.dirname(os.path.abspath(__file__))
+        if here not in sys.path:  # also when this file was loaded by path (the tests do)
+            sys.path.insert(0, here)
         import variants
 
         preset, variant = name[len("liquid-") :].split("@", 1)
