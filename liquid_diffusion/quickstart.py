@@ -78,7 +78,7 @@ def quickstart_config(output_dir: str | Path, steps: int = 1000, batch_size: int
     return TrainConfig(
         dataset=str(output_dir / "shapes"), space="pixel", preset="micro", resolution=32, flip=False,
         batch_size=batch_size, steps=steps, lr=2e-3, warmup_steps=50, ema_decay=0.999, shuffle_buffer=1024,
-        num_workers=0, log_every=25, sample_every=max(1, steps // 6), num_sample_images=16, sample_steps=25,
+        num_workers=0, log_every=25, sample_every=max(1, steps // 5), num_sample_images=16, sample_steps=25,
         checkpoint_every=max(1, steps // 3), keep_checkpoints=1, output_dir=str(output_dir), resume="latest",
     )
 
