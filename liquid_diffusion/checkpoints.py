@@ -29,6 +29,8 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
+from .errors import first_line
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -155,7 +157,7 @@ def _read_json(path: Path) -> dict:
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{path} is missing") from None
     except (OSError, ValueError) as error:
-        raise CorruptCheckpointError(f"{path} is unreadable ({_first_line(error)})") from None
+        raise CorruptCheckpointError(f"{path} is unreadable ({first_line(error)})") from None
     if not isinstance(value, dict):
         raise CorruptCheckpointError(f"{path} is unreadable (not a JSON object)")
     return value
@@ -170,7 +172,7 @@ def read_unet_folder(folder: Path) -> tuple[dict, dict]:
     try:
         state_dict = load_file(weights)
     except Exception as error:  # noqa: BLE001 -- truncated or garbage safetensors: name the file
-        raise CorruptCheckpointError(f"{weights} is unreadable ({_first_line(error)})") from None
+        raise CorruptCheckpointError(f"{weights} is unreadable ({first_line(error)})") from None
     return config, state_dict
 
 
@@ -197,7 +199,7 @@ def read_checkpoint(path: str | os.PathLike, with_training_state: bool = True) -
         try:
             training = torch.load(training_path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 -- truncated or garbage pickle: name the file
-            raise CorruptCheckpointError(f"{training_path} is unreadable ({_first_line(error)})") from None
+            raise CorruptCheckpointError(f"{training_path} is unreadable ({first_line(error)})") from None
     if "step" not in state:
         raise CorruptCheckpointError(f"{path / 'state.json'} has no 'step'")
     return Checkpoint(path, int(state["step"]), state, train_config, unet, unet_ema, training)
@@ -223,8 +225,3 @@ def newest_intact(output_dir: str | os.PathLike, report: Callable[[str], None] =
         raise CorruptCheckpointError(f"no intact checkpoint in {str(output_dir)!r}: {problems[0]} (and "
                                      f"{len(problems) - 1} more); start a new run with another --output-dir")
     return None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

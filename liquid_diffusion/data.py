@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .errors import check_number
+from .errors import check_number, first_line
 
 # The verified datasets of the model card, by short name.
 DATASETS: dict[str, str] = {
@@ -153,9 +153,8 @@ def open_source(source: str, split: str = "train", config_name: str | None = Non
         dataset = load_dataset(*args, split=split, streaming=True, **kwargs)
     except Exception as error:  # the Hub, the network or the files: tell the user in one line, keep the cause
         where = "the Hugging Face Hub" if kind == "hub" else "disk"
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(
-            f"could not load dataset {target!r} (split {split!r}) from {where}: {first_line} -- check the id, "
+            f"could not load dataset {target!r} (split {split!r}) from {where}: {first_line(error)} -- check the id, "
             "--split and --config-name, your connection and, for gated datasets, `huggingface-cli login`"
         ) from error
 

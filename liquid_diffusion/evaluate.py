@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import first_line
 from .trainer import TrainerCallback
 
 REFERENCE_FORMAT = "liquid-diffusion-reference-features"
@@ -95,9 +96,8 @@ def inception_extractor(weights: str | os.PathLike | None = None) -> nn.Module:
                                         feature_extractor_weights_path=None if weights is None else str(weights),
                                         antialias=False)
     except Exception as error:  # no connection, a proxy, a truncated download: one line, cause kept
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(
-            f"could not download the Inception weights ({first_line}); for offline use put {INCEPTION_URL} at "
+            f"could not download the Inception weights ({first_line(error)}); for offline use put {INCEPTION_URL} at "
             f"{inception_weights_path()} (or pass --inception-weights PATH)"
         ) from error
     if downloading:

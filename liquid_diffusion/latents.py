@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 
+from .errors import first_line
 from .data import (
     DATASETS,
     OFFLINE_HINT,
@@ -137,8 +138,7 @@ def _load_vae(name: str, dtype: torch.dtype):
     except ConnectionError:
         raise
     except Exception as error:  # bad path / id / corrupt files: one clear line, cause kept
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"could not load the VAE {name!r}: {first_line}") from error
+        raise ValueError(f"could not load the VAE {name!r}: {first_line(error)}") from error
 
 
 # ----------------------------------------------------------------------------------------------------------------
