@@ -30,6 +30,19 @@ class ResidualRelaxCfC(ParallelCfC):
         return x + (1 - self.relaxation(t_emb)) * (h + gate * (g - h))
 
 
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over channels at each position (affine-free), as DiT's and DiCo's norms; replaces AdaLN's GroupNorm."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.num_channels = channels
+
+    def forward(self, x):
+        mean = x.mean(dim=1, keepdim=True)
+        var = (x - mean).pow(2).mean(dim=1, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + 1e-6)
+
+
 class LiquidConvBlock(nn.Module):
     """DiCo-style liquid block: one GroupNorm per branch, one depthwise conv, channel gate, CfC head, gated FF.
 
@@ -113,16 +126,112 @@ def _swap_blocks(model, make):
     return model
 
 
-def _seed(cell_cls=None, liquid=True):
-    """The package's block (``liquid=False``: its ablation); ``cell_cls`` swaps the CfC cell of every block."""
+class Format1Head(nn.Sequential):
+    """The format-1 model's head: ``conv3x3(SiLU(GroupNorm(x)))``, not modulated by t (zero-init conv)."""
+
+    def __init__(self, channels, out_channels):
+        super().__init__(nn.GroupNorm(_num_groups(channels), channels, eps=1e-6), nn.SiLU(),
+                         nn.Conv2d(channels, out_channels, 3, padding=1))
+        nn.init.zeros_(self[-1].weight)
+        nn.init.zeros_(self[-1].bias)
+
+    def forward(self, x, t_emb=None):
+        return super().forward(x)
+
+
+def format1(model):
+    """Gives a format-2 model the seed's (format 1) stem ``conv3x3 -> SiLU -> conv3x3`` and un-modulated head."""
+    w, c = model.config.widths[0], model.config.in_channels
+    model.stem = nn.Sequential(nn.Conv2d(c, w, 3, padding=1), nn.SiLU(), nn.Conv2d(w, w, 3, padding=1))
+    model.head = Format1Head(w, model.config.out_channels or c)
+    return model
+
+
+def _seed(cell_cls=None, liquid=True, fmt1=True):
+    """The seed's model, format 1 (``liquid=False``: its ablation); ``cell_cls`` swaps the CfC cell of every block.
+
+    ``fmt1=False``: the package's model (format 2: single-conv stem, t-modulated head) with the same changes.
+    """
     def make(preset, c):
         model = LiquidDiffusionUNet.from_preset(preset, in_channels=c, liquid=liquid)
+        model = format1(model) if fmt1 else model
         if cell_cls is not None:
             for m in model.modules():
                 if isinstance(m, LiquidDiffusionBlock):
                     m.cfc = cell_cls(m.norm_cfc.norm.num_channels, model.time_embedder.mlp.linear_2.out_features)
         return model
     return make
+
+
+def _patched(base, silu_emb=False, channel_ln=False):
+    """``base`` (a variant) with DiT's ``SiLU`` before every modulation and/or a per-position channel LayerNorm."""
+    def make(preset, c):
+        model = base(preset, c)
+        if silu_emb:
+            model.time_embedder = nn.Sequential(model.time_embedder, nn.SiLU())
+        if channel_ln:
+            for m in model.modules():
+                if hasattr(m, "norm") and isinstance(m.norm, nn.GroupNorm) and not m.norm.affine:
+                    m.norm = ChannelLayerNorm(m.norm.num_channels)
+        return model
+    return make
+
+
+class AdaLNHead(nn.Module):
+    """DiT's final layer on a feature map: ``v = conv3x3(GN(x) * (1 + scale(t_emb)) + shift(t_emb))``, all zero-init.
+
+    The model calls ``head(x)`` without ``t_emb``; a forward hook on the time embedder hands it over (benchmark only).
+    """
+
+    def __init__(self, channels, embed_dim, out_channels, silu=False):
+        super().__init__()
+        self.norm = nn.GroupNorm(_num_groups(channels), channels, affine=False, eps=1e-6)
+        self.modulation = nn.Linear(embed_dim, 2 * channels)
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+        self.silu = silu
+        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+        self.t_emb = None
+
+    def forward(self, x, t_emb=None):
+        scale, shift = self.modulation(self.t_emb if t_emb is None else t_emb)[:, :, None, None].chunk(2, dim=1)
+        x = self.norm(x) * (1 + scale) + shift
+        return self.conv(F.silu(x) if self.silu else x)
+
+
+def _with_head(base, silu=False, linear_stem=False):
+    """``base`` with a t-modulated head (``AdaLNHead``) and/or a single-conv stem (no SiLU between two convs)."""
+    def make(preset, c):
+        model = base(preset, c)
+        width, embed_dim = model.config.widths[0], model.time_embedder.mlp.linear_2.out_features
+        head = AdaLNHead(width, embed_dim, model.config.out_channels or c, silu=silu)
+        model.head = head
+        model.time_embedder.register_forward_hook(lambda mod, inp, out: setattr(head, "t_emb", out))
+        if linear_stem:
+            model.stem = nn.Conv2d(c, width, 3, padding=1)
+        return model
+    return make
+
+
+class InputSkip(nn.Module):
+    """``v = net(x_t, t) + s(t_emb) * x_t``: a per-channel, t-dependent linear skip from input to output (zero-init),
+    so the part of v that is linear in x_t (v = (x_t - x0) / t) needs no path through the U-Net's nonlinearities."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        embed_dim, c = net.time_embedder.mlp.linear_2.out_features, net.config.in_channels
+        self.skip = nn.Linear(embed_dim, c)
+        nn.init.zeros_(self.skip.weight)
+        nn.init.zeros_(self.skip.bias)
+        self.t_emb = None
+        net.time_embedder.register_forward_hook(lambda mod, inp, out: setattr(self, "t_emb", out))
+
+    def forward(self, sample, timestep):
+        out = self.net(sample, timestep).sample
+        return type("Out", (), {"sample": out + self.skip(self.t_emb)[:, :, None, None] * sample})()
 
 
 def _conv(additive=False, **kw):
@@ -139,6 +248,17 @@ VARIANTS: dict = {
     "seed": _seed(),
     "seed-ablation": _seed(liquid=False),
     "seed-resrelax": _seed(ResidualRelaxCfC),
+    "seed-silu": _patched(_seed(), silu_emb=True),
+    "seed-ln": _patched(_seed(), channel_ln=True),
+    "seed-resrelax-silu": _patched(_seed(ResidualRelaxCfC), silu_emb=True),
+    "seed-adahead": _with_head(_seed()),
+    "seed-adahead-silu": _with_head(_seed(), silu=True),
+    "seed-linstem": _with_head(_seed(), linear_stem=True),
+    "seed-inskip": lambda preset, c: InputSkip(_seed()(preset, c)),
+    "seed-inskip-adahead": lambda preset, c: InputSkip(_with_head(_seed())(preset, c)),
+    "package-resrelax": _seed(ResidualRelaxCfC, fmt1=False),
+    "package-silu": _patched(_seed(fmt1=False), silu_emb=True),
+    "package-ln": _patched(_seed(fmt1=False), channel_ln=True),
     "package": lambda preset, c: LiquidDiffusionUNet.from_preset(preset, in_channels=c),
     "package-ablation": lambda preset, c: LiquidDiffusionUNet.from_preset(preset, in_channels=c, liquid=False),
     "conv-k3": _conv(kernel=3),

@@ -29,8 +29,23 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
+# Version of the architecture, saved in every config: weights of another version do not fit (see check_format).
+# 1: the seed's stem (conv3x3 -> SiLU -> conv3x3) and un-modulated head; 2: single-conv stem, t-modulated head.
+FORMAT_VERSION = 2
+
 # The sinusoid sees t * TIME_SCALE so that its frequencies span the [0, 1] range as they span 0..1000 in DDPM.
 TIME_SCALE = 1000.0
+
+
+def check_format(config: dict) -> None:
+    """Refuses, in one line, a saved config of another architecture version (configs without the field are 1)."""
+    version = config.get("format_version", 1)
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"this model was saved by LiquidDiffusion architecture version {version}, but this version of the "
+            f"package builds version {FORMAT_VERSION} (the format changed: the stem and head were redesigned, see "
+            "BENCHMARKS.md); retrain it, or load it with the package release that saved it"
+        )
 
 
 def _num_groups(channels: int) -> int:
@@ -294,6 +309,30 @@ class SkipFusion(nn.Module):
         return self.proj(torch.cat([x, skip], dim=1))
 
 
+class OutputHead(nn.Module):
+    """DiT's final layer on a feature map: ``v = conv3x3(AdaLN(x, t_emb))``, the conv zero-initialised.
+
+    The velocity's scale depends on t (``v = (x_t - x0) / t``), and a GroupNorm erases the scale of the features
+    it normalises: the head must get it back from ``t_emb``. An un-modulated ``GroupNorm -> SiLU -> conv`` head (the
+    format-1 model's) trained far slower, see BENCHMARKS.md.
+
+    Args:
+        channels: feature channels C.
+        embed_dim: width of ``t_emb``.
+        out_channels: channels of the velocity.
+    """
+
+    def __init__(self, channels: int, embed_dim: int, out_channels: int):
+        super().__init__()
+        self.norm = AdaLN(channels, embed_dim)
+        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.norm(x, t_emb))
+
+
 @dataclass
 class LiquidDiffusionOutput(BaseOutput):
     """Output of ``LiquidDiffusionUNet``.
@@ -326,6 +365,8 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
             label embedding ``E`` of K + 1 rows, row K being the "null" class (unconditional). 0 (the default):
             unconditional, with no label embedding at all.
         class_names: the K label names, in id order (stored in the config so sampling can ask for names).
+        format_version: the architecture version (``FORMAT_VERSION``), saved in the config so that loading weights
+            of another version fails in one line instead of with a list of mismatched tensors.
     """
 
     _supports_gradient_checkpointing = False
@@ -343,8 +384,10 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         liquid: bool = True,
         num_classes: int = 0,
         class_names: list[str] | None = None,
+        format_version: int = FORMAT_VERSION,
     ):
         super().__init__()
+        check_format({"format_version": format_version})
         widths, depths = tuple(widths), tuple(depths)
         if len(widths) != len(depths) or not widths:
             raise ValueError(f"widths {widths} and depths {depths} must be non-empty and of equal length")
@@ -353,9 +396,7 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
 
         self.time_embedder = TimestepEmbedder(widths[0], embed_dim)
         self.class_embedder = _class_embedder(num_classes, class_names, embed_dim)
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, widths[0], 3, padding=1), nn.SiLU(), nn.Conv2d(widths[0], widths[0], 3, padding=1)
-        )
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1)
 
         def stage(width: int, depth: int) -> nn.ModuleList:
             return nn.ModuleList(LiquidDiffusionBlock(width, embed_dim, ff_mult, liquid) for _ in range(depth))
@@ -368,13 +409,14 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         self.fusions = nn.ModuleList(SkipFusion(w) for w in widths)
         self.decoder = nn.ModuleList(stage(w, d) for w, d in zip(widths, depths))
 
-        self.head = nn.Sequential(
-            nn.GroupNorm(_num_groups(widths[0]), widths[0], eps=1e-6),
-            nn.SiLU(),
-            nn.Conv2d(widths[0], out_channels, 3, padding=1),
-        )
-        nn.init.zeros_(self.head[-1].weight)
-        nn.init.zeros_(self.head[-1].bias)
+        self.head = OutputHead(widths[0], embed_dim, out_channels)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' ``load_config``, refusing a config of another architecture version (``check_format``)."""
+        loaded = super().load_config(*args, **kwargs)
+        check_format(loaded[0] if isinstance(loaded, tuple) else loaded)
+        return loaded
 
     @property
     def downsample_factor(self) -> int:
@@ -455,7 +497,7 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
             x = self.fusions[i](x, skips[i])
             for block in self.decoder[i]:
                 x = block(x, t_emb)
-        velocity = self.head(x)
+        velocity = self.head(x, t_emb)
 
         if not return_dict:
             return (velocity,)
