@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import math
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
 # Exceptions that mean "the user asked for something that cannot be done", not "the program is broken": the command
 # line prints them as one line (``error: ...``, exit status 2) instead of a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError,
                ConnectionError)
+# User errors that trying again cannot fix (a lost connection may come back).
+PERMANENT_ERRORS = tuple(error for error in USER_ERRORS if error is not ConnectionError)
 
 
 def first_line(error: BaseException) -> str:
@@ -25,3 +30,14 @@ def check_number(options, name: str, minimum: float, inclusive: bool = True) -> 
     if not ok:
         relation = f"at least {minimum}" if inclusive else f"greater than {minimum}"
         raise ValueError(f"--{name.replace('_', '-')} must be {relation}, got {value}")
+
+
+def check_repo_id(repo_id: str) -> str:
+    """Validates a Hub model repo id of the form ``USER/NAME``; raises ValueError with the rule it breaks."""
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        raise ValueError(f"{repo_id!r} is not a Hub repo id of the form USER/NAME")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"{repo_id!r} is not a valid Hub repo id (USER/NAME): {error}") from None
+    return repo_id
