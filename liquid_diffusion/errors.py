@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
@@ -19,6 +21,16 @@ def first_line(error: BaseException) -> str:
     """The first line of an error's message (its type name when the message is empty)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def report_failure(what: str, error: BaseException) -> int:
+    """For trouble that is not the user's mistake (the network, the server, a download): prints ``error: WHAT failed:
+    Type: first line`` and returns exit status 1. Re-raises user errors (``PERMANENT_ERRORS``, which the command line
+    prints as one line with status 2) and, with ``LIQUID_DIFFUSION_DEBUG`` set, everything."""
+    if isinstance(error, PERMANENT_ERRORS) or os.environ.get("LIQUID_DIFFUSION_DEBUG"):
+        raise error
+    print(f"error: {what} failed: {type(error).__name__}: {first_line(error)}", file=sys.stderr)
+    return 1
 
 
 def check_number(options, name: str, minimum: float, inclusive: bool = True) -> None:

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from .checkpoints import (
     read_json,
     read_unet_folder,
 )
-from .errors import PERMANENT_ERRORS, check_repo_id, first_line
+from .errors import check_repo_id, first_line, report_failure
 from .model import LiquidDiffusionUNet
 from .model_card import build_model_card, latest_sample_grid, plot_loss_curve, read_metrics, sanitize_train_config
 from .pipeline import LiquidDiffusionPipeline
@@ -255,13 +254,8 @@ def _run_export(args: argparse.Namespace) -> int:
     checkpoint = find_checkpoint(args.checkpoint)
     try:
         export_checkpoint(checkpoint, out, repo_id=args.repo_id, overwrite=args.overwrite)
-    except PERMANENT_ERRORS:
-        raise
     except OSError as error:  # e.g. the VAE could not be downloaded: one line, not a traceback
-        if os.environ.get("LIQUID_DIFFUSION_DEBUG"):
-            raise
-        print(f"error: export of {checkpoint} failed: {type(error).__name__}: {first_line(error)}", file=sys.stderr)
-        return 1
+        return report_failure(f"export of {checkpoint}", error)
     print(f"exported {checkpoint} -> {out}")
     return 0
 

@@ -18,7 +18,6 @@ import itertools
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -39,7 +38,7 @@ from huggingface_hub.errors import (
 
 from .checkpoints import find_checkpoint, is_complete_checkpoint, read_json
 from .data import looks_like_local_path
-from .errors import PERMANENT_ERRORS, check_repo_id, first_line
+from .errors import PERMANENT_ERRORS, check_repo_id, first_line, report_failure
 from .export import export_checkpoint, is_exported_pipeline, pipeline_from_folder
 from .model_card import latest_sample_grid
 from .pipeline import WEIGHTS_AND_CONFIGS
@@ -410,13 +409,8 @@ def _run_push(args: argparse.Namespace) -> int:
         url = push_to_hub(
             checkpoint, args.repo_id, private=args.private, token=args.token or None, commit_message=args.commit_message
         )
-    except PERMANENT_ERRORS:
-        raise
     except Exception as error:  # noqa: BLE001 -- network or server trouble: one line, not a traceback
-        if os.environ.get("LIQUID_DIFFUSION_DEBUG"):
-            raise
-        print(f"error: push to {args.repo_id} failed: {type(error).__name__}: {first_line(error)}", file=sys.stderr)
-        return 1
+        return report_failure(f"push to {args.repo_id}", error)
     print(f"pushed {checkpoint} -> {url}")
     return 0
 

@@ -8,6 +8,7 @@ their exports come from ``conftest.py``.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ class FakeHfApi:
     upload_errors: list[BaseException] = []  # raised by upload_folder, one per call, before succeeding
     create_error: BaseException | None = None
     gate: threading.Event | None = None  # upload_folder waits on it when set
+    entered: threading.Event | None = None  # set when upload_folder is called
 
     def __init__(self, token=None, **kwargs):
         self.token = token
@@ -47,6 +49,8 @@ class FakeHfApi:
         return f"https://huggingface.co/{repo_id}"
 
     def upload_folder(self, *, repo_id, folder_path, repo_type=None, commit_message=None, **kwargs):
+        if FakeHfApi.entered is not None:
+            FakeHfApi.entered.set()
         if FakeHfApi.gate is not None:
             assert FakeHfApi.gate.wait(30)
         if FakeHfApi.upload_errors:
@@ -58,7 +62,8 @@ class FakeHfApi:
 
 @pytest.fixture
 def fake_hub(monkeypatch):
-    FakeHfApi.instances, FakeHfApi.upload_errors, FakeHfApi.create_error, FakeHfApi.gate = [], [], None, None
+    FakeHfApi.instances, FakeHfApi.upload_errors, FakeHfApi.create_error = [], [], None
+    FakeHfApi.gate = FakeHfApi.entered = None
     monkeypatch.setattr(hub, "HfApi", FakeHfApi)
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)  # "logged in"
     return FakeHfApi
@@ -254,6 +259,29 @@ def test_hub_pusher_does_not_block_and_survives_checkpoint_pruning(fake_hub, pix
     assert pusher.pushed[-1][0] == run / "checkpoint-000500"
     last_upload = fake_hub.instances[-1].uploads[-1]
     assert "| steps trained | 500 |" in last_upload["files"]["README.md"].decode()
+
+
+def test_hub_pusher_pushes_only_the_newest_of_the_checkpoints_that_queued_meanwhile(fake_hub, pixel_run, tmp_path):
+    import shutil
+
+    run = shutil.copytree(pixel_run, tmp_path / "run")
+    newest = shutil.copytree(run / "checkpoint-000500", run / "checkpoint-000600")
+    (newest / "state.json").write_text(json.dumps({"step": 600, "batches_consumed": 600}))
+    fake_hub.gate, fake_hub.entered = threading.Event(), threading.Event()
+    pusher = hub.HubPusher("me/liquid", backoff_s=0)
+    pusher.push(run / "checkpoint-000250")
+    assert fake_hub.entered.wait(60)  # 250 is uploading (held at the gate)
+    pusher.push(run / "checkpoint-000500")  # waits ...
+    pusher.push(newest)  # ... and is superseded by 600
+    assert not pusher.wait(timeout=0.1)  # still uploading: wait gives up at its timeout
+    fake_hub.gate.set()
+    assert pusher.close(timeout=60)
+    assert [checkpoint.name for checkpoint, _ in pusher.pushed] == ["checkpoint-000250", "checkpoint-000600"]
+    uploads = [upload for api in fake_hub.instances for upload in api.uploads]
+    assert [u["commit_message"].rsplit(" ", 1)[-1] for u in uploads] == ["250", "600"]
+    assert pusher.failures == [] and not list(run.glob(".hub-push-*"))  # the skipped push's staging is gone too
+    pusher.push(newest)  # closed: ignored, not raised
+    assert len(pusher.pushed) == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
