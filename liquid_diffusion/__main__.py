@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from . import data, evaluate, hub, quickstart, sampling, trainer
+from . import data, evaluate, export, hub, quickstart, sampling, trainer
 from .errors import USER_ERRORS
 
 # The sub-commands, in the order data flows.
@@ -18,7 +18,7 @@ COMMANDS = [
     data.add_preview_command,
     trainer.add_train_command,
     sampling.add_sample_command,
-    hub.add_export_command,
+    export.add_export_command,
     hub.add_push_command,
     evaluate.add_evaluate_command,
     quickstart.add_quickstart_command,

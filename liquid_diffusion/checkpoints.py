@@ -1,4 +1,4 @@
-"""Training checkpoints on disk: the one place that writes, lists, verifies and reads them.
+"""Training checkpoints on disk: the one place that writes, lists, finds, verifies and reads them.
 
 Layout of ``OUTPUT_DIR/checkpoint-NNNNNN/``::
 
@@ -66,6 +66,50 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     found = [(step, p) for p in output_dir.iterdir()
              if (step := checkpoint_step(p)) is not None and (p / "state.json").is_file()]
     return [p for _, p in sorted(found)]
+
+
+def has_unet_weights(folder: Path) -> bool:
+    """``folder`` holds a saved U-Net: ``config.json`` and the safetensors weights (cheap: nothing is read)."""
+    return (folder / "config.json").is_file() and (folder / WEIGHTS_NAME).is_file()
+
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """A checkpoint the trainer finished writing: ``state.json``, ``train_config.json`` and ``unet/`` (and
+    ``unet_ema/`` when present) with their weights. Cheap (nothing is read): ``read_checkpoint`` verifies the files."""
+    path = Path(path)
+    if not ((path / "state.json").is_file() and (path / "train_config.json").is_file()
+            and has_unet_weights(path / "unet")):
+        return False
+    return not (path / "unet_ema").exists() or has_unet_weights(path / "unet_ema")
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """Returns ``path`` if it is a complete checkpoint, else the newest complete ``checkpoint-NNNNNN`` in it.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist or holds no complete checkpoint.
+        NotADirectoryError: ``path`` is a file.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"checkpoint path {str(path)!r} is a file, not a checkpoint directory")
+    if is_complete_checkpoint(path):
+        return path
+    candidates = sorted(((step, p) for p in path.iterdir() if (step := checkpoint_step(p)) is not None and p.is_dir()),
+                        reverse=True)
+    for _, candidate in candidates:
+        if is_complete_checkpoint(candidate):
+            return candidate
+    if candidates:
+        raise FileNotFoundError(
+            f"{str(path)!r} holds {len(candidates)} checkpoint-NNNNNN folder(s) but none is complete "
+            "(state.json, train_config.json and unet/ with safetensors weights)"
+        )
+    raise FileNotFoundError(
+        f"{str(path)!r} is not a LiquidDiffusion checkpoint (no state.json + unet/) and holds no checkpoint-NNNNNN"
+    )
 
 
 def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
@@ -151,7 +195,8 @@ class Checkpoint:
     training: dict | None
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """The JSON object in ``path``; a missing or unreadable file is a ``CorruptCheckpointError`` naming it."""
     try:
         value = json.loads(path.read_text())
     except FileNotFoundError:
@@ -165,7 +210,7 @@ def _read_json(path: Path) -> dict:
 
 def read_unet_folder(folder: Path) -> tuple[dict, dict]:
     """``(config, state_dict)`` of a ``save_pretrained`` folder, read from local files only (never the Hub)."""
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise CorruptCheckpointError(f"{weights} is missing")
@@ -187,8 +232,8 @@ def read_checkpoint(path: str | os.PathLike, with_training_state: bool = True) -
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass a checkpoint-NNNNNN folder or "
                                 "--resume latest")
-    state = _read_json(path / "state.json")
-    train_config = _read_json(path / "train_config.json")
+    state = read_json(path / "state.json")
+    train_config = read_json(path / "train_config.json")
     unet = read_unet_folder(path / "unet")
     unet_ema = read_unet_folder(path / "unet_ema") if (path / "unet_ema").exists() else None
     training = None

@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
+
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 # Exceptions that mean "the user asked for something that cannot be done", not "the program is broken": the command
 # line prints them as one line (``error: ...``, exit status 2) instead of a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError,
                ConnectionError)
+# User errors that trying again cannot fix (a lost connection may come back).
+PERMANENT_ERRORS = tuple(error for error in USER_ERRORS if error is not ConnectionError)
 
 
 def first_line(error: BaseException) -> str:
     """The first line of an error's message (its type name when the message is empty)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def report_failure(what: str, error: BaseException) -> int:
+    """For trouble that is not the user's mistake (the network, the server, a download): prints ``error: WHAT failed:
+    Type: first line`` and returns exit status 1. Re-raises user errors (``PERMANENT_ERRORS``, which the command line
+    prints as one line with status 2) and, with ``LIQUID_DIFFUSION_DEBUG`` set, everything."""
+    if isinstance(error, PERMANENT_ERRORS) or os.environ.get("LIQUID_DIFFUSION_DEBUG"):
+        raise error
+    print(f"error: {what} failed: {type(error).__name__}: {first_line(error)}", file=sys.stderr)
+    return 1
 
 
 def check_number(options, name: str, minimum: float, inclusive: bool = True) -> None:
@@ -25,3 +42,14 @@ def check_number(options, name: str, minimum: float, inclusive: bool = True) -> 
     if not ok:
         relation = f"at least {minimum}" if inclusive else f"greater than {minimum}"
         raise ValueError(f"--{name.replace('_', '-')} must be {relation}, got {value}")
+
+
+def check_repo_id(repo_id: str) -> str:
+    """Validates a Hub model repo id of the form ``USER/NAME``; raises ValueError with the rule it breaks."""
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        raise ValueError(f"{repo_id!r} is not a Hub repo id of the form USER/NAME")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"{repo_id!r} is not a valid Hub repo id (USER/NAME): {error}") from None
+    return repo_id

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from .errors import first_line
+from .hub import resolve_checkpoint
 from .trainer import TrainerCallback
 
 REFERENCE_FORMAT = "liquid-diffusion-reference-features"
@@ -471,7 +472,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, num_samples: int = DEF
     reference_dir, reference_root, progress) go to ``evaluate_model``. Returns its dict plus ``checkpoint``,
     ``step`` (of a training checkpoint; else the run's total steps) and ``weights`` ("ema" or "raw").
     """
-    from .hub import resolve_checkpoint
     from .sampling import load_for_sampling
 
     if num_samples < 1:

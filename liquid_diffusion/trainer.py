@@ -55,6 +55,7 @@ from .checkpoints import (
 )
 from .data import resolve_source
 from .errors import check_number
+from .hub import HubPusher, check_can_push
 from .latents import native_bf16, vae_dtype
 from .model import PRESETS, LiquidDiffusionUNet
 from .sampling import class_grid_labels, generate, save_grid
@@ -225,8 +226,6 @@ class Trainer:
         if not config.cache_latents or not (Path(self._cache_dir()) / "metadata.json").is_file():
             resolve_source(config.dataset)
         if config.push_to_hub:
-            from .hub import check_can_push
-
             check_can_push(config.push_to_hub)
         self.accelerator = Accelerator(
             mixed_precision=resolve_mixed_precision(config.mixed_precision),
@@ -382,8 +381,6 @@ class Trainer:
         if config.cache_latents:
             self._prepare_latent_cache()
         if config.push_to_hub and self.is_main:
-            from .hub import HubPusher
-
             self._pusher = HubPusher(config.push_to_hub, private=config.hub_private)
 
         images_per_step = config.batch_size * config.grad_accum * accelerator.num_processes

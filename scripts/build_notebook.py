@@ -268,7 +268,7 @@ import re
 
 from liquid_diffusion import LiquidDiffusionUNet
 from liquid_diffusion.data import class_names, open_source
-from liquid_diffusion.hub import check_repo_id
+from liquid_diffusion.errors import check_repo_id
 from liquid_diffusion.latents import vae_dtype
 from liquid_diffusion.trainer import RESUME_MUST_MATCH, TrainConfig, list_checkpoints
 
@@ -816,7 +816,7 @@ if "PUSHED" not in globals():  # run out of order: say in one line which cells c
 import shutil
 
 from liquid_diffusion import LiquidDiffusionPipeline
-from liquid_diffusion.hub import export_checkpoint
+from liquid_diffusion.export import export_checkpoint
 
 if PUSHED:
     SOURCE = HUB_REPO_ID

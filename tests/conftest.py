@@ -8,11 +8,15 @@ Everything is written once per test session to a temp dir, so any test file can 
 * ``parquet_dataset``    -- ``data/train-00000-of-00001.parquet`` with an ``image`` column of the ``Image`` feature.
 * ``tiny_vae_dir``       -- a random ``AutoencoderKL`` with SD-VAE's shape (4 latent channels, 8x downsampling,
                             scaling_factor 0.18215) but tiny widths, saved with ``save_pretrained``.
+* ``pixel_run``, ``latent_run`` -- fake training output dirs in the trainer's exact layout (micro U-Nets; metrics,
+                            sample grids, complete checkpoints 250 and 500, a half-written 750), for export and push.
+* ``pixel_export``, ``latent_export`` -- those runs exported with ``export_checkpoint``.
 """
 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +160,125 @@ def tiny_vae_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_vae")
     vae.save_pretrained(root)
     return root
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fake training runs in the trainer's exact layout, and their exports (tests/test_export.py, tests/test_hub.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+FAKE_TOKEN = "hf_FAKEtokenFAKEtokenFAKEtoken1234"
+MICRO = dict(widths=(8, 16), depths=(1, 1), bottleneck_depth=1)  # downsample factor 2
+REQUIRED_EXPORT_FILES = {
+    "model_index.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "unet_raw/config.json",
+    "unet_raw/diffusion_pytorch_model.safetensors",
+    "scheduler/scheduler_config.json",
+    "train_config.json",
+    "samples.png",
+    "loss_curve.png",
+    "README.md",
+}
+VAE_FILES = {"vae/config.json", "vae/diffusion_pytorch_model.safetensors"}
+
+
+def micro_unet(in_channels: int, seed: int):
+    """A micro U-Net whose zero-initialised layers are perturbed, so its velocity is not identically zero."""
+    import torch
+
+    from liquid_diffusion import LiquidDiffusionUNet
+
+    torch.manual_seed(seed)
+    unet = LiquidDiffusionUNet(in_channels=in_channels, **MICRO).eval()
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return unet
+
+
+def write_fake_checkpoint(output_dir: Path, step: int, config: dict, in_channels: int) -> Path:
+    checkpoint = output_dir / f"checkpoint-{step:06d}"
+    micro_unet(in_channels, seed=step).save_pretrained(checkpoint / "unet", safe_serialization=True)
+    micro_unet(in_channels, seed=step + 1).save_pretrained(checkpoint / "unet_ema", safe_serialization=True)
+    (checkpoint / "train_config.json").write_text(json.dumps(config, indent=2))
+    (checkpoint / "state.json").write_text(json.dumps({"step": step, "batches_consumed": step}))
+    (checkpoint / "training_state.pt").write_bytes(b"optimizer state: never read by export or push")
+    return checkpoint
+
+
+def make_run(output_dir: Path, *, space: str, vae: str, dataset: str, resolution: int) -> Path:
+    """An output dir with metrics, two sample grids, complete checkpoints 250 and 500 and a half-written 750."""
+    config = dict(
+        dataset=dataset,
+        preset="micro",
+        resolution=resolution,
+        space=space,
+        vae=vae,
+        steps=1000,
+        batch_size=4,
+        lr=1e-4,
+        seed=0,
+        timestep_sampling="uniform",
+        sample_steps=25,
+        push_to_hub="me/liquid",
+        hub_token=FAKE_TOKEN,  # a careless config: must never reach the export
+    )
+    in_channels = 4 if space == "latent" else 3
+    output_dir.mkdir(parents=True)
+    with open(output_dir / "metrics.jsonl", "w") as handle:
+        for step in range(50, 801, 50):
+            bins = [1.0 - 0.05 * i for i in range(10)] if step % 100 == 0 else None
+            record = dict(
+                step=step, loss=1.0 / (1 + step / 100), lr=1e-4, images_per_s=100.0, grad_norm=0.5, loss_t_bins=bins
+            )
+            handle.write(json.dumps(record) + "\n")
+        handle.write('{"step": 850, "loss": 0.1')  # a line being written when the export runs
+    (output_dir / "samples").mkdir()
+    for step, colour in ((250, "red"), (500, "blue"), (750, "green")):
+        Image.new("RGB", (64, 64), colour).save(output_dir / "samples" / f"step-{step:06d}.png")
+    write_fake_checkpoint(output_dir, 250, config, in_channels)
+    write_fake_checkpoint(output_dir, 500, config, in_channels)
+    half = output_dir / "checkpoint-000750"  # no state.json yet: incomplete
+    micro_unet(in_channels, seed=750).save_pretrained(half / "unet", safe_serialization=True)
+    return output_dir
+
+
+@pytest.fixture(scope="session")
+def pixel_run(tmp_path_factory) -> Path:
+    return make_run(
+        tmp_path_factory.mktemp("pixel") / "run",
+        space="pixel",
+        vae="stabilityai/sd-vae-ft-mse",
+        dataset="anime",
+        resolution=16,
+    )
+
+
+@pytest.fixture(scope="session")
+def latent_run(tmp_path_factory, tiny_vae_dir) -> Path:
+    return make_run(
+        tmp_path_factory.mktemp("latent") / "run",
+        space="latent",
+        vae=str(tiny_vae_dir),
+        dataset="huggan/AFHQv2",
+        resolution=32,
+    )
+
+
+@pytest.fixture(scope="session")
+def pixel_export(pixel_run, tmp_path_factory) -> Path:
+    from liquid_diffusion.export import export_checkpoint
+
+    return export_checkpoint(pixel_run, tmp_path_factory.mktemp("exports") / "pixel", repo_id="me/liquid-anime")
+
+
+@pytest.fixture(scope="session")
+def latent_export(latent_run, tmp_path_factory) -> Path:
+    from liquid_diffusion.export import export_checkpoint
+
+    return export_checkpoint(latent_run, tmp_path_factory.mktemp("exports") / "latent")
+
+
+def files_in(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}

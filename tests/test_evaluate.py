@@ -23,6 +23,7 @@ from torch import nn
 from liquid_diffusion import evaluate
 from liquid_diffusion.__main__ import main
 from liquid_diffusion.evaluate import fid_kid, reference_features, update_best
+from liquid_diffusion.export import export_checkpoint
 from liquid_diffusion.trainer import TrainConfig, Trainer, TrainerCallback, list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,8 +221,6 @@ def test_evaluate_matches_itself_and_the_library_api(trained, tmp_path, capsys):
 
 
 def test_evaluate_an_export_folder_gives_the_checkpoints_numbers(trained, tmp_path):
-    from liquid_diffusion.hub import export_checkpoint
-
     export = tmp_path / "export"
     export_checkpoint(list_checkpoints(trained)[-1], export)
     options = dict(num_samples=10, steps=2, batch_size=5, feature_extractor=StandInFeatures(), progress=False,
