@@ -8,13 +8,14 @@ for another design of the same widths, so that every row of the ablation table i
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
-from liquid_diffusion.model import LiquidDiffusionBlock, LiquidDiffusionUNet, ParallelCfC, _num_groups
+from benchmarks import common
+from liquid_diffusion.model import LiquidDiffusionBlock, TimestepEmbedder, LiquidDiffusionUNet, ParallelCfC, _num_groups
 
 
 # ---- variants of the package's block (format 1, kept by issue 11)
@@ -234,6 +235,34 @@ class InputSkip(nn.Module):
         return type("Out", (), {"sample": out + self.skip(self.t_emb)[:, :, None, None] * sample})()
 
 
+def _gated_forward(self, x, t_emb):
+    """LiquidDiffusionBlock.forward with DiT's adaLN-Zero gates on the mix and feed-forward branches."""
+    x = self.cfc(x, self.norm_cfc(x, t_emb), t_emb)
+    g_mix, g_ff = self.gates(t_emb)[:, :, None, None].chunk(2, dim=1)
+    x = x + g_mix * self.mix(self.norm_mix(x, t_emb))
+    return x + g_ff * self.ff(self.norm_ff(x, t_emb))
+
+
+def _package(freq_dim=None, gated=False, input_skip=False):
+    """The package's model with a wider sinusoid (``freq_dim``), adaLN-Zero branch gates, and/or ``InputSkip``."""
+    def make(preset, c):
+        model = LiquidDiffusionUNet.from_preset(preset, in_channels=c)
+        embed_dim = model.time_embedder.mlp.linear_2.out_features
+        if freq_dim:
+            model.time_embedder = TimestepEmbedder(freq_dim, embed_dim)
+        if gated:
+            for block in (m for m in model.modules() if isinstance(m, LiquidDiffusionBlock)):
+                width = block.norm_mix.norm.num_channels
+                block.gates = nn.Linear(embed_dim, 2 * width)
+                nn.init.zeros_(block.gates.weight)
+                nn.init.zeros_(block.gates.bias)
+                for proj in (block.mix.proj, block.ff.net[-1]):  # a zero gate on a zero branch would never learn
+                    proj.reset_parameters()
+                block.forward = types.MethodType(_gated_forward, block)
+        return InputSkip(model) if input_skip else model
+    return make
+
+
 def _conv(additive=False, **kw):
     def make(preset, c):
         model = _swap_blocks(LiquidDiffusionUNet.from_preset(preset, in_channels=c),
@@ -259,6 +288,9 @@ VARIANTS: dict = {
     "package-resrelax": _seed(ResidualRelaxCfC, fmt1=False),
     "package-silu": _patched(_seed(fmt1=False), silu_emb=True),
     "package-ln": _patched(_seed(fmt1=False), channel_ln=True),
+    "package-freq256": _package(freq_dim=256),
+    "package-gated": _package(gated=True),
+    "package-inskip": _package(input_skip=True),
     "package": lambda preset, c: LiquidDiffusionUNet.from_preset(preset, in_channels=c),
     "package-ablation": lambda preset, c: LiquidDiffusionUNet.from_preset(preset, in_channels=c, liquid=False),
     "conv-k3": _conv(kernel=3),

@@ -126,9 +126,8 @@ class ParallelCfC(nn.Module):
     and per t how much to relax.
 
     ``tau_init = 0.15`` makes alpha start at exp(-0.15) ~ 0.86 at every noise level: the residual stream passes
-    through a stack of cells nearly unchanged at initialisation, as in a residual network. Measured (benchmarks/
-    quality.py, 150 steps): held-out loss 0.384 with alpha_0 ~ 0.86 against 0.439 with alpha_0 = exp(-1) ~ 0.37,
-    which shrank the stream by 0.37 per block and trained worse than the plain-conv ablation (0.416).
+    through a stack of cells nearly unchanged at initialisation, as in a residual network (alpha_0 = exp(-1)
+    trained worse than the plain-conv ablation; BENCHMARKS.md has the numbers).
 
     All operations are elementwise or convolutions, so ``torch.compile`` can fuse the gating and the cell
     works in ``channels_last``.
@@ -347,10 +346,11 @@ class LiquidDiffusionOutput(BaseOutput):
 class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
     """Attention-free U-Net that predicts the rectified-flow velocity ``v(x_t, t)``.
 
-    ``t_emb = MLP(sinusoid(t))``; stem ``conv3x3 -> SiLU -> conv3x3``; encoder stage i holds ``depths[i]``
-    ``LiquidDiffusionBlock``s at width ``widths[i]`` with stride-2 downsampling between stages; a bottleneck of
-    ``bottleneck_depth`` blocks; the decoder mirrors the encoder (upsample, ``SkipFusion`` with the matching encoder
-    output, blocks); head ``GroupNorm -> SiLU -> conv3x3`` (zero-initialised) back to ``out_channels``.
+    ``t_emb = MLP(sinusoid(t))``; stem ``conv3x3`` (linear, as DiT's patch embedding); encoder stage i holds
+    ``depths[i]`` ``LiquidDiffusionBlock``s at width ``widths[i]`` with stride-2 downsampling between stages; a
+    bottleneck of ``bottleneck_depth`` blocks; the decoder mirrors the encoder (upsample, ``SkipFusion`` with the
+    matching encoder output, blocks); ``OutputHead`` ``conv3x3(AdaLN(x, t_emb))`` (zero-initialised) back to
+    ``out_channels``.
 
     Args:
         in_channels: 4 for SD-VAE latents, 3 for pixel space.

@@ -57,7 +57,7 @@ from .data import resolve_source
 from .errors import check_number
 from .hub import HubPusher, check_can_push
 from .latents import native_bf16, vae_dtype
-from .model import PRESETS, LiquidDiffusionUNet
+from .model import PRESETS, LiquidDiffusionUNet, check_format
 from .sampling import class_grid_labels, generate, save_grid
 
 NUM_T_BINS = 10
@@ -642,6 +642,10 @@ class Trainer:
                    "(the data order differs from an uninterrupted run)")
         model = self.unwrapped_model
         names = [name for name, _ in model.named_parameters()]
+        try:
+            check_format(checkpoint.unet[0])
+        except ValueError as error:
+            raise ValueError(f"cannot resume {path}: {error}; or start a new run with another --output-dir") from None
         try:
             model.load_state_dict(checkpoint.unet[1])
             ema_weights = (checkpoint.unet_ema or checkpoint.unet)[1]

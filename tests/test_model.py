@@ -4,6 +4,7 @@ refusal of weights saved by another architecture version."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -70,11 +71,23 @@ def test_weights_of_another_architecture_version_are_refused_in_one_line(old_for
         LiquidDiffusionUNet.from_preset("micro", format_version=3)
 
 
-def test_sampling_an_old_checkpoint_is_one_clean_line(old_format_model, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "liquid_diffusion", "sample", "--checkpoint", str(old_format_model), "--out",
-         str(tmp_path / "grid.png"), "--num-images", "1", "--steps", "1"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "format changed" in result.stderr, result.stderr
+def _as_version_1(checkpoint) -> None:
+    """Removes ``format_version`` from a checkpoint's model configs, as format-1 code wrote them."""
+    for path in checkpoint.glob("unet*/config.json"):
+        config = json.loads(path.read_text())
+        del config["format_version"]
+        path.write_text(json.dumps(config))
+
+
+def test_sampling_or_exporting_an_old_checkpoint_is_one_clean_line(pixel_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(pixel_run, run)
+    for checkpoint in run.glob("checkpoint-*"):
+        _as_version_1(checkpoint)
+    for command in (["sample", "--checkpoint", str(run), "--out", str(tmp_path / "grid.png")],
+                    ["export", "--checkpoint", str(run), "--out", str(tmp_path / "export")]):
+        result = subprocess.run([sys.executable, "-m", "liquid_diffusion", *command], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().count("\n") == 0 and "format changed" in result.stderr, result.stderr
+    assert not (tmp_path / "grid.png").exists() and not (tmp_path / "export").exists()
