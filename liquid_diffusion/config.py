@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from . import flow
+from .checkpoints import Checkpoint
 from .data import DEFAULT_DATASET
 from .errors import check_number
 from .latents import DEFAULT_VAE, VAE_DOWNSAMPLE_FACTOR, native_bf16
@@ -143,20 +143,28 @@ def check_resolution(resolution: int, preset: str, space: str, vae_factor: int) 
         )
 
 
-def resume_position(path: Path, saved: dict, state: dict, config: TrainConfig, num_processes: int,
+def resume_position(checkpoint: Checkpoint, config: TrainConfig, class_names: list[str] | None, num_processes: int,
                     report=print) -> int:
-    """The data position (micro-batches drawn per process) at which ``config`` resumes the checkpoint at ``path``,
-    trained with ``saved`` (its train_config.json) that stopped at ``state`` (its state.json).
+    """The data position (micro-batches drawn per process) at which ``config`` resumes ``checkpoint`` with a model of
+    ``class_names`` on ``num_processes`` processes.
 
-    A changed ``RESUME_MUST_MATCH`` field is refused in one line (ValueError). After a changed
-    ``RESUME_EXACT_ONLY_IF_SAME`` field or number of processes, the run continues at the same number of images seen
-    per process, in the new data order, and ``report`` says that the resume is not exact.
+    A changed ``RESUME_MUST_MATCH`` field or label set (or labels where there were none) is refused in one line
+    (ValueError). After a changed ``RESUME_EXACT_ONLY_IF_SAME`` field or number of processes, the run continues at
+    the same number of images seen per process, in the new data order, and ``report`` says the resume is not exact.
     """
+    path, saved, state = checkpoint.path, checkpoint.train_config, checkpoint.state
     mismatched = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(config, k)]
     if mismatched:
         details = ", ".join(f"{k}={saved.get(k)!r} (now {getattr(config, k)!r})" for k in mismatched)
         raise ValueError(f"cannot resume {path}: it was trained with {details}; use the same values or a new "
                          "--output-dir")
+    saved_classes = checkpoint.unet[0].get("class_names")
+    if (saved_classes or None) != (class_names or None):
+        def describe(names):
+            return f"classes [{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}]" if names else "no classes"
+
+        raise ValueError(f"cannot resume {path}: it was trained with {describe(saved_classes)}, this run has "
+                         f"{describe(class_names)}; use the same dataset and labels or a new --output-dir")
     batches_consumed = state["batches_consumed"]
     changed = [k for k in RESUME_EXACT_ONLY_IF_SAME if saved.get(k) != getattr(config, k)]
     old_processes = state.get("num_processes", 1)

@@ -457,8 +457,7 @@ class Trainer:
                 return
         else:
             checkpoint = read_checkpoint(resume)
-        self._check_resume_classes(checkpoint)
-        batches_consumed = resume_position(checkpoint.path, checkpoint.train_config, checkpoint.state, self.config,
+        batches_consumed = resume_position(checkpoint, self.config, self.unwrapped_model.config.class_names,
                                            self.accelerator.num_processes, report)
         restore_training_state(checkpoint, model=self.unwrapped_model, ema=self.ema, optimizer=self.optimizer,
                                lr_scheduler=self.lr_scheduler, scaler=self.accelerator.scaler)
@@ -466,17 +465,6 @@ class Trainer:
         self.batches_consumed = batches_consumed
         self.images_skipped_before = int(checkpoint.state.get("images_skipped", 0))
         report(f"resumed from {checkpoint.path} at step {self.step}")
-
-    def _check_resume_classes(self, checkpoint) -> None:
-        """Refuses, in one line, to resume a checkpoint trained on another label set (or with/without labels)."""
-        saved = checkpoint.unet[0].get("class_names")
-        current = self.unwrapped_model.config.class_names
-        if (saved or None) != (current or None):
-            def describe(names):
-                return f"classes [{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}]" if names else "no classes"
-
-            raise ValueError(f"cannot resume {checkpoint.path}: it was trained with {describe(saved)}, this run has "
-                             f"{describe(current)}; use the same dataset and labels or a new --output-dir")
 
 
 # ----------------------------------------------------------------------------------------------------------------
