@@ -267,10 +267,10 @@ import json
 import re
 
 from liquid_diffusion import LiquidDiffusionUNet
-from liquid_diffusion.data import class_names, open_source
-from liquid_diffusion.hub import check_repo_id
 from liquid_diffusion.checkpoints import list_checkpoints
 from liquid_diffusion.config import RESUME_MUST_MATCH, TrainConfig
+from liquid_diffusion.data import class_names, open_source
+from liquid_diffusion.hub import check_repo_id
 from liquid_diffusion.latents import VAE_DOWNSAMPLE_FACTOR, vae_dtype
 from liquid_diffusion.memory import estimate_training_memory_gib, suggest_batch_size
 
