@@ -44,6 +44,9 @@ DATASETS: dict[str, str] = {
     "cartoon": "Norod78/cartoon-blip-captions",
 }
 DEFAULT_DATASET = DATASETS["afhq"]
+# Mixes several integers into one seed, ``(seed * SEED_STRIDE + i)``: a prime larger than any index it is mixed with,
+# so distinct tuples give distinct seeds (the latent stream's epochs, the trainer's steps, evaluation batches).
+SEED_STRIDE = 1_000_003
 
 # Column names tried, in order, when the features declare no ``Image`` column.
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "photo", "pixel_values")
