@@ -10,12 +10,12 @@ import argparse
 import os
 import sys
 
-from . import data, evaluate, export, hub, quickstart, sampling, trainer
+from . import evaluate, export, hub, preview, quickstart, sampling, trainer
 from .errors import USER_ERRORS
 
 # The sub-commands, in the order data flows.
 COMMANDS = [
-    data.add_preview_command,
+    preview.add_preview_command,
     trainer.add_train_command,
     sampling.add_sample_command,
     export.add_export_command,

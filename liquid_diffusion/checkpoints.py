@@ -3,10 +3,10 @@
 Layout of ``OUTPUT_DIR/checkpoint-NNNNNN/``::
 
     unet/                 config.json + diffusion_pytorch_model.safetensors (raw weights)
-    unet_ema/             the same for the EMA weights
+    unet_ema/             the same for the EMA weights (a model folder, as `LiquidDiffusionUNet.from_pretrained` reads)
     training_state.pt     optimizer, lr scheduler, loss scaler, EMA counters, RNG (loads with weights_only=True)
     train_config.json     the run's TrainConfig
-    state.json            step, data position, number of processes
+    state.json            step, data position, number of processes, images skipped
 
 A checkpoint is written into a hidden ``.tmp-checkpoint-NNNNNN-PID`` folder and renamed into place only when every
 file is complete, so a kill in mid-save never leaves a half-written ``checkpoint-NNNNNN``. A failed save (a full
@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import re
 import shutil
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import first_line
+from .model import check_format
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -174,6 +176,52 @@ def save_torch(obj, path: Path) -> None:
         torch.save(obj, handle)
 
 
+def rng_state() -> dict:
+    """The global torch, CUDA and Python RNG states (what ``set_rng_state`` restores on resume)."""
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fill_checkpoint(folder: Path, *, model, ema, optimizer, lr_scheduler, scaler, train_config: dict,
+                    state: dict) -> None:
+    """Writes every file of the layout above into ``folder`` (the ``fill`` of ``write_checkpoint``).
+
+    ``model``: the bare ``LiquidDiffusionUNet``; ``ema``: its ``diffusers.training_utils.EMAModel``. The EMA weights
+    are saved through ``model`` itself (swapped in, then the training weights are put back exactly), so no second
+    model is built; ``EMAModel.save_pretrained`` is not used because it writes the EMA counters into the model's
+    ``config.json``, which every loader of ``unet_ema/`` would then warn about. The counters go to
+    ``training_state.pt`` (``EMAModel.state_dict`` without the weights).
+    """
+    model.save_pretrained(folder / "unet", safe_serialization=True)
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        model.save_pretrained(folder / "unet_ema", safe_serialization=True)
+    finally:
+        ema.restore(model.parameters())
+    save_torch(
+        {
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "ema": {k: v for k, v in ema.state_dict().items() if k != "shadow_params"},
+            "rng": rng_state(),
+        },
+        folder / "training_state.pt",
+    )
+    (folder / "train_config.json").write_text(json.dumps(train_config, indent=2))
+    (folder / "state.json").write_text(json.dumps(state, indent=2))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Reading and verifying
 # ----------------------------------------------------------------------------------------------------------------
@@ -270,3 +318,35 @@ def newest_intact(output_dir: str | os.PathLike, report: Callable[[str], None] =
         raise CorruptCheckpointError(f"no intact checkpoint in {str(output_dir)!r}: {problems[0]} (and "
                                      f"{len(problems) - 1} more); start a new run with another --output-dir")
     return None
+
+
+def restore_training_state(checkpoint: Checkpoint, *, model, ema, optimizer, lr_scheduler, scaler) -> None:
+    """Loads the weights, EMA, optimizer, lr scheduler, loss scaler and RNG of a ``fill_checkpoint`` checkpoint (read
+    with ``read_checkpoint``) into the live objects, bit-exactly (one without ``unet_ema/`` restarts the EMA from
+    the raw weights).
+
+    Raises:
+        ValueError: the weights are of another architecture version or do not fit ``model`` (one line: the format
+            changed).
+    """
+    device = next(model.parameters()).device
+    try:
+        check_format(checkpoint.unet[0])
+    except ValueError as error:
+        raise ValueError(f"cannot resume {checkpoint.path}: {error}; or start a new run with another "
+                         "--output-dir") from None
+    try:
+        model.load_state_dict(checkpoint.unet[1])
+        ema_weights = (checkpoint.unet_ema or checkpoint.unet)[1]
+        shadow = [ema_weights[name].to(device) for name, _ in model.named_parameters()]
+    except (RuntimeError, KeyError) as error:
+        raise ValueError(f"cannot resume {checkpoint.path}: its weights do not fit this version of LiquidDiffusion's "
+                         f"{checkpoint.train_config.get('preset')} model (the format changed: "
+                         f"{first_line(error)}); start a new run with another --output-dir") from None
+    training = checkpoint.training
+    ema.load_state_dict({**training["ema"], "shadow_params": shadow})
+    optimizer.load_state_dict(training["optimizer"])
+    lr_scheduler.load_state_dict(training["lr_scheduler"])
+    if training["scaler"] is not None and scaler is not None:
+        scaler.load_state_dict(training["scaler"])
+    set_rng_state(training["rng"])

@@ -12,15 +12,13 @@ Data flows one way through this file:
 3. **Batches** (``ImageBatchStream``): an endless, deterministic stream of [B, 3, R, R] tensors -- streaming shuffle
    with a seed, ``set_epoch`` per epoch, ``split_dataset_by_node`` across processes, DataLoader workers that split
    batches instead of duplicating them, and exact resume from any batch index (``start_batch``).
-4. **Preview** (``python -m liquid_diffusion preview``): a grid of what training sees, with read/skipped/upscaled
-   counts.
+4. **Grids** (``image_grid``): [-1, 1] batches to one PIL image, for previews and samples.
 
-The frozen VAE and the latent cache build on this in ``latents.py``.
+The frozen VAE and the latent cache build on this in ``latents.py``; ``preview.py`` shows what training sees.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import io
 import itertools
@@ -34,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .errors import check_number, first_line
+from .errors import first_line
 
 # The verified datasets of the model card, by short name.
 DATASETS: dict[str, str] = {
@@ -46,6 +44,9 @@ DATASETS: dict[str, str] = {
     "cartoon": "Norod78/cartoon-blip-captions",
 }
 DEFAULT_DATASET = DATASETS["afhq"]
+# Mixes several integers into one seed, ``(seed * SEED_STRIDE + i)``: a prime larger than any index it is mixed with,
+# so distinct tuples give distinct seeds (the latent stream's epochs, the trainer's steps, evaluation batches).
+SEED_STRIDE = 1_000_003
 
 # Column names tried, in order, when the features declare no ``Image`` column.
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "photo", "pixel_values")
@@ -520,7 +521,7 @@ def make_dataloader(stream: torch.utils.data.IterableDataset, num_workers: int =
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. Preview
+# 4. Grids
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -535,55 +536,3 @@ def image_grid(pixels: torch.Tensor, columns: int | None = None) -> Image.Image:
         grid[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = image
     array = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(array, "RGB")
-
-
-def add_preview_command(subparsers) -> None:
-    """Registers ``preview``: a grid of images exactly as training sees them, with read/skipped/upscaled counts."""
-    parser = subparsers.add_parser(
-        "preview",
-        help="write a grid of training images (after the VAE round trip with --vae) and count bad/small files",
-        description="Writes a grid of images exactly as training sees them and prints how many images were read, "
-        "skipped (undecodable) and upscaled (smaller than --resolution).",
-    )
-    parser.add_argument("--dataset", default=DEFAULT_DATASET,
-                        help=f"short name ({', '.join(DATASETS)}), Hub id or local folder (default {DEFAULT_DATASET})")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--config-name", default=None, help="dataset configuration (subset) name, if any")
-    parser.add_argument("--image-column", default=None, help="image column (default: found from the features)")
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--num", type=int, default=16, help="number of images in the grid")
-    parser.add_argument("--out", default="preview.png", help="output PNG path")
-    parser.add_argument("--vae", default=None,
-                        help="latent space: show images after encode+decode by this VAE (Hub id or path)")
-    parser.add_argument("--random-crop", action="store_true")
-    parser.add_argument("--no-flip", dest="flip", action="store_false")
-    parser.add_argument("--shuffle-buffer", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=run_preview)
-
-
-def run_preview(args: argparse.Namespace) -> int:
-    for name, minimum in (("num", 1), ("resolution", 1), ("shuffle_buffer", 0), ("seed", 0)):
-        check_number(args, name, minimum)
-    stream = ImageBatchStream(
-        args.dataset, args.resolution, args.num, split=args.split, config_name=args.config_name,
-        image_column=args.image_column, random_crop=args.random_crop, flip=args.flip,
-        shuffle_buffer=args.shuffle_buffer, seed=args.seed, num_epochs=1,
-    )
-    pixels = next(batch for batch in stream if len(batch))
-    if args.vae:
-        from .latents import FrozenVAE  # latents builds on data: imported here only, to keep the flow one-way
-
-        cuda = torch.cuda.is_available()
-        # native bf16 only: a T4 emulates it (slowly), and the SD-VAE overflows in fp16
-        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
-        vae = FrozenVAE(args.vae, device="cuda" if cuda else "cpu", dtype=dtype)
-        pixels = vae.decode(vae.encode(pixels)).cpu()
-    out = Path(args.out)
-    if out.parent != Path(""):
-        out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(pixels).save(out)
-    stats = stream.stats
-    print(f"{args.dataset}: read {stats.read} images, skipped {stats.skipped} (undecodable), upscaled "
-          f"{stats.upscaled} (shorter side below {args.resolution}px); wrote a grid of {len(pixels)} to {out}")
-    return 0

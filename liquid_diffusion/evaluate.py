@@ -46,9 +46,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data import SEED_STRIDE
 from .errors import first_line
 from .hub import resolve_checkpoint
-from .trainer import TrainerCallback
+from .metrics import TrainerCallback, append_record
 
 REFERENCE_FORMAT = "liquid-diffusion-reference-features"
 REFERENCE_VERSION = 1
@@ -302,7 +303,7 @@ def generated_features(unet, vae, extractor: nn.Module, num_samples: int, *, res
                        sampler: str = "euler", seed: int = 0, batch_size: int = 50,
                        device: torch.device | str = "cpu", progress: bool = True) -> torch.Tensor:
     """Features [num_samples, D] of images drawn with ``sampling.generate`` in batches (VAE decode in the VAE's
-    chunks); batch ``b`` draws its noise from seed ``seed * 1_000_003 + b``, so a run is reproducible."""
+    chunks); batch ``b`` draws its noise from seed ``seed * SEED_STRIDE + b``, so a run is reproducible."""
     from tqdm.auto import tqdm
 
     from .sampling import generate
@@ -311,7 +312,7 @@ def generated_features(unet, vae, extractor: nn.Module, num_samples: int, *, res
     with tqdm(total=num_samples, unit="img", desc=f"samples ({sampler}, {steps} steps)", disable=not progress) as bar:
         for index, start in enumerate(range(0, num_samples, batch_size)):
             count = min(batch_size, num_samples - start)
-            images = generate(unet, vae, count, steps, sampler, seed=(seed * 1_000_003 + index) % 2**63,
+            images = generate(unet, vae, count, steps, sampler, seed=(seed * SEED_STRIDE + index) % 2**63,
                               resolution=resolution)
             chunks.append(extract_features(extractor, images, device))
             bar.update(count)
@@ -448,8 +449,7 @@ class TrainingEvaluator(TrainerCallback):
         record["best"] = update_best(trainer.output_dir, record)
         if record["best"]:
             trainer._prune_checkpoints()  # the previous best is no longer kept for being the best
-        with open(trainer.output_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_record(trainer.output_dir, record)
         for callback in trainer.callbacks:
             if callback is not self and hasattr(callback, "on_eval"):
                 callback.on_eval(trainer, record)

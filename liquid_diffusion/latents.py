@@ -23,6 +23,7 @@ from .errors import first_line
 from .data import (
     DATASETS,
     OFFLINE_HINT,
+    SEED_STRIDE,
     ImageBatchStream,
     hub_reachable,
     looks_like_local_path,
@@ -31,6 +32,9 @@ from .data import (
 )
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+# SD-VAE's spatial downsampling, ``2 ** (len(block_out_channels) - 1)``: what a setting is checked against before any
+# VAE is loaded (``FrozenVAE.downsample_factor`` reads the loaded VAE's own).
+VAE_DOWNSAMPLE_FACTOR = 8
 CACHE_FORMAT = "liquid-diffusion-latent-cache"
 CACHE_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -376,7 +380,7 @@ class LatentBatchStream(torch.utils.data.IterableDataset):
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
         """Row indices of this process's share of epoch ``epoch``."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(self.seed * SEED_STRIDE + epoch)
         return torch.randperm(len(self.latents), generator=generator)[self.process_index :: self.num_processes]
 
     def batch(self, batch_index: int, permutations: dict | None = None):

@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .config import TrainConfig
 from .errors import check_number
-from .trainer import TrainConfig, Trainer, TrainerCallback
+from .metrics import TrainerCallback
+from .trainer import Trainer
 
 COLOURS = np.array([(220, 40, 40), (40, 170, 60), (40, 70, 220), (240, 200, 30)], dtype=np.float32)
 

@@ -140,8 +140,10 @@ from IPython.display import HTML, display
 
 import liquid_diffusion
 from liquid_diffusion.checkpoints import CheckpointWriteError
+from liquid_diffusion.config import resolve_mixed_precision
 from liquid_diffusion.errors import USER_ERRORS, first_line
-from liquid_diffusion.trainer import NonFiniteLossError
+from liquid_diffusion.latents import native_bf16
+from liquid_diffusion.stopping import NonFiniteLossError
 
 
 class RunStopped(Exception):
@@ -167,10 +169,8 @@ if torch.cuda.is_available():
     DEVICE = "cuda"
     properties = torch.cuda.get_device_properties(0)
     GPU_MEMORY_GIB = properties.total_memory / 2**30
-    # Native bf16 needs compute capability 8.0+ (A100, L4, H100); torch.cuda.is_bf16_supported() also says yes for
-    # the slow emulated bf16 of a T4, so ask for the hardware. A T4 trains in fp16 with loss scaling instead.
-    NATIVE_BF16 = properties.major >= 8
-    MIXED_PRECISION = "bf16" if NATIVE_BF16 else "fp16"
+    NATIVE_BF16 = native_bf16()  # not a T4's slow emulated bf16: a T4 trains in fp16 with loss scaling instead
+    MIXED_PRECISION = resolve_mixed_precision("auto")
     print(f"GPU: {properties.name} · {GPU_MEMORY_GIB:.1f} GiB · bf16: {'yes' if NATIVE_BF16 else 'no'} · "
           f"mixed precision: {MIXED_PRECISION}")
 else:
@@ -267,10 +267,12 @@ import json
 import re
 
 from liquid_diffusion import LiquidDiffusionUNet
+from liquid_diffusion.checkpoints import list_checkpoints
+from liquid_diffusion.config import RESUME_MUST_MATCH, TrainConfig
 from liquid_diffusion.data import class_names, open_source
 from liquid_diffusion.errors import check_repo_id
-from liquid_diffusion.latents import vae_dtype
-from liquid_diffusion.trainer import RESUME_MUST_MATCH, TrainConfig, list_checkpoints
+from liquid_diffusion.latents import VAE_DOWNSAMPLE_FACTOR, vae_dtype
+from liquid_diffusion.memory import estimate_training_memory_gib, suggest_batch_size
 
 CPU_SIZED = DEVICE == "cpu" and CPU_SETTINGS
 if CPU_SIZED:  # a GPU preset would take hours per grid on a CPU
@@ -316,55 +318,9 @@ if len(CLASS_NAMES) >= 2 and not CLASS_CONDITIONAL:
 CLASS_CONDITIONAL = CLASS_CONDITIONAL and len(CLASS_NAMES) >= 2
 
 # --- expected GPU memory: an estimate, not a measurement (the measured peak is printed after training) ----------
-_activations = {}
-
-
-def activation_bytes(preset, in_channels):
-    """(fp32 bytes autograd keeps per input cell for one image, parameter count), from one small CPU forward pass."""
-    if (preset, in_channels) not in _activations:
-        model = LiquidDiffusionUNet.from_preset(preset, in_channels=in_channels)
-        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        size, saved = 4 * model.downsample_factor, {}
-
-        def keep(tensor):
-            key = tensor.untyped_storage().data_ptr()
-            if key not in weights:
-                saved[key] = max(saved.get(key, 0), tensor.untyped_storage().nbytes())
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-            model(torch.randn(1, in_channels, size, size), torch.full((1,), 0.5))
-        _activations[preset, in_channels] = (sum(saved.values()) / size**2,
-                                             sum(p.numel() for p in model.parameters()))
-    return _activations[preset, in_channels]
-
-
-def estimate_gpu_memory_gib(preset, space, resolution, batch_size, mixed_precision=MIXED_PRECISION):
-    """Rough peak GPU memory of training: CUDA context + weights, gradients, AdamW, EMA and autocast copies (22 bytes
-    per parameter) + the frozen SD-VAE + the larger of the U-Net's saved activations and the VAE encoder's work."""
-    latent = space == "latent"
-    per_cell, parameters = activation_bytes(preset, 4 if latent else 3)
-    cells = (resolution // (8 if latent else 1)) ** 2
-    half = mixed_precision in ("fp16", "bf16")
-    activations = per_cell * cells * batch_size * (0.6 if half else 1.0) * 1.5  # autocast; backward, allocator slack
-    vae_bytes = 2 if DEVICE == "cuda" and vae_dtype(torch.device(DEVICE)) == torch.bfloat16 else 4
-    vae_weights = 83.7e6 * vae_bytes if latent else 0
-    vae_work = min(batch_size, 16) * resolution**2 * 128 * vae_bytes * 4 if latent and not CACHE_LATENTS else 0
-    return (0.5 * 2**30 + 22 * parameters + vae_weights + max(activations, vae_work)) / 2**30
-
-
-def suggest_batch_size():
-    """The largest power of two whose estimate fits in 75% of the GPU, capped by the GPU's class (small GPUs are
-    also slow ones: a bigger batch there mostly makes each step longer). 4 on a CPU."""
-    if GPU_MEMORY_GIB == 0:
-        return 4
-    cap = 8 if GPU_MEMORY_GIB < 24 else 16 if GPU_MEMORY_GIB < 48 else 32
-    fitting = [b for b in (1, 2, 4, 8, 16, 32)
-               if b <= cap and estimate_gpu_memory_gib(PRESET, SPACE, RESOLUTION, b) <= 0.75 * GPU_MEMORY_GIB]
-    return fitting[-1] if fitting else 1
-
-
-SUGGESTED_BATCH_SIZE = suggest_batch_size()
+MEMORY_OPTIONS = dict(mixed_precision=MIXED_PRECISION, vae_dtype=vae_dtype(torch.device(DEVICE)),
+                      cache_latents=CACHE_LATENTS)
+SUGGESTED_BATCH_SIZE = suggest_batch_size(GPU_MEMORY_GIB, PRESET, SPACE, RESOLUTION, **MEMORY_OPTIONS)
 
 # --- the run's folder; a checkpoint there is resumed ------------------------------------------------------------
 slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(DATASET.rstrip("/")).name).strip("-").lower() or "data"
@@ -481,7 +437,7 @@ after training. The trainer builds its own copy of the model, so this one is dis
 """
 
 MODEL = '''\
-if "estimate_gpu_memory_gib" not in globals():  # run out of order: say in one line which cells come first
+if "MEMORY_OPTIONS" not in globals():  # run out of order: say in one line which cells come first
     raise type("RunFirst", (Exception,), {"_render_traceback_": lambda e: [f"error: {e}"]})(
         "run sections 1 to 3 first (run the cells above this one)")
 model = LiquidDiffusionUNet.from_preset(PRESET, in_channels=4 if SPACE == "latent" else 3,
@@ -498,14 +454,15 @@ print(f"LiquidDiffusionUNet '{PRESET}': {total / 1e6:.1f}M parameters, widths {t
       f"depths {tuple(model.config.depths)}, no attention")
 for name, n in parts.items():
     print(f"  {name:<15} {n / 1e6:6.2f}M")
-latent_side = RESOLUTION // (8 if SPACE == "latent" else 1)
+latent_side = RESOLUTION // (VAE_DOWNSAMPLE_FACTOR if SPACE == "latent" else 1)
 print(f"input: {model.config.in_channels} x {latent_side} x {latent_side}"
       + (f" latents of {RESOLUTION}px images" if SPACE == "latent" else " pixels"))
 print("\\nexpected GPU memory for training (an estimate, not a measurement):")
 for b in sorted({max(1, BATCH_SIZE // 2), BATCH_SIZE, BATCH_SIZE * 2}):
     mark = "  <- this run" if b == BATCH_SIZE else ""
-    print(f"  batch {b:>3}: ~{estimate_gpu_memory_gib(PRESET, SPACE, RESOLUTION, b):.1f} GiB{mark}")
-EXPECTED_GIB = estimate_gpu_memory_gib(PRESET, SPACE, RESOLUTION, BATCH_SIZE)
+    print(f"  batch {b:>3}: ~{estimate_training_memory_gib(PRESET, SPACE, RESOLUTION, b, **MEMORY_OPTIONS):.1f} GiB"
+          f"{mark}")
+EXPECTED_GIB = estimate_training_memory_gib(PRESET, SPACE, RESOLUTION, BATCH_SIZE, **MEMORY_OPTIONS)
 if GPU_MEMORY_GIB and EXPECTED_GIB > 0.9 * GPU_MEMORY_GIB:
     print(f"WARNING: ~{EXPECTED_GIB:.1f} GiB is close to or above this GPU's {GPU_MEMORY_GIB:.1f} GiB: "
           "lower BATCH_SIZE or RESOLUTION if training runs out of memory")
@@ -538,7 +495,9 @@ import time
 
 from matplotlib.figure import Figure
 
-from liquid_diffusion.trainer import NonFiniteLossError, Trainer, TrainerCallback
+from liquid_diffusion.model_card import read_metrics
+from liquid_diffusion.metrics import METRICS_FILE, TrainerCallback
+from liquid_diffusion.trainer import Trainer
 
 
 def png(figure):
@@ -554,18 +513,12 @@ class LiveDashboard(TrainerCallback):
         self.config, self.losses, self.t_bins, self.started = config, {}, None, time.time()
         self.evals = {}  # step -> {"kid", "kid_std", "fid", ...} with EVAL_EVERY
         self.checkpoint, self.first_seen = "none yet", None  # (step, time) of this session's first log
-        metrics = Path(config.output_dir) / "metrics.jsonl"
-        if metrics.exists():  # a resumed run shows its whole history
-            for line in metrics.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:  # a line cut short by a kill
-                    continue
-                if "loss" in record:
-                    self.losses[record["step"]] = record["loss"]
-                    self.t_bins = record.get("loss_t_bins")
-                if "kid" in record:
-                    self.evals[record["step"]] = record
+        for record in read_metrics(Path(config.output_dir) / METRICS_FILE):  # a resumed run shows its whole history
+            if "loss" in record:
+                self.losses[record["step"]] = record["loss"]
+                self.t_bins = record.get("loss_t_bins")
+            if "kid" in record:
+                self.evals[record["step"]] = record
         self.status = display(HTML("<b>starting ...</b> (streaming the first images" + (
             "; encoding the whole dataset into the latent cache first" if config.cache_latents else "") + ")"),
             display_id=True)

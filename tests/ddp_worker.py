@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from liquid_diffusion.trainer import TrainConfig, Trainer
+from liquid_diffusion.config import TrainConfig
+from liquid_diffusion.trainer import Trainer
 
 folder, out = Path(sys.argv[1]), Path(sys.argv[2])
 config = TrainConfig(dataset=str(folder), space="pixel", preset="micro", resolution=16, batch_size=4, steps=3,

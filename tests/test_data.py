@@ -6,9 +6,6 @@ Fixtures (``image_folder``, ``parquet_dataset``, ``tiny_vae_dir``, ...) come fro
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +13,6 @@ import torch
 from PIL import Image
 
 from conftest import IMAGE_FOLDER_CORRUPT, IMAGE_FOLDER_GOOD, IMAGE_FOLDER_TINY
-from liquid_diffusion.__main__ import main
 from liquid_diffusion.data import (
     DATASETS,
     DEFAULT_DATASET,
@@ -28,7 +24,6 @@ from liquid_diffusion.data import (
 )
 from liquid_diffusion.latents import FrozenVAE, LatentBatchStream, build_latent_cache, load_latent_cache
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def one_epoch(source, resolution=32, **kwargs) -> torch.Tensor:
@@ -276,33 +271,3 @@ def test_latent_stream_resumes_splits_processes_and_workers_like_the_image_strea
     shares = [ids(take(LatentBatchStream(latents, 1, seed=5, process_index=p, num_processes=3), 4 - (p == 2)))
               for p in range(3)]
     assert sorted(sum(shares, [])) == list(range(11))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Preview
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def test_preview_writes_a_grid_and_prints_the_counts(image_folder, tiny_vae_dir, tmp_path, capsys):
-    out = tmp_path / "grid.png"
-    assert main(["preview", "--dataset", str(image_folder), "--resolution", "32", "--num", "16", "--out", str(out),
-                 "--vae", str(tiny_vae_dir)]) == 0
-    printed = capsys.readouterr().out
-    assert (f"read {IMAGE_FOLDER_GOOD + IMAGE_FOLDER_CORRUPT} images, skipped {IMAGE_FOLDER_CORRUPT} (undecodable), "
-            f"upscaled {IMAGE_FOLDER_TINY}") in printed
-    assert Image.open(out).size == (4 * 32, 4 * 32)
-
-
-@pytest.mark.parametrize("dataset, message", [("afhqq", "unknown dataset 'afhqq'"), ("./no/such/dir", "no such")])
-def test_preview_errors_are_one_line_without_traceback(dataset, message, capsys):
-    assert main(["preview", "--dataset", dataset, "--out", "unused.png"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
-
-
-def test_preview_cli_in_a_subprocess(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "liquid_diffusion", "preview", "--dataset", str(tmp_path / "x")],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"error: no such file or folder: '{tmp_path / 'x'}'; check the "
-                                                  "path (or pass a Hub id namespace/name)"]

@@ -22,9 +22,12 @@ from torch import nn
 
 from liquid_diffusion import evaluate
 from liquid_diffusion.__main__ import main
+from liquid_diffusion.checkpoints import list_checkpoints
+from liquid_diffusion.config import TrainConfig
 from liquid_diffusion.evaluate import fid_kid, reference_features, update_best
 from liquid_diffusion.export import export_checkpoint
-from liquid_diffusion.trainer import TrainConfig, Trainer, TrainerCallback, list_checkpoints
+from liquid_diffusion.metrics import TrainerCallback
+from liquid_diffusion.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 16

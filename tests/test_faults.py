@@ -17,9 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from liquid_diffusion import checkpoints, hub, trainer as trainer_module
+from liquid_diffusion import checkpoints, hub
 from liquid_diffusion.__main__ import main
 from liquid_diffusion.checkpoints import CheckpointWriteError, list_checkpoints, read_checkpoint
+from liquid_diffusion.metrics import IntervalStats
 from liquid_diffusion.trainer import Trainer
 from test_trainer import REPO, RES, pixel_config, run_cli, synthetic_images, weights
 
@@ -185,12 +186,12 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_says_so(images
             raise OSError(28, "No space left on device")
         real_save(obj, path)
 
-    monkeypatch.setattr(trainer_module, "save_torch", save_until_the_disk_fills)
+    monkeypatch.setattr(checkpoints, "save_torch", save_until_the_disk_fills)
     with pytest.raises(CheckpointWriteError, match="no space left on device while saving checkpoint-000004; free"):
         Trainer(pixel_config(images, out, steps=4, checkpoint_every=2)).train()
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-000002"]
     assert not list(out.glob(".tmp-checkpoint-*"))  # the partial folder is gone
-    monkeypatch.setattr(trainer_module, "save_torch", real_save)
+    monkeypatch.setattr(checkpoints, "save_torch", real_save)
     Trainer(pixel_config(images, out, steps=4, checkpoint_every=2, resume="latest")).train()  # space freed: resume
     assert read_checkpoint(out / "checkpoint-000004").step == 4
 
@@ -385,8 +386,6 @@ def test_quickstart_trains_offline_on_built_in_shapes_and_writes_a_progress_stri
 
 
 def test_interval_stats_sum_over_processes_but_report_the_earliest_bad_step():
-    from liquid_diffusion.trainer import _IntervalStats
-
     class TwoProcesses:  # gathers this process's fields and a second process's, as accelerate's gather would
         def __init__(self, other):
             self.other = other
@@ -395,7 +394,7 @@ def test_interval_stats_sum_over_processes_but_report_the_earliest_bad_step():
             return {k: torch.cat([v, self.other[k]]) for k, v in fields.items()}
 
     def stats(loss, bad_step):
-        s = _IntervalStats(torch.device("cpu"))
+        s = IntervalStats(torch.device("cpu"))
         s.add(torch.tensor([loss, loss]), torch.tensor([0.05, 0.95]), torch.tensor(1.0), step=0)
         s.add(torch.tensor([float("nan"), loss]), torch.tensor([0.5, 0.5]), None, step=bad_step)
         return s
@@ -404,6 +403,6 @@ def test_interval_stats_sum_over_processes_but_report_the_earliest_bad_step():
     totals = stats(1.0, bad_step=9).reduce(TwoProcesses(rank1_fields), images_skipped=2)
     assert totals["first_bad_step"] == [4.0]  # the earliest of 9 and 4, not their sum
     assert totals["nonfinite"] == [2.0] and totals["micro_batches"] == [4.0] and totals["images_skipped"] == [7.0]
-    record = _IntervalStats.record(totals, step=10, lr=1e-4, images_per_s=1.0)
+    record = IntervalStats.record(totals, step=10, lr=1e-4, images_per_s=1.0)
     assert record["loss"] == pytest.approx((3 * 1.0 + 3 * 3.0) / 6)  # finite losses of both processes
     assert record["images_skipped"] == 7

@@ -334,7 +334,8 @@ def test_cli_push_network_failure_is_one_line(fake_hub, pixel_run, capsys):
 
 
 def test_training_pushes_every_n_checkpoints_in_the_background(fake_hub, clean_image_folder, tmp_path):
-    from liquid_diffusion.trainer import TrainConfig, Trainer
+    from liquid_diffusion.config import TrainConfig
+    from liquid_diffusion.trainer import Trainer
 
     config = TrainConfig(dataset=str(clean_image_folder), space="pixel", preset="micro", resolution=16, batch_size=4,
                          steps=6, checkpoint_every=2, push_to_hub="me/liquid-micro", push_every=2, log_every=2,

@@ -17,15 +17,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from liquid_diffusion import flow
+from liquid_diffusion.checkpoints import list_checkpoints
+from liquid_diffusion.config import TrainConfig, resolve_mixed_precision
+from liquid_diffusion.metrics import TrainerCallback
 from liquid_diffusion.model import LiquidDiffusionUNet
-from liquid_diffusion.trainer import (
-    NonFiniteLossError,
-    TrainConfig,
-    Trainer,
-    TrainerCallback,
-    list_checkpoints,
-    resolve_mixed_precision,
-)
+from liquid_diffusion.stopping import NonFiniteLossError
+from liquid_diffusion.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 16  # pixel-space resolution for the micro model (divisible by its factor 4)

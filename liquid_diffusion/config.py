@@ -1,0 +1,216 @@
+"""The training run's settings: ``TrainConfig``, its validation, and the ``train`` command's flags made from it.
+
+Every ``TrainConfig`` field is one command-line flag (``--batch-size`` for ``batch_size``), documented by the field's
+help text, so the notebook, the command line and ``accelerate launch`` configure a run the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from . import flow
+from .checkpoints import Checkpoint
+from .data import DEFAULT_DATASET
+from .errors import check_number
+from .latents import DEFAULT_VAE, VAE_DOWNSAMPLE_FACTOR, native_bf16
+from .model import PRESETS
+
+# Fields that fix the network or what its inputs mean; resuming with other values is refused.
+RESUME_MUST_MATCH = ("preset", "space", "resolution", "vae")
+# Fields that fix the data order; resuming with other values works but is no longer exact.
+RESUME_EXACT_ONLY_IF_SAME = ("batch_size", "grad_accum", "seed", "dataset")
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; defaults suit the tiny preset on a Colab T4. Each field is a CLI flag."""
+
+    # data
+    dataset: str = _help("short name (afhq, celeba, flowers, pokemon, anime, cartoon), Hub id or local path",
+                         default=DEFAULT_DATASET)
+    split: str = _help("dataset split", default="train")
+    config_name: str | None = _help("dataset configuration name, if the dataset has several", default=None)
+    image_column: str | None = _help("column holding the images (found automatically when omitted)", default=None)
+    resolution: int = _help("training resolution in pixels (square)", default=256)
+    flip: bool = _help("random horizontal flips", default=True)
+    random_crop: bool = _help("random instead of center crop", default=False)
+    shuffle_buffer: int = _help("streaming shuffle buffer size", default=1000)
+    num_workers: int = _help("DataLoader worker processes for decoding images", default=2)
+    # class conditioning (classifier-free guidance)
+    class_conditional: bool = _help("condition on the dataset's ClassLabel column (image folders: one sub-folder "
+                                    "per class) and learn classifier-free guidance", default=False)
+    label_column: str | None = _help("ClassLabel column to condition on (found automatically when omitted)",
+                                     default=None)
+    class_dropout: float = _help("fraction of labels replaced by the null class in training (for guidance)",
+                                 default=0.1)
+    guidance_scale: float = _help("classifier-free guidance scale w of the sample grids (1: no guidance); the "
+                                  "model card recommends it", default=flow.DEFAULT_GUIDANCE_SCALE)
+    # model and latent space
+    preset: str = _help(f"model size: {', '.join(PRESETS)}", default="tiny")
+    space: str = _help("'latent' (frozen SD-VAE) or 'pixel' (no VAE)", default="latent")
+    vae: str = _help("VAE Hub id or local path (latent space only)", default=DEFAULT_VAE)
+    cache_latents: bool = _help("encode the dataset once into a latent cache, then train on latents only",
+                                default=False)
+    cache_dir: str | None = _help("latent cache directory (default: OUTPUT_DIR/latent-cache)", default=None)
+    cache_num_images: int | None = _help("cache only the first N images (default: all)", default=None)
+    # optimisation
+    batch_size: int = _help("images per process per micro-batch", default=8)
+    grad_accum: int = _help("micro-batches per optimizer step", default=1)
+    steps: int = _help("optimizer steps to train in total", default=20_000)
+    lr: float = _help("AdamW learning rate", default=1e-4)
+    warmup_steps: int = _help("linear learning-rate warmup steps", default=500)
+    weight_decay: float = _help("AdamW weight decay", default=0.0)
+    max_grad_norm: float = _help("gradient clipping norm", default=1.0)
+    ema_decay: float = _help("EMA decay (reached after the EMA warmup)", default=0.9999)
+    timestep_sampling: str = _help("training t distribution: uniform or logit_normal", default="uniform")
+    mixed_precision: str = _help("auto (bf16 where supported, fp16 on T4-class GPUs, fp32 on CPU), no, fp16, bf16",
+                                 default="auto")
+    compile: bool = _help("torch.compile the model (CUDA only; ignored on CPU)", default=False)
+    seed: int = _help("random seed", default=0)
+    # feedback and checkpoints
+    output_dir: str = _help("where checkpoints, samples and metrics.jsonl go", default="outputs/liquid-diffusion")
+    log_every: int = _help("log metrics every N steps", default=50)
+    progress_bar: bool = _help("show a tqdm progress bar (the notebook draws its own panel instead)", default=True)
+    sample_every: int = _help("write an EMA sample grid every N steps (0: only at the end)", default=500)
+    num_sample_images: int = _help("images in each sample grid", default=16)
+    sample_steps: int = _help("Euler steps for the sample grids", default=25)
+    checkpoint_every: int = _help("save a checkpoint every N steps (and always at the end)", default=1000)
+    keep_checkpoints: int = _help("keep only the newest K checkpoints", default=3)
+    resume: str | None = _help("'latest' (newest complete checkpoint in OUTPUT_DIR, if any) or a checkpoint path",
+                               default=None)
+    push_to_hub: str | None = _help("Hub repo id USER/NAME to push checkpoints to (in the background)", default=None)
+    push_every: int = _help("push every N checkpoints", default=1)
+    hub_private: bool = _help("create the Hub repo as private", default=False)
+    # evaluation (liquid_diffusion/evaluate.py)
+    eval_every: int = _help("KID/FID of the EMA weights at the first checkpoint at or past every N steps and at the "
+                            "end, logged to metrics.jsonl; best.json names the best checkpoint (0: off)", default=0)
+    eval_samples: int = _help("generated (and real) images per in-training evaluation", default=1000)
+    eval_feature_extractor: str = _help("'inception' or module.path:callable (see `evaluate --help`)",
+                                        default="inception")
+
+    def validate(self) -> None:
+        """Raises ValueError with a one-line fix for values that cannot work."""
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
+        if self.space not in ("latent", "pixel"):
+            raise ValueError(f"space must be 'latent' or 'pixel', got {self.space!r}")
+        if self.timestep_sampling not in flow.TIMESTEP_SAMPLINGS:
+            raise ValueError(f"timestep_sampling must be one of {', '.join(flow.TIMESTEP_SAMPLINGS)}")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
+        # the VAE is not loaded yet: assume SD-VAE's factor (the trainer checks again with the loaded VAE's)
+        check_resolution(self.resolution, self.preset, self.space,
+                         VAE_DOWNSAMPLE_FACTOR if self.space == "latent" else 1)
+        for name in ("batch_size", "grad_accum", "steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                     "num_sample_images", "sample_steps", "push_every"):
+            check_number(self, name, minimum=1)
+        for name in ("warmup_steps", "sample_every", "num_workers", "shuffle_buffer", "seed", "eval_every"):
+            check_number(self, name, minimum=0)
+        if self.cache_num_images is not None:
+            check_number(self, "cache_num_images", minimum=1)
+        if self.eval_every:
+            check_number(self, "eval_samples", minimum=2)
+        for name in ("lr", "max_grad_norm"):
+            check_number(self, name, minimum=0, inclusive=False)
+        check_number(self, "weight_decay", minimum=0)
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must lie in [0, 1) (e.g. 0.9999), got {self.ema_decay}")
+        if self.cache_latents and self.space != "latent":
+            raise ValueError("cache_latents needs space='latent' (pixel space has no VAE to cache)")
+        if not 0 <= self.class_dropout < 1 or self.guidance_scale < 0:
+            raise ValueError(f"need 0 <= class_dropout < 1 and guidance_scale >= 0, got {self.class_dropout} and "
+                             f"{self.guidance_scale}")
+        if self.label_column and not self.class_conditional:
+            raise ValueError("label_column only applies to class-conditional training: add --class-conditional")
+
+
+def check_resolution(resolution: int, preset: str, space: str, vae_factor: int) -> None:
+    """Raises a one-line ValueError unless ``resolution`` is a positive multiple of the U-Net's downsampling factor
+    times the VAE's (``vae_factor``; 1 in pixel space)."""
+    factor = 2 ** (len(PRESETS[preset]["widths"]) - 1) * vae_factor
+    if resolution <= 0 or resolution % factor:
+        raise ValueError(
+            f"resolution {resolution} must be a positive multiple of {factor} for the {preset} preset "
+            f"in {space} space (e.g. {max(factor, (resolution // factor) * factor)})"
+        )
+
+
+def resume_position(checkpoint: Checkpoint, config: TrainConfig, class_names: list[str] | None, num_processes: int,
+                    report=print) -> int:
+    """The data position (micro-batches drawn per process) at which ``config`` resumes ``checkpoint`` with a model of
+    ``class_names`` on ``num_processes`` processes.
+
+    A changed ``RESUME_MUST_MATCH`` field or label set (or labels where there were none) is refused in one line
+    (ValueError). After a changed ``RESUME_EXACT_ONLY_IF_SAME`` field or number of processes, the run continues at
+    the same number of images seen per process, in the new data order, and ``report`` says the resume is not exact.
+    """
+    path, saved, state = checkpoint.path, checkpoint.train_config, checkpoint.state
+    mismatched = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(config, k)]
+    if mismatched:
+        details = ", ".join(f"{k}={saved.get(k)!r} (now {getattr(config, k)!r})" for k in mismatched)
+        raise ValueError(f"cannot resume {path}: it was trained with {details}; use the same values or a new "
+                         "--output-dir")
+    saved_classes = checkpoint.unet[0].get("class_names")
+    if (saved_classes or None) != (class_names or None):
+        def describe(names):
+            return f"classes [{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}]" if names else "no classes"
+
+        raise ValueError(f"cannot resume {path}: it was trained with {describe(saved_classes)}, this run has "
+                         f"{describe(class_names)}; use the same dataset and labels or a new --output-dir")
+    batches_consumed = state["batches_consumed"]
+    changed = [k for k in RESUME_EXACT_ONLY_IF_SAME if saved.get(k) != getattr(config, k)]
+    old_processes = state.get("num_processes", 1)
+    if old_processes != num_processes:
+        changed.append("number of processes")
+    if changed:
+        images_per_process = batches_consumed * saved["batch_size"] * old_processes / num_processes
+        batches_consumed = int(images_per_process // config.batch_size)
+        report(f"note: {', '.join(changed)} changed since {path.name}: resuming, but not exactly "
+               "(the data order differs from an uninterrupted run)")
+    return batches_consumed
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """``auto``: bf16 where the GPU supports it, fp16 (with loss scaling) on T4-class GPUs, ``no`` on CPU."""
+    if choice != "auto":
+        if choice in ("fp16", "bf16") and not torch.cuda.is_available():
+            print(f"note: --mixed-precision {choice} needs a GPU; training in fp32 on the CPU")
+            return "no"
+        return choice
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if native_bf16() else "fp16"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``TrainConfig`` field, named and documented from the dataclass."""
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = {"dest": f.name, "help": f"{f.metadata['help']} (default: {f.default})", "default": f.default}
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif f.name == "resume":
+            parser.add_argument(flag, nargs="?", const="latest", metavar="PATH", **kwargs)
+        else:
+            kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The validated ``TrainConfig`` of parsed ``add_config_flags`` flags."""
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    config.validate()
+    return config

@@ -1,0 +1,59 @@
+"""The training-memory estimate and batch-size suggestion the notebook shows (liquid_diffusion/memory.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from liquid_diffusion.memory import (
+    CUDA_CONTEXT_BYTES,
+    TRAINING_BYTES_PER_PARAMETER,
+    activation_bytes,
+    estimate_training_memory_gib,
+    suggest_batch_size,
+)
+from liquid_diffusion.model import LiquidDiffusionUNet
+
+
+def test_activation_bytes_counts_the_presets_parameters_and_real_activations():
+    per_cell, parameters = activation_bytes("micro", 3)
+    model = LiquidDiffusionUNet.from_preset("micro", in_channels=3)
+    assert parameters == sum(p.numel() for p in model.parameters())
+    # at least the fp32 input and output of every cell are kept for backward, and far less than the weights
+    assert 2 * 3 * 4 < per_cell < 4 * parameters
+
+
+def test_the_estimate_grows_with_batch_size_resolution_and_preset():
+    micro = [estimate_training_memory_gib("micro", "pixel", 32, b) for b in (1, 2, 4, 8)]
+    assert micro == sorted(micro) and len(set(micro)) == 4
+    # activations are linear in the batch in pixel space (no VAE): equal steps for equal increments
+    assert micro[2] - micro[1] == pytest.approx(2 * (micro[1] - micro[0]))
+    assert estimate_training_memory_gib("micro", "pixel", 64, 4) > micro[2]
+    assert estimate_training_memory_gib("tiny", "pixel", 32, 4) > micro[2]
+    # with no activations the estimate is the context and the training state of every parameter
+    _, parameters = activation_bytes("micro", 3)
+    floor = (CUDA_CONTEXT_BYTES + TRAINING_BYTES_PER_PARAMETER * parameters) / 2**30
+    assert floor < micro[0] < micro[3]
+
+
+def test_latent_space_adds_the_vae_and_its_encoding_and_half_precision_saves():
+    pixel = estimate_training_memory_gib("micro", "pixel", 256, 8)
+    latent = estimate_training_memory_gib("micro", "latent", 256, 8)
+    cached = estimate_training_memory_gib("micro", "latent", 256, 8, cache_latents=True)
+    bf16_vae = estimate_training_memory_gib("micro", "latent", 256, 8, vae_dtype=torch.bfloat16)
+    assert latent > cached and latent > bf16_vae
+    assert cached > estimate_training_memory_gib("micro", "latent", 256, 8, cache_latents=True,
+                                                 vae_dtype=torch.bfloat16)
+    assert pixel > estimate_training_memory_gib("micro", "pixel", 256, 8, mixed_precision="fp16")
+
+
+def test_suggested_batch_size_is_the_largest_power_of_two_that_fits_three_quarters_of_the_gpu():
+    assert suggest_batch_size(0, "tiny", "latent", 256) == 4  # no GPU
+    for memory in (4, 8, 16, 40, 80):
+        b = suggest_batch_size(memory, "micro", "pixel", 128)
+        cap = 8 if memory < 24 else 16 if memory < 48 else 32
+        assert b <= cap and estimate_training_memory_gib("micro", "pixel", 128, b) <= 0.75 * memory
+        assert b == cap or estimate_training_memory_gib("micro", "pixel", 128, 2 * b) > 0.75 * memory
+    need_4 = estimate_training_memory_gib("micro", "pixel", 512, 4)
+    assert suggest_batch_size(need_4 / 0.75 * 1.001, "micro", "pixel", 512) == 4
+    assert suggest_batch_size(0.1, "micro", "pixel", 512) == 1  # nothing fits: 1, and let training say so
