@@ -1,12 +1,21 @@
-"""Block designs screened for issue 11 (see BENCHMARKS.md, ablation table); ``quality.py --liquid-variant NAME``.
+"""Designs screened for issue 11 (BENCHMARKS.md section 3, ablation tables): ``quality.py --liquid-variant NAME``.
 
-Each variant builds a ``LiquidDiffusionUNet`` of a preset and swaps its blocks (and, where named, its skip fusions)
-for another design of the same widths, so that every row of the ablation table is reproducible by one command.
-``seed`` is the package's block (format 1, which issue 11 kept; the study ran on commit 81db8dd's model), and
-``package`` the same by its other name. ``conv-*`` is the DiCo-style ``LiquidConvBlock``.
+Every variant is the package's ``LiquidDiffusionUNet`` of a preset with named parts swapped, so that every row of
+the ablation tables is reproducible by one command:
+
+* ``seed``: the model issue 11 started from (architecture version 1): stem ``conv3x3 -> SiLU -> conv3x3``, head
+  ``GroupNorm -> SiLU -> conv3x3`` without t, GroupNorm inside every AdaLN.
+* ``head``: version 2's linear stem and t-modulated head (``OutputHead``), still with GroupNorm AdaLNs.
+* ``package``: the package as it is (version 2: per-position channel LayerNorm in every AdaLN).
+* suffixes: ``-ablation`` (``liquid=False``), ``-resrelax`` (``y = x + (1 - alpha) CfC``), ``-silu`` (SiLU before
+  every modulation, as DiT), ``-gated`` (adaLN-Zero gates on the mix and feed-forward branches), ``-inskip`` (a
+  t-dependent linear skip from x_t to v), ``-freq256`` (256 sinusoid features), ``-patch2`` (DiT's patch-2 stem and
+  head: the U-Net runs at half resolution), ``-w2`` (widths doubled).
+* ``conv-*``: the DiCo-style ``LiquidConvBlock`` (branch ``issue-11-convblock``), in the seed's skeleton.
 """
 from __future__ import annotations
 
+import functools
 import math
 import types
 
@@ -15,14 +24,69 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks import common
-from liquid_diffusion.model import LiquidDiffusionBlock, TimestepEmbedder, LiquidDiffusionUNet, ParallelCfC, _num_groups
+from liquid_diffusion.model import (
+    PRESETS,
+    AdaLN,
+    LiquidDiffusionBlock,
+    LiquidDiffusionUNet,
+    OutputHead,
+    ParallelCfC,
+    TimestepEmbedder,
+    _num_groups,
+)
+
+# ------------------------------------------------------------------------------------------------ swapped parts
 
 
-# ---- variants of the package's block (format 1, kept by issue 11)
+class GroupAdaLN(AdaLN):
+    """AdaLN as architecture version 1 had it: ``GroupNorm(x) * (1 + scale) + shift`` (statistics per image)."""
+
+    def __init__(self, channels, embed_dim):
+        super().__init__(channels, embed_dim)
+        self.norm = nn.GroupNorm(_num_groups(channels), channels, affine=False, eps=1e-6)
+
+    def forward(self, x, t_emb):
+        scale, shift = self.modulation(t_emb)[:, :, None, None].chunk(2, dim=1)
+        return self.norm(x) * (1 + scale) + shift
+
+
+class Format1Head(nn.Sequential):
+    """The seed's head: ``conv3x3(SiLU(GroupNorm(x)))``, not modulated by t (zero-init conv)."""
+
+    def __init__(self, channels, out_channels):
+        super().__init__(nn.GroupNorm(_num_groups(channels), channels, eps=1e-6), nn.SiLU(),
+                         nn.Conv2d(channels, out_channels, 3, padding=1))
+        nn.init.zeros_(self[-1].weight)
+        nn.init.zeros_(self[-1].bias)
+
+    def forward(self, x, t_emb=None):
+        return super().forward(x)
+
+
+class SiLUHead(OutputHead):
+    """``conv3x3(SiLU(AdaLN(x, t_emb)))``: the t-modulated head with the seed's SiLU kept."""
+
+    def forward(self, x, t_emb):
+        return self.conv(F.silu(self.norm(x, t_emb)))
+
+
+class PatchHead(nn.Module):
+    """``v = unpatchify(W AdaLN(x, t_emb))``: DiT's final layer, each feature vector giving a p x p patch (zero-init)."""
+
+    def __init__(self, channels, embed_dim, out_channels, patch):
+        super().__init__()
+        self.norm = AdaLN(channels, embed_dim)
+        self.proj = nn.Conv2d(channels, out_channels * patch * patch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.patch = patch
+
+    def forward(self, x, t_emb):
+        return F.pixel_shuffle(self.proj(self.norm(x, t_emb)), self.patch)
 
 
 class ResidualRelaxCfC(ParallelCfC):
-    """The seed's cell with ``input = x`` and ``out = x + CfC``: ``y = x + (1 - alpha) * CfC`` (no stream shrink)."""
+    """The cell with ``input = x`` and ``out = x + CfC``: ``y = x + (1 - alpha) * CfC`` (no stream shrink)."""
 
     def forward(self, x, features, t_emb):
         f, g, h = self.heads(self.backbone(features)).chunk(3, dim=1)
@@ -31,17 +95,42 @@ class ResidualRelaxCfC(ParallelCfC):
         return x + (1 - self.relaxation(t_emb)) * (h + gate * (g - h))
 
 
-class ChannelLayerNorm(nn.Module):
-    """LayerNorm over channels at each position (affine-free), as DiT's and DiCo's norms; replaces AdaLN's GroupNorm."""
+class InputSkip(nn.Module):
+    """``v = net(x_t, t) + s(t_emb) * x_t``: a per-channel, t-dependent linear skip from input to output (zero-init),
+    so the part of v that is linear in x_t (v = (x_t - x0) / t) needs no path through the U-Net's nonlinearities."""
 
-    def __init__(self, channels):
+    def __init__(self, net):
         super().__init__()
-        self.num_channels = channels
+        self.net = net
+        embed_dim, c = net.time_embedder.mlp.linear_2.out_features, net.config.in_channels
+        self.skip = nn.Linear(embed_dim, c)
+        nn.init.zeros_(self.skip.weight)
+        nn.init.zeros_(self.skip.bias)
+        self.t_emb = None
+        net.time_embedder.register_forward_hook(lambda mod, inp, out: setattr(self, "t_emb", out))
 
-    def forward(self, x):
-        mean = x.mean(dim=1, keepdim=True)
-        var = (x - mean).pow(2).mean(dim=1, keepdim=True)
-        return (x - mean) * torch.rsqrt(var + 1e-6)
+    def forward(self, sample, timestep):
+        out = self.net(sample, timestep).sample
+        return types.SimpleNamespace(sample=out + self.skip(self.t_emb)[:, :, None, None] * sample)
+
+
+def _gated_forward(self, x, t_emb):
+    """LiquidDiffusionBlock.forward with DiT's adaLN-Zero gates on the mix and feed-forward branches."""
+    x = self.cfc(x, self.norm_cfc(x, t_emb), t_emb)
+    g_mix, g_ff = self.gates(t_emb)[:, :, None, None].chunk(2, dim=1)
+    x = x + g_mix * self.mix(self.norm_mix(x, t_emb))
+    return x + g_ff * self.ff(self.norm_ff(x, t_emb))
+
+
+def _replace_modules(model, cls, make):
+    """Replaces every submodule of type ``cls`` (exactly) by ``make(old)``."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is cls:
+                setattr(parent, name, make(child))
+
+
+# ------------------------------------------------------------------------------------------------ DiCo-style block
 
 
 class LiquidConvBlock(nn.Module):
@@ -127,145 +216,9 @@ def _swap_blocks(model, make):
     return model
 
 
-class Format1Head(nn.Sequential):
-    """The format-1 model's head: ``conv3x3(SiLU(GroupNorm(x)))``, not modulated by t (zero-init conv)."""
-
-    def __init__(self, channels, out_channels):
-        super().__init__(nn.GroupNorm(_num_groups(channels), channels, eps=1e-6), nn.SiLU(),
-                         nn.Conv2d(channels, out_channels, 3, padding=1))
-        nn.init.zeros_(self[-1].weight)
-        nn.init.zeros_(self[-1].bias)
-
-    def forward(self, x, t_emb=None):
-        return super().forward(x)
-
-
-def format1(model):
-    """Gives a format-2 model the seed's (format 1) stem ``conv3x3 -> SiLU -> conv3x3`` and un-modulated head."""
-    w, c = model.config.widths[0], model.config.in_channels
-    model.stem = nn.Sequential(nn.Conv2d(c, w, 3, padding=1), nn.SiLU(), nn.Conv2d(w, w, 3, padding=1))
-    model.head = Format1Head(w, model.config.out_channels or c)
-    return model
-
-
-def _seed(cell_cls=None, liquid=True, fmt1=True):
-    """The seed's model, format 1 (``liquid=False``: its ablation); ``cell_cls`` swaps the CfC cell of every block.
-
-    ``fmt1=False``: the package's model (format 2: single-conv stem, t-modulated head) with the same changes.
-    """
-    def make(preset, c):
-        model = LiquidDiffusionUNet.from_preset(preset, in_channels=c, liquid=liquid)
-        model = format1(model) if fmt1 else model
-        if cell_cls is not None:
-            for m in model.modules():
-                if isinstance(m, LiquidDiffusionBlock):
-                    m.cfc = cell_cls(m.norm_cfc.norm.num_channels, model.time_embedder.mlp.linear_2.out_features)
-        return model
-    return make
-
-
-def _patched(base, silu_emb=False, channel_ln=False):
-    """``base`` (a variant) with DiT's ``SiLU`` before every modulation and/or a per-position channel LayerNorm."""
-    def make(preset, c):
-        model = base(preset, c)
-        if silu_emb:
-            model.time_embedder = nn.Sequential(model.time_embedder, nn.SiLU())
-        if channel_ln:
-            for m in model.modules():
-                if hasattr(m, "norm") and isinstance(m.norm, nn.GroupNorm) and not m.norm.affine:
-                    m.norm = ChannelLayerNorm(m.norm.num_channels)
-        return model
-    return make
-
-
-class AdaLNHead(nn.Module):
-    """DiT's final layer on a feature map: ``v = conv3x3(GN(x) * (1 + scale(t_emb)) + shift(t_emb))``, all zero-init.
-
-    The model calls ``head(x)`` without ``t_emb``; a forward hook on the time embedder hands it over (benchmark only).
-    """
-
-    def __init__(self, channels, embed_dim, out_channels, silu=False):
-        super().__init__()
-        self.norm = nn.GroupNorm(_num_groups(channels), channels, affine=False, eps=1e-6)
-        self.modulation = nn.Linear(embed_dim, 2 * channels)
-        nn.init.zeros_(self.modulation.weight)
-        nn.init.zeros_(self.modulation.bias)
-        self.silu = silu
-        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
-        nn.init.zeros_(self.conv.weight)
-        nn.init.zeros_(self.conv.bias)
-        self.t_emb = None
-
-    def forward(self, x, t_emb=None):
-        scale, shift = self.modulation(self.t_emb if t_emb is None else t_emb)[:, :, None, None].chunk(2, dim=1)
-        x = self.norm(x) * (1 + scale) + shift
-        return self.conv(F.silu(x) if self.silu else x)
-
-
-def _with_head(base, silu=False, linear_stem=False):
-    """``base`` with a t-modulated head (``AdaLNHead``) and/or a single-conv stem (no SiLU between two convs)."""
-    def make(preset, c):
-        model = base(preset, c)
-        width, embed_dim = model.config.widths[0], model.time_embedder.mlp.linear_2.out_features
-        head = AdaLNHead(width, embed_dim, model.config.out_channels or c, silu=silu)
-        model.head = head
-        model.time_embedder.register_forward_hook(lambda mod, inp, out: setattr(head, "t_emb", out))
-        if linear_stem:
-            model.stem = nn.Conv2d(c, width, 3, padding=1)
-        return model
-    return make
-
-
-class InputSkip(nn.Module):
-    """``v = net(x_t, t) + s(t_emb) * x_t``: a per-channel, t-dependent linear skip from input to output (zero-init),
-    so the part of v that is linear in x_t (v = (x_t - x0) / t) needs no path through the U-Net's nonlinearities."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-        embed_dim, c = net.time_embedder.mlp.linear_2.out_features, net.config.in_channels
-        self.skip = nn.Linear(embed_dim, c)
-        nn.init.zeros_(self.skip.weight)
-        nn.init.zeros_(self.skip.bias)
-        self.t_emb = None
-        net.time_embedder.register_forward_hook(lambda mod, inp, out: setattr(self, "t_emb", out))
-
-    def forward(self, sample, timestep):
-        out = self.net(sample, timestep).sample
-        return type("Out", (), {"sample": out + self.skip(self.t_emb)[:, :, None, None] * sample})()
-
-
-def _gated_forward(self, x, t_emb):
-    """LiquidDiffusionBlock.forward with DiT's adaLN-Zero gates on the mix and feed-forward branches."""
-    x = self.cfc(x, self.norm_cfc(x, t_emb), t_emb)
-    g_mix, g_ff = self.gates(t_emb)[:, :, None, None].chunk(2, dim=1)
-    x = x + g_mix * self.mix(self.norm_mix(x, t_emb))
-    return x + g_ff * self.ff(self.norm_ff(x, t_emb))
-
-
-def _package(freq_dim=None, gated=False, input_skip=False):
-    """The package's model with a wider sinusoid (``freq_dim``), adaLN-Zero branch gates, and/or ``InputSkip``."""
-    def make(preset, c):
-        model = LiquidDiffusionUNet.from_preset(preset, in_channels=c)
-        embed_dim = model.time_embedder.mlp.linear_2.out_features
-        if freq_dim:
-            model.time_embedder = TimestepEmbedder(freq_dim, embed_dim)
-        if gated:
-            for block in (m for m in model.modules() if isinstance(m, LiquidDiffusionBlock)):
-                width = block.norm_mix.norm.num_channels
-                block.gates = nn.Linear(embed_dim, 2 * width)
-                nn.init.zeros_(block.gates.weight)
-                nn.init.zeros_(block.gates.bias)
-                for proj in (block.mix.proj, block.ff.net[-1]):  # a zero gate on a zero branch would never learn
-                    proj.reset_parameters()
-                block.forward = types.MethodType(_gated_forward, block)
-        return InputSkip(model) if input_skip else model
-    return make
-
-
 def _conv(additive=False, **kw):
     def make(preset, c):
-        model = _swap_blocks(LiquidDiffusionUNet.from_preset(preset, in_channels=c),
+        model = _swap_blocks(_model(preset, c, norm="gn", skeleton="v1"),
                              lambda ch, e: LiquidConvBlock(ch, e, **kw))
         if additive:
             model.fusions = nn.ModuleList(AdditiveSkip(f.proj.out_channels) for f in model.fusions)
@@ -273,26 +226,71 @@ def _conv(additive=False, **kw):
     return make
 
 
+# ------------------------------------------------------------------------------------------------ the builder
+
+
+def _model(preset, c, *, norm="ln", skeleton="v2", liquid=True, cell=None, silu=False, gated=False, inskip=False,
+           freq=None, patch=None, width_mult=1):
+    """The package's model of ``preset`` (``in_channels=c``) with the parts the keywords name swapped."""
+    config = dict(PRESETS[preset])
+    config["widths"] = tuple(w * width_mult for w in config["widths"])
+    model = LiquidDiffusionUNet(in_channels=c, liquid=liquid, **config)
+    width, embed_dim = model.config.widths[0], model.time_embedder.mlp.linear_2.out_features
+    if skeleton == "v1":
+        model.stem = nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1))
+        model.head = Format1Head(width, c)
+    elif skeleton == "v1-stem":  # the seed's stem with the t-modulated head
+        model.stem = nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1))
+    if silu == "head":
+        model.head = SiLUHead(width, embed_dim, c)
+    if patch:
+        model.stem = nn.Conv2d(c, width, patch, stride=patch)
+        model.head = PatchHead(width, embed_dim, c, patch)
+    if norm == "gn":
+        _replace_modules(model, AdaLN, lambda old: GroupAdaLN(old.channels, embed_dim))
+    if cell is not None:
+        _replace_modules(model, ParallelCfC, lambda old: cell(old.rho.numel(), embed_dim))
+    if silu is True:
+        model.time_embedder = nn.Sequential(model.time_embedder, nn.SiLU())
+    if freq:
+        model.time_embedder = TimestepEmbedder(freq, embed_dim)
+    if gated:
+        for block in (m for m in model.modules() if isinstance(m, LiquidDiffusionBlock)):
+            block.gates = nn.Linear(embed_dim, 2 * block.norm_mix.channels)
+            nn.init.zeros_(block.gates.weight)
+            nn.init.zeros_(block.gates.bias)
+            for proj in (block.mix.proj, block.ff.net[-1]):  # a zero gate on a zero branch would never learn
+                proj.reset_parameters()
+            block.forward = types.MethodType(_gated_forward, block)
+    return InputSkip(model) if inskip else model
+
+
+def _v(**kw):
+    return functools.partial(_model, **kw)
+
+
 VARIANTS: dict = {
-    "seed": _seed(),
-    "seed-ablation": _seed(liquid=False),
-    "seed-resrelax": _seed(ResidualRelaxCfC),
-    "seed-silu": _patched(_seed(), silu_emb=True),
-    "seed-ln": _patched(_seed(), channel_ln=True),
-    "seed-resrelax-silu": _patched(_seed(ResidualRelaxCfC), silu_emb=True),
-    "seed-adahead": _with_head(_seed()),
-    "seed-adahead-silu": _with_head(_seed(), silu=True),
-    "seed-linstem": _with_head(_seed(), linear_stem=True),
-    "seed-inskip": lambda preset, c: InputSkip(_seed()(preset, c)),
-    "seed-inskip-adahead": lambda preset, c: InputSkip(_with_head(_seed())(preset, c)),
-    "package-resrelax": _seed(ResidualRelaxCfC, fmt1=False),
-    "package-silu": _patched(_seed(fmt1=False), silu_emb=True),
-    "package-ln": _patched(_seed(fmt1=False), channel_ln=True),
-    "package-freq256": _package(freq_dim=256),
-    "package-gated": _package(gated=True),
-    "package-inskip": _package(input_skip=True),
-    "package": lambda preset, c: LiquidDiffusionUNet.from_preset(preset, in_channels=c),
-    "package-ablation": lambda preset, c: LiquidDiffusionUNet.from_preset(preset, in_channels=c, liquid=False),
+    # version 1 and what was tried on it
+    "seed": _v(norm="gn", skeleton="v1"),
+    "seed-ablation": _v(norm="gn", skeleton="v1", liquid=False),
+    "seed-resrelax": _v(norm="gn", skeleton="v1", cell=ResidualRelaxCfC),
+    "seed-adahead": _v(norm="gn", skeleton="v1-stem"),
+    "seed-adahead-silu": _v(norm="gn", skeleton="v1-stem", silu="head"),
+    # the linear stem and t-modulated head, GroupNorm
+    "head": _v(norm="gn"),
+    "head-ablation": _v(norm="gn", liquid=False),
+    "head-resrelax": _v(norm="gn", cell=ResidualRelaxCfC),
+    "head-silu": _v(norm="gn", silu=True),
+    "head-patch2": _v(norm="gn", patch=2),
+    "head-patch2-w2": _v(norm="gn", patch=2, width_mult=2),
+    # the package (version 2: + per-position LayerNorm) and what was tried on it
+    "package": _v(),
+    "package-ablation": _v(liquid=False),
+    "package-resrelax": _v(cell=ResidualRelaxCfC),
+    "package-gated": _v(gated=True),
+    "package-inskip": _v(inskip=True),
+    "package-freq256": _v(freq=256),
+    # the DiCo-style block in the seed's skeleton
     "conv-k3": _conv(kernel=3),
     "conv-k5": _conv(kernel=5),
     "conv-k7": _conv(kernel=7),

@@ -87,10 +87,15 @@ class TimestepEmbedder(nn.Module):
 
 
 class AdaLN(nn.Module):
-    """Adaptive GroupNorm: ``y = GroupNorm(x) * (1 + scale(t_emb)) + shift(t_emb)``.
+    """Adaptive LayerNorm over channels at every position (DiT's adaLN on a feature map)::
 
-    The modulation is zero-initialised (as in DiT's adaLN-Zero), so at initialisation it is a plain
-    affine-free normalisation.
+        y = LN_c(x) * (1 + scale(t_emb)) + shift(t_emb),   LN_c(x)[b, :, i, j] = (x - mean_c) / sqrt(var_c + eps)
+
+    Per position, not per image: a GroupNorm's statistics come from the whole feature map, so on nearly clean inputs
+    the little noise a position carries stays tiny next to the image; a per-position norm brings it to unit scale,
+    where the network can find it (micro on Twemoji: held-out loss 0.390 against 0.416 with GroupNorm, t = 0.05
+    0.710 against 0.779; BENCHMARKS.md). The modulation is zero-initialised (as DiT's adaLN-Zero), so at
+    initialisation this is a plain affine-free normalisation.
 
     Args:
         channels: feature channels C.
@@ -99,14 +104,16 @@ class AdaLN(nn.Module):
 
     def __init__(self, channels: int, embed_dim: int):
         super().__init__()
-        self.norm = nn.GroupNorm(_num_groups(channels), channels, affine=False, eps=1e-6)
+        self.channels = channels
         self.modulation = nn.Linear(embed_dim, 2 * channels)
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         scale, shift = self.modulation(t_emb)[:, :, None, None].chunk(2, dim=1)
-        return self.norm(x) * (1 + scale) + shift
+        # layer_norm normalises the last dim: channels go last as a view (no copy in channels_last memory)
+        normed = F.layer_norm(x.permute(0, 2, 3, 1), (self.channels,), eps=1e-6).permute(0, 3, 1, 2)
+        return normed * (1 + scale) + shift
 
 
 class ParallelCfC(nn.Module):
