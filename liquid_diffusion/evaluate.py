@@ -53,6 +53,8 @@ from .sampling import generate, load_for_sampling
 DEFAULT_NUM_SAMPLES = 10_000
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
+# torchmetrics is imported where it is used (``fid_kid``, ``features.inception_extractor``): the other commands, which
+# import this module through the trainer, never need it.
 
 
 # ----------------------------------------------------------------------------------------------------------------

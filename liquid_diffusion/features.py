@@ -216,3 +216,4 @@ def reference_features(dataset: str, resolution: int, extractor: nn.Module, num_
     tmp = cache_dir / f".{METADATA_FILE}.tmp"
     tmp.write_text(json.dumps(metadata, indent=2))
     os.replace(tmp, cache_dir / METADATA_FILE)
+    return features, metadata

@@ -81,7 +81,11 @@ def load_for_sampling(checkpoint: str, use_ema: bool = True, device: str | torch
                       with_guidance: bool = False):
     """``(unet, FrozenVAE or None, resolution)`` from a training checkpoint, an output dir (its newest checkpoint),
     an exported pipeline folder or a Hub id -- whatever ``hub.load_pipeline`` accepts. ``with_guidance`` appends the
-    model's recommended guidance scale (``None`` when none is recorded)."""
+    model's recommended guidance scale (``None`` when none is recorded).
+
+    The pipeline is the one loader of all four kinds; its parts feed ``generate``, which shares the sampler
+    (``flow.sample``, ``flow.guided_velocity``) and the decode (``latents.unscale_latents``) with the pipeline's own
+    ``__call__`` and adds what training grids and FID need: seeded CPU noise and a chunked bf16/fp32 VAE."""
     pipe = load_pipeline(checkpoint, use_ema=use_ema)
     device = torch.device(device)
     vae = getattr(pipe, "vae", None)

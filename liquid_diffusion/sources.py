@@ -19,6 +19,9 @@ from pathlib import Path
 
 from .errors import first_line
 
+# ``datasets`` is imported inside the functions that use it: loading a pipeline (``import liquid_diffusion``) never
+# needs it, and it adds about half a second to every import.
+
 # The verified datasets of the model card, by short name.
 DATASETS: dict[str, str] = {
     "afhq": "huggan/AFHQv2",
