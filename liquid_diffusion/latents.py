@@ -56,6 +56,11 @@ def vae_latent_scale(vae) -> tuple[float, float]:
     return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
 
 
+def vae_downsample_factor(vae) -> int:
+    """Pixels per latent cell of an ``AutoencoderKL``: ``2 ** (number of stages - 1)`` (8 for SD-VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """What the VAE decodes from latents as the model sees them: ``latents / scaling_factor + shift_factor``, the
     inverse of ``FrozenVAE.encode``'s ``(z - shift_factor) * scaling_factor``."""
@@ -94,7 +99,7 @@ class FrozenVAE:
         config = self.vae.config
         self.scaling_factor, self.shift_factor = vae_latent_scale(self.vae)
         self.latent_channels: int = int(config.latent_channels)
-        self.downsample_factor: int = 2 ** (len(config.block_out_channels) - 1)
+        self.downsample_factor: int = vae_downsample_factor(self.vae)
 
     def _chunks(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
         for chunk in x.split(self.chunk_size):

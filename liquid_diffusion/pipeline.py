@@ -39,7 +39,7 @@ from huggingface_hub import snapshot_download
 
 from .flow import DEFAULT_GUIDANCE_SCALE, MODEL_CALLS_PER_STEP, check_sampler, guided_velocity
 from .flow import sample as flow_sample
-from .latents import unscale_latents
+from .latents import unscale_latents, vae_downsample_factor
 from .model import LiquidDiffusionUNet
 from .sources import local_path
 
@@ -114,7 +114,7 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
         """Pixels per latent cell: 2 ** (number of VAE stages - 1) (8 for SD-VAE), 1 without a VAE."""
         if getattr(self, "vae", None) is None:
             return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_downsample_factor(self.vae)
 
     def _sample_shape(self, batch_size: int, height: int | None, width: int | None) -> tuple[int, int, int, int]:
         default = self.config.resolution or (256 if getattr(self, "vae", None) is not None else 64)
