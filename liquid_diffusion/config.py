@@ -14,10 +14,10 @@ import torch
 
 from . import flow
 from .checkpoints import Checkpoint
-from .data import DEFAULT_DATASET
 from .errors import check_number
 from .latents import DEFAULT_VAE, VAE_DOWNSAMPLE_FACTOR, native_bf16
 from .model import PRESETS
+from .sources import DEFAULT_DATASET
 
 # Fields that fix the network or what its inputs mean; resuming with other values is refused.
 RESUME_MUST_MATCH = ("preset", "space", "resolution", "vae")

@@ -1,11 +1,8 @@
-"""Images in, training batches out: any Hub image dataset or local folder, streamed into [-1, 1] pixel batches.
+"""Images in, training batches out: a source (``sources.py``) streamed into [-1, 1] pixel batches.
 
 Data flows one way through this file:
 
-1. **Source** (``open_source``): a short name of the six verified datasets (``DATASETS``), any Hub id, a local
-   folder of images (``imagefolder``) or a local dataset directory in the Hub's layout (parquet / arrow shards), all
-   opened with ``datasets.load_dataset(..., streaming=True)``. The image column (found from the features) is cast to
-   ``Image(decode=False)``, so the stream carries raw bytes and every consumer decodes only what it uses.
+1. **Source** (``sources.open_source``): a short name, Hub id or local folder, opened as a stream of raw image bytes.
 2. **Decode + transform** (``load_image``, ``to_rgb``, ``transform_image``): PIL decode inside ``try``/``except``
    (corrupt files are skipped and counted, never fatal), any mode to RGB (alpha composited on white, 16-bit scaled
    down), shorter side resized to the resolution, center (or random) crop, random horizontal flip, [-1, 1].
@@ -32,186 +29,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .errors import first_line
+from .sources import LABEL_KEY, class_names, open_source
 
-# The verified datasets of the model card, by short name.
-DATASETS: dict[str, str] = {
-    "afhq": "huggan/AFHQv2",
-    "celeba": "nielsr/CelebA-faces",
-    "flowers": "huggan/flowers-102-categories",
-    "pokemon": "reach-vb/pokemon-blip-captions",
-    "anime": "huggan/anime-faces",
-    "cartoon": "Norod78/cartoon-blip-captions",
-}
-DEFAULT_DATASET = DATASETS["afhq"]
 # Mixes several integers into one seed, ``(seed * SEED_STRIDE + i)``: a prime larger than any index it is mixed with,
 # so distinct tuples give distinct seeds (the latent stream's epochs, the trainer's steps, evaluation batches).
 SEED_STRIDE = 1_000_003
-
-# Column names tried, in order, when the features declare no ``Image`` column.
-IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "photo", "pixel_values")
-# Files that make a local folder a dataset in the Hub's layout rather than a plain folder of images.
-DATASET_FILE_SUFFIXES = (".parquet", ".arrow")
-# The column name class labels get in an opened labelled stream, whatever the dataset calls it.
-LABEL_KEY = "label"
 WHITE = (255, 255, 255, 255)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 1. Source
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def looks_like_local_path(text: str) -> bool:
-    """``./x``, ``/x``, ``~/x``, ``a/b/c`` or a Windows path: never a Hub id (which is ``name`` or ``namespace/name``)."""
-    return (text.startswith((".", "/", "~")) or text.count("/") >= 2 or "\\" in text
-            or (len(text) > 1 and text[1] == ":"))
-
-
-def resolve_source(source: str) -> tuple[str, str]:
-    """Says what ``source`` is: ``("hub", id)``, ``("imagefolder", dir)``, ``("dataset_dir", dir)`` or
-    ``("dataset_file", file)``. A path that exists locally is local; otherwise it must be a Hub id."""
-    if not source:
-        raise ValueError(f"no dataset given; use a short name ({', '.join(DATASETS)}), a Hub id or a local folder")
-    if source in DATASETS:
-        return "hub", DATASETS[source]
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if any(p.suffix in DATASET_FILE_SUFFIXES for p in path.rglob("*") if p.is_file()):
-            return "dataset_dir", str(path)
-        return "imagefolder", str(path)
-    if path.is_file():
-        if path.suffix in DATASET_FILE_SUFFIXES:
-            return "dataset_file", str(path)
-        raise ValueError(f"{source!r} is a single file; pass a folder of images or a dataset directory / .parquet file")
-    if looks_like_local_path(source):
-        raise FileNotFoundError(f"no such file or folder: {source!r}; check the path (or pass a Hub id namespace/name)")
-    if "/" not in source:
-        raise ValueError(
-            f"unknown dataset {source!r}; use a short name ({', '.join(DATASETS)}), a Hub id (namespace/name) "
-            "or an existing local folder"
-        )
-    return "hub", source
-
-
-OFFLINE_HINT = (
-    "to train without the Hub use --space pixel with a local image folder (--dataset PATH), or a local VAE folder "
-    "(--vae PATH, written by AutoencoderKL.save_pretrained)"
-)
-
-
-def hub_reachable(timeout: float = 5.0) -> bool:
-    """One quick request to the Hugging Face Hub (huggingface_hub's own session, so proxies and HF_ENDPOINT apply).
-
-    Checked before a download, so that an offline machine gets one clear line at once instead of a minute of
-    retries ending in "does not appear to have a file named config.json"."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    try:
-        get_session().head(constants.ENDPOINT, timeout=timeout)
-    except Exception:  # noqa: BLE001 -- DNS, refused, timeout, proxy: all mean "not reachable now"
-        return False
-    return True
-
-
-def _image_extensions() -> set[str]:
-    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
-
-    return {ext.lower() for ext in ImageFolder.EXTENSIONS}
-
-
-def open_source(source: str, split: str = "train", config_name: str | None = None, image_column: str | None = None,
-                *, with_labels: bool = False, label_column: str | None = None):
-    """Opens ``source`` as a streaming ``datasets.IterableDataset`` holding only its image column, undecoded.
-
-    Returns ``(dataset, image_column)``; each row is ``{image_column: {"bytes": ..., "path": ...}}``. The column is
-    ``image_column`` if given, else the first ``Image`` feature, else the first of ``IMAGE_COLUMN_NAMES`` present.
-
-    With ``with_labels`` the rows also hold ``LABEL_KEY`` (an int class id) from the ``ClassLabel`` column
-    ``label_column``, else the first ``ClassLabel`` feature (see ``find_label_column``; an image folder with one
-    sub-folder per class has one, named from the folders); ``class_names(dataset)`` gives the names.
-    """
-    from datasets import Image as ImageFeature
-    from datasets import load_dataset
-
-    kind, target = resolve_source(source)
-    if kind == "imagefolder":
-        extensions = _image_extensions()
-        if not any(p.suffix.lower() in extensions for p in Path(target).rglob("*") if p.is_file()):
-            raise ValueError(f"folder {source!r} holds no image files (png, jpg, webp, gif, bmp, ...)")
-        args, kwargs = ("imagefolder",), dict(data_dir=target)
-    elif kind == "dataset_file":
-        args, kwargs = (Path(target).suffix[1:],), dict(data_files=target)
-    else:  # a Hub id or a local directory in the Hub's layout: the very same call
-        args, kwargs = (target,), dict(name=config_name)
-    if kind == "hub" and not hub_reachable():
-        raise ConnectionError(f"the Hugging Face Hub is unreachable, so dataset {target!r} cannot be streamed; "
-                              + OFFLINE_HINT)
-    try:
-        dataset = load_dataset(*args, split=split, streaming=True, **kwargs)
-    except Exception as error:  # the Hub, the network or the files: tell the user in one line, keep the cause
-        where = "the Hugging Face Hub" if kind == "hub" else "disk"
-        raise ValueError(
-            f"could not load dataset {target!r} (split {split!r}) from {where}: {first_line(error)} -- check the id, "
-            "--split and --config-name, your connection and, for gated datasets, `huggingface-cli login`"
-        ) from error
-
-    if dataset.features is not None:
-        columns = list(dataset.features)
-        image_columns = [name for name, feature in dataset.features.items() if isinstance(feature, ImageFeature)]
-    else:  # some streaming formats only know their columns once read
-        columns = list(next(iter(dataset.take(1)), {}))
-        image_columns = []
-    if image_column is None:
-        lowered = {name.lower(): name for name in columns}
-        named = [lowered[name] for name in IMAGE_COLUMN_NAMES if name in lowered]
-        image_column = (image_columns or named or [None])[0]
-    if image_column is None or image_column not in columns:
-        what = f"has no column {image_column!r}" if image_column else "has no image column"
-        raise ValueError(
-            f"dataset {source!r} {what} (columns: {', '.join(columns) or 'none'}); "
-            "name the image column with --image-column (image_column=...)"
-        )
-    if with_labels:
-        label = find_label_column(dataset.features, source, label_column)
-        dataset = dataset.select_columns([image_column, label])
-        if label != LABEL_KEY:
-            dataset = dataset.rename_column(label, LABEL_KEY)
-    else:
-        dataset = dataset.select_columns([image_column])
-    dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
-    return dataset, image_column
-
-
-def find_label_column(features, source: str, label_column: str | None = None) -> str:
-    """The class-label column: ``label_column`` if given (it must be a ``ClassLabel``), else the first ``ClassLabel``
-    feature. ``ValueError`` with what to do when there is none."""
-    from datasets import ClassLabel
-
-    features = features or {}
-    labels = [name for name, feature in features.items() if isinstance(feature, ClassLabel)]
-    if label_column is not None:
-        if label_column not in features:
-            raise ValueError(f"dataset {source!r} has no column {label_column!r} (columns: "
-                             f"{', '.join(features) or 'unknown'}); fix --label-column")
-        if label_column not in labels:
-            raise ValueError(f"column {label_column!r} of dataset {source!r} is not a ClassLabel column (it has no "
-                             "class names); pick a ClassLabel column with --label-column")
-        return label_column
-    if not labels:
-        raise ValueError(
-            f"dataset {source!r} has no class labels (no ClassLabel column among: {', '.join(features) or 'none'}); "
-            "use a dataset with one, an image folder with one sub-folder per class, or drop --class-conditional"
-        )
-    return labels[0]
-
-
-def class_names(dataset) -> list[str]:
-    """The class names of a dataset opened ``with_labels`` (the ``ClassLabel`` names, in id order)."""
-    return list(dataset.features[LABEL_KEY].names)
 
 
 # ----------------------------------------------------------------------------------------------------------------

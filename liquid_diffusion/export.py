@@ -28,8 +28,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from .checkpoints import (
     CorruptCheckpointError,
@@ -40,6 +39,7 @@ from .checkpoints import (
     read_unet_folder,
 )
 from .errors import check_repo_id, first_line, report_failure
+from .latents import load_vae
 from .model import LiquidDiffusionUNet, check_format
 from .model_card import build_model_card, latest_sample_grid, plot_loss_curve, read_metrics, sanitize_train_config
 from .pipeline import LiquidDiffusionPipeline
@@ -55,26 +55,6 @@ logger = logging.getLogger(__name__)
 def is_exported_pipeline(path: str | os.PathLike) -> bool:
     """A folder written by ``export_checkpoint`` (or any saved ``LiquidDiffusionPipeline``)."""
     return (Path(path) / "model_index.json").is_file()
-
-
-def load_vae(source: str | os.PathLike, token: str | None = None):
-    """``AutoencoderKL`` from a Hub id or local folder (its root, or a ``vae/`` subfolder), safetensors only, fp32."""
-    text = os.fspath(source)
-    local = Path(text).expanduser()
-    kwargs = dict(use_safetensors=True, torch_dtype=torch.float32)
-    if local.exists():
-        if (local / "config.json").is_file():
-            return AutoencoderKL.from_pretrained(local, **kwargs)
-        if (local / "vae" / "config.json").is_file():
-            return AutoencoderKL.from_pretrained(local, subfolder="vae", **kwargs)
-        raise FileNotFoundError(f"VAE folder {text!r} holds no config.json (nor vae/config.json)")
-    try:
-        return AutoencoderKL.from_pretrained(text, token=token, **kwargs)
-    except EnvironmentError as root_error:
-        try:  # a full pipeline repo keeps its VAE in vae/
-            return AutoencoderKL.from_pretrained(text, subfolder="vae", token=token, **kwargs)
-        except EnvironmentError:
-            raise root_error from None
 
 
 def build_pipeline(checkpoint: str | os.PathLike, *, use_ema: bool = True, vae=None, token: str | None = None):
@@ -96,7 +76,7 @@ def build_pipeline(checkpoint: str | os.PathLike, *, use_ema: bool = True, vae=N
         if vae is None:
             if not config.get("vae"):
                 raise ValueError(f"{checkpoint / 'train_config.json'} has space 'latent' but names no vae")
-            vae = load_vae(config["vae"], token=token)
+            vae = load_vae(config["vae"], token=token, use_safetensors=True)
         vae = vae.eval()
         vae.requires_grad_(False)
     elif space == "pixel":

@@ -138,6 +138,15 @@ def heun_sample(
 
 
 SAMPLERS = {"euler": euler_sample, "heun": heun_sample}
+# Velocity evaluations per integration step (for progress bars over model calls).
+MODEL_CALLS_PER_STEP = {"euler": 1, "heun": 2}
+
+
+def check_sampler(sampler: str) -> str:
+    """Returns ``sampler`` if it names one of ``SAMPLERS``, else raises a one-line ``ValueError`` listing them."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    return sampler
 
 
 def guided_velocity(
@@ -178,9 +187,7 @@ def guided_velocity(
 
 def sample(velocity_fn: Callable, noise: torch.Tensor, num_steps: int = 25, sampler: str = "euler") -> torch.Tensor:
     """Runs the named sampler (``euler`` or ``heun``) from ``noise`` to t = 0."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
-    return SAMPLERS[sampler](velocity_fn, noise, num_steps)
+    return SAMPLERS[check_sampler(sampler)](velocity_fn, noise, num_steps)
 
 
 def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -37,11 +37,11 @@ from huggingface_hub.errors import (
 )
 
 from .checkpoints import find_checkpoint, is_complete_checkpoint, read_json
-from .data import looks_like_local_path
 from .errors import PERMANENT_ERRORS, check_repo_id, first_line, report_failure
 from .export import export_checkpoint, is_exported_pipeline, pipeline_from_folder
 from .model_card import latest_sample_grid
 from .pipeline import WEIGHTS_AND_CONFIGS
+from .sources import local_path
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +77,9 @@ def resolve_checkpoint(
         PermissionError: missing/invalid token for a private or gated repo (with how to log in).
     """
     text = os.fspath(path_or_repo_id)
-    local = Path(text).expanduser()
-    if local.exists():
+    local = local_path(text, f"checkpoint path {text!r} does not exist")
+    if local is not None:
         return local if is_exported_pipeline(local) else find_checkpoint(local)
-    if looks_like_local_path(text):
-        raise FileNotFoundError(f"checkpoint path {text!r} does not exist")
     try:
         repo_id = check_repo_id(text)
     except ValueError:

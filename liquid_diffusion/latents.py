@@ -1,7 +1,9 @@
 """Latent space: the frozen SD-VAE and an on-disk latent cache, so training can read latents instead of images.
 
-* ``FrozenVAE`` -- ``AutoencoderKL.from_pretrained`` (default ``stabilityai/sd-vae-ft-mse``), frozen, encodes
-  [-1, 1] pixels to ``latent * scaling_factor`` and decodes back, in chunks, in fp32 or bf16 (never fp16).
+* ``load_vae`` -- the one VAE loader (training, preview, export, sampling): a local folder or Hub id, cache first.
+* ``FrozenVAE`` -- that VAE (default ``stabilityai/sd-vae-ft-mse``), frozen, encodes [-1, 1] pixels to
+  ``latent * scaling_factor`` and decodes back (``unscale_latents``, shared with the pipeline), in chunks, in fp32
+  or bf16 (never fp16).
 * ``build_latent_cache`` -- encodes a source once (all images or the first N, plus flipped copies) into
   safetensors shards and a ``metadata.json`` (source, VAE, resolution, count).
 * ``load_latent_cache`` -- reads it back, refusing a cache made for another VAE or resolution
@@ -12,24 +14,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
+from .data import SEED_STRIDE, ImageBatchStream, make_dataloader, worker_share
 from .errors import first_line
-from .data import (
-    DATASETS,
-    OFFLINE_HINT,
-    SEED_STRIDE,
-    ImageBatchStream,
-    hub_reachable,
-    looks_like_local_path,
-    make_dataloader,
-    worker_share,
-)
+from .sources import OFFLINE_HINT, canonical_name, dataset_key, hub_reachable, local_path
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 # SD-VAE's spatial downsampling, ``2 ** (len(block_out_channels) - 1)``: what a setting is checked against before any
@@ -57,6 +56,18 @@ def vae_latent_scale(vae) -> tuple[float, float]:
     return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
 
 
+def vae_downsample_factor(vae) -> int:
+    """Pixels per latent cell of an ``AutoencoderKL``: ``2 ** (number of stages - 1)`` (8 for SD-VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """What the VAE decodes from latents as the model sees them: ``latents / scaling_factor + shift_factor``, the
+    inverse of ``FrozenVAE.encode``'s ``(z - shift_factor) * scaling_factor``."""
+    scaling, shift = vae_latent_scale(vae)
+    return latents / scaling + shift
+
+
 class FrozenVAE:
     """A frozen ``diffusers.AutoencoderKL``: pixels in [-1, 1] <-> scaled latents, in chunks, without gradients.
 
@@ -75,14 +86,12 @@ class FrozenVAE:
     """
 
     def __init__(self, pretrained=DEFAULT_VAE, device="cpu", dtype: torch.dtype = torch.float32, chunk_size: int = 16):
-        from diffusers import AutoencoderKL
-
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"the VAE runs in torch.float32 or torch.bfloat16, not {dtype} (fp16 SD-VAE gives NaNs)")
         if isinstance(pretrained, AutoencoderKL):
             vae, name = pretrained, pretrained.config.get("_name_or_path") or "custom AutoencoderKL"
         else:
-            vae, name = _load_vae(str(pretrained), dtype), str(pretrained)
+            vae, name = load_vae(str(pretrained), dtype), str(pretrained)
         if vae.dtype != dtype:
             vae = vae.to(dtype=dtype)
         self.vae = vae.to(device).eval().requires_grad_(False)
@@ -90,7 +99,7 @@ class FrozenVAE:
         config = self.vae.config
         self.scaling_factor, self.shift_factor = vae_latent_scale(self.vae)
         self.latent_channels: int = int(config.latent_channels)
-        self.downsample_factor: int = 2 ** (len(config.block_out_channels) - 1)
+        self.downsample_factor: int = vae_downsample_factor(self.vae)
 
     def _chunks(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
         for chunk in x.split(self.chunk_size):
@@ -116,33 +125,53 @@ class FrozenVAE:
         out = []
         with torch.autocast(self.device.type, enabled=False):
             for chunk in self._chunks(latents):
-                pixels = self.vae.decode(chunk / self.scaling_factor + self.shift_factor).sample
+                pixels = self.vae.decode(unscale_latents(self.vae, chunk)).sample
                 out.append(pixels.float().clamp(-1, 1))
         return torch.cat(out)
 
 
-def _load_vae(name: str, dtype: torch.dtype):
-    """``AutoencoderKL`` from a local folder or a Hub id (the local cache first, then the Hub if it is reachable)."""
-    from diffusers import AutoencoderKL
+def load_vae(name: str | os.PathLike, dtype: torch.dtype = torch.float32, *, token: str | None = None,
+             use_safetensors: bool | None = None) -> AutoencoderKL:
+    """``AutoencoderKL`` from a local folder or a Hub id: the VAE's own folder or repo, or a pipeline's ``vae/``.
 
-    local = Path(name).expanduser()
-    if not local.exists() and looks_like_local_path(name):
-        raise FileNotFoundError(f"VAE folder {name!r} does not exist; check the path (or pass a Hub id)")
+    A Hub id is read from the local cache first (no network needed), then downloaded if the Hub is reachable
+    (``ConnectionError`` saying how to work offline when it is not). A missing folder, or one that holds no VAE,
+    raises ``FileNotFoundError``; files that do not load raise ``ValueError`` naming the VAE (cause kept).
+    ``token`` reads a private repo; ``use_safetensors=True`` refuses pickled weights.
+    """
+    text = os.fspath(name)
+    local = local_path(text, f"VAE folder {text!r} does not exist; check the path (or pass a Hub id)")
+    options = dict(torch_dtype=dtype, use_safetensors=use_safetensors)
     try:
-        if local.exists():
-            return AutoencoderKL.from_pretrained(local, torch_dtype=dtype)
+        if local is not None:
+            if (local / "config.json").is_file():
+                return AutoencoderKL.from_pretrained(local, **options)
+            if (local / "vae" / "config.json").is_file():
+                return AutoencoderKL.from_pretrained(local, subfolder="vae", **options)
+            raise FileNotFoundError(f"VAE folder {text!r} holds no config.json (nor vae/config.json)")
         try:  # already downloaded: no network needed
-            return AutoencoderKL.from_pretrained(name, torch_dtype=dtype, local_files_only=True)
+            return _vae_from_hub(text, local_files_only=True, **options)
         except OSError:
             pass
         if not hub_reachable():
-            raise ConnectionError(f"the Hugging Face Hub is unreachable, so the VAE {name!r} cannot be downloaded; "
+            raise ConnectionError(f"the Hugging Face Hub is unreachable, so the VAE {text!r} cannot be downloaded; "
                                   + OFFLINE_HINT)
-        return AutoencoderKL.from_pretrained(name, torch_dtype=dtype)
-    except ConnectionError:
+        return _vae_from_hub(text, token=token, **options)
+    except (ConnectionError, FileNotFoundError):
         raise
-    except Exception as error:  # bad path / id / corrupt files: one clear line, cause kept
-        raise ValueError(f"could not load the VAE {name!r}: {first_line(error)}") from error
+    except Exception as error:  # bad id / corrupt files: one clear line, cause kept
+        raise ValueError(f"could not load the VAE {text!r}: {first_line(error)}") from error
+
+
+def _vae_from_hub(repo_id: str, **options) -> AutoencoderKL:
+    """The VAE of Hub repo ``repo_id``: at its root (a VAE repo), else in ``vae/`` (a pipeline repo)."""
+    try:
+        return AutoencoderKL.from_pretrained(repo_id, **options)
+    except OSError as root_error:
+        try:
+            return AutoencoderKL.from_pretrained(repo_id, subfolder="vae", **options)
+        except OSError:
+            raise root_error from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,17 +181,7 @@ def _load_vae(name: str, dtype: torch.dtype):
 
 def _same_vae(a: str, b: str) -> bool:
     """Same Hub id, or the same local directory however it was spelled."""
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    if pa.exists() and pb.exists():
-        return pa.resolve() == pb.resolve()
-    return a == b
-
-
-def dataset_key(source: str) -> str:
-    """A canonical name of a data source: the Hub id for short names and ids, the absolute path for local ones."""
-    source = DATASETS.get(source, source)
-    path = Path(source).expanduser()
-    return str(path.resolve()) if path.exists() else source
+    return canonical_name(a) == canonical_name(b)
 
 
 def read_metadata(cache_dir) -> dict:
@@ -230,62 +249,20 @@ def build_latent_cache(
     A complete cache with the same source, VAE, resolution, count, flip and crop is reused as is; a different one
     in ``cache_dir`` is refused (pick another directory or delete it).
     """
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
     cache_dir = Path(cache_dir)
     settings = dict(source=source, dataset=dataset_key(source), split=split, config_name=config_name, vae=vae.name,
                     resolution=resolution,
                     requested_images=num_images, flipped=flip, random_crop=random_crop)
     if with_labels:  # only then, so caches built before labels existed stay valid for unconditional training
         settings.update(labels=True, label_column=label_column)
-    if (cache_dir / METADATA_FILE).is_file():
-        existing = read_metadata(cache_dir)
-        if all(existing.get(key) == value for key, value in settings.items()):
-            return cache_dir
-        raise ValueError(
-            f"{str(cache_dir)!r} already holds a different latent cache ({existing['source']!r}, VAE "
-            f"{existing['vae']!r}, {existing['resolution']}px); use another directory or delete it"
-        )
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    for stale in cache_dir.glob("shard-*.safetensors"):  # leftovers of an interrupted build
-        stale.unlink()
-
+    if _reusable(cache_dir, settings):
+        return cache_dir
     stream = ImageBatchStream(source, resolution, batch_size, split=split, config_name=config_name,
                               image_column=image_column, random_crop=random_crop, flip=False, shuffle_buffer=0,
                               num_epochs=1, with_labels=with_labels, label_column=label_column)
-    shards, pending, count = [], {"latents": [], "latents_flipped": [], "labels": []}, 0
-
-    def flush():
-        if pending["latents"]:
-            tensors = {key: torch.cat(value).to(torch.long if key == "labels" else dtype).contiguous()
-                       for key, value in pending.items() if value}
-            name = f"shard-{len(shards):05d}.safetensors"
-            save_file(tensors, str(cache_dir / name))
-            shards.append({"file": name, "count": len(tensors["latents"])})
-            for value in pending.values():
-                value.clear()
-
+    shards = _ShardWriter(cache_dir, dtype, shard_size)
     with tqdm(total=num_images, unit="img", desc="encoding latents", disable=not progress) as bar:
-        for pixels in make_dataloader(stream, num_workers):
-            if with_labels:
-                pixels, labels = pixels
-            if len(pixels) == 0:  # every image of this batch was undecodable
-                continue
-            if with_labels:
-                pending["labels"].append(labels[: len(pixels) if num_images is None else num_images - count])
-            if num_images is not None:
-                pixels = pixels[: num_images - count]
-            pending["latents"].append(vae.encode(pixels).cpu())
-            if flip:
-                pending["latents_flipped"].append(vae.encode(pixels.flip(-1)).cpu())
-            count += len(pixels)
-            bar.update(len(pixels))
-            if sum(len(x) for x in pending["latents"]) >= shard_size:
-                flush()
-            if num_images is not None and count >= num_images:
-                break
-    flush()
+        count = _encode_stream(stream, vae, shards, num_images, flip, num_workers, bar)
     if count == 0:
         raise ValueError(f"dataset {source!r} gave no image to cache")
 
@@ -294,14 +271,82 @@ def build_latent_cache(
         format=CACHE_FORMAT, version=CACHE_VERSION, **settings, image_column=stream.image_column,
         num_images=count, num_latents=count * (2 if flip else 1),
         latent_shape=[vae.latent_channels, latent_size, latent_size], scaling_factor=vae.scaling_factor,
-        shift_factor=vae.shift_factor, dtype=str(dtype).removeprefix("torch."), shards=shards,
+        shift_factor=vae.shift_factor, dtype=str(dtype).removeprefix("torch."), shards=shards.shards,
         class_names=stream.class_names,
         # Decode counts live in the process that decodes: only known here without DataLoader workers.
-        stats=None if num_workers else dict(read=stream.stats.read, skipped=stream.stats.skipped,
-                                            upscaled=stream.stats.upscaled),
+        stats=None if num_workers else dataclasses.asdict(stream.stats),
     )
     (cache_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
     return cache_dir
+
+
+def _reusable(cache_dir: Path, settings: dict) -> bool:
+    """True when ``cache_dir`` holds a complete cache made with ``settings``; a different one is refused
+    (``ValueError``). Otherwise readies the folder for a new build (the shards of an interrupted one removed)."""
+    if (cache_dir / METADATA_FILE).is_file():
+        existing = read_metadata(cache_dir)
+        if all(existing.get(key) == value for key, value in settings.items()):
+            return True
+        raise ValueError(
+            f"{str(cache_dir)!r} already holds a different latent cache ({existing['source']!r}, VAE "
+            f"{existing['vae']!r}, {existing['resolution']}px); use another directory or delete it"
+        )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for stale in cache_dir.glob("shard-*.safetensors"):  # leftovers of an interrupted build
+        stale.unlink()
+    return False
+
+
+def _encode_stream(stream: ImageBatchStream, vae: FrozenVAE, shards: "_ShardWriter", num_images: int | None,
+                   flip: bool, num_workers: int, bar) -> int:
+    """Encodes the stream's first ``num_images`` good images (all when ``None``; mirrored copies too with ``flip``)
+    into ``shards``, flushing the last shard; returns how many images were encoded."""
+    count = 0
+    for pixels in make_dataloader(stream, num_workers):
+        labels = None
+        if stream.with_labels:
+            pixels, labels = pixels
+        if len(pixels) == 0:  # every image of this batch was undecodable
+            continue
+        if num_images is not None:
+            pixels = pixels[: num_images - count]
+        shards.add(latents=vae.encode(pixels).cpu(),
+                   latents_flipped=vae.encode(pixels.flip(-1)).cpu() if flip else None,
+                   labels=None if labels is None else labels[: len(pixels)])
+        count += len(pixels)
+        bar.update(len(pixels))
+        if num_images is not None and count >= num_images:
+            break
+    shards.flush()
+    return count
+
+
+class _ShardWriter:
+    """Collects encoded rows and writes them as ``shard-XXXXX.safetensors`` files of about ``shard_size`` rows
+    (latents as ``dtype``, labels as int64); ``shards`` lists the files written, for the metadata."""
+
+    def __init__(self, cache_dir: Path, dtype: torch.dtype, shard_size: int):
+        self.cache_dir, self.dtype, self.shard_size = cache_dir, dtype, shard_size
+        self.shards: list[dict] = []
+        self.pending: dict[str, list[torch.Tensor]] = {"latents": [], "latents_flipped": [], "labels": []}
+
+    def add(self, **tensors: torch.Tensor | None) -> None:
+        for key, value in tensors.items():
+            if value is not None:
+                self.pending[key].append(value)
+        if sum(len(x) for x in self.pending["latents"]) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending["latents"]:
+            return
+        tensors = {key: torch.cat(value).to(torch.long if key == "labels" else self.dtype).contiguous()
+                   for key, value in self.pending.items() if value}
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        save_file(tensors, str(self.cache_dir / name))
+        self.shards.append({"file": name, "count": len(tensors["latents"])})
+        for value in self.pending.values():
+            value.clear()
 
 
 def load_latent_cache(cache_dir, *, vae_id: str | None = None, resolution: int | None = None,
@@ -313,8 +358,6 @@ def load_latent_cache(cache_dir, *, vae_id: str | None = None, resolution: int |
     path: compared by ``dataset_key``), when given, must match the cache's, else ``ValueError`` (latents of another
     VAE, size or dataset would silently train the wrong thing).
     """
-    from safetensors.torch import load_file
-
     metadata = read_metadata(cache_dir)
     _check(metadata, cache_dir, vae_id, resolution, source)
     originals, flipped = [], []
@@ -329,8 +372,6 @@ def load_latent_cache(cache_dir, *, vae_id: str | None = None, resolution: int |
 def load_latent_labels(cache_dir, metadata: dict | None = None) -> torch.Tensor:
     """The int64 class ids [N] of a cache built ``with_labels``, row for row with ``load_latent_cache``'s latents
     (a flipped copy has its original's label); ``ValueError`` for a cache without labels."""
-    from safetensors.torch import load_file
-
     metadata = metadata or read_metadata(cache_dir)
     if not metadata.get("labels"):
         raise ValueError(f"latent cache {str(cache_dir)!r} holds no class labels; rebuild it for class-conditional "

@@ -15,9 +15,9 @@ from huggingface_hub import ModelCard, ModelCardData
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .data import DATASETS, looks_like_local_path
 from .errors import check_repo_id
 from .flow import DEFAULT_GUIDANCE_SCALE
+from .sources import DATASETS, local_path
 
 SAMPLE_PATTERN = re.compile(r"^step-(\d+)\.png$")
 MODEL_CARD_TAGS = ["liquid-diffusion", "unconditional-image-generation", "rectified-flow", "attention-free"]
@@ -134,7 +134,7 @@ def dataset_hub_id(dataset: str | None) -> str | None:
     if not dataset:
         return None
     dataset = DATASETS.get(dataset.lower(), dataset)  # the trainer's short names (afhq, ...) -> Hub ids
-    if Path(dataset).expanduser().exists() or looks_like_local_path(dataset):
+    if local_path(dataset) is not None:
         return None
     try:
         return check_repo_id(dataset)

@@ -37,10 +37,11 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
-from .flow import DEFAULT_GUIDANCE_SCALE, SAMPLERS, guided_velocity
+from .flow import DEFAULT_GUIDANCE_SCALE, MODEL_CALLS_PER_STEP, check_sampler, guided_velocity
 from .flow import sample as flow_sample
-from .latents import vae_latent_scale
+from .latents import unscale_latents, vae_downsample_factor
 from .model import LiquidDiffusionUNet
+from .sources import local_path
 
 logger = logging.getLogger(__name__)
 
@@ -88,14 +89,15 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
         Other keyword arguments (``torch_dtype``, ...) go to ``DiffusionPipeline.from_pretrained``; weights are read
         from safetensors only (``use_safetensors=True`` unless overridden).
         """
-        path = os.fspath(pretrained_model_name_or_path)
+        name = os.fspath(pretrained_model_name_or_path)
         download = {
             k: kwargs.pop(k) for k in ("revision", "force_download", "local_files_only", "proxies") if k in kwargs
         }
-        if not os.path.isdir(path):
+        path = local_path(name, f"pipeline folder {name!r} does not exist; check the path (or pass a Hub id)")
+        if path is None:
             download.pop("proxies", None)
             path = snapshot_download(
-                path,
+                name,
                 repo_type="model",
                 token=kwargs.get("token"),
                 cache_dir=kwargs.get("cache_dir"),
@@ -112,7 +114,7 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
         """Pixels per latent cell: 2 ** (number of VAE stages - 1) (8 for SD-VAE), 1 without a VAE."""
         if getattr(self, "vae", None) is None:
             return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_downsample_factor(self.vae)
 
     def _sample_shape(self, batch_size: int, height: int | None, width: int | None) -> tuple[int, int, int, int]:
         default = self.config.resolution or (256 if getattr(self, "vae", None) is not None else 64)
@@ -158,9 +160,8 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
         if self.vae.dtype == torch.float16:
             logger.info("upcasting the VAE to float32 (SD-VAE decoding in float16 overflows)")
             self.vae.to(torch.float32)
-        scaling, shift = vae_latent_scale(self.vae)
         latents = latents.to(device=self.vae.device, dtype=self.vae.dtype)
-        return self.vae.decode(latents / scaling + shift).sample
+        return self.vae.decode(unscale_latents(self.vae, latents)).sample
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -199,8 +200,7 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
                 (``flow.guided_velocity``, one batched model call); 1 = no guidance. Default: the model's
                 recommended scale (``config.guidance_scale``), else ``DEFAULT_GUIDANCE_SCALE``.
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+        check_sampler(sampler)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
         if num_inference_steps < 1:
@@ -210,9 +210,7 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
         if class_labels is not None:
             ids = self._class_ids(class_labels, batch_size, latents)
             batch_size = len(ids)
-            scale = guidance_scale if guidance_scale is not None else self.config.guidance_scale
-            scale = DEFAULT_GUIDANCE_SCALE if scale is None else scale
-            self._velocity_fn = guided_velocity(self._model_velocity, ids.to(device), scale, self.unet.null_class)
+            self._velocity_fn = self._guided_velocity(ids.to(device), guidance_scale)
 
         if latents is None:
             shape = self._sample_shape(batch_size, height, width)
@@ -229,25 +227,35 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
                 )
             x = self._scheduler_loop(x, num_inference_steps, device)
 
-        if output_type == "latent":
-            images = x
-        else:
-            images = (self.decode_latents(x).float() / 2 + 0.5).clamp(0, 1)
-            if output_type != "pt":
-                images = images.cpu().permute(0, 2, 3, 1).numpy()
-                if output_type == "pil":
-                    images = self.numpy_to_pil(images)
-
+        images = self._postprocess(x, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
 
+    def _guided_velocity(self, ids: torch.Tensor, guidance_scale: float | None):
+        """The classifier-free-guided velocity function for class ids [B]; the scale defaults to the model's
+        recommended one (``config.guidance_scale``), else ``DEFAULT_GUIDANCE_SCALE``."""
+        scale = guidance_scale if guidance_scale is not None else self.config.guidance_scale
+        scale = DEFAULT_GUIDANCE_SCALE if scale is None else scale
+        return guided_velocity(self._model_velocity, ids, scale, self.unet.null_class)
+
+    def _postprocess(self, x: torch.Tensor, output_type: str):
+        """The sample at t = 0 as ``output_type``: decoded, mapped from [-1, 1] to [0, 1] and clamped (``latent``:
+        as it is)."""
+        if output_type == "latent":
+            return x
+        images = (self.decode_latents(x).float() / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return images
+        images = images.cpu().permute(0, 2, 3, 1).numpy()
+        return self.numpy_to_pil(images) if output_type == "pil" else images
+
     def _integrate_on_grid(self, x: torch.Tensor, num_steps: int, sampler: str) -> torch.Tensor:
         """The package's own Euler or Heun sampler (``flow.sample``) on t_i = 1 - i / N: the very code that draws
         the training grids and the ``sample`` command's images; ``FlowMatchEulerDiscreteScheduler.step`` is the same
         Euler step, and its config is kept for diffusers' tools."""
-        bar = self.progress_bar(total=num_steps * (2 if sampler == "heun" else 1))
+        bar = self.progress_bar(total=num_steps * MODEL_CALLS_PER_STEP[sampler])
 
         def velocity(x, t):
             bar.update(1)

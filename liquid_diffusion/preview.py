@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .data import DATASETS, DEFAULT_DATASET, ImageBatchStream, image_grid
+from .data import ImageBatchStream, image_grid
 from .errors import check_number
 from .latents import FrozenVAE, vae_dtype
+from .sources import DATASETS, DEFAULT_DATASET
 
 
 def add_preview_command(subparsers) -> None:

@@ -39,7 +39,7 @@ def generate(model: LiquidDiffusionUNet, vae, num_images: int, steps: int = 25, 
     velocity_fn = model
     if class_labels is not None:
         velocity_fn = flow.guided_velocity(model, class_labels.to(device), guidance_scale, model.null_class)
-    calls = steps * (2 if sampler == "heun" else 1)
+    calls = steps * flow.MODEL_CALLS_PER_STEP[flow.check_sampler(sampler)]
     with tqdm(total=calls, desc="sampling", unit="step", disable=not progress) as bar:
         def velocity(x, t):
             out = velocity_fn(x, t)
@@ -81,7 +81,11 @@ def load_for_sampling(checkpoint: str, use_ema: bool = True, device: str | torch
                       with_guidance: bool = False):
     """``(unet, FrozenVAE or None, resolution)`` from a training checkpoint, an output dir (its newest checkpoint),
     an exported pipeline folder or a Hub id -- whatever ``hub.load_pipeline`` accepts. ``with_guidance`` appends the
-    model's recommended guidance scale (``None`` when none is recorded)."""
+    model's recommended guidance scale (``None`` when none is recorded).
+
+    The pipeline is the one loader of all four kinds; its parts feed ``generate``, which shares the sampler
+    (``flow.sample``, ``flow.guided_velocity``) and the decode (``latents.unscale_latents``) with the pipeline's own
+    ``__call__`` and adds what training grids and FID need: seeded CPU noise and a chunked bf16/fp32 VAE."""
     pipe = load_pipeline(checkpoint, use_ema=use_ema)
     device = torch.device(device)
     vae = getattr(pipe, "vae", None)
@@ -92,8 +96,7 @@ def load_for_sampling(checkpoint: str, use_ema: bool = True, device: str | torch
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    if args.sampler not in flow.SAMPLERS:
-        raise ValueError(f"unknown sampler {args.sampler!r}; valid: {', '.join(flow.SAMPLERS)}")
+    flow.check_sampler(args.sampler)
     for name, minimum in (("num_images", 1), ("steps", 1), ("seed", 0)):
         check_number(args, name, minimum)
     if args.resolution is not None:

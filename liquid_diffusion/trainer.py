@@ -58,13 +58,14 @@ from .config import (
     resolve_mixed_precision,
     resume_position,
 )
-from .data import SEED_STRIDE, ImageBatchStream, class_names, make_dataloader, open_source, resolve_source
+from .data import SEED_STRIDE, ImageBatchStream, make_dataloader
 from .evaluate import TrainingEvaluator
 from .hub import HubPusher, check_can_push
 from .latents import FrozenVAE, LatentBatchStream, build_latent_cache, vae_dtype
 from .metrics import METRICS_FILE, IntervalStats, TrainerCallback, append_record, truncate_metrics
 from .model import LiquidDiffusionUNet
 from .sampling import class_grid_labels, generate, save_grid
+from .sources import class_names, open_source, resolve_source
 from .stopping import GracefulStop, NonFiniteLossError, TrainingInterrupted, any_process, exit_status
 
 

@@ -269,10 +269,10 @@ import re
 from liquid_diffusion import LiquidDiffusionUNet
 from liquid_diffusion.checkpoints import list_checkpoints
 from liquid_diffusion.config import RESUME_MUST_MATCH, TrainConfig
-from liquid_diffusion.data import class_names, open_source
 from liquid_diffusion.errors import check_repo_id
 from liquid_diffusion.latents import VAE_DOWNSAMPLE_FACTOR, vae_dtype
 from liquid_diffusion.memory import estimate_training_memory_gib, suggest_batch_size
+from liquid_diffusion.sources import class_names, open_source
 
 CPU_SIZED = DEVICE == "cpu" and CPU_SETTINGS
 if CPU_SIZED:  # a GPU preset would take hours per grid on a CPU

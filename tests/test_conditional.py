@@ -22,10 +22,11 @@ from liquid_diffusion import LiquidDiffusionPipeline, flow
 from liquid_diffusion.__main__ import main
 from liquid_diffusion.checkpoints import list_checkpoints
 from liquid_diffusion.config import TrainConfig
-from liquid_diffusion.data import LABEL_KEY, ImageBatchStream, class_names, open_source
+from liquid_diffusion.data import ImageBatchStream
 from liquid_diffusion.export import export_checkpoint
 from liquid_diffusion.model import LiquidDiffusionUNet
 from liquid_diffusion.sampling import generate, load_for_sampling
+from liquid_diffusion.sources import LABEL_KEY, class_names, open_source
 from liquid_diffusion.trainer import Trainer
 
 CLASSES = ["blue_square", "red_disc"]  # imagefolder sorts the sub-folder names

@@ -13,16 +13,9 @@ import torch
 from PIL import Image
 
 from conftest import IMAGE_FOLDER_CORRUPT, IMAGE_FOLDER_GOOD, IMAGE_FOLDER_TINY
-from liquid_diffusion.data import (
-    DATASETS,
-    DEFAULT_DATASET,
-    ImageBatchStream,
-    load_image,
-    make_dataloader,
-    resolve_source,
-    transform_image,
-)
+from liquid_diffusion.data import ImageBatchStream, load_image, make_dataloader, transform_image
 from liquid_diffusion.latents import FrozenVAE, LatentBatchStream, build_latent_cache, load_latent_cache
+from liquid_diffusion.sources import DATASETS, DEFAULT_DATASET, resolve_source
 
 
 

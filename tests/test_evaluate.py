@@ -21,11 +21,13 @@ import torch
 from torch import nn
 
 from liquid_diffusion import evaluate
+from liquid_diffusion import features as feature_module
 from liquid_diffusion.__main__ import main
 from liquid_diffusion.checkpoints import list_checkpoints
 from liquid_diffusion.config import TrainConfig
-from liquid_diffusion.evaluate import fid_kid, reference_features, update_best
+from liquid_diffusion.evaluate import fid_kid, update_best
 from liquid_diffusion.export import export_checkpoint
+from liquid_diffusion.features import reference_features
 from liquid_diffusion.metrics import TrainerCallback
 from liquid_diffusion.trainer import Trainer
 
@@ -69,7 +71,7 @@ def images(n: int, seed: int, shift: float = 0.0) -> torch.Tensor:
 
 
 def features(batch: torch.Tensor) -> torch.Tensor:
-    return evaluate.extract_features(StandInFeatures(), batch)
+    return feature_module.extract_features(StandInFeatures(), batch)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +131,7 @@ def test_kid_of_two_samples_of_one_distribution_is_near_zero():
 
 
 def test_reference_features_are_cached_reused_and_refused_on_mismatch(clean_image_folder, tmp_path):
-    cache, extractor = tmp_path / "reference", evaluate.load_feature_extractor(StandInFeatures())
+    cache, extractor = tmp_path / "reference", feature_module.load_feature_extractor(StandInFeatures())
     first, metadata = reference_features(str(clean_image_folder), RES, extractor, 20, cache, batch_size=8,
                                          progress=False)
     assert first.shape == (20, 19) and metadata["num_images"] == 20 and not metadata["whole_dataset"]
@@ -148,7 +150,7 @@ def test_reference_features_are_cached_reused_and_refused_on_mismatch(clean_imag
 
     with pytest.raises(ValueError, match=r"resolution=16 \(wanted 32\)"):
         reference_features(str(clean_image_folder), 32, extractor, 20, cache, progress=False)
-    other = evaluate.load_feature_extractor(StandInFeatures())
+    other = feature_module.load_feature_extractor(StandInFeatures())
     other.name = "another-extractor"
     with pytest.raises(ValueError, match="feature_extractor="):
         reference_features(str(clean_image_folder), RES, other, 20, cache, progress=False)
@@ -162,7 +164,7 @@ def test_the_inception_extractor_says_in_one_line_what_to_do_offline(monkeypatch
 
     monkeypatch.setattr(tm_imports, "_TORCH_FIDELITY_AVAILABLE", False)
     with pytest.raises(ValueError, match=r"pip install 'liquid-diffusion\[eval\]'") as missing:
-        evaluate.load_feature_extractor("inception")
+        feature_module.load_feature_extractor("inception")
     assert "\n" not in str(missing.value)
 
     def no_network(*args, **kwargs):
@@ -171,12 +173,12 @@ def test_the_inception_extractor_says_in_one_line_what_to_do_offline(monkeypatch
     monkeypatch.setattr(tm_imports, "_TORCH_FIDELITY_AVAILABLE", True)
     monkeypatch.setattr(tm_fid, "NoTrainInceptionV3", no_network)
     with pytest.raises(ValueError, match="could not download the Inception weights") as offline:
-        evaluate.load_feature_extractor("inception")
+        feature_module.load_feature_extractor("inception")
     message = str(offline.value)
-    assert "\n" not in message and str(evaluate.inception_weights_path()) in message
+    assert "\n" not in message and str(feature_module.inception_weights_path()) in message
     assert "--inception-weights" in message
     with pytest.raises(FileNotFoundError, match="no Inception weights at"):
-        evaluate.load_feature_extractor("inception", weights=tmp_path / "missing.pth")
+        feature_module.load_feature_extractor("inception", weights=tmp_path / "missing.pth")
 
 
 # ------------------------------------------------------------------------------------------------ evaluate command
