@@ -32,10 +32,17 @@ from liquid_diffusion.model import (
     OutputHead,
     ParallelCfC,
     TimestepEmbedder,
-    _num_groups,
 )
 
 # ------------------------------------------------------------------------------------------------ swapped parts
+
+
+def _num_groups(channels: int) -> int:
+    """Largest of 32, 16, 8, 4, 2, 1 that divides ``channels`` (GroupNorm needs a divisor)."""
+    for groups in (32, 16, 8, 4, 2, 1):
+        if channels % groups == 0:
+            return groups
+    return 1
 
 
 class GroupAdaLN(AdaLN):
