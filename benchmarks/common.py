@@ -35,14 +35,12 @@ import resource
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, uninstalled
 from liquid_diffusion.model import LiquidDiffusionUNet
 from liquid_diffusion import flow
 
@@ -109,10 +107,7 @@ def build_model(name: str, in_channels: int = 4, sample_size: int = 32, **overri
     ``hidden``/``depth``/``heads``/``patch`` for a DiT, ``block_out_channels`` for the UNet2DModel).
     """
     if name.startswith("liquid-") and "@" in name:  # liquid-<preset>@<variant>: a design of benchmarks/variants.py
-        here = os.path.dirname(os.path.abspath(__file__))
-        if here not in sys.path:  # also when this file was loaded by path (the tests do)
-            sys.path.insert(0, here)
-        import variants
+        from benchmarks import variants  # imported here: variants builds on this module
 
         preset, variant = name[len("liquid-") :].split("@", 1)
         return variants.build(variant, preset, in_channels)

@@ -3,8 +3,8 @@
 One command, about 8 minutes on one H100, spends scarce GPU minutes on measuring rather than debugging; the same
 script runs on the CPU at toy sizes (``--dry-run``, tests/test_gpu_check.py) so that it is known to work first::
 
-    python benchmarks/gpu_check.py --out-dir gpu_out              # on a CUDA machine
-    python benchmarks/gpu_check.py --out-dir /tmp/gc --dry-run    # CPU, toy sizes, about a minute
+    python -m benchmarks.gpu_check --out-dir gpu_out              # on a CUDA machine
+    python -m benchmarks.gpu_check --out-dir /tmp/gc --dry-run    # CPU, toy sizes, about a minute
     bash benchmarks/gpu_check.sh                                  # the GPU machine: carried wheels + $OUT
 
 Sections, in order (each one guarded: a failure is recorded with its one-line error and the next section runs;
@@ -53,11 +53,8 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-import common  # noqa: E402
-import gpu_check_sections as sections  # noqa: E402
+from benchmarks import common
+from benchmarks import gpu_check_sections as sections
 
 
 @dataclass
@@ -258,7 +255,7 @@ def main(argv=None) -> int:
         print("note: no CUDA device; running the full-size plan on the CPU will take hours -- use --dry-run")
     out_dir = Path(args.out_dir).resolve()
     info = describe(device)
-    command = "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.gpu_check " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"# GPU check{' (DRY RUN: toy sizes on the CPU, numbers mean nothing)' if plan.dry else ''}\n\n"
               f"machine: {common.describe_machine(device)}  \ncommand: `{command}`  \ndate: {info['date']}")
     report = Report(out_dir, header, dict(info=info, plan=plan.__dict__, command=command))

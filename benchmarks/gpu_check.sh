@@ -42,4 +42,4 @@ for name in ("diffusers", "datasets", "accelerate", "huggingface_hub", "pyarrow"
         print(f"{name} MISSING")
 import diffusers, datasets, liquid_diffusion.trainer  # fail here, in seconds, rather than inside a section
 EOF
-python3 benchmarks/gpu_check.py --out-dir "$OUT" --work-dir /tmp/gpu_check_work "$@" 2>&1 | tee -a "$OUT/gpu_check.log"
+python3 -m benchmarks.gpu_check --out-dir "$OUT" --work-dir /tmp/gpu_check_work "$@" 2>&1 | tee -a "$OUT/gpu_check.log"

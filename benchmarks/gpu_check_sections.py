@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-import common
-import sampling
+from benchmarks import common, quality, sampling
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,8 +146,6 @@ def memory(ctx: Context):
 
 def _write_images(folder: Path, count: int, resolution: int) -> Path:
     from PIL import Image
-
-    import quality
 
     folder.mkdir(parents=True, exist_ok=True)
     images = quality.make_shapes(count, seed=0, size=resolution)

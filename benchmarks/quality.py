@@ -27,16 +27,16 @@ training FLOPs per image rather than in parameters -- the table prints both):
 
 Example::
 
-    python benchmarks/quality.py --out-dir bench_out/quality            # the full study, ~15 min on 2 CPU cores
-    python benchmarks/quality.py --quick --out-dir /tmp/q               # seconds, smoke test
+    python -m benchmarks.quality --out-dir bench_out/quality            # the full study, ~15 min on 2 CPU cores
+    python -m benchmarks.quality --quick --out-dir /tmp/q               # seconds, smoke test
     # the same study with one model per process (1 thread each: faster on a busy multi-core CPU), then one table:
     for m in liquid dit unet2d liquid-ablation; do
-        python benchmarks/quality.py --models $m --threads 1 --out-dir out/q_$m & done; wait
-    python benchmarks/quality.py --merge out/q_liquid out/q_dit out/q_unet2d out/q_liquid-ablation --out-dir out/q
-    python benchmarks/quality.py --liquid-preset tiny --dit-hidden 384 --dit-heads 6 \\
+        python -m benchmarks.quality --models $m --threads 1 --out-dir out/q_$m & done; wait
+    python -m benchmarks.quality --merge out/q_liquid out/q_dit out/q_unet2d out/q_liquid-ablation --out-dir out/q
+    python -m benchmarks.quality --liquid-preset tiny --dit-hidden 384 --dit-heads 6 \\
         --unet-channels 96 192 256 --steps 5000 --device cuda           # full-size models, on a GPU
     # issue 11's protocol: tiny vs DiT-S/2 vs UNet2DModel (tiny's size) on real images, 300 and 600 steps, per seed
-    python benchmarks/quality.py --data twemoji --liquid-preset tiny --dit-hidden 384 --dit-heads 6 \\
+    python -m benchmarks.quality --data twemoji --liquid-preset tiny --dit-hidden 384 --dit-heads 6 \\
         --unet-channels 96 192 256 --steps 600 --eval-at 300 --eval-seeds 1 --seed 0 --out-dir out/tiny_s0
 """
 
@@ -56,9 +56,8 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-from liquid_diffusion import flow  # noqa: E402
+from benchmarks import common, variants
+from liquid_diffusion import flow
 
 T_GRID = (0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
 
@@ -171,8 +170,6 @@ def side_by_side(grids: dict[str, str], path: str) -> None:
 
 def build(kind: str, args) -> common.VelocityModel:
     if kind == "liquid" and args.liquid_variant:
-        import variants
-
         return variants.build(args.liquid_variant, args.liquid_preset, 3)
     if kind == "liquid":
         return common.build_model(f"liquid-{args.liquid_preset}", 3, 32)
@@ -330,7 +327,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = common.resolve_device(args.device)
     os.makedirs(args.out_dir, exist_ok=True)
-    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"machine: {common.describe_machine(device)}\ncommand: {command}", flush=True)
 
     if not args.merge:

@@ -13,9 +13,9 @@ model (a 1-step sample) precedes the rounds.
 
 Examples::
 
-    python benchmarks/sampling.py --quick
-    python benchmarks/sampling.py                      # CPU: fp32
-    python benchmarks/sampling.py --device cuda        # fp32 and bf16 autocast
+    python -m benchmarks.sampling --quick
+    python -m benchmarks.sampling                      # CPU: fp32
+    python -m benchmarks.sampling --device cuda        # fp32 and bf16 autocast
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-from liquid_diffusion import flow  # noqa: E402
+from benchmarks import common
+from liquid_diffusion import flow
 
 DEFAULT_MODELS = ["liquid-micro", "liquid-tiny", "liquid-small", "liquid-base", "dit-s2", "dit-b2", "unet2d"]
 PEERS = ["dit-s2", "dit-b2", "unet2d"]
@@ -119,7 +118,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = common.resolve_device(args.device)
     variants = args.variants or (["fp32", "bf16"] if device.type == "cuda" else ["fp32"])
-    command = "python benchmarks/sampling.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.sampling " + " ".join(argv if argv is not None else sys.argv[1:])
     head = (f"# Sampling speed ({datetime.date.today().isoformat()})\n\nmachine: {common.describe_machine(device)}\n"
             f"command: {command}\n")
     print(head, flush=True)

@@ -18,9 +18,9 @@ What it measures, per latent size (4x32x32 = 256px images through SD-VAE, 4x64x6
 
 Examples::
 
-    python benchmarks/throughput.py --quick                      # seconds, smoke test
-    python benchmarks/throughput.py                              # CPU default: fp32, 32 and 64 latents
-    python benchmarks/throughput.py --device cuda                # + bf16 / channels_last / compile / VAE memory
+    python -m benchmarks.throughput --quick                      # seconds, smoke test
+    python -m benchmarks.throughput                              # CPU default: fp32, 32 and 64 latents
+    python -m benchmarks.throughput --device cuda                # + bf16 / channels_last / compile / VAE memory
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from benchmarks import common
 
 DEFAULT_MODELS = ["liquid-micro", "liquid-tiny", "liquid-small", "liquid-base", "dit-s2", "dit-b2", "unet2d"]
 PEERS = ["dit-s2", "dit-b2", "unet2d"]
@@ -151,7 +150,7 @@ def main(argv=None) -> int:
         print(msg, flush=True)
 
     header_info = (f"# Training throughput ({datetime.date.today().isoformat()})\n\nmachine: "
-                   f"{common.describe_machine(device)}\ncommand: python benchmarks/throughput.py "
+                   f"{common.describe_machine(device)}\ncommand: python -m benchmarks.throughput "
                    f"{' '.join(argv if argv is not None else sys.argv[1:])}\n")
     log(header_info)
     rows = []

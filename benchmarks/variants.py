@@ -1,33 +1,143 @@
-"""Block designs screened for issue 11 (see BENCHMARKS.md, ablation table); ``quality.py --liquid-variant NAME``.
+"""Designs screened for issue 11 (BENCHMARKS.md section 3, ablation tables): ``quality.py --liquid-variant NAME``.
 
-Each variant builds a ``LiquidDiffusionUNet`` of a preset and swaps its blocks (and, where named, its skip fusions)
-for another design of the same widths, so that every row of the ablation table is reproducible by one command.
-``seed`` is the package's block (format 1, which issue 11 kept; the study ran on commit 81db8dd's model), and
-``package`` the same by its other name. ``conv-*`` is the DiCo-style ``LiquidConvBlock``.
+Every variant is the package's ``LiquidDiffusionUNet`` of a preset with named parts swapped, so that every row of
+the ablation tables is reproducible by one command:
+
+* ``seed``: the model issue 11 started from (architecture version 1): stem ``conv3x3 -> SiLU -> conv3x3``, head
+  ``GroupNorm -> SiLU -> conv3x3`` without t, GroupNorm inside every AdaLN.
+* ``head``: version 2's linear stem and t-modulated head (``OutputHead``), still with GroupNorm AdaLNs.
+* ``package``: the package as it is (version 2: per-position channel LayerNorm in every AdaLN).
+* suffixes: ``-ablation`` (``liquid=False``), ``-resrelax`` (``y = x + (1 - alpha) CfC``), ``-silu`` (SiLU before
+  every modulation, as DiT), ``-gated`` (adaLN-Zero gates on the mix and feed-forward branches), ``-inskip`` (a
+  t-dependent linear skip from x_t to v), ``-freq256`` (256 sinusoid features), ``-patch2`` (DiT's patch-2 stem and
+  head: the U-Net runs at half resolution), ``-w2`` (widths doubled).
+* ``conv-*``: the DiCo-style ``LiquidConvBlock`` (branch ``issue-11-convblock``), in the seed's skeleton.
 """
 from __future__ import annotations
 
+import functools
 import math
+import types
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
-from liquid_diffusion.model import LiquidDiffusionBlock, LiquidDiffusionUNet, ParallelCfC, _num_groups
+from benchmarks import common
+from liquid_diffusion.model import (
+    PRESETS,
+    AdaLN,
+    LiquidDiffusionBlock,
+    LiquidDiffusionUNet,
+    OutputHead,
+    ParallelCfC,
+    TimestepEmbedder,
+)
+
+# ------------------------------------------------------------------------------------------------ swapped parts
 
 
-# ---- variants of the package's block (format 1, kept by issue 11)
+def _num_groups(channels: int) -> int:
+    """Largest of 32, 16, 8, 4, 2, 1 that divides ``channels`` (GroupNorm needs a divisor)."""
+    for groups in (32, 16, 8, 4, 2, 1):
+        if channels % groups == 0:
+            return groups
+    return 1
+
+
+class GroupAdaLN(AdaLN):
+    """AdaLN as architecture version 1 had it: ``GroupNorm(x) * (1 + scale) + shift`` (statistics per image)."""
+
+    def __init__(self, channels, embed_dim):
+        super().__init__(channels, embed_dim)
+        self.norm = nn.GroupNorm(_num_groups(channels), channels, affine=False, eps=1e-6)
+
+    def forward(self, x, t_emb):
+        scale, shift = self.modulation(t_emb)[:, :, None, None].chunk(2, dim=1)
+        return self.norm(x) * (1 + scale) + shift
+
+
+class Format1Head(nn.Sequential):
+    """The seed's head: ``conv3x3(SiLU(GroupNorm(x)))``, not modulated by t (zero-init conv)."""
+
+    def __init__(self, channels, out_channels):
+        super().__init__(nn.GroupNorm(_num_groups(channels), channels, eps=1e-6), nn.SiLU(),
+                         nn.Conv2d(channels, out_channels, 3, padding=1))
+        nn.init.zeros_(self[-1].weight)
+        nn.init.zeros_(self[-1].bias)
+
+    def forward(self, x, t_emb=None):
+        return super().forward(x)
+
+
+class SiLUHead(OutputHead):
+    """``conv3x3(SiLU(AdaLN(x, t_emb)))``: the t-modulated head with the seed's SiLU kept."""
+
+    def forward(self, x, t_emb):
+        return self.conv(F.silu(self.norm(x, t_emb)))
+
+
+class PatchHead(nn.Module):
+    """``v = unpatchify(W AdaLN(x, t_emb))``: DiT's final layer, each feature vector giving a p x p patch (zero-init)."""
+
+    def __init__(self, channels, embed_dim, out_channels, patch):
+        super().__init__()
+        self.norm = AdaLN(channels, embed_dim)
+        self.proj = nn.Conv2d(channels, out_channels * patch * patch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.patch = patch
+
+    def forward(self, x, t_emb):
+        return F.pixel_shuffle(self.proj(self.norm(x, t_emb)), self.patch)
 
 
 class ResidualRelaxCfC(ParallelCfC):
-    """The seed's cell with ``input = x`` and ``out = x + CfC``: ``y = x + (1 - alpha) * CfC`` (no stream shrink)."""
+    """The cell with ``input = x`` and ``out = x + CfC``: ``y = x + (1 - alpha) * CfC`` (no stream shrink)."""
 
     def forward(self, x, features, t_emb):
         f, g, h = self.heads(self.backbone(features)).chunk(3, dim=1)
         time_a, time_b = self.time_ab(t_emb)[:, :, None, None].chunk(2, dim=1)
         gate = torch.sigmoid(time_a * f - time_b)
         return x + (1 - self.relaxation(t_emb)) * (h + gate * (g - h))
+
+
+class InputSkip(nn.Module):
+    """``v = net(x_t, t) + s(t_emb) * x_t``: a per-channel, t-dependent linear skip from input to output (zero-init),
+    so the part of v that is linear in x_t (v = (x_t - x0) / t) needs no path through the U-Net's nonlinearities."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        embed_dim, c = net.time_embedder.mlp.linear_2.out_features, net.config.in_channels
+        self.skip = nn.Linear(embed_dim, c)
+        nn.init.zeros_(self.skip.weight)
+        nn.init.zeros_(self.skip.bias)
+        self.t_emb = None
+        net.time_embedder.register_forward_hook(lambda mod, inp, out: setattr(self, "t_emb", out))
+
+    def forward(self, sample, timestep):
+        out = self.net(sample, timestep).sample
+        return types.SimpleNamespace(sample=out + self.skip(self.t_emb)[:, :, None, None] * sample)
+
+
+def _gated_forward(self, x, t_emb):
+    """LiquidDiffusionBlock.forward with DiT's adaLN-Zero gates on the mix and feed-forward branches."""
+    x = self.cfc(x, self.norm_cfc(x, t_emb), t_emb)
+    g_mix, g_ff = self.gates(t_emb)[:, :, None, None].chunk(2, dim=1)
+    x = x + g_mix * self.mix(self.norm_mix(x, t_emb))
+    return x + g_ff * self.ff(self.norm_ff(x, t_emb))
+
+
+def _replace_modules(model, cls, make):
+    """Replaces every submodule of type ``cls`` (exactly) by ``make(old)``."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is cls:
+                setattr(parent, name, make(child))
+
+
+# ------------------------------------------------------------------------------------------------ DiCo-style block
 
 
 class LiquidConvBlock(nn.Module):
@@ -113,21 +223,9 @@ def _swap_blocks(model, make):
     return model
 
 
-def _seed(cell_cls=None, liquid=True):
-    """The package's block (``liquid=False``: its ablation); ``cell_cls`` swaps the CfC cell of every block."""
-    def make(preset, c):
-        model = LiquidDiffusionUNet.from_preset(preset, in_channels=c, liquid=liquid)
-        if cell_cls is not None:
-            for m in model.modules():
-                if isinstance(m, LiquidDiffusionBlock):
-                    m.cfc = cell_cls(m.norm_cfc.norm.num_channels, model.time_embedder.mlp.linear_2.out_features)
-        return model
-    return make
-
-
 def _conv(additive=False, **kw):
     def make(preset, c):
-        model = _swap_blocks(LiquidDiffusionUNet.from_preset(preset, in_channels=c),
+        model = _swap_blocks(_model(preset, c, norm="gn", skeleton="v1"),
                              lambda ch, e: LiquidConvBlock(ch, e, **kw))
         if additive:
             model.fusions = nn.ModuleList(AdditiveSkip(f.proj.out_channels) for f in model.fusions)
@@ -135,12 +233,71 @@ def _conv(additive=False, **kw):
     return make
 
 
+# ------------------------------------------------------------------------------------------------ the builder
+
+
+def _model(preset, c, *, norm="ln", skeleton="v2", liquid=True, cell=None, silu=False, gated=False, inskip=False,
+           freq=None, patch=None, width_mult=1):
+    """The package's model of ``preset`` (``in_channels=c``) with the parts the keywords name swapped."""
+    config = dict(PRESETS[preset])
+    config["widths"] = tuple(w * width_mult for w in config["widths"])
+    model = LiquidDiffusionUNet(in_channels=c, liquid=liquid, **config)
+    width, embed_dim = model.config.widths[0], model.time_embedder.mlp.linear_2.out_features
+    if skeleton == "v1":
+        model.stem = nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1))
+        model.head = Format1Head(width, c)
+    elif skeleton == "v1-stem":  # the seed's stem with the t-modulated head
+        model.stem = nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1))
+    if silu == "head":
+        model.head = SiLUHead(width, embed_dim, c)
+    if patch:
+        model.stem = nn.Conv2d(c, width, patch, stride=patch)
+        model.head = PatchHead(width, embed_dim, c, patch)
+    if norm == "gn":
+        _replace_modules(model, AdaLN, lambda old: GroupAdaLN(old.channels, embed_dim))
+    if cell is not None:
+        _replace_modules(model, ParallelCfC, lambda old: cell(old.rho.numel(), embed_dim))
+    if silu is True:
+        model.time_embedder = nn.Sequential(model.time_embedder, nn.SiLU())
+    if freq:
+        model.time_embedder = TimestepEmbedder(freq, embed_dim)
+    if gated:
+        for block in (m for m in model.modules() if isinstance(m, LiquidDiffusionBlock)):
+            block.gates = nn.Linear(embed_dim, 2 * block.norm_mix.channels)
+            nn.init.zeros_(block.gates.weight)
+            nn.init.zeros_(block.gates.bias)
+            for proj in (block.mix.proj, block.ff.net[-1]):  # a zero gate on a zero branch would never learn
+                proj.reset_parameters()
+            block.forward = types.MethodType(_gated_forward, block)
+    return InputSkip(model) if inskip else model
+
+
+def _v(**kw):
+    return functools.partial(_model, **kw)
+
+
 VARIANTS: dict = {
-    "seed": _seed(),
-    "seed-ablation": _seed(liquid=False),
-    "seed-resrelax": _seed(ResidualRelaxCfC),
-    "package": lambda preset, c: LiquidDiffusionUNet.from_preset(preset, in_channels=c),
-    "package-ablation": lambda preset, c: LiquidDiffusionUNet.from_preset(preset, in_channels=c, liquid=False),
+    # version 1 and what was tried on it
+    "seed": _v(norm="gn", skeleton="v1"),
+    "seed-ablation": _v(norm="gn", skeleton="v1", liquid=False),
+    "seed-resrelax": _v(norm="gn", skeleton="v1", cell=ResidualRelaxCfC),
+    "seed-adahead": _v(norm="gn", skeleton="v1-stem"),
+    "seed-adahead-silu": _v(norm="gn", skeleton="v1-stem", silu="head"),
+    # the linear stem and t-modulated head, GroupNorm
+    "head": _v(norm="gn"),
+    "head-ablation": _v(norm="gn", liquid=False),
+    "head-resrelax": _v(norm="gn", cell=ResidualRelaxCfC),
+    "head-silu": _v(norm="gn", silu=True),
+    "head-patch2": _v(norm="gn", patch=2),
+    "head-patch2-w2": _v(norm="gn", patch=2, width_mult=2),
+    # the package (version 2: + per-position LayerNorm) and what was tried on it
+    "package": _v(),
+    "package-ablation": _v(liquid=False),
+    "package-resrelax": _v(cell=ResidualRelaxCfC),
+    "package-gated": _v(gated=True),
+    "package-inskip": _v(inskip=True),
+    "package-freq256": _v(freq=256),
+    # the DiCo-style block in the seed's skeleton
     "conv-k3": _conv(kernel=3),
     "conv-k5": _conv(kernel=5),
     "conv-k7": _conv(kernel=7),

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import first_line
+from .model import check_format
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -325,9 +326,15 @@ def restore_training_state(checkpoint: Checkpoint, *, model, ema, optimizer, lr_
     the raw weights).
 
     Raises:
-        ValueError: the weights do not fit ``model`` (one line: the format changed).
+        ValueError: the weights are of another architecture version or do not fit ``model`` (one line: the format
+            changed).
     """
     device = next(model.parameters()).device
+    try:
+        check_format(checkpoint.unet[0])
+    except ValueError as error:
+        raise ValueError(f"cannot resume {checkpoint.path}: {error}; or start a new run with another "
+                         "--output-dir") from None
     try:
         model.load_state_dict(checkpoint.unet[1])
         ema_weights = (checkpoint.unet_ema or checkpoint.unet)[1]

@@ -40,7 +40,7 @@ from .checkpoints import (
 )
 from .errors import check_repo_id, first_line, report_failure
 from .latents import load_vae
-from .model import LiquidDiffusionUNet
+from .model import LiquidDiffusionUNet, check_format
 from .model_card import build_model_card, latest_sample_grid, plot_loss_curve, read_metrics, sanitize_train_config
 from .pipeline import LiquidDiffusionPipeline
 
@@ -92,6 +92,7 @@ def build_pipeline(checkpoint: str | os.PathLike, *, use_ema: bool = True, vae=N
 def _unet_from_folder(folder: Path):
     """The U-Net saved in ``folder``, read from local files only and verified (a damaged file is named)."""
     config, weights = read_unet_folder(folder)
+    check_format(config)
     unet = LiquidDiffusionUNet.from_config(config)
     try:
         unet.load_state_dict(weights)

@@ -29,16 +29,24 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
+# Version of the architecture, saved in every config: weights of another version do not fit (see check_format).
+# 1: the seed's stem (conv3x3 -> SiLU -> conv3x3), un-modulated head, GroupNorm AdaLN; 2: single-conv stem,
+# t-modulated head (OutputHead), per-position LayerNorm AdaLN.
+FORMAT_VERSION = 2
+
 # The sinusoid sees t * TIME_SCALE so that its frequencies span the [0, 1] range as they span 0..1000 in DDPM.
 TIME_SCALE = 1000.0
 
 
-def _num_groups(channels: int) -> int:
-    """Largest of 32, 16, 8, 4, 2, 1 that divides ``channels`` (GroupNorm needs a divisor)."""
-    for groups in (32, 16, 8, 4, 2, 1):
-        if channels % groups == 0:
-            return groups
-    return 1
+def check_format(config: dict) -> None:
+    """Refuses, in one line, a saved config of another architecture version (configs without the field are 1)."""
+    version = config.get("format_version", 1)
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"this model was saved by LiquidDiffusion architecture version {version}, but this version of the "
+            f"package builds version {FORMAT_VERSION} (the format changed: the stem, head and norms were redesigned, "
+            "see BENCHMARKS.md); retrain it, or load it with the package release that saved it"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,10 +80,15 @@ class TimestepEmbedder(nn.Module):
 
 
 class AdaLN(nn.Module):
-    """Adaptive GroupNorm: ``y = GroupNorm(x) * (1 + scale(t_emb)) + shift(t_emb)``.
+    """Adaptive LayerNorm over channels at every position (DiT's adaLN on a feature map)::
 
-    The modulation is zero-initialised (as in DiT's adaLN-Zero), so at initialisation it is a plain
-    affine-free normalisation.
+        y = LN_c(x) * (1 + scale(t_emb)) + shift(t_emb),   LN_c(x)[b, :, i, j] = (x - mean_c) / sqrt(var_c + eps)
+
+    Per position, not per image: a GroupNorm's statistics come from the whole feature map, so on nearly clean inputs
+    the little noise a position carries stays tiny next to the image; a per-position norm brings it to unit scale,
+    where the network can find it (micro on Twemoji: held-out loss 0.390 against 0.416 with GroupNorm, t = 0.05
+    0.710 against 0.779; BENCHMARKS.md). The modulation is zero-initialised (as DiT's adaLN-Zero), so at
+    initialisation this is a plain affine-free normalisation.
 
     Args:
         channels: feature channels C.
@@ -84,14 +97,16 @@ class AdaLN(nn.Module):
 
     def __init__(self, channels: int, embed_dim: int):
         super().__init__()
-        self.norm = nn.GroupNorm(_num_groups(channels), channels, affine=False, eps=1e-6)
+        self.channels = channels
         self.modulation = nn.Linear(embed_dim, 2 * channels)
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         scale, shift = self.modulation(t_emb)[:, :, None, None].chunk(2, dim=1)
-        return self.norm(x) * (1 + scale) + shift
+        # layer_norm normalises the last dim: channels go last as a view (no copy in channels_last memory)
+        normed = F.layer_norm(x.permute(0, 2, 3, 1), (self.channels,), eps=1e-6).permute(0, 3, 1, 2)
+        return normed * (1 + scale) + shift
 
 
 class ParallelCfC(nn.Module):
@@ -111,9 +126,8 @@ class ParallelCfC(nn.Module):
     and per t how much to relax.
 
     ``tau_init = 0.15`` makes alpha start at exp(-0.15) ~ 0.86 at every noise level: the residual stream passes
-    through a stack of cells nearly unchanged at initialisation, as in a residual network. Measured (benchmarks/
-    quality.py, 150 steps): held-out loss 0.384 with alpha_0 ~ 0.86 against 0.439 with alpha_0 = exp(-1) ~ 0.37,
-    which shrank the stream by 0.37 per block and trained worse than the plain-conv ablation (0.416).
+    through a stack of cells nearly unchanged at initialisation, as in a residual network (alpha_0 = exp(-1)
+    trained worse than the plain-conv ablation; BENCHMARKS.md has the numbers).
 
     All operations are elementwise or convolutions, so ``torch.compile`` can fuse the gating and the cell
     works in ``channels_last``.
@@ -294,6 +308,30 @@ class SkipFusion(nn.Module):
         return self.proj(torch.cat([x, skip], dim=1))
 
 
+class OutputHead(nn.Module):
+    """DiT's final layer on a feature map: ``v = conv3x3(AdaLN(x, t_emb))``, the conv zero-initialised.
+
+    The velocity's scale depends on t (``v = (x_t - x0) / t``), and the norm erases the scale of the features it
+    normalises: the head must get it back from ``t_emb``. Version 1's un-modulated ``GroupNorm -> SiLU -> conv``
+    head trained far slower (held-out loss after 150 steps 0.672 against 0.485; BENCHMARKS.md).
+
+    Args:
+        channels: feature channels C.
+        embed_dim: width of ``t_emb``.
+        out_channels: channels of the velocity.
+    """
+
+    def __init__(self, channels: int, embed_dim: int, out_channels: int):
+        super().__init__()
+        self.norm = AdaLN(channels, embed_dim)
+        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.norm(x, t_emb))
+
+
 @dataclass
 class LiquidDiffusionOutput(BaseOutput):
     """Output of ``LiquidDiffusionUNet``.
@@ -308,10 +346,11 @@ class LiquidDiffusionOutput(BaseOutput):
 class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
     """Attention-free U-Net that predicts the rectified-flow velocity ``v(x_t, t)``.
 
-    ``t_emb = MLP(sinusoid(t))``; stem ``conv3x3 -> SiLU -> conv3x3``; encoder stage i holds ``depths[i]``
-    ``LiquidDiffusionBlock``s at width ``widths[i]`` with stride-2 downsampling between stages; a bottleneck of
-    ``bottleneck_depth`` blocks; the decoder mirrors the encoder (upsample, ``SkipFusion`` with the matching encoder
-    output, blocks); head ``GroupNorm -> SiLU -> conv3x3`` (zero-initialised) back to ``out_channels``.
+    ``t_emb = MLP(sinusoid(t))``; stem ``conv3x3`` (linear, as DiT's patch embedding); encoder stage i holds
+    ``depths[i]`` ``LiquidDiffusionBlock``s at width ``widths[i]`` with stride-2 downsampling between stages; a
+    bottleneck of ``bottleneck_depth`` blocks; the decoder mirrors the encoder (upsample, ``SkipFusion`` with the
+    matching encoder output, blocks); ``OutputHead`` ``conv3x3(AdaLN(x, t_emb))`` (zero-initialised) back to
+    ``out_channels``.
 
     Args:
         in_channels: 4 for SD-VAE latents, 3 for pixel space.
@@ -326,6 +365,8 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
             label embedding ``E`` of K + 1 rows, row K being the "null" class (unconditional). 0 (the default):
             unconditional, with no label embedding at all.
         class_names: the K label names, in id order (stored in the config so sampling can ask for names).
+        format_version: the architecture version (``FORMAT_VERSION``), saved in the config so that loading weights
+            of another version fails in one line instead of with a list of mismatched tensors.
     """
 
     _supports_gradient_checkpointing = False
@@ -343,8 +384,10 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         liquid: bool = True,
         num_classes: int = 0,
         class_names: list[str] | None = None,
+        format_version: int = FORMAT_VERSION,
     ):
         super().__init__()
+        check_format({"format_version": format_version})
         widths, depths = tuple(widths), tuple(depths)
         if len(widths) != len(depths) or not widths:
             raise ValueError(f"widths {widths} and depths {depths} must be non-empty and of equal length")
@@ -353,9 +396,7 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
 
         self.time_embedder = TimestepEmbedder(widths[0], embed_dim)
         self.class_embedder = _class_embedder(num_classes, class_names, embed_dim)
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, widths[0], 3, padding=1), nn.SiLU(), nn.Conv2d(widths[0], widths[0], 3, padding=1)
-        )
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1)
 
         def stage(width: int, depth: int) -> nn.ModuleList:
             return nn.ModuleList(LiquidDiffusionBlock(width, embed_dim, ff_mult, liquid) for _ in range(depth))
@@ -368,13 +409,14 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         self.fusions = nn.ModuleList(SkipFusion(w) for w in widths)
         self.decoder = nn.ModuleList(stage(w, d) for w, d in zip(widths, depths))
 
-        self.head = nn.Sequential(
-            nn.GroupNorm(_num_groups(widths[0]), widths[0], eps=1e-6),
-            nn.SiLU(),
-            nn.Conv2d(widths[0], out_channels, 3, padding=1),
-        )
-        nn.init.zeros_(self.head[-1].weight)
-        nn.init.zeros_(self.head[-1].bias)
+        self.head = OutputHead(widths[0], embed_dim, out_channels)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' ``load_config``, refusing a config of another architecture version (``check_format``)."""
+        loaded = super().load_config(*args, **kwargs)
+        check_format(loaded[0] if isinstance(loaded, tuple) else loaded)
+        return loaded
 
     @property
     def downsample_factor(self) -> int:
@@ -455,7 +497,7 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
             x = self.fusions[i](x, skips[i])
             for block in self.decoder[i]:
                 x = block(x, t_emb)
-        velocity = self.head(x)
+        velocity = self.head(x, t_emb)
 
         if not return_dict:
             return (velocity,)

@@ -6,26 +6,12 @@ table header and rows, and write their outputs. The scripts are run in-process t
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 import torch
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-
-
-def _load(name: str):
-    sys.path.insert(0, BENCH)
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(BENCH)
+from benchmarks import common, quality, sampling, throughput
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +24,6 @@ def _cpu_only(monkeypatch):
 
 
 def test_common_models_share_one_velocity_interface():
-    common = _load("common")
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([0.05, 0.9])
     for name in ("liquid-micro", "liquid-micro-ablation", "unet2d"):
         model = common.build_model(name, 4, 16)
@@ -50,7 +35,7 @@ def test_common_models_share_one_velocity_interface():
 
 def test_throughput_quick(tmp_path, capsys):
     out = tmp_path / "throughput.md"
-    assert _load("throughput").main(["--quick", "--threads", "1", "--output", str(out)]) == 0
+    assert throughput.main(["--quick", "--threads", "1", "--output", str(out)]) == 0
     text = out.read_text()
     assert "| model | latent | variant | params (M) | GFLOP/img | images/s |" in text
     for name in ("liquid-micro", "liquid-tiny", "dit-s2", "unet2d"):
@@ -62,7 +47,7 @@ def test_throughput_quick(tmp_path, capsys):
 
 def test_sampling_quick(tmp_path):
     out = tmp_path / "sampling.md"
-    assert _load("sampling").main(["--quick", "--threads", "1", "--output", str(out)]) == 0
+    assert sampling.main(["--quick", "--threads", "1", "--output", str(out)]) == 0
     text = out.read_text()
     assert "| model | latent | variant | params (M) | model only (s) |" in text
     rows = json.loads((tmp_path / "sampling.json").read_text())["rows"]
@@ -71,7 +56,6 @@ def test_sampling_quick(tmp_path):
 
 
 def test_quality_quick(tmp_path):
-    quality = _load("quality")
     assert quality.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
     text = (tmp_path / "quality.md").read_text()
     assert "held-out loss (mean over t)" in text and "t=0.05" in text
@@ -87,14 +71,12 @@ def test_quality_quick(tmp_path):
 
 
 def test_synthetic_data_is_deterministic_and_in_range():
-    quality = _load("quality")
     a, b = quality.make_shapes(4, seed=3), quality.make_shapes(4, seed=3)
     assert torch.equal(a, b) and a.shape == (4, 3, 32, 32)
     assert a.min() >= -1 and a.max() <= 1 and not torch.equal(a, quality.make_shapes(4, seed=4))
 
 
 def test_quality_merge_of_single_model_runs(tmp_path):
-    quality = _load("quality")
     for kind in ("liquid", "liquid-ablation"):
         assert quality.main(["--quick", "--threads", "1", "--models", kind, "--out-dir", str(tmp_path / kind)]) == 0
     merged = tmp_path / "merged"
@@ -112,7 +94,6 @@ def test_emoji_data_is_composited_on_white_and_split_by_file_name(tmp_path):
 
     from PIL import Image
 
-    quality = _load("quality")
     name = quality.EMOJI_PACKAGE.replace("@", "-")
     with tarfile.open(tmp_path / f"{name}.tgz", "w:gz") as tar:
         for k in range(40):
@@ -133,12 +114,13 @@ def test_emoji_data_is_composited_on_white_and_split_by_file_name(tmp_path):
 
 
 def test_screened_block_variants_build_through_the_common_interface():
-    common = _load("common")
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([0.05, 0.9])
-    for name in ("liquid-micro@seed", "liquid-micro@conv-k5-h2", "liquid-micro@conv-k5-ablation"):
+    for name in ("liquid-micro@seed", "liquid-micro@conv-k5-h2", "liquid-micro@package-gated",
+                 "liquid-micro@package-inskip"):
         assert common.build_model(name, 4, 16)(x, t).shape == x.shape
-    # the verbatim copy of the seed's block has the package's parameter count (the package still builds it)
-    assert common.count_params(common.build_model("liquid-micro@seed", 4, 16)) == common.count_params(
-        common.build_model("liquid-micro", 4, 16))
+    # "package" is the package's model; "seed" rebuilds the format-1 stem and head around the same blocks
+    package, seed = common.build_model("liquid-micro@package", 4, 16), common.build_model("liquid-micro@seed", 4, 16)
+    assert common.count_params(package) == common.count_params(common.build_model("liquid-micro", 4, 16))
+    assert isinstance(seed.net.stem, torch.nn.Sequential) and isinstance(package.net.stem, torch.nn.Conv2d)
     with pytest.raises(ValueError, match="unknown variant 'nope'; valid: seed"):
         common.build_model("liquid-micro@nope", 4, 16)

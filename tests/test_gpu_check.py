@@ -1,10 +1,9 @@
-"""``benchmarks/gpu_check.py``: the prepared GPU check runs end to end on the CPU (``--dry-run``), so GPU minutes are
+"""``python -m benchmarks.gpu_check``: the prepared GPU check runs end to end on the CPU (``--dry-run``), so GPU minutes are
 spent measuring, not debugging; a failing section is recorded and the next one runs; a spent budget skips with a note.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -12,14 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks import gpu_check
+
 ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "benchmarks"
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p), CUDA_VISIBLE_DEVICES="")
-    return subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--out-dir", str(out), "--dry-run", *extra],
+    return subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out-dir", str(out), "--dry-run", *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -77,14 +77,6 @@ def test_spent_budget_skips_the_remaining_sections_with_a_note(tmp_path):
 
 
 def test_a_failing_section_is_recorded_in_one_line_and_the_next_one_runs(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("gpu_check_under_test", BENCH / "gpu_check.py")
-        gpu_check = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = gpu_check  # dataclasses look their module up there
-        spec.loader.exec_module(gpu_check)
-    finally:
-        sys.path.remove(str(BENCH))
     report = gpu_check.Report(tmp_path, "# header", {})
     runner = gpu_check.Runner(report, budget_s=60, log=lambda *_: None)
 

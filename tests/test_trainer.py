@@ -186,6 +186,18 @@ def test_resume_latest_without_checkpoint_starts_fresh_and_mismatch_is_refused(t
         Trainer(pixel_config(train_folder, tmp_path, preset="tiny", steps=2, resume="latest")).train()
 
 
+def test_resuming_a_checkpoint_of_another_architecture_version_is_one_line(train_folder, tmp_path):
+    Trainer(pixel_config(train_folder, tmp_path, steps=1)).train()
+    checkpoint = tmp_path / "checkpoint-000001"
+    for folder in ("unet", "unet_ema"):
+        config = json.loads((checkpoint / folder / "config.json").read_text())
+        del config["format_version"]  # as saved before the field existed (architecture version 1)
+        (checkpoint / folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="cannot resume .*architecture version 1.*format changed") as error:
+        Trainer(pixel_config(train_folder, tmp_path, steps=2, resume=str(checkpoint))).train()
+    assert "\n" not in str(error.value)
+
+
 def test_resume_with_another_batch_size_continues_at_the_same_number_of_images(train_folder, tmp_path, capsys):
     Trainer(pixel_config(train_folder, tmp_path, steps=2, batch_size=8)).train()  # 16 images seen
     trainer = Trainer(pixel_config(train_folder, tmp_path, steps=3, batch_size=4, resume="latest"))

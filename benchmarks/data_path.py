@@ -11,7 +11,7 @@ Measures, on this machine:
 4. the training rate of ``LiquidDiffusionUNet.from_preset("tiny")`` at batch 8 on 4x32x32 latents
    (forward + backward + AdamW), to check that the cache serves latents >= 10x faster than the model consumes them.
 
-Usage: ``python benchmarks/data.py [--quick] [--device cpu|cuda|auto]``. Not a test: numbers depend on the machine
+Usage: ``python -m benchmarks.data_path [--quick] [--device cpu|cuda|auto]``. Not a test: numbers depend on the machine
 and its load; every rate is the median of ``--rounds`` rounds.
 """
 
@@ -29,13 +29,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, uninstalled
-from liquid_diffusion import flow  # noqa: E402
-from liquid_diffusion.data import ImageBatchStream, make_dataloader  # noqa: E402
-from liquid_diffusion.latents import FrozenVAE, LatentBatchStream, build_latent_cache, load_latent_cache  # noqa: E402
-from liquid_diffusion.model import LiquidDiffusionUNet  # noqa: E402
+from liquid_diffusion import flow
+from liquid_diffusion.data import ImageBatchStream, make_dataloader
+from liquid_diffusion.latents import FrozenVAE, LatentBatchStream, build_latent_cache, load_latent_cache
+from liquid_diffusion.model import LiquidDiffusionUNet
 
-from common import SD_VAE_CONFIG  # noqa: E402  (stabilityai/sd-vae-ft-mse's shape, random weights)
+from benchmarks.common import SD_VAE_CONFIG  # stabilityai/sd-vae-ft-mse's shape, random weights
 
 TINY_VAE_CONFIG = dict(SD_VAE_CONFIG, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
 
