@@ -24,15 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks import common
-from liquid_diffusion.model import (
-    PRESETS,
-    AdaLN,
-    LiquidDiffusionBlock,
-    LiquidDiffusionUNet,
-    OutputHead,
-    ParallelCfC,
-    TimestepEmbedder,
-)
+from liquid_diffusion.blocks import AdaLN, LiquidDiffusionBlock, OutputHead, ParallelCfC, TimestepEmbedder
+from liquid_diffusion.model import PRESETS, LiquidDiffusionUNet
 
 # ------------------------------------------------------------------------------------------------ swapped parts
 

@@ -1,12 +1,10 @@
 """The LiquidDiffusion U-Net: an attention-free velocity network built from CfC-gated blocks.
 
-One file in four sections, read top to bottom:
+Two sections, read top to bottom (the parts, with their equations, are in ``blocks.py``):
 
-1. Embedders       -- sinusoidal timestep embedding + MLP (diffusers' ``Timesteps`` / ``TimestepEmbedding``).
-2. Block parts     -- ``AdaLN``, ``ParallelCfC``, ``MultiScaleSpatialMix``, ``FeedForward``.
-3. Model           -- ``LiquidDiffusionBlock`` and ``LiquidDiffusionUNet`` (diffusers ``ModelMixin`` +
-                      ``ConfigMixin``, so ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` come for free).
-4. Presets         -- the named sizes ``micro`` / ``tiny`` / ``small`` / ``base``.
+1. Model           -- ``LiquidDiffusionUNet`` (diffusers ``ModelMixin`` + ``ConfigMixin``, so ``save_pretrained`` /
+                      ``from_pretrained`` / ``push_to_hub`` come for free), its architecture version and class labels.
+2. Presets         -- the named sizes ``micro`` / ``tiny`` / ``small`` / ``base``.
 
 Convention (rectified flow): ``timestep`` t is in [0, 1], t = 0 is data and t = 1 is pure noise; the network
 predicts the velocity v = noise - x0. There is no attention and no softmax over positions anywhere: global
@@ -18,25 +16,20 @@ relaxation), USM and DiffuSSM (attention-free diffusion backbones), Rectified Fl
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
+
+from .blocks import Downsample, LiquidDiffusionBlock, OutputHead, SkipFusion, TimestepEmbedder, Upsample
 
 # Version of the architecture, saved in every config: weights of another version do not fit (see check_format).
 # 1: the seed's stem (conv3x3 -> SiLU -> conv3x3), un-modulated head, GroupNorm AdaLN; 2: single-conv stem,
 # t-modulated head (OutputHead), per-position LayerNorm AdaLN.
 FORMAT_VERSION = 2
-
-# The sinusoid sees t * TIME_SCALE so that its frequencies span the [0, 1] range as they span 0..1000 in DDPM.
-TIME_SCALE = 1000.0
-
 
 def check_format(config: dict) -> None:
     """Refuses, in one line, a saved config of another architecture version (configs without the field are 1)."""
@@ -50,286 +43,8 @@ def check_format(config: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. Embedders
+# 1. Model
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class TimestepEmbedder(nn.Module):
-    """Maps a flow time t in [0, 1] to a conditioning vector.
-
-    ``t_emb = MLP(sinusoid(1000 * t))`` with ``MLP = Linear -> SiLU -> Linear`` (diffusers' building blocks).
-
-    Args:
-        frequency_dim: width of the sinusoidal features.
-        embed_dim: width of ``t_emb``.
-    """
-
-    def __init__(self, frequency_dim: int, embed_dim: int):
-        super().__init__()
-        self.sinusoid = Timesteps(frequency_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
-        self.mlp = TimestepEmbedding(frequency_dim, embed_dim)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        features = self.sinusoid(t * TIME_SCALE)
-        return self.mlp(features.to(self.mlp.linear_1.weight.dtype))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 2. Block parts
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class AdaLN(nn.Module):
-    """Adaptive LayerNorm over channels at every position (DiT's adaLN on a feature map)::
-
-        y = LN_c(x) * (1 + scale(t_emb)) + shift(t_emb),   LN_c(x)[b, :, i, j] = (x - mean_c) / sqrt(var_c + eps)
-
-    Per position, not per image: a GroupNorm's statistics come from the whole feature map, so on nearly clean inputs
-    the little noise a position carries stays tiny next to the image; a per-position norm brings it to unit scale,
-    where the network can find it (micro on Twemoji: held-out loss 0.390 against 0.416 with GroupNorm, t = 0.05
-    0.710 against 0.779; BENCHMARKS.md). The modulation is zero-initialised (as DiT's adaLN-Zero), so at
-    initialisation this is a plain affine-free normalisation.
-
-    Args:
-        channels: feature channels C.
-        embed_dim: width of ``t_emb``.
-    """
-
-    def __init__(self, channels: int, embed_dim: int):
-        super().__init__()
-        self.channels = channels
-        self.modulation = nn.Linear(embed_dim, 2 * channels)
-        nn.init.zeros_(self.modulation.weight)
-        nn.init.zeros_(self.modulation.bias)
-
-    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.modulation(t_emb)[:, :, None, None].chunk(2, dim=1)
-        # layer_norm normalises the last dim: channels go last as a view (no copy in channels_last memory)
-        normed = F.layer_norm(x.permute(0, 2, 3, 1), (self.channels,), eps=1e-6).permute(0, 3, 1, 2)
-        return normed * (1 + scale) + shift
-
-
-class ParallelCfC(nn.Module):
-    """Closed-form continuous-time (CfC, Hasani et al. 2022, Eq. 10) cell made spatial and fully parallel.
-
-    With ``u = backbone(features)`` (depthwise 7x7 -> 1x1 -> SiLU) and 1x1 heads f, g, h::
-
-        gate  = sigmoid(time_a(t_emb) * f(u) - time_b(t_emb))     # liquid time-gating
-        out   = gate * g(u) + (1 - gate) * h(u)                    # CfC interpolation
-        tau   = tau_min + softplus(time_tau(t_emb))                # time scale, learned from t_emb
-        alpha = exp(-lambda * tau),  lambda = softplus(rho) >= 0   # liquid relaxation, rho learned per channel
-        y     = alpha * x + (1 - alpha) * out                      # time-aware residual
-
-    ``tau`` is deliberately *not* the flow time t itself: with tau = t, alpha -> 1 as t -> 0 and the cell becomes
-    the identity on nearly clean inputs, exactly where fine detail is decided. Here tau is a learned, positive
-    function of ``t_emb`` that starts at the same value ``tau_init`` for every t, and the network learns per channel
-    and per t how much to relax.
-
-    ``tau_init = 0.15`` makes alpha start at exp(-0.15) ~ 0.86 at every noise level: the residual stream passes
-    through a stack of cells nearly unchanged at initialisation, as in a residual network (alpha_0 = exp(-1)
-    trained worse than the plain-conv ablation; BENCHMARKS.md has the numbers).
-
-    All operations are elementwise or convolutions, so ``torch.compile`` can fuse the gating and the cell
-    works in ``channels_last``.
-
-    Args:
-        channels: feature channels C.
-        embed_dim: width of ``t_emb``.
-        tau_min: lower bound of the time scale, keeps alpha < 1 whenever lambda > 0.
-        tau_init: the time scale at initialisation, the same for every t.
-    """
-
-    def __init__(self, channels: int, embed_dim: int, tau_min: float = 0.05, tau_init: float = 0.15):
-        super().__init__()
-        self.backbone = nn.Sequential(
-            nn.Conv2d(channels, channels, 7, padding=3, groups=channels),
-            nn.Conv2d(channels, channels, 1),
-            nn.SiLU(),
-        )
-        self.heads = nn.Conv2d(channels, 3 * channels, 1)  # f, g, h in one matmul
-        self.time_ab = nn.Linear(embed_dim, 2 * channels)  # time_a, time_b
-        self.time_tau = nn.Linear(embed_dim, channels)
-        self.rho = nn.Parameter(torch.full((channels,), math.log(math.e - 1)))  # softplus(rho) = 1
-        self.tau_min = tau_min
-        # time_a = 1, time_b = 0 at init: the gate starts as sigmoid(f(u)), the same for every t.
-        nn.init.zeros_(self.time_ab.weight)
-        with torch.no_grad():
-            self.time_ab.bias.copy_(torch.cat([torch.ones(channels), torch.zeros(channels)]))
-        # tau_min + softplus(bias) = tau_init at init, for every t.
-        nn.init.zeros_(self.time_tau.weight)
-        nn.init.constant_(self.time_tau.bias, math.log(math.expm1(tau_init - tau_min)))
-
-    def relaxation(self, t_emb: torch.Tensor) -> torch.Tensor:
-        """alpha = exp(-lambda * tau(t_emb)), shape [B, C, 1, 1]."""
-        tau = self.tau_min + F.softplus(self.time_tau(t_emb))
-        return torch.exp(-F.softplus(self.rho) * tau)[:, :, None, None]
-
-    def forward(self, x: torch.Tensor, features: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        f, g, h = self.heads(self.backbone(features)).chunk(3, dim=1)
-        time_a, time_b = self.time_ab(t_emb)[:, :, None, None].chunk(2, dim=1)
-        gate = torch.sigmoid(time_a * f - time_b)
-        out = h + gate * (g - h)  # = gate * g + (1 - gate) * h
-        alpha = self.relaxation(t_emb)
-        return out + alpha * (x - out)  # = alpha * x + (1 - alpha) * out
-
-
-class ResidualConv(nn.Module):
-    """Ablation of ``ParallelCfC`` (``liquid=False``): the same depthwise-7x7 + 1x1 backbone and a conv head of the
-    same width, but no gate, no interpolation and no relaxation: ``y = x + W_out(SiLU(W_in(backbone(features))))``
-    with ``W_in: C -> 2C`` and ``W_out: 2C -> C`` (4C^2 weights, as the CfC's 1x1 + three heads).
-
-    Args:
-        channels: feature channels C.
-        embed_dim: unused; kept so both cells share a signature.
-    """
-
-    def __init__(self, channels: int, embed_dim: int):
-        super().__init__()
-        self.backbone = nn.Sequential(
-            nn.Conv2d(channels, channels, 7, padding=3, groups=channels),
-            nn.Conv2d(channels, 2 * channels, 1),
-            nn.SiLU(),
-            nn.Conv2d(2 * channels, channels, 1),
-        )
-
-    def forward(self, x: torch.Tensor, features: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        return x + self.backbone(features)
-
-
-class MultiScaleSpatialMix(nn.Module):
-    """Attention replacement: parallel depthwise 3x3, 5x5, 7x7 convs and a global-average-pool branch, fused by 1x1.
-
-    ``mix(x) = W_proj [dw3(x) ; dw5(x) ; dw7(x) ; broadcast(W_g mean_hw(x))]`` where ``;`` is channel
-    concatenation and ``W_proj: 4C -> C`` is zero-initialised (the residual branch starts switched off).
-
-    Args:
-        channels: feature channels C.
-    """
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.dw3 = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
-        self.dw5 = nn.Conv2d(channels, channels, 5, padding=2, groups=channels)
-        self.dw7 = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
-        self.global_proj = nn.Conv2d(channels, channels, 1)
-        self.proj = nn.Conv2d(4 * channels, channels, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = self.global_proj(x.mean(dim=(2, 3), keepdim=True)).expand_as(x)
-        return self.proj(torch.cat([self.dw3(x), self.dw5(x), self.dw7(x), pooled], dim=1))
-
-
-class FeedForward(nn.Module):
-    """Channel MLP: ``ff(x) = W_2 SiLU(W_1 x)`` with 1x1 convs ``C -> mult*C -> C``; ``W_2`` zero-initialised.
-
-    Args:
-        channels: feature channels C.
-        mult: hidden expansion.
-    """
-
-    def __init__(self, channels: int, mult: int = 4):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(channels, mult * channels, 1), nn.SiLU(), nn.Conv2d(mult * channels, channels, 1)
-        )
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 3. Model
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class LiquidDiffusionBlock(nn.Module):
-    """One liquid block::
-
-        x = ParallelCfC(x, AdaLN_1(x, t_emb), t_emb)       # liquid gating + relaxation (its own residual)
-        x = x + MultiScaleSpatialMix(AdaLN_2(x, t_emb))    # attention-free spatial mixing
-        x = x + FeedForward(AdaLN_3(x, t_emb))             # channel MLP
-
-    Args:
-        channels: feature channels C.
-        embed_dim: width of ``t_emb``.
-        ff_mult: FeedForward expansion.
-        liquid: ``False`` swaps ``ParallelCfC`` for the ``ResidualConv`` ablation.
-    """
-
-    def __init__(self, channels: int, embed_dim: int, ff_mult: int = 4, liquid: bool = True):
-        super().__init__()
-        self.norm_cfc = AdaLN(channels, embed_dim)
-        self.cfc = (ParallelCfC if liquid else ResidualConv)(channels, embed_dim)
-        self.norm_mix = AdaLN(channels, embed_dim)
-        self.mix = MultiScaleSpatialMix(channels)
-        self.norm_ff = AdaLN(channels, embed_dim)
-        self.ff = FeedForward(channels, ff_mult)
-
-    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        x = self.cfc(x, self.norm_cfc(x, t_emb), t_emb)
-        x = x + self.mix(self.norm_mix(x, t_emb))
-        return x + self.ff(self.norm_ff(x, t_emb))
-
-
-class Downsample(nn.Module):
-    """Stride-2 3x3 conv, ``C_in -> C_out``, halving H and W."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 conv, ``C_in -> C_out``."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class SkipFusion(nn.Module):
-    """Fuses decoder features with the matching encoder features: ``y = W [x ; skip]``, ``W: 2C -> C`` (1x1)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.proj = nn.Conv2d(2 * channels, channels, 1)
-
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.proj(torch.cat([x, skip], dim=1))
-
-
-class OutputHead(nn.Module):
-    """DiT's final layer on a feature map: ``v = conv3x3(AdaLN(x, t_emb))``, the conv zero-initialised.
-
-    The velocity's scale depends on t (``v = (x_t - x0) / t``), and the norm erases the scale of the features it
-    normalises: the head must get it back from ``t_emb``. Version 1's un-modulated ``GroupNorm -> SiLU -> conv``
-    head trained far slower (held-out loss after 150 steps 0.672 against 0.485; BENCHMARKS.md).
-
-    Args:
-        channels: feature channels C.
-        embed_dim: width of ``t_emb``.
-        out_channels: channels of the velocity.
-    """
-
-    def __init__(self, channels: int, embed_dim: int, out_channels: int):
-        super().__init__()
-        self.norm = AdaLN(channels, embed_dim)
-        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
-        nn.init.zeros_(self.conv.weight)
-        nn.init.zeros_(self.conv.bias)
-
-    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.norm(x, t_emb))
 
 
 @dataclass
@@ -530,7 +245,7 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         return resolve_class_labels(labels, self.config.class_names or [], self.config.num_classes)
 
     # ------------------------------------------------------------------------------------------------------------
-    # 4. Presets
+    # 2. Presets
     # ------------------------------------------------------------------------------------------------------------
 
     @classmethod
