@@ -159,11 +159,15 @@ def test_guidance_one_is_the_conditional_prediction_and_the_formula_covers_every
         v_cond = model(x, t, labels).sample
         v_uncond = model(x, t, torch.full((2,), model.null_class)).sample
         assert torch.equal(flow.guided_velocity(model, labels, 1.0, model.null_class)(x, t), v_cond)
-        # one batched [cond; uncond] pass: CPU kernels round differently per batch size (~1e-6 of outputs ~1)
-        torch.testing.assert_close(flow.guided_velocity(model, labels, 0.0, model.null_class)(x, t), v_uncond,
-                                   atol=1e-5, rtol=0)
+        # guidance runs one batched [cond; uncond] pass, and CPU kernels round differently per batch size
+        # (5.7e-6 seen): the formula is checked against the same batched pass, the batch-of-2 results loosely
+        nulls = torch.full((2,), model.null_class)
+        b_cond, b_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, nulls])).sample.chunk(2)
+        torch.testing.assert_close(b_uncond, v_uncond, atol=1e-4, rtol=0)
+        torch.testing.assert_close(flow.guided_velocity(model, labels, 0.0, model.null_class)(x, t), b_uncond,
+                                   atol=1e-6, rtol=0)
         guided = flow.guided_velocity(model, labels, 3.0, model.null_class)(x, t)
-    torch.testing.assert_close(guided, v_uncond + 3.0 * (v_cond - v_uncond), atol=1e-5, rtol=0)
+    torch.testing.assert_close(guided, b_uncond + 3.0 * (b_cond - b_uncond), atol=1e-5, rtol=0)
     for channel in range(4):  # all channels guided, the 4th latent channel included
         assert (guided - v_cond)[:, channel].abs().max() > 1e-3, f"channel {channel} is not guided"
 
