@@ -2,7 +2,7 @@
 
 ``python -m liquid_diffusion quickstart`` draws a small built-in dataset of coloured shapes (a disc, a square, a
 bar or a cross on a soft two-colour background, 32x32 pixels, generated on the spot), trains the ``micro`` model on
-it in pixel space (about 10 minutes on a 2-core CPU), and writes ``samples/progress.png``: the sample grid at every
+it in pixel space (about 5 minutes on a 2-core CPU), and writes ``samples/progress.png``: the sample grid at every
 stage side by side, from noise to shapes, always from the same noise. Interrupt it at any time; running the same
 command again resumes.
 """
@@ -105,7 +105,7 @@ def _run_quickstart(args: argparse.Namespace) -> int:
 
 def add_quickstart_command(subparsers) -> None:
     parser = subparsers.add_parser(
-        "quickstart", help="train a tiny model on built-in shapes, offline, in ~10 minutes on a CPU",
+        "quickstart", help="train a tiny model on built-in shapes, offline, in ~5 minutes on a CPU",
         description=__doc__.splitlines()[0] + " Trains the micro model on a generated dataset of shapes and writes "
         "samples/progress.png.",
     )
