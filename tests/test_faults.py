@@ -22,15 +22,12 @@ from liquid_diffusion.__main__ import main
 from liquid_diffusion.checkpoints import CheckpointWriteError, list_checkpoints, read_checkpoint
 from liquid_diffusion.metrics import IntervalStats
 from liquid_diffusion.trainer import Trainer
-from test_trainer import REPO, RES, pixel_config, run_cli, synthetic_images, weights
+from test_trainer import REPO, RES, pixel_config, run_cli, synthetic_folder, weights
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("fault_images")
-    for i, image in enumerate(synthetic_images(24, seed=3)):
-        Image.fromarray(image).save(folder / f"{i:03d}.png")
-    return folder
+    return synthetic_folder(tmp_path_factory.mktemp("fault_images"), 24, seed=3)
 
 
 def cli_train(images: Path, out: Path, *extra: str) -> list[str]:

@@ -43,12 +43,16 @@ def synthetic_images(n: int, seed: int, size: int = RES) -> list[np.ndarray]:
     return images
 
 
-@pytest.fixture(scope="module")
-def train_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("synthetic")
-    for i, image in enumerate(synthetic_images(48, seed=0)):
+def synthetic_folder(folder: Path, n: int, seed: int) -> Path:
+    """``folder`` holding ``synthetic_images(n, seed)`` as 000.png, 001.png, ..."""
+    for i, image in enumerate(synthetic_images(n, seed)):
         Image.fromarray(image).save(folder / f"{i:03d}.png")
     return folder
+
+
+@pytest.fixture(scope="module")
+def train_folder(tmp_path_factory) -> Path:
+    return synthetic_folder(tmp_path_factory.mktemp("synthetic"), 48, seed=0)
 
 
 @pytest.fixture(scope="module")
