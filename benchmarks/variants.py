@@ -6,11 +6,17 @@ the ablation tables is reproducible by one command:
 * ``seed``: the model issue 11 started from (architecture version 1): stem ``conv3x3 -> SiLU -> conv3x3``, head
   ``GroupNorm -> SiLU -> conv3x3`` without t, GroupNorm inside every AdaLN.
 * ``head``: version 2's linear stem and t-modulated head (``OutputHead``), still with GroupNorm AdaLNs.
-* ``package``: the package as it is (version 2: per-position channel LayerNorm in every AdaLN).
-* suffixes: ``-ablation`` (``liquid=False``), ``-resrelax`` (``y = x + (1 - alpha) CfC``), ``-silu`` (SiLU before
-  every modulation, as DiT), ``-gated`` (adaLN-Zero gates on the mix and feed-forward branches), ``-inskip`` (a
-  t-dependent linear skip from x_t to v), ``-freq256`` (256 sinusoid features), ``-patch2`` (DiT's patch-2 stem and
-  head: the U-Net runs at half resolution), ``-w2`` (widths doubled).
+* ``v2``: architecture version 2 (+ per-position LayerNorm in every AdaLN; no ``FilterSkip``).
+* ``package``: the package as it is (version 3: + ``FilterSkip``, and tiny 96/192/384 x 1/1/1); ``deep*``: version
+  3's parts in tiny's version-2 shape (64/128/256 x 2/2/4). Every design of version 2 or earlier builds tiny in
+  that old shape.
+* suffixes: ``-ablation`` (``liquid=False``), ``-resrelax`` (``y = x + (1 - alpha) CfC``; ``-zero``: g and h
+  zero-initialised), ``-silu`` (SiLU before every modulation, as DiT), ``-gated`` (adaLN-Zero gates on the mix and
+  feed-forward branches), ``-inskip`` (a per-channel t-dependent skip from x_t to v), ``-k9`` (FilterSkip with 8
+  9x9 filters), ``-cfchead`` (the CfC interpolation between the U-Net and the FilterSkip), ``-hires`` (one more
+  block per full-resolution stage), ``-strip`` (1x31 and 31x1 depthwise strips in the mix), ``-scan`` (a liquid
+  leaky-integrator scan along rows and columns in the mix), ``-freq256`` (256 sinusoid features), ``-patch2``
+  (DiT's patch-2 stem and head: the U-Net runs at half resolution), ``-w2`` (widths doubled).
 * ``conv-*``: the DiCo-style ``LiquidConvBlock`` (branch ``issue-11-convblock``), in the seed's skeleton.
 """
 from __future__ import annotations
@@ -24,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks import common
-from liquid_diffusion.blocks import AdaLN, LiquidDiffusionBlock, OutputHead, ParallelCfC, TimestepEmbedder
+from liquid_diffusion.blocks import (AdaLN, FilterSkip, LiquidDiffusionBlock, MultiScaleSpatialMix, OutputHead,
+                                    ParallelCfC, TimestepEmbedder)
 from liquid_diffusion.model import PRESETS, LiquidDiffusionUNet
 
 # ------------------------------------------------------------------------------------------------ swapped parts
@@ -95,6 +102,24 @@ class ResidualRelaxCfC(ParallelCfC):
         return x + (1 - self.relaxation(t_emb)) * (h + gate * (g - h))
 
 
+class NoSkip(nn.Module):
+    """Architecture version 2 had no ``FilterSkip``: ``skip(x_t, t_emb) = 0``."""
+
+    def forward(self, sample, t_emb):
+        return 0
+
+
+class ZeroResidualRelaxCfC(ResidualRelaxCfC):
+    """``ResidualRelaxCfC`` with the g and h heads zero-initialised: every cell starts as the identity (adaLN-Zero's
+    rule), where the package's cell starts by replacing 1 - alpha_0 = 14 % of the stream with random features."""
+
+    def __init__(self, channels, embed_dim):
+        super().__init__(channels, embed_dim)
+        with torch.no_grad():
+            self.heads.weight[channels:].zero_()
+            self.heads.bias[channels:].zero_()
+
+
 class InputSkip(nn.Module):
     """``v = net(x_t, t) + s(t_emb) * x_t``: a per-channel, t-dependent linear skip from input to output (zero-init),
     so the part of v that is linear in x_t (v = (x_t - x0) / t) needs no path through the U-Net's nonlinearities."""
@@ -112,6 +137,96 @@ class InputSkip(nn.Module):
     def forward(self, sample, timestep):
         out = self.net(sample, timestep).sample
         return types.SimpleNamespace(sample=out + self.skip(self.t_emb)[:, :, None, None] * sample)
+
+
+class CfCFilterHead(nn.Module):
+    """The CfC interpolation at the output, between the network and the linear filter skip::
+
+        g, f  = net(x_t, t)                                   # the U-Net's head gives 2C channels
+        h     = sum_k a_k(t_emb) * (K_k * x_t)                 # FilterSkip's t-dependent linear filter
+        gate  = sigmoid(time_a(t_emb) * f - time_b(t_emb))
+        v     = gate * g + (1 - gate) * h
+
+    The gate decides per pixel where the linear (Wiener-like) estimate holds (flat regions) and where the network's
+    nonlinear one must take over (edges); an additive skip can only add the two.
+    """
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.t_emb = net, None
+        net.time_embedder.register_forward_hook(lambda mod, inp, out: setattr(self, "t_emb", out))
+        width, embed_dim, c = net.config.widths[0], net.time_embedder.mlp.linear_2.out_features, net.config.in_channels
+        self.skip, net.input_skip = net.input_skip, NoSkip()
+        net.head = OutputHead(width, embed_dim, 2 * c)
+        self.time_ab = nn.Linear(embed_dim, 2 * c)
+        nn.init.zeros_(self.time_ab.weight)
+        with torch.no_grad():
+            self.time_ab.bias.copy_(torch.cat([torch.ones(c), torch.zeros(c)]))
+
+    def forward(self, sample, timestep):
+        g, f = self.net(sample, timestep).sample.chunk(2, dim=1)
+        linear = self.skip(sample, self.t_emb)
+        time_a, time_b = self.time_ab(self.t_emb)[:, :, None, None].chunk(2, dim=1)
+        gate = torch.sigmoid(time_a * f - time_b)
+        return types.SimpleNamespace(sample=linear + gate * (g - linear))
+
+
+class StripSpatialMix(nn.Module):
+    """``MultiScaleSpatialMix`` with two long depthwise strips added: ``W_proj [dw3 ; dw5 ; dw7 ; dw_1xK ; dw_Kx1 ;
+    pool]`` (zero-init ``W_proj``): a K-pixel reach along rows and columns, e.g. a long edge, at 2K MACs per pixel."""
+
+    def __init__(self, channels, strip=31):
+        super().__init__()
+        c = channels
+        self.dws = nn.ModuleList([nn.Conv2d(c, c, k, padding=k // 2, groups=c) for k in (3, 5, 7)]
+                                 + [nn.Conv2d(c, c, (1, strip), padding=(0, strip // 2), groups=c),
+                                    nn.Conv2d(c, c, (strip, 1), padding=(strip // 2, 0), groups=c)])
+        self.global_proj = nn.Conv2d(c, c, 1)
+        self.proj = nn.Conv2d(6 * c, c, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        pooled = self.global_proj(x.mean(dim=(2, 3), keepdim=True)).expand_as(x)
+        return self.proj(torch.cat([dw(x) for dw in self.dws] + [pooled], dim=1))
+
+
+def _linear_scan(log_a, c, dim):
+    """``h_i = a_i h_(i-1) + c_i`` along ``dim`` in parallel: ``h = A * cumsum(c / A)`` with ``A = cumprod(a)``, in
+    log space (log a >= -1, so 1 / A stays below e^L: fine in fp32 for rows up to ~80 positions)."""
+    log_cum = torch.cumsum(log_a, dim)
+    return torch.exp(log_cum) * torch.cumsum(c * torch.exp(-log_cum), dim)
+
+
+class LiquidScanMix(MultiScaleSpatialMix):
+    """``MultiScaleSpatialMix`` plus a liquid scan branch: an input-dependent leaky integrator (an LTC neuron's
+    exponential relaxation) run both ways along rows, then both ways along columns, so every position sees the whole
+    feature map with a content-dependent reach::
+
+        a = exp(-min(softplus(W_d x), 1)),  c = (1 - a) * W_v x          # per position and channel
+        r = scan_row(a, c) + scan_row_reversed(a, c)                     # h_i = a_i h_(i-1) + c_i
+        s = scan_col(a, (1 - a) r) + scan_col_reversed(a, (1 - a) r)
+        mix(x) = W_proj [dw3 ; dw5 ; dw7 ; pool ; s]                      # W_proj zero-initialised
+    """
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.scan_in = nn.Conv2d(channels, 2 * channels, 1)  # W_v, W_d
+        self.proj = nn.Conv2d(5 * channels, channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def scan(self, x):
+        v, d = self.scan_in(x).float().chunk(2, dim=1)
+        log_a = -F.softplus(d).clamp(max=1.0)
+        gain = -torch.expm1(log_a)  # 1 - a
+        both = lambda lg, c, dim: _linear_scan(lg, c, dim) + _linear_scan(lg.flip(dim), c.flip(dim), dim).flip(dim)  # noqa: E731
+        rows = both(log_a, gain * v, 3)
+        return both(log_a, gain * rows, 2).to(x.dtype)
+
+    def forward(self, x):
+        pooled = self.global_proj(x.mean(dim=(2, 3), keepdim=True)).expand_as(x)
+        return self.proj(torch.cat([self.dw3(x), self.dw5(x), self.dw7(x), pooled, self.scan(x)], dim=1))
 
 
 def _gated_forward(self, x, t_emb):
@@ -218,7 +333,7 @@ def _swap_blocks(model, make):
 
 def _conv(additive=False, **kw):
     def make(preset, c):
-        model = _swap_blocks(_model(preset, c, norm="gn", skeleton="v1"),
+        model = _swap_blocks(_model(preset, c, norm="gn", skeleton="v1", skip=False, tiny_shape="v2"),
                              lambda ch, e: LiquidConvBlock(ch, e, **kw))
         if additive:
             model.fusions = nn.ModuleList(AdditiveSkip(f.proj.out_channels) for f in model.fusions)
@@ -230,10 +345,14 @@ def _conv(additive=False, **kw):
 
 
 def _model(preset, c, *, norm="ln", skeleton="v2", liquid=True, cell=None, silu=False, gated=False, inskip=False,
-           freq=None, patch=None, width_mult=1):
+           freq=None, patch=None, width_mult=1, filterskip=None, cfchead=False, depths=None, strip=None, skip=True, scan=False, tiny_shape="v3"):
     """The package's model of ``preset`` (``in_channels=c``) with the parts the keywords name swapped."""
     config = dict(PRESETS[preset])
+    if preset == "tiny" and tiny_shape == "v2":  # tiny's shape up to version 3: deeper and narrower
+        config.update(TINY_V2_SHAPE)
     config["widths"] = tuple(w * width_mult for w in config["widths"])
+    if depths:
+        config["depths"] = depths(config["depths"])
     model = LiquidDiffusionUNet(in_channels=c, liquid=liquid, **config)
     width, embed_dim = model.config.widths[0], model.time_embedder.mlp.linear_2.out_features
     if skeleton == "v1":
@@ -248,6 +367,10 @@ def _model(preset, c, *, norm="ln", skeleton="v2", liquid=True, cell=None, silu=
         model.head = PatchHead(width, embed_dim, c, patch)
     if norm == "gn":
         _replace_modules(model, AdaLN, lambda old: GroupAdaLN(old.channels, embed_dim))
+    if strip:
+        _replace_modules(model, MultiScaleSpatialMix, lambda old: StripSpatialMix(old.proj.out_channels, strip))
+    if scan:
+        _replace_modules(model, MultiScaleSpatialMix, lambda old: LiquidScanMix(old.proj.out_channels))
     if cell is not None:
         _replace_modules(model, ParallelCfC, lambda old: cell(old.rho.numel(), embed_dim))
     if silu is True:
@@ -262,34 +385,67 @@ def _model(preset, c, *, norm="ln", skeleton="v2", liquid=True, cell=None, silu=
             for proj in (block.mix.proj, block.ff.net[-1]):  # a zero gate on a zero branch would never learn
                 proj.reset_parameters()
             block.forward = types.MethodType(_gated_forward, block)
+    if not skip:
+        model.input_skip = NoSkip()
+    elif filterskip:
+        model.input_skip = FilterSkip(c, c, embed_dim, **filterskip)
+    if cfchead:
+        return CfCFilterHead(model)
     return InputSkip(model) if inskip else model
+
+
+TINY_V2_SHAPE = dict(widths=(64, 128, 256), depths=(2, 2, 4), bottleneck_depth=2)
 
 
 def _v(**kw):
     return functools.partial(_model, **kw)
 
 
+def _v2(**kw):
+    """A design of version 2 or earlier: no FilterSkip, and tiny in its old shape."""
+    return functools.partial(_model, skip=False, tiny_shape="v2", **kw)
+
+
 VARIANTS: dict = {
     # version 1 and what was tried on it
-    "seed": _v(norm="gn", skeleton="v1"),
-    "seed-ablation": _v(norm="gn", skeleton="v1", liquid=False),
-    "seed-resrelax": _v(norm="gn", skeleton="v1", cell=ResidualRelaxCfC),
-    "seed-adahead": _v(norm="gn", skeleton="v1-stem"),
-    "seed-adahead-silu": _v(norm="gn", skeleton="v1-stem", silu="head"),
+    "seed": _v2(norm="gn", skeleton="v1"),
+    "seed-ablation": _v2(norm="gn", skeleton="v1", liquid=False),
+    "seed-resrelax": _v2(norm="gn", skeleton="v1", cell=ResidualRelaxCfC),
+    "seed-adahead": _v2(norm="gn", skeleton="v1-stem"),
+    "seed-adahead-silu": _v2(norm="gn", skeleton="v1-stem", silu="head"),
     # the linear stem and t-modulated head, GroupNorm
-    "head": _v(norm="gn"),
-    "head-ablation": _v(norm="gn", liquid=False),
-    "head-resrelax": _v(norm="gn", cell=ResidualRelaxCfC),
-    "head-silu": _v(norm="gn", silu=True),
-    "head-patch2": _v(norm="gn", patch=2),
-    "head-patch2-w2": _v(norm="gn", patch=2, width_mult=2),
-    # the package (version 2: + per-position LayerNorm) and what was tried on it
+    "head": _v2(norm="gn"),
+    "head-ablation": _v2(norm="gn", liquid=False),
+    "head-resrelax": _v2(norm="gn", cell=ResidualRelaxCfC),
+    "head-silu": _v2(norm="gn", silu=True),
+    "head-patch2": _v2(norm="gn", patch=2),
+    "head-patch2-w2": _v2(norm="gn", patch=2, width_mult=2),
+    # version 2 (+ per-position LayerNorm) and what was tried on it
+    "v2": _v2(),
+    "v2-ablation": _v2(liquid=False),
+    "v2-resrelax": _v2(cell=ResidualRelaxCfC),
+    "v2-gated": _v2(gated=True),
+    "v2-inskip": _v2(inskip=True),
+    "v2-freq256": _v2(freq=256),
+    # the package (version 3: + FilterSkip) and what was tried on it
     "package": _v(),
     "package-ablation": _v(liquid=False),
-    "package-resrelax": _v(cell=ResidualRelaxCfC),
+    "package-k9": _v(filterskip=dict(n_filters=8, kernel=9)),
     "package-gated": _v(gated=True),
-    "package-inskip": _v(inskip=True),
-    "package-freq256": _v(freq=256),
+    "package-gated-k9": _v(gated=True, filterskip=dict(n_filters=8, kernel=9)),
+    "package-hires": _v(depths=lambda d: (d[0] + 1,) + tuple(d[1:])),
+    "package-strip": _v(strip=31),
+    "package-resrelax": _v(cell=ResidualRelaxCfC),
+    "package-resrelax-zero": _v(cell=ZeroResidualRelaxCfC),
+    "package-scan": _v(scan=True),
+    "package-cfchead": _v(cfchead=True),
+    "package-cfchead-ablation": _v(liquid=False, cfchead=True),
+    # tiny (--liquid-preset tiny) in its version-2 shape, 64/128/256 x 2/2/4, with the version-3 parts
+    "deep": _v(tiny_shape="v2"),
+    "deep-ablation": _v(tiny_shape="v2", liquid=False),
+    "deep-hires": _v(tiny_shape="v2", depths=lambda d: (d[0] + 1,) + tuple(d[1:])),
+    "deep-resrelax": _v(tiny_shape="v2", cell=ResidualRelaxCfC),
+    "deep-resrelax-zero": _v(tiny_shape="v2", cell=ZeroResidualRelaxCfC),
     # the DiCo-style block in the seed's skeleton
     "conv-k3": _conv(kernel=3),
     "conv-k5": _conv(kernel=5),

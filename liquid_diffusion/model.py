@@ -24,12 +24,14 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
-from .blocks import Downsample, LiquidDiffusionBlock, OutputHead, SkipFusion, TimestepEmbedder, Upsample
+from .blocks import (Downsample, FilterSkip, LiquidDiffusionBlock, OutputHead, SkipFusion, TimestepEmbedder,
+                     Upsample)
 
 # Version of the architecture, saved in every config: weights of another version do not fit (see check_format).
 # 1: the seed's stem (conv3x3 -> SiLU -> conv3x3), un-modulated head, GroupNorm AdaLN; 2: single-conv stem,
-# t-modulated head (OutputHead), per-position LayerNorm AdaLN.
-FORMAT_VERSION = 2
+# t-modulated head (OutputHead), per-position LayerNorm AdaLN; 3: + the FilterSkip from x_t to v (and tiny's new
+# shape, 96/192/384 x 1/1/1).
+FORMAT_VERSION = 3
 
 def check_format(config: dict) -> None:
     """Refuses, in one line, a saved config of another architecture version (configs without the field are 1)."""
@@ -37,8 +39,8 @@ def check_format(config: dict) -> None:
     if version != FORMAT_VERSION:
         raise ValueError(
             f"this model was saved by LiquidDiffusion architecture version {version}, but this version of the "
-            f"package builds version {FORMAT_VERSION} (the format changed: the stem, head and norms were redesigned, "
-            "see BENCHMARKS.md); retrain it, or load it with the package release that saved it"
+            f"package builds version {FORMAT_VERSION} (the format changed: the architecture was redesigned, see "
+            "BENCHMARKS.md section 3); retrain it, or load it with the package release that saved it"
         )
 
 
@@ -65,7 +67,9 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
     ``depths[i]`` ``LiquidDiffusionBlock``s at width ``widths[i]`` with stride-2 downsampling between stages; a
     bottleneck of ``bottleneck_depth`` blocks; the decoder mirrors the encoder (upsample, ``SkipFusion`` with the
     matching encoder output, blocks); ``OutputHead`` ``conv3x3(AdaLN(x, t_emb))`` (zero-initialised) back to
-    ``out_channels``.
+    ``out_channels``; plus ``FilterSkip``, a t-dependent linear filter of x_t added to the head's output::
+
+        v = OutputHead(U-Net(stem(x_t)), t_emb) + sum_k a_k(t_emb) * (K_k * x_t)
 
     Args:
         in_channels: 4 for SD-VAE latents, 3 for pixel space.
@@ -91,8 +95,8 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         self,
         in_channels: int = 4,
         out_channels: int | None = None,
-        widths: tuple[int, ...] = (64, 128, 256),
-        depths: tuple[int, ...] = (2, 2, 4),
+        widths: tuple[int, ...] = (96, 192, 384),
+        depths: tuple[int, ...] = (1, 1, 1),
         bottleneck_depth: int = 2,
         ff_mult: int = 4,
         time_embed_dim: int | None = None,
@@ -125,6 +129,7 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         self.decoder = nn.ModuleList(stage(w, d) for w, d in zip(widths, depths))
 
         self.head = OutputHead(widths[0], embed_dim, out_channels)
+        self.input_skip = FilterSkip(in_channels, out_channels, embed_dim)
 
     @classmethod
     def load_config(cls, *args, **kwargs):
@@ -212,7 +217,7 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
             x = self.fusions[i](x, skips[i])
             for block in self.decoder[i]:
                 x = block(x, t_emb)
-        velocity = self.head(x, t_emb)
+        velocity = self.head(x, t_emb) + self.input_skip(sample, t_emb)
 
         if not return_dict:
             return (velocity,)
@@ -291,8 +296,10 @@ def resolve_class_labels(labels, class_names: list[str], num_classes: int) -> to
 
 PRESETS: dict[str, dict] = {
     "micro": dict(widths=(32, 64, 128), depths=(1, 1, 1), bottleneck_depth=1),  # tests and CPU demos
-    "tiny": dict(widths=(64, 128, 256), depths=(2, 2, 4)),  # T4, 256px at batch 8
+    # tiny: 1.5x the card's widths at one block per stage, in place of its 64/128/256 x 2/2/4 (BENCHMARKS.md 3(f))
+    "tiny": dict(widths=(96, 192, 384), depths=(1, 1, 1)),  # T4, 256px at batch 8
     "small": dict(widths=(96, 192, 384), depths=(2, 3, 6)),
     "base": dict(widths=(128, 256, 512), depths=(2, 4, 8)),
 }
-"""Named sizes: widths and encoder depths per stage as in the model card (bottleneck of 2 blocks)."""
+"""Named sizes: widths and encoder depths per stage (bottleneck of 2 blocks). small and base are the model card's;
+tiny keeps the card's ~23M parameters in a wider, shallower shape that trained better at equal steps."""

@@ -115,8 +115,8 @@ def test_emoji_data_is_composited_on_white_and_split_by_file_name(tmp_path):
 
 def test_screened_block_variants_build_through_the_common_interface():
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([0.05, 0.9])
-    for name in ("liquid-micro@seed", "liquid-micro@conv-k5-h2", "liquid-micro@package-gated",
-                 "liquid-micro@package-inskip"):
+    for name in ("liquid-micro@seed", "liquid-micro@conv-k5-h2", "liquid-micro@v2-gated", "liquid-micro@v2-inskip",
+                 "liquid-micro@package-cfchead", "liquid-micro@package-hires", "liquid-micro@package-strip"):
         assert common.build_model(name, 4, 16)(x, t).shape == x.shape
     # "package" is the package's model; "seed" rebuilds the format-1 stem and head around the same blocks
     package, seed = common.build_model("liquid-micro@package", 4, 16), common.build_model("liquid-micro@seed", 4, 16)
