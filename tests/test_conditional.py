@@ -31,7 +31,10 @@ from liquid_diffusion.trainer import Trainer
 
 CLASSES = ["blue_square", "red_disc"]  # imagefolder sorts the sub-folder names
 RES = 8  # micro in pixel space needs a multiple of 4; colour is all these tests look at
-STEPS = 80
+# Version 3's FilterSkip fits the linear part of v first, and the label steers the colour later: after 80 steps on
+# these 8x8 images the unguided samples were nearer their own class 44-69 % of the time (v2: 88-100 %), after 160
+# 94-100 % (both versions: 100 % after 240). 160 steps keep the test about behaviour, not about the first few steps.
+STEPS = 160
 
 
 def _shape_image(kind: str, rng: np.random.Generator, size: int = 16) -> np.ndarray:
@@ -83,7 +86,7 @@ def class_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def conditional_run(class_folder, tmp_path_factory) -> Path:
-    """A micro pixel model trained conditionally for 80 steps (~15-30 s on one CPU thread); its output dir."""
+    """A micro pixel model trained conditionally for ``STEPS`` steps (~30-60 s on one CPU thread); its output dir."""
     out = tmp_path_factory.mktemp("conditional_run")
     Trainer(config(class_folder, out)).train()
     return out
@@ -303,7 +306,7 @@ def test_conditional_samples_take_their_class_colour_and_unconditional_ones_cann
 
 def test_resume_with_another_label_set_is_refused(conditional_run, class_folder, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(list_checkpoints(conditional_run)[-1], out / "checkpoint-000080")
+    shutil.copytree(list_checkpoints(conditional_run)[-1], out / f"checkpoint-{STEPS:06d}")
     three = write_class_folder(tmp_path / "three", kinds=("red_disc", "blue_square", "green_square"), per_class=2)
     with pytest.raises(ValueError, match=r"cannot resume .*blue_square, red_disc\].*green_square") as error:
         Trainer(config(three, out, steps=STEPS + 1, resume="latest")).train()
