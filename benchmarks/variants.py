@@ -171,24 +171,23 @@ class CfCFilterHead(nn.Module):
         return types.SimpleNamespace(sample=linear + gate * (g - linear))
 
 
-class StripSpatialMix(nn.Module):
-    """``MultiScaleSpatialMix`` with two long depthwise strips added: ``W_proj [dw3 ; dw5 ; dw7 ; dw_1xK ; dw_Kx1 ;
-    pool]`` (zero-init ``W_proj``): a K-pixel reach along rows and columns, e.g. a long edge, at 2K MACs per pixel."""
+class StripSpatialMix(MultiScaleSpatialMix):
+    """``MultiScaleSpatialMix`` with two long depthwise strips added: ``W_proj [dw3 ; dw5 ; dw7 ; pool ; dw_1xK ;
+    dw_Kx1]`` (zero-init ``W_proj``): a K-pixel reach along rows and columns, e.g. a long edge, at 2K MACs per pixel."""
 
     def __init__(self, channels, strip=31):
-        super().__init__()
+        super().__init__(channels)
         c = channels
-        self.dws = nn.ModuleList([nn.Conv2d(c, c, k, padding=k // 2, groups=c) for k in (3, 5, 7)]
-                                 + [nn.Conv2d(c, c, (1, strip), padding=(0, strip // 2), groups=c),
-                                    nn.Conv2d(c, c, (strip, 1), padding=(strip // 2, 0), groups=c)])
-        self.global_proj = nn.Conv2d(c, c, 1)
+        self.strip_h = nn.Conv2d(c, c, (1, strip), padding=(0, strip // 2), groups=c)
+        self.strip_v = nn.Conv2d(c, c, (strip, 1), padding=(strip // 2, 0), groups=c)
         self.proj = nn.Conv2d(6 * c, c, 1)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x):
         pooled = self.global_proj(x.mean(dim=(2, 3), keepdim=True)).expand_as(x)
-        return self.proj(torch.cat([dw(x) for dw in self.dws] + [pooled], dim=1))
+        return self.proj(torch.cat([self.dw3(x), self.dw5(x), self.dw7(x), pooled, self.strip_h(x), self.strip_v(x)],
+                                   dim=1))
 
 
 def _linear_scan(log_a, c, dim):
@@ -196,6 +195,12 @@ def _linear_scan(log_a, c, dim):
     log space (log a >= -1, so 1 / A stays below e^L: fine in fp32 for rows up to ~80 positions)."""
     log_cum = torch.cumsum(log_a, dim)
     return torch.exp(log_cum) * torch.cumsum(c * torch.exp(-log_cum), dim)
+
+
+def _scan_both_ways(log_a, c, dim):
+    """The forward scan plus the scan run from the other end."""
+    backward = _linear_scan(log_a.flip(dim), c.flip(dim), dim).flip(dim)
+    return _linear_scan(log_a, c, dim) + backward
 
 
 class LiquidScanMix(MultiScaleSpatialMix):
@@ -220,9 +225,8 @@ class LiquidScanMix(MultiScaleSpatialMix):
         v, d = self.scan_in(x).float().chunk(2, dim=1)
         log_a = -F.softplus(d).clamp(max=1.0)
         gain = -torch.expm1(log_a)  # 1 - a
-        both = lambda lg, c, dim: _linear_scan(lg, c, dim) + _linear_scan(lg.flip(dim), c.flip(dim), dim).flip(dim)  # noqa: E731
-        rows = both(log_a, gain * v, 3)
-        return both(log_a, gain * rows, 2).to(x.dtype)
+        rows = _scan_both_ways(log_a, gain * v, 3)
+        return _scan_both_ways(log_a, gain * rows, 2).to(x.dtype)
 
     def forward(self, x):
         pooled = self.global_proj(x.mean(dim=(2, 3), keepdim=True)).expand_as(x)
@@ -345,7 +349,8 @@ def _conv(additive=False, **kw):
 
 
 def _model(preset, c, *, norm="ln", skeleton="v2", liquid=True, cell=None, silu=False, gated=False, inskip=False,
-           freq=None, patch=None, width_mult=1, filterskip=None, cfchead=False, depths=None, strip=None, skip=True, scan=False, tiny_shape="v3"):
+           freq=None, patch=None, width_mult=1, filterskip=None, cfchead=False, depths=None, strip=None, skip=True,
+           scan=False, tiny_shape="v3"):
     """The package's model of ``preset`` (``in_channels=c``) with the parts the keywords name swapped."""
     config = dict(PRESETS[preset])
     if preset == "tiny" and tiny_shape == "v2":  # tiny's shape up to version 3: deeper and narrower
@@ -397,6 +402,10 @@ def _model(preset, c, *, norm="ln", skeleton="v2", liquid=True, cell=None, silu=
 TINY_V2_SHAPE = dict(widths=(64, 128, 256), depths=(2, 2, 4), bottleneck_depth=2)
 
 
+def _one_more_full_res_block(depths):
+    return (depths[0] + 1,) + tuple(depths[1:])
+
+
 def _v(**kw):
     return functools.partial(_model, **kw)
 
@@ -433,7 +442,7 @@ VARIANTS: dict = {
     "package-k9": _v(filterskip=dict(n_filters=8, kernel=9)),
     "package-gated": _v(gated=True),
     "package-gated-k9": _v(gated=True, filterskip=dict(n_filters=8, kernel=9)),
-    "package-hires": _v(depths=lambda d: (d[0] + 1,) + tuple(d[1:])),
+    "package-hires": _v(depths=_one_more_full_res_block),
     "package-strip": _v(strip=31),
     "package-resrelax": _v(cell=ResidualRelaxCfC),
     "package-resrelax-zero": _v(cell=ZeroResidualRelaxCfC),
@@ -443,7 +452,7 @@ VARIANTS: dict = {
     # tiny (--liquid-preset tiny) in its version-2 shape, 64/128/256 x 2/2/4, with the version-3 parts
     "deep": _v(tiny_shape="v2"),
     "deep-ablation": _v(tiny_shape="v2", liquid=False),
-    "deep-hires": _v(tiny_shape="v2", depths=lambda d: (d[0] + 1,) + tuple(d[1:])),
+    "deep-hires": _v(tiny_shape="v2", depths=_one_more_full_res_block),
     "deep-resrelax": _v(tiny_shape="v2", cell=ResidualRelaxCfC),
     "deep-resrelax-zero": _v(tiny_shape="v2", cell=ZeroResidualRelaxCfC),
     # the DiCo-style block in the seed's skeleton
