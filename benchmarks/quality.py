@@ -326,6 +326,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = common.resolve_device(args.device)
+    if device.type == "cuda":  # fp32 as on the CPU: TF32 convolutions would round the conv nets' inputs, not DiT's
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     os.makedirs(args.out_dir, exist_ok=True)
     command = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"machine: {common.describe_machine(device)}\ncommand: {command}", flush=True)

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import common, quality, sampling, throughput
+from benchmarks import common, quality, quality_study, sampling, throughput
 
 
 @pytest.fixture(autouse=True)
@@ -68,6 +68,39 @@ def test_quality_quick(tmp_path):
     # --quick scores after step 3 and after the last step (5) of the same run: one table row each
     assert all(sorted(r["at"]) == ["3", "5"] and r["at"]["5"]["mean"] == r["mean"] for r in results.values())
     assert "| liquid | 3 |" in text and "| liquid | 5 |" in text
+
+
+STUDY = ["--preset", "micro", "--data", "shapes", "--models", "liquid", "dit", "--eval-size", "8", "--num-samples", "2",
+         "--device", "cpu"]
+
+
+def test_quality_study_runs_every_seed_in_its_own_process_and_averages_them(tmp_path):
+    out = tmp_path / "study"
+    argv = [*STUDY, "--budgets", "4", "--seeds", "0", "1", "--jobs", "2", "--out-dir", str(out),
+            "--", "--train-size", "32", "--eval-batch", "8"]
+    assert quality_study.main(argv) == 0
+    runs = {s: json.loads((out / f"b4_s{s}" / "quality.json").read_text())["results"] for s in (0, 1)}
+    assert runs[0]["liquid"]["mean"] != runs[1]["liquid"]["mean"]  # the seeds differ: different data order and noise
+    records = json.loads((out / "summary.json").read_text())["records"]
+    assert sorted((r["model"], r["seed"], r["step"]) for r in records) == sorted(
+        (m, s, step) for m in ("liquid", "dit") for s in (0, 1) for step in (2, 4))  # scored half-way and at the end
+    text = (out / "summary.md").read_text()
+    for model in ("liquid", "dit"):
+        mean = (runs[0][model]["mean"] + runs[1][model]["mean"]) / 2
+        assert f"| 4 | 4 | {model} |" in text and f"**{mean:.4f}**" in text
+    ratio = ((runs[0]["liquid"]["mean"] + runs[1]["liquid"]["mean"]) / (runs[0]["dit"]["mean"] + runs[1]["dit"]["mean"]))
+    assert f"4 steps, scored at 4: liquid / dit: mean {ratio:.3f}" in text
+
+
+def test_quality_study_stops_its_runs_at_the_deadline_and_says_so(tmp_path):
+    out = tmp_path / "late"
+    argv = [*STUDY, "--budgets", "100000", "2", "--seeds", "0", "--jobs", "1", "--deadline-s", "2",
+            "--out-dir", str(out)]
+    assert quality_study.main(argv) == 1
+    status = json.loads((out / "summary.json").read_text())["status"]
+    assert status == {"b100000_s0_liquid": "stopped at the deadline", "b100000_s0_dit": "not started (deadline)",
+                      "b2_s0": "not started (deadline)"}
+    assert "b100000_s0_liquid stopped at the deadline" in (out / "summary.md").read_text()
 
 
 def test_synthetic_data_is_deterministic_and_in_range():
