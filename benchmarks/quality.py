@@ -346,8 +346,12 @@ def main(argv=None) -> int:
     for run_dir in args.merge or []:  # combine runs made in separate processes (same budget flags)
         with open(os.path.join(run_dir, "quality.json")) as f:
             run = json.load(f)
-        results.update({k: _floats_per_t(r) for k, r in run["results"].items()})
-        grids.update({k: os.path.join(run_dir, f"samples_{k}.png") for k in run["results"]})
+        final = str(run["args"]["steps"])  # a run stopped part-way lacks its final score: leave that model out
+        finished = {k: {**r, **r["at"][final]} for k, r in run["results"].items() if final in r.get("at", {})}
+        for k in sorted(set(run["results"]) - set(finished)):
+            print(f"note: {run_dir}: {k} did not finish its {run['args']['steps']} steps; left out", flush=True)
+        results.update({k: _floats_per_t(r) for k, r in finished.items()})
+        grids.update({k: os.path.join(run_dir, f"samples_{k}.png") for k in finished})
         for key in ("steps", "batch", "lr", "seed", "eval_size", "eval_seeds", "sample_steps", "data", "eval_at"):
             setattr(args, key, run["args"].get(key, getattr(args, key)))
         commands.append(run["command"])

@@ -94,7 +94,7 @@ def run_jobs(jobs: list[dict], args) -> dict[str, str]:
 
 def collect(out_dir: str) -> list[dict]:
     """One record per (run, model, scored step) from every ``*/quality.json`` under ``out_dir``."""
-    records = []
+    records, seen = [], set()
     for name in sorted(os.listdir(out_dir)):
         path = os.path.join(out_dir, name, "quality.json")
         if not os.path.exists(path):
@@ -103,6 +103,10 @@ def collect(out_dir: str) -> list[dict]:
             run = json.load(f)
         for model, result in run["results"].items():
             for step, at in result.get("at", {}).items():
+                key = (model, run["args"]["steps"], run["args"]["seed"], int(step))
+                if key in seen:  # the same run twice (e.g. a stopped group re-run per model): one is enough
+                    continue
+                seen.add(key)
                 records.append(dict(run=name, model=model, budget=run["args"]["steps"], seed=run["args"]["seed"],
                                     step=int(step), mean=at["mean"], t005=at["per_t"]["0.05"],
                                     t05=at["per_t"]["0.5"], train_s=at["train_seconds"],

@@ -103,6 +103,26 @@ def test_quality_study_stops_its_runs_at_the_deadline_and_says_so(tmp_path):
     assert "b100000_s0_liquid stopped at the deadline" in (out / "summary.md").read_text()
 
 
+def test_a_run_stopped_part_way_is_left_out_of_merges_and_counted_once_in_summaries(tmp_path, capsys):
+    done = tmp_path / "b5_s0"
+    assert quality.main(["--quick", "--threads", "1", "--models", "liquid", "--out-dir", str(done)]) == 0
+    run = json.loads((done / "quality.json").read_text())
+    stopped = tmp_path / "b5_s0_dit"  # as a deadline leaves it: scored half-way (step 3), not at the end (step 5)
+    stopped.mkdir()
+    partial = {**run["results"]["liquid"], "at": {"3": run["results"]["liquid"]["at"]["3"]}}
+    partial.pop("per_t")
+    (stopped / "quality.json").write_text(json.dumps({**run, "results": {"dit": partial}}))
+    assert quality.main(["--merge", str(done), str(stopped), "--out-dir", str(tmp_path / "merged")]) == 0
+    assert "dit did not finish its 5 steps; left out" in capsys.readouterr().out
+    text = (tmp_path / "merged" / "quality.md").read_text()
+    assert "| liquid | 5 |" in text and "| dit |" not in text
+
+    (tmp_path / "again").mkdir()  # the same run twice (a grouped run re-run per model) is one record per step
+    (tmp_path / "again" / "quality.json").write_text((done / "quality.json").read_text())
+    records = quality_study.collect(str(tmp_path))
+    assert sorted((r["model"], r["step"]) for r in records) == [("dit", 3), ("liquid", 3), ("liquid", 5)]
+
+
 def test_synthetic_data_is_deterministic_and_in_range():
     a, b = quality.make_shapes(4, seed=3), quality.make_shapes(4, seed=3)
     assert torch.equal(a, b) and a.shape == (4, 3, 32, 32)
