@@ -16,7 +16,8 @@ the ablation tables is reproducible by one command:
   9x9 filters), ``-cfchead`` (the CfC interpolation between the U-Net and the FilterSkip), ``-hires`` (one more
   block per full-resolution stage), ``-strip`` (1x31 and 31x1 depthwise strips in the mix), ``-scan`` (a liquid
   leaky-integrator scan along rows and columns in the mix), ``-freq256`` (256 sinusoid features), ``-patch2``
-  (DiT's patch-2 stem and head: the U-Net runs at half resolution), ``-w2`` (widths doubled).
+  (DiT's patch-2 stem and head: the U-Net runs at half resolution), ``-w2`` (widths doubled), ``-w1.25`` (widths
+  x 1.25: tiny at DiT-S/2's parameter count).
 * ``conv-*``: the DiCo-style ``LiquidConvBlock`` (branch ``issue-11-convblock``), in the seed's skeleton.
 """
 from __future__ import annotations
@@ -355,7 +356,7 @@ def _model(preset, c, *, norm="ln", skeleton="v2", liquid=True, cell=None, silu=
     config = dict(PRESETS[preset])
     if preset == "tiny" and tiny_shape == "v2":  # tiny's shape up to version 3: deeper and narrower
         config.update(TINY_V2_SHAPE)
-    config["widths"] = tuple(w * width_mult for w in config["widths"])
+    config["widths"] = tuple(int(w * width_mult) for w in config["widths"])
     if depths:
         config["depths"] = depths(config["depths"])
     model = LiquidDiffusionUNet(in_channels=c, liquid=liquid, **config)
@@ -449,6 +450,7 @@ VARIANTS: dict = {
     "package-scan": _v(scan=True),
     "package-cfchead": _v(cfchead=True),
     "package-cfchead-ablation": _v(liquid=False, cfchead=True),
+    "package-w1.25": _v(width_mult=1.25),  # DiT-S/2's parameter count (a diagnostic, not a preset)
     # tiny (--liquid-preset tiny) in its version-2 shape, 64/128/256 x 2/2/4, with the version-3 parts
     "deep": _v(tiny_shape="v2"),
     "deep-ablation": _v(tiny_shape="v2", liquid=False),
