@@ -22,6 +22,9 @@ CUDA_CONTEXT_BYTES = 0.5 * 2**30
 TRAINING_BYTES_PER_PARAMETER = 22
 SD_VAE_PARAMETERS = 83.7e6
 SD_VAE_LATENT_CHANNELS = 4
+# The VAE encoder's peak working set, in copies of its first 128-channel full-resolution feature map: measured on an
+# H200 at 256 px, batch 8 (BENCHMARKS.md section 4), 6.0 in fp32 and 5.9 in bf16.
+VAE_ENCODE_FEATURE_COPIES = 6
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
 
@@ -60,7 +63,8 @@ def estimate_training_memory_gib(preset: str, space: str, resolution: int, batch
     vae_bytes = vae_dtype.itemsize
     vae_weights = SD_VAE_PARAMETERS * vae_bytes if latent else 0
     # the VAE encoder's full-resolution 128-channel stage, at most 16 images at a time
-    vae_work = min(batch_size, 16) * resolution**2 * 128 * vae_bytes * 4 if latent and not cache_latents else 0
+    vae_work = (min(batch_size, 16) * resolution**2 * 128 * vae_bytes * VAE_ENCODE_FEATURE_COPIES
+                if latent and not cache_latents else 0)
     total = CUDA_CONTEXT_BYTES + TRAINING_BYTES_PER_PARAMETER * parameters + vae_weights + max(activations, vae_work)
     return total / 2**30
 

@@ -57,3 +57,22 @@ def test_suggested_batch_size_is_the_largest_power_of_two_that_fits_three_quarte
     need_4 = estimate_training_memory_gib("micro", "pixel", 512, 4)
     assert suggest_batch_size(need_4 / 0.75 * 1.001, "micro", "pixel", 512) == 4
     assert suggest_batch_size(0.1, "micro", "pixel", 512) == 1  # nothing fits: 1, and let training say so
+
+
+# Peaks measured on an NVIDIA H200 (torch.cuda.max_memory_allocated, no CUDA context; BENCHMARKS.md section 4):
+# (preset, --mixed-precision, VAE dtype, cached latents, MiB) at 256 px in latent space, batch 8.
+MEASURED_H200 = [
+    ("tiny", "fp16", torch.float32, True, 796), ("tiny", "bf16", torch.bfloat16, True, 731),
+    ("tiny", "fp16", torch.float32, False, 2302), ("tiny", "bf16", torch.bfloat16, False, 1362),
+    ("small", "bf16", torch.bfloat16, True, 2100), ("small", "bf16", torch.bfloat16, False, 2244),
+    ("base", "bf16", torch.bfloat16, True, 4240), ("base", "bf16", torch.bfloat16, False, 4393),
+]
+
+
+@pytest.mark.parametrize("preset, precision, vae_dtype, cached, measured_mib", MEASURED_H200)
+def test_the_estimate_covers_the_peaks_measured_on_a_gpu_without_doubling_them(preset, precision, vae_dtype, cached,
+                                                                             measured_mib):
+    estimate = estimate_training_memory_gib(preset, "latent", 256, 8, mixed_precision=precision, vae_dtype=vae_dtype,
+                                            cache_latents=cached)
+    without_context_mib = (estimate * 2**30 - CUDA_CONTEXT_BYTES) / 2**20
+    assert measured_mib <= without_context_mib < 1.6 * measured_mib
