@@ -38,6 +38,8 @@ Example::
     # issue 11's protocol: tiny vs DiT-S/2 vs UNet2DModel (tiny's size) on real images, 300 and 600 steps, per seed
     python -m benchmarks.quality --data twemoji --liquid-preset tiny --dit-hidden 384 --dit-heads 6 \\
         --unet-channels 96 192 256 --steps 600 --eval-at 300 --eval-seeds 1 --seed 0 --out-dir out/tiny_s0
+    # ... and every seed and budget at once, in parallel, with one table of means over seeds (quality_study.py)
+    python -m benchmarks.quality_study --preset tiny --budgets 300 600 --seeds 0 1 2 --device cuda --out-dir out/study
 """
 
 from __future__ import annotations
