@@ -174,9 +174,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--summarize", metavar="DIR", help="only rewrite DIR's summary from the runs' JSONs")
     p.add_argument("quality_args", nargs="*", help="after --: more quality.py flags for every run (e.g. --lr 1e-3)")
     args = p.parse_args(argv)
-    for name in ("budgets", "seeds"):
-        if any(v < (1 if name == "budgets" else 0) for v in getattr(args, name)):
-            p.error(f"--{name} must be {'positive' if name == 'budgets' else 'non-negative'}")
+    if min(args.budgets) < 1:
+        p.error("--budgets must be positive")
+    if min(args.seeds) < 0:
+        p.error("--seeds must be non-negative")
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
     return args
