@@ -4,7 +4,7 @@ Every model is wrapped in ``VelocityModel`` so that all of them are called the s
 t in [0, 1] (t = 0 data, t = 1 noise, the package's convention) and a plain tensor out:
 
 * ``liquid-<preset>``  -- ``LiquidDiffusionUNet.from_preset(preset)``; ``liquid-<preset>-ablation`` is the same with
-  ``liquid=False`` (ParallelCfC replaced by a plain residual conv with the same depthwise-7x7 + 1x1 backbone);
+  ``liquid=False`` (ParallelCfC replaced by a plain adaLN-Zero-gated 1x1 projection, ``GatedProjection``);
   ``liquid-<preset>@<variant>`` is a block design of ``variants.py`` (e.g. ``liquid-tiny@seed``, the seed's block).
 * ``dit-s2`` / ``dit-b2`` -- diffusers ``DiTTransformer2DModel``: DiT-S/2 (hidden 384, depth 12, 6 heads, patch 2)
   and DiT-B/2 (768, 12, 12, 2). DiT is class-conditional; we build it with a single class

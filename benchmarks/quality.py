@@ -14,13 +14,14 @@ PNGs of the npm package ``emoji-datasource-twitter`` (CC-BY 4.0), fetched once w
 file-name hash (392 images held out, the first ``--eval-size`` of them scored).
 
 ``--eval-at 300`` with ``--steps 600`` scores the same run after 300 and 600 steps (two budgets, one schedule).
-``--liquid-variant NAME`` trains a block design of ``variants.py`` instead of the package's (the ablation table).
+``--liquid-variant NAME`` trains a block design of ``variants.py`` instead of the package's (the ablation table), and
+``liquid-ablation`` is then that design's ``NAME-ablation``.
 
 Models at the default settings (chosen so the study fits about 15 minutes of a 2-core CPU, and roughly matched in
 training FLOPs per image rather than in parameters -- the table prints both):
 
-* ``liquid``          -- ``LiquidDiffusionUNet`` preset ``--liquid-preset`` (micro: widths 32/64/128, depths 1/1/1);
-* ``liquid-ablation`` -- the same with ``liquid=False`` (ParallelCfC -> plain residual conv of the same size);
+* ``liquid``          -- ``LiquidDiffusionUNet`` preset ``--liquid-preset`` (micro: widths 32/64/128, depths 2/2/2);
+* ``liquid-ablation`` -- the same with ``liquid=False`` (ParallelCfC -> a plain gated 1x1 projection);
 * ``dit``             -- ``DiTTransformer2DModel`` of DiT-S/2's shape family (patch 2 on 32x32 pixels, depth 12, head
   dim 64) at reduced width ``--dit-hidden`` (128, 2 heads); ``--dit-hidden 384 --dit-heads 6`` is DiT-S/2 proper;
 * ``unet2d``          -- ``UNet2DModel`` with ``--unet-channels`` (32 64 128; attention in the two lower stages).
@@ -175,6 +176,8 @@ def build(kind: str, args) -> common.VelocityModel:
         return variants.build(args.liquid_variant, args.liquid_preset, 3)
     if kind == "liquid":
         return common.build_model(f"liquid-{args.liquid_preset}", 3, 32)
+    if kind == "liquid-ablation" and args.liquid_variant:
+        return variants.build(f"{args.liquid_variant}-ablation", args.liquid_preset, 3)
     if kind == "liquid-ablation":
         return common.build_model(f"liquid-{args.liquid_preset}-ablation", 3, 32)
     if kind == "dit":

@@ -1,15 +1,19 @@
 """Designs screened for issue 11 (BENCHMARKS.md section 3, ablation tables): ``quality.py --liquid-variant NAME``.
 
-Every variant is the package's ``LiquidDiffusionUNet`` of a preset with named parts swapped, so that every row of
-the ablation tables is reproducible by one command:
+Every variant is the package's U-Net skeleton of a preset (``LiquidDiffusionUNet``, or ``V3UNet`` with version 3's
+blocks) with named parts swapped, so that every row of the ablation tables is reproducible by one command:
 
 * ``seed``: the model issue 11 started from (architecture version 1): stem ``conv3x3 -> SiLU -> conv3x3``, head
   ``GroupNorm -> SiLU -> conv3x3`` without t, GroupNorm inside every AdaLN.
 * ``head``: version 2's linear stem and t-modulated head (``OutputHead``), still with GroupNorm AdaLNs.
 * ``v2``: architecture version 2 (+ per-position LayerNorm in every AdaLN; no ``FilterSkip``).
-* ``package``: the package as it is (version 3: + ``FilterSkip``, and tiny 96/192/384 x 1/1/1); ``deep*``: version
-  3's parts in tiny's version-2 shape (64/128/256 x 2/2/4). Every design of version 2 or earlier builds tiny in
-  that old shape.
+* ``v3``: architecture version 3 (+ ``FilterSkip``, and tiny 96/192/384 x 1/1/1; its blocks are in
+  ``legacy_blocks.py``); ``deep*``: version 3's parts in tiny's version-2 shape (64/128/256 x 2/2/4). Every design
+  of version 2 or earlier builds tiny in that old shape. Versions 1-3 are built as they were, so a seed gives the
+  same initial weights as the runs in the tables.
+* ``package``: the package as it is (version 4); ``dico``: version 4's design as it was first screened (lean
+  ``LiquidConvBlock``s with a per-position LayerNorm in version 3's skeleton and DiCo's shape, tiny 96/192/384 x
+  4/4/2 with no separate bottleneck): the same equations as the package, other initial weights for a seed.
 * suffixes: ``-ablation`` (``liquid=False``), ``-resrelax`` (``y = x + (1 - alpha) CfC``; ``-zero``: g and h
   zero-initialised), ``-silu`` (SiLU before every modulation, as DiT), ``-gated`` (adaLN-Zero gates on the mix and
   feed-forward branches), ``-inskip`` (a per-channel t-dependent skip from x_t to v), ``-k9`` (FilterSkip with 8
@@ -31,9 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks import common
-from liquid_diffusion.blocks import (AdaLN, FilterSkip, LiquidDiffusionBlock, MultiScaleSpatialMix, OutputHead,
-                                    ParallelCfC, TimestepEmbedder)
-from liquid_diffusion.model import PRESETS, LiquidDiffusionUNet
+from benchmarks.legacy_blocks import V3_PRESETS, LiquidDiffusionBlock, MultiScaleSpatialMix, ParallelCfC, V3UNet
+from liquid_diffusion.blocks import AdaLN, FilterSkip, OutputHead, TimestepEmbedder
+from liquid_diffusion.model import LiquidDiffusionUNet
 
 # ------------------------------------------------------------------------------------------------ swapped parts
 
@@ -265,12 +269,13 @@ class LiquidConvBlock(nn.Module):
     """
 
     def __init__(self, channels, embed_dim, kernel=3, hidden_mult=1, ff_mult=4, liquid=True, cca=True,
-                 tau_min=0.05, tau_init=0.5):
+                 tau_min=0.05, tau_init=0.5, norm="gn"):
         super().__init__()
         c, hid = channels, hidden_mult * channels
         self.liquid, self.cca = liquid, cca
-        self.norm1 = nn.GroupNorm(_num_groups(c), c, affine=False, eps=1e-6)
-        self.norm2 = nn.GroupNorm(_num_groups(c), c, affine=False, eps=1e-6)
+        make_norm = (lambda: nn.GroupNorm(_num_groups(c), c, affine=False, eps=1e-6)) if norm == "gn" else (
+            lambda: ChannelLayerNorm(c))
+        self.norm1, self.norm2 = make_norm(), make_norm()
         self.modulation = nn.Linear(embed_dim, 5 * c)  # s1, b1, s2, b2, g2
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
@@ -315,6 +320,17 @@ class LiquidConvBlock(nn.Module):
         return x + g2 * self.ff(self.norm2(x) * (1 + s2) + b2)
 
 
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over channels at every position, no affine (the norm inside the package's ``AdaLN``)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), (self.channels,), eps=1e-6).permute(0, 3, 1, 2)
+
+
 class AdditiveSkip(nn.Module):
     """``y = x + W skip`` (1x1), instead of ``W [x ; skip]``."""
 
@@ -346,6 +362,21 @@ def _conv(additive=False, **kw):
     return make
 
 
+def _dico(shape, **kw):
+    """Lean ``LiquidConvBlock``s (per-position LayerNorm) in the package's version-3 skeleton (linear stem,
+    ``OutputHead``, ``FilterSkip``) and in DiCo's deep shape: many light blocks, most of them at the two higher
+    resolutions, instead of a few heavy ones. ``shape`` gives tiny's widths / depths / bottleneck; micro keeps its
+    widths and takes the depths."""
+    def make(preset, c):
+        config = dict(V3_PRESETS[preset])
+        config.update(shape if preset == "tiny" else {k: v for k, v in shape.items() if k != "widths"})
+        model = V3UNet(in_channels=c, **config)
+        return _swap_blocks(model, lambda ch, e: LiquidConvBlock(ch, e, norm="ln", **kw))
+    return make
+
+
+DICO_SHAPE = dict(widths=(96, 192, 384), depths=(4, 4, 2), bottleneck_depth=0)
+
 # ------------------------------------------------------------------------------------------------ the builder
 
 
@@ -353,13 +384,13 @@ def _model(preset, c, *, norm="ln", skeleton="v2", liquid=True, cell=None, silu=
            freq=None, patch=None, width_mult=1, filterskip=None, cfchead=False, depths=None, strip=None, skip=True,
            scan=False, tiny_shape="v3"):
     """The package's model of ``preset`` (``in_channels=c``) with the parts the keywords name swapped."""
-    config = dict(PRESETS[preset])
+    config = dict(V3_PRESETS[preset])
     if preset == "tiny" and tiny_shape == "v2":  # tiny's shape up to version 3: deeper and narrower
         config.update(TINY_V2_SHAPE)
     config["widths"] = tuple(int(w * width_mult) for w in config["widths"])
     if depths:
         config["depths"] = depths(config["depths"])
-    model = LiquidDiffusionUNet(in_channels=c, liquid=liquid, **config)
+    model = V3UNet(in_channels=c, liquid=liquid, **config)
     width, embed_dim = model.config.widths[0], model.time_embedder.mlp.linear_2.out_features
     if skeleton == "v1":
         model.stem = nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1))
@@ -416,7 +447,14 @@ def _v2(**kw):
     return functools.partial(_model, skip=False, tiny_shape="v2", **kw)
 
 
+def _package(liquid=True):
+    return lambda preset, c: LiquidDiffusionUNet.from_preset(preset, in_channels=c, liquid=liquid)
+
+
 VARIANTS: dict = {
+    # the package as it is (version 4)
+    "package": _package(),
+    "package-ablation": _package(liquid=False),
     # version 1 and what was tried on it
     "seed": _v2(norm="gn", skeleton="v1"),
     "seed-ablation": _v2(norm="gn", skeleton="v1", liquid=False),
@@ -437,20 +475,20 @@ VARIANTS: dict = {
     "v2-gated": _v2(gated=True),
     "v2-inskip": _v2(inskip=True),
     "v2-freq256": _v2(freq=256),
-    # the package (version 3: + FilterSkip) and what was tried on it
-    "package": _v(),
-    "package-ablation": _v(liquid=False),
-    "package-k9": _v(filterskip=dict(n_filters=8, kernel=9)),
-    "package-gated": _v(gated=True),
-    "package-gated-k9": _v(gated=True, filterskip=dict(n_filters=8, kernel=9)),
-    "package-hires": _v(depths=_one_more_full_res_block),
-    "package-strip": _v(strip=31),
-    "package-resrelax": _v(cell=ResidualRelaxCfC),
-    "package-resrelax-zero": _v(cell=ZeroResidualRelaxCfC),
-    "package-scan": _v(scan=True),
-    "package-cfchead": _v(cfchead=True),
-    "package-cfchead-ablation": _v(liquid=False, cfchead=True),
-    "package-w1.25": _v(width_mult=1.25),  # DiT-S/2's parameter count (a diagnostic, not a preset)
+    # version 3 (+ FilterSkip, tiny 96/192/384 x 1/1/1) and what was tried on it
+    "v3": _v(),
+    "v3-ablation": _v(liquid=False),
+    "v3-k9": _v(filterskip=dict(n_filters=8, kernel=9)),
+    "v3-gated": _v(gated=True),
+    "v3-gated-k9": _v(gated=True, filterskip=dict(n_filters=8, kernel=9)),
+    "v3-hires": _v(depths=_one_more_full_res_block),
+    "v3-strip": _v(strip=31),
+    "v3-resrelax": _v(cell=ResidualRelaxCfC),
+    "v3-resrelax-zero": _v(cell=ZeroResidualRelaxCfC),
+    "v3-scan": _v(scan=True),
+    "v3-cfchead": _v(cfchead=True),
+    "v3-cfchead-ablation": _v(liquid=False, cfchead=True),
+    "v3-w1.25": _v(width_mult=1.25),  # DiT-S/2's parameter count (a diagnostic, not a preset)
     # tiny (--liquid-preset tiny) in its version-2 shape, 64/128/256 x 2/2/4, with the version-3 parts
     "deep": _v(tiny_shape="v2"),
     "deep-ablation": _v(tiny_shape="v2", liquid=False),
@@ -466,6 +504,9 @@ VARIANTS: dict = {
     "conv-k5-nocca": _conv(kernel=5, cca=False),
     "conv-k5-ablation": _conv(kernel=5, liquid=False),
     "conv-k5-addskip": _conv(kernel=5, additive=True),
+    # DiCo's shape and lean blocks in the version-3 skeleton (fourth round; the package's version 4 is this design)
+    "dico": _dico(DICO_SHAPE, kernel=3, ff_mult=2),
+    "dico-ablation": _dico(DICO_SHAPE, kernel=3, ff_mult=2, liquid=False),
 }
 
 

@@ -3,13 +3,14 @@
 Three sections, read top to bottom:
 
 1. Embedders      -- sinusoidal timestep embedding + MLP (diffusers' ``Timesteps`` / ``TimestepEmbedding``).
-2. Block parts    -- ``AdaLN``, ``ParallelCfC`` (and its ``liquid=False`` ablation ``ResidualConv``),
-                     ``MultiScaleSpatialMix``, ``FeedForward``.
+2. Block parts    -- ``AdaLN``, ``SpatialMix``, ``ParallelCfC`` (and its ``liquid=False`` ablation
+                     ``GatedProjection``), ``FeedForward``.
 3. U-Net parts    -- ``LiquidDiffusionBlock``, ``Downsample``, ``Upsample``, ``SkipFusion``, ``OutputHead``,
                      ``FilterSkip``.
 
 Lineage: CfC networks (Hasani et al., Nature MI 2022), LTC networks (AAAI 2021), LiquidTAD (parallel liquid
-relaxation), USM and DiffuSSM (attention-free diffusion backbones), DiT (adaLN, the final layer).
+relaxation), USM and DiffuSSM (attention-free diffusion backbones), DiT (adaLN-Zero, the final layer), DiCo (the
+conv module with its channel gate, and the deep U shape of many light blocks).
 """
 
 from __future__ import annotations
@@ -85,43 +86,62 @@ class AdaLN(nn.Module):
         return normed * (1 + scale) + shift
 
 
+class SpatialMix(nn.Module):
+    """The attention replacement (DiCo's conv module): a pointwise conv, a depthwise conv, and a channel gate::
+
+        u = GELU(dw_k(W_in x))
+        u = u * sigmoid(W_c mean_hw(u))          # compact channel attention: a global, content-dependent gate
+
+    Local reach comes from the depthwise k x k kernel and the U-Net's resolutions, global context from the gate (no
+    softmax over positions anywhere). Light on purpose: the U-Net stacks many of these blocks (BENCHMARKS.md 3(h):
+    many light blocks trained better at equal steps than a few heavy ones).
+
+    Args:
+        channels: feature channels C.
+        kernel: the depthwise kernel size k.
+    """
+
+    def __init__(self, channels: int, kernel: int = 3):
+        super().__init__()
+        self.w_in = nn.Conv2d(channels, channels, 1)
+        self.depthwise = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)
+        self.channel_gate = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = F.gelu(self.depthwise(self.w_in(x)))
+        return u * torch.sigmoid(self.channel_gate(u.mean(dim=(2, 3), keepdim=True)))
+
+
 class ParallelCfC(nn.Module):
     """Closed-form continuous-time (CfC, Hasani et al. 2022, Eq. 10) cell made spatial and fully parallel.
 
-    With ``u = backbone(features)`` (depthwise 7x7 -> 1x1 -> SiLU) and 1x1 heads f, g, h::
+    On the mixed features ``u`` (``SpatialMix``), with 1x1 heads f, g, h::
 
         gate  = sigmoid(time_a(t_emb) * f(u) - time_b(t_emb))     # liquid time-gating
         out   = gate * g(u) + (1 - gate) * h(u)                    # CfC interpolation
         tau   = tau_min + softplus(time_tau(t_emb))                # time scale, learned from t_emb
         alpha = exp(-lambda * tau),  lambda = softplus(rho) >= 0   # liquid relaxation, rho learned per channel
-        y     = alpha * x + (1 - alpha) * out                      # time-aware residual
+        y     = alpha * x + (1 - alpha) * (x + out)                # time-aware residual (= x + (1 - alpha) * out)
 
-    ``tau`` is deliberately *not* the flow time t itself: with tau = t, alpha -> 1 as t -> 0 and the cell becomes
-    the identity on nearly clean inputs, exactly where fine detail is decided. Here tau is a learned, positive
-    function of ``t_emb`` that starts at the same value ``tau_init`` for every t, and the network learns per channel
-    and per t how much to relax.
+    The relaxation's input is the residual stream x and its target ``x + out``, so the stream is never shrunk: the
+    relaxation sets, per channel and per t, how much of the cell's update goes in (version 3 relaxed towards ``out``
+    itself, which replaced part of the stream in every block). ``tau`` is deliberately *not* the flow time t: with
+    tau = t, alpha -> 1 as t -> 0 and the cell would switch itself off on nearly clean inputs, exactly where fine
+    detail is decided. Here tau is a learned, positive function of ``t_emb`` that starts at ``tau_init`` for every
+    t (alpha = exp(-0.5) ~ 0.61: 39 % of the update goes in at initialisation).
 
-    ``tau_init = 0.15`` makes alpha start at exp(-0.15) ~ 0.86 at every noise level: the residual stream passes
-    through a stack of cells nearly unchanged at initialisation, as in a residual network (alpha_0 = exp(-1)
-    trained worse than the plain-conv ablation; BENCHMARKS.md has the numbers).
-
-    All operations are elementwise or convolutions, so ``torch.compile`` can fuse the gating and the cell
-    works in ``channels_last``.
+    All operations are elementwise or 1x1 convolutions: ``torch.compile`` fuses the gating, and the cell works in
+    ``channels_last``.
 
     Args:
-        channels: feature channels C.
+        channels: feature channels C (of x and u).
         embed_dim: width of ``t_emb``.
         tau_min: lower bound of the time scale, keeps alpha < 1 whenever lambda > 0.
         tau_init: the time scale at initialisation, the same for every t.
     """
 
-    def __init__(self, channels: int, embed_dim: int, tau_min: float = 0.05, tau_init: float = 0.15):
+    def __init__(self, channels: int, embed_dim: int, tau_min: float = 0.05, tau_init: float = 0.5):
         super().__init__()
-        self.backbone = nn.Sequential(
-            nn.Conv2d(channels, channels, 7, padding=3, groups=channels),
-            nn.Conv2d(channels, channels, 1),
-            nn.SiLU(),
-        )
         self.heads = nn.Conv2d(channels, 3 * channels, 1)  # f, g, h in one matmul
         self.time_ab = nn.Linear(embed_dim, 2 * channels)  # time_a, time_b
         self.time_tau = nn.Linear(embed_dim, channels)
@@ -140,78 +160,48 @@ class ParallelCfC(nn.Module):
         tau = self.tau_min + F.softplus(self.time_tau(t_emb))
         return torch.exp(-F.softplus(self.rho) * tau)[:, :, None, None]
 
-    def forward(self, x: torch.Tensor, features: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        f, g, h = self.heads(self.backbone(features)).chunk(3, dim=1)
+    def forward(self, x: torch.Tensor, u: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        f, g, h = self.heads(u).chunk(3, dim=1)
         time_a, time_b = self.time_ab(t_emb)[:, :, None, None].chunk(2, dim=1)
         gate = torch.sigmoid(time_a * f - time_b)
         out = h + gate * (g - h)  # = gate * g + (1 - gate) * h
-        alpha = self.relaxation(t_emb)
-        return out + alpha * (x - out)  # = alpha * x + (1 - alpha) * out
+        return x + (1 - self.relaxation(t_emb)) * out  # = alpha * x + (1 - alpha) * (x + out)
 
 
-class ResidualConv(nn.Module):
-    """Ablation of ``ParallelCfC`` (``liquid=False``): the same depthwise-7x7 + 1x1 backbone and a conv head of the
-    same width, but no gate, no interpolation and no relaxation: ``y = x + W_out(SiLU(W_in(backbone(features))))``
-    with ``W_in: C -> 2C`` and ``W_out: 2C -> C`` (4C^2 weights, as the CfC's 1x1 + three heads).
+class GatedProjection(nn.Module):
+    """Ablation of ``ParallelCfC`` (``liquid=False``): no gate, no interpolation, no relaxation, but DiT's
+    adaLN-Zero gate: ``y = x + gate(t_emb) * W_out u`` with ``W_out: C -> C`` (1x1) and ``gate`` a zero-initialised
+    linear map of ``t_emb``.
 
     Args:
         channels: feature channels C.
-        embed_dim: unused; kept so both cells share a signature.
+        embed_dim: width of ``t_emb``.
     """
 
     def __init__(self, channels: int, embed_dim: int):
         super().__init__()
-        self.backbone = nn.Sequential(
-            nn.Conv2d(channels, channels, 7, padding=3, groups=channels),
-            nn.Conv2d(channels, 2 * channels, 1),
-            nn.SiLU(),
-            nn.Conv2d(2 * channels, channels, 1),
-        )
+        self.w_out = nn.Conv2d(channels, channels, 1)
+        self.gate = nn.Linear(embed_dim, channels)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
 
-    def forward(self, x: torch.Tensor, features: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        return x + self.backbone(features)
-
-
-class MultiScaleSpatialMix(nn.Module):
-    """Attention replacement: parallel depthwise 3x3, 5x5, 7x7 convs and a global-average-pool branch, fused by 1x1.
-
-    ``mix(x) = W_proj [dw3(x) ; dw5(x) ; dw7(x) ; broadcast(W_g mean_hw(x))]`` where ``;`` is channel
-    concatenation and ``W_proj: 4C -> C`` is zero-initialised (the residual branch starts switched off).
-
-    Args:
-        channels: feature channels C.
-    """
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.dw3 = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
-        self.dw5 = nn.Conv2d(channels, channels, 5, padding=2, groups=channels)
-        self.dw7 = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
-        self.global_proj = nn.Conv2d(channels, channels, 1)
-        self.proj = nn.Conv2d(4 * channels, channels, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = self.global_proj(x.mean(dim=(2, 3), keepdim=True)).expand_as(x)
-        return self.proj(torch.cat([self.dw3(x), self.dw5(x), self.dw7(x), pooled], dim=1))
+    def forward(self, x: torch.Tensor, u: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        return x + self.gate(t_emb)[:, :, None, None] * self.w_out(u)
 
 
 class FeedForward(nn.Module):
-    """Channel MLP: ``ff(x) = W_2 SiLU(W_1 x)`` with 1x1 convs ``C -> mult*C -> C``; ``W_2`` zero-initialised.
+    """Channel MLP: ``ff(x) = W_2 GELU(W_1 x)`` with 1x1 convs ``C -> mult*C -> C`` (the block gates it).
 
     Args:
         channels: feature channels C.
         mult: hidden expansion.
     """
 
-    def __init__(self, channels: int, mult: int = 4):
+    def __init__(self, channels: int, mult: int = 2):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(channels, mult * channels, 1), nn.SiLU(), nn.Conv2d(mult * channels, channels, 1)
+            nn.Conv2d(channels, mult * channels, 1), nn.GELU(), nn.Conv2d(mult * channels, channels, 1)
         )
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -223,32 +213,33 @@ class FeedForward(nn.Module):
 
 
 class LiquidDiffusionBlock(nn.Module):
-    """One liquid block::
+    """One liquid block (architecture version 4)::
 
-        x = ParallelCfC(x, AdaLN_1(x, t_emb), t_emb)       # liquid gating + relaxation (its own residual)
-        x = x + MultiScaleSpatialMix(AdaLN_2(x, t_emb))    # attention-free spatial mixing
-        x = x + FeedForward(AdaLN_3(x, t_emb))             # channel MLP
+        u = SpatialMix(AdaLN_1(x, t_emb))                          # pointwise, depthwise 3x3, channel gate
+        x = ParallelCfC(x, u, t_emb)                               # CfC gating + liquid relaxation: x + (1-alpha) out
+        x = x + gate(t_emb) * FeedForward(AdaLN_2(x, t_emb))       # channel MLP, adaLN-Zero gate (zero at init)
 
     Args:
         channels: feature channels C.
         embed_dim: width of ``t_emb``.
         ff_mult: FeedForward expansion.
-        liquid: ``False`` swaps ``ParallelCfC`` for the ``ResidualConv`` ablation.
+        liquid: ``False`` swaps ``ParallelCfC`` for the ``GatedProjection`` ablation.
     """
 
-    def __init__(self, channels: int, embed_dim: int, ff_mult: int = 4, liquid: bool = True):
+    def __init__(self, channels: int, embed_dim: int, ff_mult: int = 2, liquid: bool = True):
         super().__init__()
-        self.norm_cfc = AdaLN(channels, embed_dim)
-        self.cfc = (ParallelCfC if liquid else ResidualConv)(channels, embed_dim)
         self.norm_mix = AdaLN(channels, embed_dim)
-        self.mix = MultiScaleSpatialMix(channels)
+        self.mix = SpatialMix(channels)
+        self.cfc = (ParallelCfC if liquid else GatedProjection)(channels, embed_dim)
         self.norm_ff = AdaLN(channels, embed_dim)
         self.ff = FeedForward(channels, ff_mult)
+        self.ff_gate = nn.Linear(embed_dim, channels)
+        nn.init.zeros_(self.ff_gate.weight)
+        nn.init.zeros_(self.ff_gate.bias)
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        x = self.cfc(x, self.norm_cfc(x, t_emb), t_emb)
-        x = x + self.mix(self.norm_mix(x, t_emb))
-        return x + self.ff(self.norm_ff(x, t_emb))
+        x = self.cfc(x, self.mix(self.norm_mix(x, t_emb)), t_emb)
+        return x + self.ff_gate(t_emb)[:, :, None, None] * self.ff(self.norm_ff(x, t_emb))
 
 
 class Downsample(nn.Module):

@@ -30,8 +30,9 @@ from .blocks import (Downsample, FilterSkip, LiquidDiffusionBlock, OutputHead, S
 # Version of the architecture, saved in every config: weights of another version do not fit (see check_format).
 # 1: the seed's stem (conv3x3 -> SiLU -> conv3x3), un-modulated head, GroupNorm AdaLN; 2: single-conv stem,
 # t-modulated head (OutputHead), per-position LayerNorm AdaLN; 3: + the FilterSkip from x_t to v (and tiny's new
-# shape, 96/192/384 x 1/1/1).
-FORMAT_VERSION = 3
+# shape, 96/192/384 x 1/1/1); 4: light blocks (SpatialMix -> ParallelCfC with a residual relaxation -> gated
+# FeedForward) in DiCo's deep shape (tiny 96/192/384 x 4/4/2, no separate bottleneck).
+FORMAT_VERSION = 4
 
 def check_format(config: dict) -> None:
     """Refuses, in one line, a saved config of another architecture version (configs without the field are 1)."""
@@ -66,7 +67,8 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
     ``t_emb = MLP(sinusoid(t))``; stem ``conv3x3`` (linear, as DiT's patch embedding); encoder stage i holds
     ``depths[i]`` ``LiquidDiffusionBlock``s at width ``widths[i]`` with stride-2 downsampling between stages; a
     bottleneck of ``bottleneck_depth`` blocks; the decoder mirrors the encoder (upsample, ``SkipFusion`` with the
-    matching encoder output, blocks); ``OutputHead`` ``conv3x3(AdaLN(x, t_emb))`` (zero-initialised) back to
+    matching encoder output, blocks; the deepest stage's encoder and decoder blocks meet with no upsampling between
+    them); ``OutputHead`` ``conv3x3(AdaLN(x, t_emb))`` (zero-initialised) back to
     ``out_channels``; plus ``FilterSkip``, a t-dependent linear filter of x_t added to the head's output::
 
         v = OutputHead(U-Net(stem(x_t)), t_emb) + sum_k a_k(t_emb) * (K_k * x_t)
@@ -76,10 +78,10 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         out_channels: channels of the predicted velocity (defaults to ``in_channels``).
         widths: channel width per stage, increasing.
         depths: blocks per encoder stage (the decoder mirrors them).
-        bottleneck_depth: blocks at the lowest resolution.
+        bottleneck_depth: extra blocks at the lowest resolution, between the encoder and the decoder.
         ff_mult: FeedForward expansion.
         time_embed_dim: width of ``t_emb`` (defaults to ``4 * widths[0]``).
-        liquid: ``False`` replaces every ``ParallelCfC`` by the ``ResidualConv`` ablation.
+        liquid: ``False`` replaces every ``ParallelCfC`` by the ``GatedProjection`` ablation.
         num_classes: K > 0 makes the model class-conditional: ``t_emb = MLP(sinusoid(t)) + E[y]`` with a learned
             label embedding ``E`` of K + 1 rows, row K being the "null" class (unconditional). 0 (the default):
             unconditional, with no label embedding at all.
@@ -89,6 +91,7 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = False
+    block_class = LiquidDiffusionBlock  # benchmarks/variants.py builds earlier versions' blocks into this skeleton
 
     @register_to_config
     def __init__(
@@ -96,9 +99,9 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         in_channels: int = 4,
         out_channels: int | None = None,
         widths: tuple[int, ...] = (96, 192, 384),
-        depths: tuple[int, ...] = (1, 1, 1),
-        bottleneck_depth: int = 2,
-        ff_mult: int = 4,
+        depths: tuple[int, ...] = (4, 4, 2),
+        bottleneck_depth: int = 0,
+        ff_mult: int = 2,
         time_embed_dim: int | None = None,
         liquid: bool = True,
         num_classes: int = 0,
@@ -118,7 +121,7 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1)
 
         def stage(width: int, depth: int) -> nn.ModuleList:
-            return nn.ModuleList(LiquidDiffusionBlock(width, embed_dim, ff_mult, liquid) for _ in range(depth))
+            return nn.ModuleList(self.block_class(width, embed_dim, ff_mult, liquid) for _ in range(depth))
 
         self.encoder = nn.ModuleList(stage(w, d) for w, d in zip(widths, depths))
         self.downsamples = nn.ModuleList(Downsample(a, b) for a, b in zip(widths[:-1], widths[1:]))
@@ -295,11 +298,12 @@ def resolve_class_labels(labels, class_names: list[str], num_classes: int) -> to
 
 
 PRESETS: dict[str, dict] = {
-    "micro": dict(widths=(32, 64, 128), depths=(1, 1, 1), bottleneck_depth=1),  # tests and CPU demos
-    # tiny: 1.5x the card's widths at one block per stage, in place of its 64/128/256 x 2/2/4 (BENCHMARKS.md 3(f))
-    "tiny": dict(widths=(96, 192, 384), depths=(1, 1, 1)),  # T4, 256px at batch 8
-    "small": dict(widths=(96, 192, 384), depths=(2, 3, 6)),
-    "base": dict(widths=(128, 256, 512), depths=(2, 4, 8)),
+    "micro": dict(widths=(32, 64, 128), depths=(2, 2, 2)),  # tests and CPU demos
+    # DiCo's shape: many light blocks, most of them at the two higher resolutions (BENCHMARKS.md 3(h))
+    "tiny": dict(widths=(96, 192, 384), depths=(4, 4, 2)),  # T4, 256px at batch 8
+    "small": dict(widths=(128, 256, 512), depths=(6, 6, 4)),
+    "base": dict(widths=(192, 384, 768), depths=(8, 8, 3)),
 }
-"""Named sizes: widths and encoder depths per stage (bottleneck of 2 blocks). small and base are the model card's;
-tiny keeps the card's ~23M parameters in a wider, shallower shape that trained better at equal steps."""
+"""Named sizes: widths and encoder depths per stage (the decoder mirrors them; no separate bottleneck). tiny, small
+and base keep the card's ~23M / ~69M / ~154M parameters in a deeper shape of lighter blocks, which trained better at
+equal steps than the card's shapes did (BENCHMARKS.md section 3)."""

@@ -190,7 +190,8 @@ Objective (rectified flow, t = 0 data, t = 1 noise): `x_t = (1 - t) x0 + t noise
 ## Lineage
 
 CfC networks (Hasani et al., Nature Machine Intelligence 2022), LTC networks (AAAI 2021), LiquidTAD (parallel
-liquid relaxation), USM (U-Net + SSM for diffusion, CVPR 2025), DiffuSSM (2023), Rectified Flow (ICLR 2023).
+liquid relaxation), USM (U-Net + SSM for diffusion, CVPR 2025), DiffuSSM (2023), DiCo (conv diffusion, 2025: the
+block's conv module and the U shape), Rectified Flow (ICLR 2023).
 
 License: MIT.
 """

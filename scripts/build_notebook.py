@@ -35,8 +35,8 @@ Pick a dataset, pick a model size, press **Runtime → Run all**, and watch samp
 At the end the model (EMA weights, config, model card and sample grid) goes to the Hugging Face Hub.
 
 **LiquidDiffusion** is a U-Net without any attention: every block is a *liquid* CfC gate (closed-form continuous-time
-cells) plus multi-scale depthwise convolutions, trained with **rectified flow** (t = 0 is data, t = 1 is noise) in the
-latent space of the frozen SD-VAE, or directly on pixels for small images.
+cells) plus a depthwise convolution with a global channel gate, trained with **rectified flow** (t = 0 is data,
+t = 1 is noise) in the latent space of the frozen SD-VAE, or directly on pixels for small images.
 
 | step | what happens |
 |---|---|
@@ -221,7 +221,7 @@ CHOICES_MD = """\
 | field | meaning |
 |---|---|
 | `DATASET` | one of the six verified datasets, or `custom` with `CUSTOM_DATASET` = any Hub id (`user/name`) or a folder of images (e.g. on your Drive) |
-| `PRESET` | model size: `tiny` (~22M parameters, T4-friendly), `small` (~67M), `base` (~150M); `micro` (2M) for CPU demos |
+| `PRESET` | model size: `tiny` (~23M parameters, T4-friendly), `small` (~68M), `base` (~153M); `micro` (2M) for CPU demos |
 | `RESOLUTION` | training size in pixels; 256 or 512 in latent space, 64 in pixel space for the 64x64 anime faces |
 | `SPACE` | `latent` (through the frozen SD-VAE, for 256/512 px) or `pixel` (no VAE, small images) |
 | `STEPS` | optimizer steps in total (a resumed run continues up to this number) |

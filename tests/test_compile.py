@@ -24,8 +24,8 @@ from torch._dynamo.utils import counters
 
 from liquid_diffusion.model import LiquidDiffusionUNet
 
-MICRO = dict(widths=(32, 64, 128), depths=(1, 1, 1), bottleneck_depth=1)
-ONE_STAGE = dict(widths=(8,), depths=(1,), bottleneck_depth=1)  # every block kind, the fewest kernels
+MICRO = dict(widths=(32, 64, 128), depths=(1, 1, 1))
+ONE_STAGE = dict(widths=(8,), depths=(1,))  # every block kind, the fewest kernels
 
 CASES = [  # backend, device, model, latent size, tolerance, with backward
     pytest.param("aot_eager", "cpu", MICRO, 16, 1e-6, True, id="aot_eager-cpu-micro"),

@@ -11,8 +11,8 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from liquid_diffusion import LiquidDiffusionUNet, PRESETS, flow
-from liquid_diffusion.blocks import (AdaLN, FilterSkip, LiquidDiffusionBlock, MultiScaleSpatialMix, OutputHead,
-                                    ParallelCfC, ResidualConv)
+from liquid_diffusion.blocks import (AdaLN, FilterSkip, GatedProjection, LiquidDiffusionBlock, OutputHead,
+                                    ParallelCfC, SpatialMix)
 from liquid_diffusion.model import FORMAT_VERSION
 
 
@@ -87,9 +87,9 @@ def test_micro_is_under_3m_parameters():
 
 def test_preset_widths_and_depths_follow_the_spec():
     # tiny: the card's 64/128/256 x 2/2/4 trained worse than 96/192/384 x 1/1/1 at the same size (BENCHMARKS.md 3(f))
-    assert PRESETS["tiny"]["widths"] == (96, 192, 384) and PRESETS["tiny"]["depths"] == (1, 1, 1)
-    assert PRESETS["small"]["widths"] == (96, 192, 384) and PRESETS["small"]["depths"] == (2, 3, 6)
-    assert PRESETS["base"]["widths"] == (128, 256, 512) and PRESETS["base"]["depths"] == (2, 4, 8)
+    assert PRESETS["tiny"]["widths"] == (96, 192, 384) and PRESETS["tiny"]["depths"] == (4, 4, 2)
+    assert PRESETS["small"]["widths"] == (128, 256, 512) and PRESETS["small"]["depths"] == (6, 6, 4)
+    assert PRESETS["base"]["widths"] == (192, 384, 768) and PRESETS["base"]["depths"] == (8, 8, 3)
 
 
 def test_from_preset_accepts_overrides():
@@ -130,10 +130,10 @@ def test_forward_never_calls_attention_or_softmax():
 def test_blocks_are_the_spec_architecture():
     model = micro()
     blocks = [m for m in model.modules() if isinstance(m, LiquidDiffusionBlock)]
-    # micro: encoder 1+1+1, bottleneck 1, decoder 1+1+1
-    assert len(blocks) == 7
-    assert all(isinstance(b.cfc, ParallelCfC) and isinstance(b.mix, MultiScaleSpatialMix) for b in blocks)
-    assert [m.kernel_size for m in (blocks[0].mix.dw3, blocks[0].mix.dw5, blocks[0].mix.dw7)] == [(3, 3), (5, 5), (7, 7)]
+    # micro: encoder 2+2+2, decoder 2+2+2, no separate bottleneck
+    assert len(blocks) == 12
+    assert all(isinstance(b.cfc, ParallelCfC) and isinstance(b.mix, SpatialMix) for b in blocks)
+    assert blocks[0].mix.depthwise.kernel_size == (3, 3)
 
 
 # ------------------------------------------------------------------------------------------------ time and gradients
@@ -319,6 +319,48 @@ def test_unknown_timestep_sampling_and_sampler_are_rejected():
         flow.sample(lambda x, t: x, torch.zeros(1, 1), 2, sampler="dpm")
 
 
+# ------------------------------------------------------------------------------------------------ architecture version 4
+
+
+def test_the_cfc_cell_relaxes_the_stream_towards_the_stream_plus_its_update():
+    """``y = alpha * x + (1 - alpha) * (x + out)``, ``out = gate * g(u) + (1 - gate) * h(u)``,
+    ``gate = sigmoid(time_a * f(u) - time_b)``: checked against the equations written out."""
+    torch.manual_seed(0)
+    cell = perturb_zero_init(ParallelCfC(8, 16), scale=0.3)
+    x, u, t_emb = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5), torch.randn(2, 16)
+    f, g, h = cell.heads(u).chunk(3, dim=1)
+    time_a, time_b = cell.time_ab(t_emb)[:, :, None, None].chunk(2, dim=1)
+    gate = torch.sigmoid(time_a * f - time_b)
+    out = gate * g + (1 - gate) * h
+    alpha = cell.relaxation(t_emb)
+    assert alpha.shape == (2, 8, 1, 1) and not torch.allclose(alpha[0], alpha[1])  # per channel and per t
+    assert torch.allclose(cell(x, u, t_emb), alpha * x + (1 - alpha) * (x + out), atol=1e-5)
+
+
+def test_a_block_starts_close_to_the_identity_and_its_ablation_exactly_at_it():
+    """Zero-initialised gates: the feed-forward branch and the ablation's projection start switched off, the CfC
+    cell adds (1 - alpha) = 39 % of its update."""
+    torch.manual_seed(0)
+    x, t_emb = torch.randn(2, 16, 8, 8), torch.randn(2, 64)
+    assert torch.equal(LiquidDiffusionBlock(16, 64, liquid=False)(x, t_emb), x)
+    block = LiquidDiffusionBlock(16, 64)
+    u = block.mix(block.norm_mix(x, t_emb))
+    assert torch.allclose(block(x, t_emb), block.cfc(x, u, t_emb)) and not torch.allclose(block(x, t_emb), x)
+
+
+def test_spatial_mix_sees_the_whole_image_through_its_channel_gate():
+    """A 3x3 depthwise kernel reaches one pixel; the gate ``sigmoid(W_c mean_hw(u))`` carries global context
+    (without any softmax over positions): a change in one corner changes the output in the opposite one."""
+    torch.manual_seed(0)
+    mix = SpatialMix(8)
+    x = torch.randn(1, 8, 16, 16)
+    y = x.clone()
+    y[..., 0, 0] += 5.0
+    assert not torch.allclose(mix(x)[..., -1, -1], mix(y)[..., -1, -1])
+    mix.channel_gate.weight.data.zero_()  # without the gate the far corner cannot see it
+    assert torch.equal(mix(x)[..., -1, -1], mix(y)[..., -1, -1])
+
+
 # ------------------------------------------------------------------------------------------------ architecture version 2
 
 
@@ -375,12 +417,12 @@ def test_the_model_adds_its_filter_skip_to_the_head():
     assert torch.equal(model(x, t).sample, model.input_skip(x, t_emb))  # the head is still zero
 
 
-def test_liquid_false_swaps_every_cfc_cell_for_the_plain_residual_conv():
+def test_liquid_false_swaps_every_cfc_cell_for_the_plain_gated_projection():
     liquid = LiquidDiffusionUNet.from_preset("micro")
     ablation = LiquidDiffusionUNet.from_preset("micro", liquid=False)
     count = lambda model, cls: sum(isinstance(m, cls) for m in model.modules())  # noqa: E731
-    assert count(liquid, ParallelCfC) == count(ablation, ResidualConv) == 7  # 3 encoder + 1 bottleneck + 3 decoder
-    assert count(liquid, ResidualConv) == count(ablation, ParallelCfC) == 0
+    assert count(liquid, ParallelCfC) == count(ablation, GatedProjection) == 12  # 6 encoder + 6 decoder
+    assert count(liquid, GatedProjection) == count(ablation, ParallelCfC) == 0
 
 
 @pytest.fixture
@@ -401,6 +443,17 @@ def test_weights_of_another_architecture_version_are_refused_in_one_line(old_for
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match=f"architecture version {FORMAT_VERSION + 1}"):
         LiquidDiffusionUNet.from_preset("micro", format_version=FORMAT_VERSION + 1)
+
+
+def test_version_3_weights_are_refused_in_one_line(tmp_path):
+    """Version 3's heavy blocks (MultiScaleSpatialMix, three AdaLNs) do not fit version 4's light ones."""
+    folder = tmp_path / "v3"
+    model = LiquidDiffusionUNet.from_preset("micro", in_channels=3)
+    model.register_to_config(format_version=3)
+    model.save_pretrained(folder)
+    with pytest.raises(ValueError, match="architecture version 3.*format changed") as error:
+        LiquidDiffusionUNet.from_pretrained(folder)
+    assert "\n" not in str(error.value)
 
 
 def test_version_2_weights_without_the_filter_skip_are_refused_in_one_line(tmp_path):
