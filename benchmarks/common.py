@@ -298,11 +298,27 @@ def make_train_step(
     return step
 
 
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, _groups, output_mask, out_shape, **kwargs) -> int:
+    """``aten.convolution_backward``'s FLOPs with groups counted: torch's formula counts the weight gradient of a
+    grouped (depthwise) convolution as if it were dense, C times too many (torch 2.13). The input gradient is a
+    transposed convolution with the same weight; the weight gradient takes as many multiply-adds as the forward."""
+    from torch.utils.flop_counter import conv_flop_count, get_shape
+
+    flops = 0
+    if output_mask[0]:
+        flops += conv_flop_count(grad_out_shape, w_shape, get_shape(out_shape[0]), not transposed)
+    if output_mask[1]:
+        flops += conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return flops
+
+
 def train_step_flops(model: nn.Module, batch: torch.Tensor) -> float:
-    """FLOPs of one forward + backward pass on ``batch`` (``torch.utils.flop_counter``; the optimizer is not counted)."""
+    """FLOPs of one forward + backward pass on ``batch`` (``torch.utils.flop_counter``, with grouped convolutions'
+    weight gradients counted right; the optimizer is not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops})
     with counter:
         loss = flow.flow_matching_loss(model, batch)
         loss.backward()

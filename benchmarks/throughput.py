@@ -39,6 +39,7 @@ DEFAULT_MODELS = ["liquid-micro", "liquid-tiny", "liquid-small", "liquid-base", 
 PEERS = ["dit-s2", "dit-b2", "unet2d"]
 VARIANTS = {  # name -> (autocast dtype, channels_last, compile)
     "fp32": (None, False, False),
+    "fp32+channels_last": (None, True, False),  # what the trainer runs (channels_last on every device)
     "bf16": (torch.bfloat16, False, False),
     "bf16+channels_last": (torch.bfloat16, True, False),
     "bf16+compile": (torch.bfloat16, False, True),

@@ -507,6 +507,7 @@ VARIANTS: dict = {
     # DiCo's shape and lean blocks in the version-3 skeleton (fourth round; the package's version 4 is this design)
     "dico": _dico(DICO_SHAPE, kernel=3, ff_mult=2),
     "dico-ablation": _dico(DICO_SHAPE, kernel=3, ff_mult=2, liquid=False),
+    "dico-k7": _dico(DICO_SHAPE, kernel=7, ff_mult=2),
 }
 
 

@@ -33,6 +33,26 @@ def test_common_models_share_one_velocity_interface():
     assert 20.0 < common.count_params(common.build_model("unet2d", 4, 32)) < 23.0  # matched to liquid-tiny (~21.8M)
 
 
+@pytest.mark.parametrize("groups", [1, 8], ids=["dense", "depthwise"])
+def test_train_step_flops_count_a_convolution_three_times_its_forward_groups_included(groups):
+    """Forward, input gradient and weight gradient each take the forward's multiply-adds. torch's own formula counts
+    a depthwise convolution's weight gradient as dense (8x too many here), which made the liquid nets' GFLOP/img of
+    earlier tables too high. (The input's own gradient is not needed, so the second conv alone has all three.)"""
+
+    class Conv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = torch.nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+            self.second = torch.nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+
+        def forward(self, x, t):
+            return self.second(self.first(x))
+
+    forward = 2 * 8 * (8 // groups) * 3 * 3 * 16 * 16  # one conv, one image, 16x16 output
+    batch = 2
+    assert common.train_step_flops(Conv(), torch.randn(batch, 8, 16, 16)) == batch * (2 + 3) * forward
+
+
 def test_throughput_quick(tmp_path, capsys):
     out = tmp_path / "throughput.md"
     assert throughput.main(["--quick", "--threads", "1", "--output", str(out)]) == 0
