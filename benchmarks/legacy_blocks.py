@@ -6,76 +6,40 @@ in the same order as version 3 built them, so a seed gives the same initial weig
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from liquid_diffusion import blocks
 from liquid_diffusion.blocks import AdaLN
 from liquid_diffusion.model import LiquidDiffusionUNet
 
 
-class ParallelCfC(nn.Module):
-    """Closed-form continuous-time (CfC, Hasani et al. 2022, Eq. 10) cell made spatial and fully parallel.
+class ParallelCfC(blocks.ParallelCfC):
+    """Version 3's CfC cell: the package's gating and relaxation, with its own features and another relaxation.
 
     With ``u = backbone(features)`` (depthwise 7x7 -> 1x1 -> SiLU) and 1x1 heads f, g, h::
 
-        gate  = sigmoid(time_a(t_emb) * f(u) - time_b(t_emb))     # liquid time-gating
-        out   = gate * g(u) + (1 - gate) * h(u)                    # CfC interpolation
-        tau   = tau_min + softplus(time_tau(t_emb))                # time scale, learned from t_emb
-        alpha = exp(-lambda * tau),  lambda = softplus(rho) >= 0   # liquid relaxation, rho learned per channel
-        y     = alpha * x + (1 - alpha) * out                      # time-aware residual
+        gate  = sigmoid(time_a(t_emb) * f(u) - time_b(t_emb));  out = gate * g(u) + (1 - gate) * h(u)
+        alpha = exp(-lambda * tau(t_emb))
+        y     = alpha * x + (1 - alpha) * out          # relaxes towards out itself (version 4: towards x + out)
 
-    ``tau`` is deliberately *not* the flow time t itself: with tau = t, alpha -> 1 as t -> 0 and the cell becomes
-    the identity on nearly clean inputs, exactly where fine detail is decided. Here tau is a learned, positive
-    function of ``t_emb`` that starts at the same value ``tau_init`` for every t, and the network learns per channel
-    and per t how much to relax.
-
-    ``tau_init = 0.15`` makes alpha start at exp(-0.15) ~ 0.86 at every noise level: the residual stream passes
-    through a stack of cells nearly unchanged at initialisation, as in a residual network (alpha_0 = exp(-1)
-    trained worse than the plain-conv ablation; BENCHMARKS.md has the numbers).
-
-    All operations are elementwise or convolutions, so ``torch.compile`` can fuse the gating and the cell
-    works in ``channels_last``.
-
-    Args:
-        channels: feature channels C.
-        embed_dim: width of ``t_emb``.
-        tau_min: lower bound of the time scale, keeps alpha < 1 whenever lambda > 0.
-        tau_init: the time scale at initialisation, the same for every t.
+    ``tau_init = 0.15``: alpha starts at exp(-0.15) ~ 0.86, so the stream passes a stack of cells nearly unchanged
+    at initialisation (alpha_0 = exp(-1) trained worse than the plain-conv ablation; BENCHMARKS.md).
     """
 
     def __init__(self, channels: int, embed_dim: int, tau_min: float = 0.05, tau_init: float = 0.15):
-        super().__init__()
-        self.backbone = nn.Sequential(
+        # built before the heads, as version 3 did, so that a seed draws the same initial weights
+        backbone = nn.Sequential(
             nn.Conv2d(channels, channels, 7, padding=3, groups=channels),
             nn.Conv2d(channels, channels, 1),
             nn.SiLU(),
         )
-        self.heads = nn.Conv2d(channels, 3 * channels, 1)  # f, g, h in one matmul
-        self.time_ab = nn.Linear(embed_dim, 2 * channels)  # time_a, time_b
-        self.time_tau = nn.Linear(embed_dim, channels)
-        self.rho = nn.Parameter(torch.full((channels,), math.log(math.e - 1)))  # softplus(rho) = 1
-        self.tau_min = tau_min
-        # time_a = 1, time_b = 0 at init: the gate starts as sigmoid(f(u)), the same for every t.
-        nn.init.zeros_(self.time_ab.weight)
-        with torch.no_grad():
-            self.time_ab.bias.copy_(torch.cat([torch.ones(channels), torch.zeros(channels)]))
-        # tau_min + softplus(bias) = tau_init at init, for every t.
-        nn.init.zeros_(self.time_tau.weight)
-        nn.init.constant_(self.time_tau.bias, math.log(math.expm1(tau_init - tau_min)))
-
-    def relaxation(self, t_emb: torch.Tensor) -> torch.Tensor:
-        """alpha = exp(-lambda * tau(t_emb)), shape [B, C, 1, 1]."""
-        tau = self.tau_min + F.softplus(self.time_tau(t_emb))
-        return torch.exp(-F.softplus(self.rho) * tau)[:, :, None, None]
+        super().__init__(channels, embed_dim, tau_min, tau_init)
+        self.backbone = backbone
 
     def forward(self, x: torch.Tensor, features: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        f, g, h = self.heads(self.backbone(features)).chunk(3, dim=1)
-        time_a, time_b = self.time_ab(t_emb)[:, :, None, None].chunk(2, dim=1)
-        gate = torch.sigmoid(time_a * f - time_b)
-        out = h + gate * (g - h)  # = gate * g + (1 - gate) * h
+        out = self.interpolation(self.backbone(features), t_emb)
         alpha = self.relaxation(t_emb)
         return out + alpha * (x - out)  # = alpha * x + (1 - alpha) * out
 

@@ -101,10 +101,7 @@ class ResidualRelaxCfC(ParallelCfC):
     """The cell with ``input = x`` and ``out = x + CfC``: ``y = x + (1 - alpha) * CfC`` (no stream shrink)."""
 
     def forward(self, x, features, t_emb):
-        f, g, h = self.heads(self.backbone(features)).chunk(3, dim=1)
-        time_a, time_b = self.time_ab(t_emb)[:, :, None, None].chunk(2, dim=1)
-        gate = torch.sigmoid(time_a * f - time_b)
-        return x + (1 - self.relaxation(t_emb)) * (h + gate * (g - h))
+        return x + (1 - self.relaxation(t_emb)) * self.interpolation(self.backbone(features), t_emb)
 
 
 class NoSkip(nn.Module):

@@ -160,12 +160,15 @@ class ParallelCfC(nn.Module):
         tau = self.tau_min + F.softplus(self.time_tau(t_emb))
         return torch.exp(-F.softplus(self.rho) * tau)[:, :, None, None]
 
-    def forward(self, x: torch.Tensor, u: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+    def interpolation(self, u: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        """out = gate * g(u) + (1 - gate) * h(u) with gate = sigmoid(time_a(t_emb) * f(u) - time_b(t_emb))."""
         f, g, h = self.heads(u).chunk(3, dim=1)
         time_a, time_b = self.time_ab(t_emb)[:, :, None, None].chunk(2, dim=1)
         gate = torch.sigmoid(time_a * f - time_b)
-        out = h + gate * (g - h)  # = gate * g + (1 - gate) * h
-        return x + (1 - self.relaxation(t_emb)) * out  # = alpha * x + (1 - alpha) * (x + out)
+        return h + gate * (g - h)
+
+    def forward(self, x: torch.Tensor, u: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        return x + (1 - self.relaxation(t_emb)) * self.interpolation(u, t_emb)  # = alpha x + (1 - alpha) (x + out)
 
 
 class GatedProjection(nn.Module):

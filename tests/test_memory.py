@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from liquid_diffusion import memory
+from liquid_diffusion import memory as memory_module
 from liquid_diffusion.memory import (
     CUDA_CONTEXT_BYTES,
     TRAINING_BYTES_PER_PARAMETER,
@@ -81,10 +81,10 @@ def version_3_presets(monkeypatch):
         def from_preset(preset, **overrides):
             return V3UNet(**{**V3_PRESETS[preset], **overrides})
 
-    monkeypatch.setattr(memory, "LiquidDiffusionUNet", Version3)
-    memory.activation_bytes.cache_clear()
+    monkeypatch.setattr(memory_module, "LiquidDiffusionUNet", Version3)
+    memory_module.activation_bytes.cache_clear()
     yield
-    memory.activation_bytes.cache_clear()
+    memory_module.activation_bytes.cache_clear()
 
 
 @pytest.mark.parametrize("preset, precision, vae_dtype, cached, measured_mib", MEASURED_H200)
