@@ -66,10 +66,11 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
 
     ``t_emb = MLP(sinusoid(t))``; stem ``conv3x3`` (linear, as DiT's patch embedding); encoder stage i holds
     ``depths[i]`` ``LiquidDiffusionBlock``s at width ``widths[i]`` with stride-2 downsampling between stages; a
-    bottleneck of ``bottleneck_depth`` blocks; the decoder mirrors the encoder (upsample, ``SkipFusion`` with the
-    matching encoder output, blocks; the deepest stage's encoder and decoder blocks meet with no upsampling between
-    them); ``OutputHead`` ``conv3x3(AdaLN(x, t_emb))`` (zero-initialised) back to
-    ``out_channels``; plus ``FilterSkip``, a t-dependent linear filter of x_t added to the head's output::
+    bottleneck of ``bottleneck_depth`` blocks (none in the presets); the decoder mirrors the encoder (upsample,
+    ``SkipFusion`` with the matching encoder output, blocks; the deepest decoder stage is not upsampled, and without
+    a bottleneck its ``SkipFusion`` is a 1x1 conv of the deepest encoder output); ``OutputHead``
+    ``conv3x3(AdaLN(x, t_emb))`` (zero-initialised) back to ``out_channels``; plus ``FilterSkip``, a t-dependent
+    linear filter of x_t added to the head's output::
 
         v = OutputHead(U-Net(stem(x_t)), t_emb) + sum_k a_k(t_emb) * (K_k * x_t)
 
