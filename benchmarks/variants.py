@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from benchmarks import common
 from benchmarks.legacy_blocks import V3_PRESETS, LiquidDiffusionBlock, MultiScaleSpatialMix, ParallelCfC, V3UNet
-from liquid_diffusion.blocks import AdaLN, FilterSkip, OutputHead, TimestepEmbedder
+from liquid_diffusion.blocks import AdaLN, FilterSkip, OutputHead, TimestepEmbedder, normalise_channels
 from liquid_diffusion.model import LiquidDiffusionUNet
 
 # ------------------------------------------------------------------------------------------------ swapped parts
@@ -271,7 +271,7 @@ class LiquidConvBlock(nn.Module):
         c, hid = channels, hidden_mult * channels
         self.liquid, self.cca = liquid, cca
         make_norm = (lambda: nn.GroupNorm(_num_groups(c), c, affine=False, eps=1e-6)) if norm == "gn" else (
-            lambda: ChannelLayerNorm(c))
+            lambda: ChannelLayerNorm())
         self.norm1, self.norm2 = make_norm(), make_norm()
         self.modulation = nn.Linear(embed_dim, 5 * c)  # s1, b1, s2, b2, g2
         nn.init.zeros_(self.modulation.weight)
@@ -320,12 +320,8 @@ class LiquidConvBlock(nn.Module):
 class ChannelLayerNorm(nn.Module):
     """LayerNorm over channels at every position, no affine (the norm inside the package's ``AdaLN``)."""
 
-    def __init__(self, channels):
-        super().__init__()
-        self.channels = channels
-
     def forward(self, x):
-        return F.layer_norm(x.permute(0, 2, 3, 1), (self.channels,), eps=1e-6).permute(0, 3, 1, 2)
+        return normalise_channels(x)
 
 
 class AdditiveSkip(nn.Module):

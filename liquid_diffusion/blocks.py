@@ -81,9 +81,13 @@ class AdaLN(nn.Module):
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         scale, shift = self.modulation(t_emb)[:, :, None, None].chunk(2, dim=1)
-        # layer_norm normalises the last dim: channels go last as a view (no copy in channels_last memory)
-        normed = F.layer_norm(x.permute(0, 2, 3, 1), (self.channels,), eps=1e-6).permute(0, 3, 1, 2)
-        return normed * (1 + scale) + shift
+        return normalise_channels(x) * (1 + scale) + shift
+
+
+def normalise_channels(x: torch.Tensor) -> torch.Tensor:
+    """``LN_c(x)``: zero mean and unit variance over the channels at every position, no affine."""
+    # layer_norm normalises the last dim: channels go last as a view (no copy in channels_last memory)
+    return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), eps=1e-6).permute(0, 3, 1, 2)
 
 
 class SpatialMix(nn.Module):
