@@ -147,6 +147,9 @@ class V3UNet(LiquidDiffusionUNet):
 
     block_class = LiquidDiffusionBlock
 
+    def __init__(self, *, widths, decoder_widths=None, **kwargs):
+        super().__init__(widths=widths, decoder_widths=decoder_widths or tuple(widths), **kwargs)  # decoder as wide
+
 
 V3_PRESETS: dict[str, dict] = {
     "micro": dict(widths=(32, 64, 128), depths=(1, 1, 1), bottleneck_depth=1, ff_mult=4),

@@ -370,6 +370,130 @@ def _dico(shape, **kw):
 
 DICO_SHAPE = dict(widths=(96, 192, 384), depths=(4, 4, 2), bottleneck_depth=0)
 
+
+# ------------------------------------------------------------------------------------------------ fifth round (v4)
+
+from liquid_diffusion import blocks as v4  # noqa: E402  (version 4's parts, for the variants built on the package)
+
+
+class WideContextCfC(v4.ParallelCfC):
+    """The CfC cell choosing, per position, channel and t, between a local and a wide view of the mixed features::
+
+        f, g, h_pre = W u;  h = dw_k(h_pre)                  # g sees u's 3x3 reach, h a k x k neighbourhood of it
+        gate = sigmoid(time_a * f - time_b);  out = gate * g + (1 - gate) * h
+
+    (selective-kernel style: flat regions can take the wide, smoothed view, edges the local one, and the balance can
+    move with the noise level). The relaxation is the package's.
+    """
+
+    def __init__(self, channels, embed_dim, kernel=7):
+        super().__init__(channels, embed_dim)
+        self.h_spatial = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)
+
+    def interpolation(self, u, t_emb):
+        f, g, h = self.heads(u).chunk(3, dim=1)
+        time_a, time_b = self.time_ab(t_emb)[:, :, None, None].chunk(2, dim=1)
+        gate = torch.sigmoid(time_a * f - time_b)
+        h = self.h_spatial(h)
+        return h + gate * (g - h)
+
+
+class CfCSkipFusion(nn.Module):
+    """A U-Net skip fusion by the CfC interpolation, time-gated between the encoder's features and the decoder's::
+
+        f, g, h = W [x ; skip]   (1x1, 2C -> 3C)
+        gate = sigmoid(time_a(t_emb) * f - time_b(t_emb));  y = gate * g + (1 - gate) * h
+
+    (version 4's ``SkipFusion`` is ``W [x ; skip]``, 2C -> C).
+    """
+
+    def __init__(self, channels, embed_dim):
+        super().__init__()
+        self.heads = nn.Conv2d(2 * channels, 3 * channels, 1)
+        self.time_ab = nn.Linear(embed_dim, 2 * channels)
+        nn.init.zeros_(self.time_ab.weight)
+        with torch.no_grad():
+            self.time_ab.bias.copy_(torch.cat([torch.ones(channels), torch.zeros(channels)]))
+        self.t_emb = None  # set by the model's forward pre-hook
+
+    def forward(self, x, skip):
+        f, g, h = self.heads(torch.cat([x, skip], dim=1)).chunk(3, dim=1)
+        time_a, time_b = self.time_ab(self.t_emb)[:, :, None, None].chunk(2, dim=1)
+        return h + torch.sigmoid(time_a * f - time_b) * (g - h)
+
+
+def _remember_t_emb(model, fusions):
+    """Skip fusions take no t_emb in the package's forward: hand it over through a hook on the time embedder."""
+    def hook(module, args, output):
+        for fusion in fusions:
+            fusion.t_emb = output
+    model.time_embedder.register_forward_hook(hook)
+
+
+class WideningFusion(v4.SkipFusion):
+    """``y = W [x ; skip]`` with ``W: 2C -> C_out`` (DiCo's full-resolution decoder is twice as wide as its encoder)."""
+
+    def __init__(self, channels, out_channels):
+        super().__init__(channels)
+        self.proj = nn.Conv2d(2 * channels, out_channels, 1)
+
+
+# Architecture version 4's presets: the decoder as wide as the encoder.
+V4_PRESETS = {
+    "micro": dict(widths=(32, 64, 128), depths=(2, 2, 2), decoder_widths=(32, 64, 128)),
+    "tiny": dict(widths=(96, 192, 384), depths=(4, 4, 2), decoder_widths=(96, 192, 384)),
+    "small": dict(widths=(128, 256, 512), depths=(6, 6, 4), decoder_widths=(128, 256, 512)),
+    "base": dict(widths=(192, 384, 768), depths=(8, 8, 3), decoder_widths=(192, 384, 768)),
+}
+
+
+def _xavier(model):
+    """DiT's and DiCo's initialisation: xavier-uniform weights and zero biases for every conv and linear map of the
+    U-Net that is not zero-initialised on purpose (the gates, modulations and head stay zero; the time embedder keeps
+    diffusers' init)."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and not name.startswith("time_embedder"):
+            if module.weight.abs().sum() > 0:
+                if isinstance(module, nn.Conv2d) and module.groups > 1:  # depthwise: as a linear map of its taps
+                    nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+                else:
+                    nn.init.xavier_uniform_(module.weight.flatten(1) if module.weight.ndim > 2 else module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+    return model
+
+
+def _v4(cell=None, skipcfc=False, liquid=True, ff_mult_full_res=None, decoder_full_res=None, depths=None,
+        xavier=False):
+    """The package (version 4) with named parts swapped. ``decoder_full_res=(width, depth)`` rebuilds the
+    full-resolution decoder stage (and the head) at that width and depth, as DiCo's 2x-wide last stage."""
+    def make(preset, c):
+        config = dict(V4_PRESETS[preset])
+        if depths and preset == "tiny":
+            config["depths"] = depths
+        model = LiquidDiffusionUNet(in_channels=c, liquid=liquid, **config)
+        embed_dim = model.time_embedder.mlp.linear_2.out_features
+        if decoder_full_res:
+            width0 = model.config.widths[0]
+            width, depth = decoder_full_res
+            width = width if preset == "tiny" else 2 * width0
+            model.fusions[0] = WideningFusion(width0, width)
+            model.decoder[0] = nn.ModuleList(model.block_class(width, embed_dim, model.config.ff_mult, liquid)
+                                             for _ in range(depth))
+            model.head = v4.OutputHead(width, embed_dim, model.head.conv.out_channels)
+        if xavier:
+            _xavier(model)
+        if ff_mult_full_res:  # more channel-MLP capacity per pixel at full resolution only
+            for block in (*model.encoder[0], *model.decoder[0]):
+                block.ff = v4.FeedForward(block.norm_ff.channels, ff_mult_full_res)
+        if cell is not None and liquid:
+            _replace_modules(model, v4.ParallelCfC, lambda old: cell(old.rho.numel(), embed_dim))
+        if skipcfc and liquid:
+            model.fusions = nn.ModuleList(CfCSkipFusion(f.proj.out_channels, embed_dim) for f in model.fusions)
+            _remember_t_emb(model, model.fusions)
+        return model
+    return make
+
 # ------------------------------------------------------------------------------------------------ the builder
 
 
@@ -501,6 +625,22 @@ VARIANTS: dict = {
     "dico": _dico(DICO_SHAPE, kernel=3, ff_mult=2),
     "dico-ablation": _dico(DICO_SHAPE, kernel=3, ff_mult=2, liquid=False),
     "dico-k7": _dico(DICO_SHAPE, kernel=7, ff_mult=2),
+    # version 4 (the package before version 5), and the fifth round's designs built on it
+    "v4": _v4(),
+    "v4-ablation": _v4(liquid=False),
+    "v4-wide": _v4(cell=WideContextCfC),
+    "v4-wide-ablation": _v4(liquid=False),
+    "v4-skipcfc": _v4(skipcfc=True),
+    "v4-skipcfc-ablation": _v4(liquid=False),
+    "v4-dec2x": _v4(decoder_full_res=(192, 4)),
+    "v4-dec2x-d2": _v4(decoder_full_res=(192, 2)),
+    "v4-dec2x-d2-e2": _v4(decoder_full_res=(192, 2), depths=(2, 4, 2)),
+    "v4-dec2x-d2-e2-ablation": _v4(liquid=False, decoder_full_res=(192, 2), depths=(2, 4, 2)),
+    "v4-dec2x-d2-e3": _v4(decoder_full_res=(192, 2), depths=(3, 4, 2)),
+    "v4-xavier": _v4(xavier=True),
+    "v4-xavier-ablation": _v4(liquid=False, xavier=True),
+    "v4-ff4": _v4(ff_mult_full_res=4),
+    "v4-ff4-ablation": _v4(liquid=False, ff_mult_full_res=4),
 }
 
 

@@ -220,7 +220,7 @@ class FeedForward(nn.Module):
 
 
 class LiquidDiffusionBlock(nn.Module):
-    """One liquid block (architecture version 4)::
+    """One liquid block (since architecture version 4)::
 
         u = SpatialMix(AdaLN_1(x, t_emb))                          # pointwise, depthwise 3x3, channel gate
         x = ParallelCfC(x, u, t_emb)                               # CfC gating + liquid relaxation: x + (1-alpha) out
@@ -272,11 +272,15 @@ class Upsample(nn.Module):
 
 
 class SkipFusion(nn.Module):
-    """Fuses decoder features with the matching encoder features: ``y = W [x ; skip]``, ``W: 2C -> C`` (1x1)."""
+    """Fuses decoder features with the matching encoder features: ``y = W [x ; skip]``, ``W: 2C -> C_out`` (1x1).
 
-    def __init__(self, channels: int):
+    ``C_out`` is the decoder stage's width, which may exceed the encoder's (the full-resolution decoder stage is
+    twice as wide as its encoder stage, as DiCo's).
+    """
+
+    def __init__(self, channels: int, out_channels: int | None = None):
         super().__init__()
-        self.proj = nn.Conv2d(2 * channels, channels, 1)
+        self.proj = nn.Conv2d(2 * channels, out_channels or channels, 1)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.proj(torch.cat([x, skip], dim=1))

@@ -31,8 +31,10 @@ from .blocks import (Downsample, FilterSkip, LiquidDiffusionBlock, OutputHead, S
 # 1: the seed's stem (conv3x3 -> SiLU -> conv3x3), un-modulated head, GroupNorm AdaLN; 2: single-conv stem,
 # t-modulated head (OutputHead), per-position LayerNorm AdaLN; 3: + the FilterSkip from x_t to v (and tiny's new
 # shape, 96/192/384 x 1/1/1); 4: light blocks (SpatialMix -> ParallelCfC with a residual relaxation -> gated
-# FeedForward) in DiCo's deep shape (tiny 96/192/384 x 4/4/2, no separate bottleneck).
-FORMAT_VERSION = 4
+# FeedForward) in DiCo's deep shape (tiny 96/192/384 x 4/4/2, no separate bottleneck); 5: the full-resolution
+# decoder stage twice as wide as its encoder stage, as DiCo's (``decoder_widths``; tiny 96/192/384 x 2/4/2,
+# decoder 192/192/384).
+FORMAT_VERSION = 5
 
 def check_format(config: dict) -> None:
     """Refuses, in one line, a saved config of another architecture version (configs without the field are 1)."""
@@ -66,11 +68,12 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
 
     ``t_emb = MLP(sinusoid(t))``; stem ``conv3x3`` (linear, as DiT's patch embedding); encoder stage i holds
     ``depths[i]`` ``LiquidDiffusionBlock``s at width ``widths[i]`` with stride-2 downsampling between stages; a
-    bottleneck of ``bottleneck_depth`` blocks (none in the presets); the decoder mirrors the encoder (upsample,
-    ``SkipFusion`` with the matching encoder output, blocks; the deepest decoder stage is not upsampled, and without
-    a bottleneck its ``SkipFusion`` is a 1x1 conv of the deepest encoder output); ``OutputHead``
-    ``conv3x3(AdaLN(x, t_emb))`` (zero-initialised) back to ``out_channels``; plus ``FilterSkip``, a t-dependent
-    linear filter of x_t added to the head's output::
+    bottleneck of ``bottleneck_depth`` blocks (none in the presets); the decoder mirrors the encoder's depths at
+    ``decoder_widths`` (upsample to ``widths[i]``, ``SkipFusion`` with the matching encoder output to
+    ``decoder_widths[i]``, blocks; the deepest decoder stage is not upsampled, and without a bottleneck its
+    ``SkipFusion`` is a 1x1 conv of the deepest encoder output); ``OutputHead`` ``conv3x3(AdaLN(x, t_emb))``
+    (zero-initialised) back to ``out_channels``; plus ``FilterSkip``, a t-dependent linear filter of x_t added to
+    the head's output::
 
         v = OutputHead(U-Net(stem(x_t)), t_emb) + sum_k a_k(t_emb) * (K_k * x_t)
 
@@ -79,6 +82,10 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         out_channels: channels of the predicted velocity (defaults to ``in_channels``).
         widths: channel width per stage, increasing.
         depths: blocks per encoder stage (the decoder mirrors them).
+        decoder_widths: channel width per decoder stage. By default ``widths`` with the first doubled: the
+            full-resolution decoder stage is twice as wide as its encoder stage (as DiCo's), because that is where
+            the last details of a nearly clean image are decided (BENCHMARKS.md section 3(i)). Pass ``widths``
+            itself for version 4's symmetric decoder.
         bottleneck_depth: extra blocks at the lowest resolution, between the encoder and the decoder.
         ff_mult: FeedForward expansion.
         time_embed_dim: width of ``t_emb`` (defaults to ``4 * widths[0]``).
@@ -100,7 +107,8 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         in_channels: int = 4,
         out_channels: int | None = None,
         widths: tuple[int, ...] = (96, 192, 384),
-        depths: tuple[int, ...] = (4, 4, 2),
+        depths: tuple[int, ...] = (2, 4, 2),
+        decoder_widths: tuple[int, ...] | None = None,
         bottleneck_depth: int = 0,
         ff_mult: int = 2,
         time_embed_dim: int | None = None,
@@ -112,8 +120,10 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         super().__init__()
         check_format({"format_version": format_version})
         widths, depths = tuple(widths), tuple(depths)
-        if len(widths) != len(depths) or not widths:
-            raise ValueError(f"widths {widths} and depths {depths} must be non-empty and of equal length")
+        decoder_widths = tuple(decoder_widths or (2 * widths[0], *widths[1:]))
+        if len(widths) != len(depths) or len(decoder_widths) != len(widths) or not widths:
+            raise ValueError(f"widths {widths}, depths {depths} and decoder_widths {decoder_widths} must be non-empty "
+                             "and of equal length")
         out_channels = out_channels or in_channels
         embed_dim = time_embed_dim or 4 * widths[0]
 
@@ -128,11 +138,11 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         self.downsamples = nn.ModuleList(Downsample(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.bottleneck = stage(widths[-1], bottleneck_depth)
         # Decoder stage i (deepest first) mirrors encoder stage i; stages above the deepest start by upsampling.
-        self.upsamples = nn.ModuleList(Upsample(b, a) for a, b in zip(widths[:-1], widths[1:]))
-        self.fusions = nn.ModuleList(SkipFusion(w) for w in widths)
-        self.decoder = nn.ModuleList(stage(w, d) for w, d in zip(widths, depths))
+        self.upsamples = nn.ModuleList(Upsample(b, a) for a, b in zip(widths[:-1], decoder_widths[1:]))
+        self.fusions = nn.ModuleList(SkipFusion(w, dw) for w, dw in zip(widths, decoder_widths))
+        self.decoder = nn.ModuleList(stage(w, d) for w, d in zip(decoder_widths, depths))
 
-        self.head = OutputHead(widths[0], embed_dim, out_channels)
+        self.head = OutputHead(decoder_widths[0], embed_dim, out_channels)
         self.input_skip = FilterSkip(in_channels, out_channels, embed_dim)
 
     @classmethod
@@ -141,6 +151,11 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         loaded = super().load_config(*args, **kwargs)
         check_format(loaded[0] if isinstance(loaded, tuple) else loaded)
         return loaded
+
+    @property
+    def decoder_widths(self) -> tuple[int, ...]:
+        """The width of each decoder stage (``decoder_widths`` as built, also when the config left it to default)."""
+        return tuple(fusion.proj.out_channels for fusion in self.fusions)
 
     @property
     def downsample_factor(self) -> int:
@@ -299,12 +314,14 @@ def resolve_class_labels(labels, class_names: list[str], num_classes: int) -> to
 
 
 PRESETS: dict[str, dict] = {
-    "micro": dict(widths=(32, 64, 128), depths=(2, 2, 2)),  # tests and CPU demos
-    # DiCo's shape: many light blocks, most of them at the two higher resolutions (BENCHMARKS.md 3(h))
-    "tiny": dict(widths=(96, 192, 384), depths=(4, 4, 2)),  # T4, 256px at batch 8
-    "small": dict(widths=(128, 256, 512), depths=(6, 6, 4)),
-    "base": dict(widths=(192, 384, 768), depths=(8, 8, 3)),
+    "micro": dict(widths=(32, 64, 128), depths=(1, 2, 2), decoder_widths=(64, 64, 128)),  # tests and CPU demos
+    # DiCo's shape: many light blocks, most of them at the two higher resolutions (BENCHMARKS.md 3(h)), and a
+    # full-resolution decoder stage twice as wide as its encoder stage (3(i))
+    "tiny": dict(widths=(96, 192, 384), depths=(2, 4, 2), decoder_widths=(192, 192, 384)),  # T4, 256px at batch 8
+    "small": dict(widths=(128, 256, 512), depths=(3, 6, 4), decoder_widths=(256, 256, 512)),
+    "base": dict(widths=(192, 384, 768), depths=(4, 8, 3), decoder_widths=(384, 384, 768)),
 }
-"""Named sizes: widths and encoder depths per stage (the decoder mirrors them; no separate bottleneck). tiny, small
-and base keep the card's ~23M / ~69M / ~154M parameters in a deeper shape of lighter blocks, which trained better at
-equal steps than the card's shapes did (BENCHMARKS.md section 3)."""
+"""Named sizes: encoder widths and depths per stage, decoder widths (the decoder mirrors the depths; no separate
+bottleneck). tiny, small and base keep the card's ~23M / ~69M / ~154M parameters in a deeper shape of lighter blocks
+with a wide full-resolution decoder stage, which trained better at equal steps than the card's shapes did
+(BENCHMARKS.md section 3)."""

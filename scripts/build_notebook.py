@@ -451,7 +451,7 @@ parts = {"encoder": count(model.encoder) + count(model.downsamples) + count(mode
 if CLASS_CONDITIONAL:
     parts["label embedding"] = count(model.class_embedder)
 print(f"LiquidDiffusionUNet '{PRESET}': {total / 1e6:.1f}M parameters, widths {tuple(model.config.widths)}, "
-      f"depths {tuple(model.config.depths)}, no attention")
+      f"depths {tuple(model.config.depths)}, decoder widths {model.decoder_widths}, no attention")
 for name, n in parts.items():
     print(f"  {name:<15} {n / 1e6:6.2f}M")
 latent_side = RESOLUTION // (VAE_DOWNSAMPLE_FACTOR if SPACE == "latent" else 1)

@@ -85,11 +85,31 @@ def test_micro_is_under_3m_parameters():
     assert n_params(micro()) < 3e6
 
 
-def test_preset_widths_and_depths_follow_the_spec():
-    # tiny: the card's 64/128/256 x 2/2/4 trained worse than 96/192/384 x 1/1/1 at the same size (BENCHMARKS.md 3(f))
-    assert PRESETS["tiny"]["widths"] == (96, 192, 384) and PRESETS["tiny"]["depths"] == (4, 4, 2)
-    assert PRESETS["small"]["widths"] == (128, 256, 512) and PRESETS["small"]["depths"] == (6, 6, 4)
-    assert PRESETS["base"]["widths"] == (192, 384, 768) and PRESETS["base"]["depths"] == (8, 8, 3)
+def test_preset_shapes_are_the_measured_ones():
+    # the card's 64/128/256 x 2/2/4 trained worse than these shapes at the same size (BENCHMARKS.md 3(f), 3(h), 3(i))
+    assert PRESETS["tiny"] == dict(widths=(96, 192, 384), depths=(2, 4, 2), decoder_widths=(192, 192, 384))
+    assert PRESETS["small"] == dict(widths=(128, 256, 512), depths=(3, 6, 4), decoder_widths=(256, 256, 512))
+    assert PRESETS["base"] == dict(widths=(192, 384, 768), depths=(4, 8, 3), decoder_widths=(384, 384, 768))
+
+
+def test_the_full_resolution_decoder_stage_is_twice_as_wide_as_its_encoder_stage():
+    model = LiquidDiffusionUNet.from_preset("tiny", in_channels=3)
+    assert {block.norm_mix.channels for block in model.encoder[0]} == {96}
+    assert {block.norm_mix.channels for block in model.decoder[0]} == {192}
+    assert model.fusions[0].proj.in_channels == 2 * 96 and model.fusions[0].proj.out_channels == 192
+    assert model.upsamples[0].conv.in_channels == 192 and model.upsamples[0].conv.out_channels == 96
+    assert model.head.norm.channels == 192
+    x = torch.randn(2, 3, 32, 32)
+    assert model(x, torch.rand(2)).sample.shape == x.shape
+
+
+def test_decoder_widths_default_to_the_encoder_widths_with_the_full_resolution_stage_doubled():
+    model = LiquidDiffusionUNet(in_channels=3, widths=(16, 32), depths=(1, 1))
+    assert model.head.norm.channels == 32 and model.decoder_widths == (32, 32)
+    symmetric = LiquidDiffusionUNet(in_channels=3, widths=(16, 32), depths=(1, 1), decoder_widths=(16, 32))
+    assert symmetric.head.norm.channels == 16 and symmetric.decoder_widths == (16, 32)
+    with pytest.raises(ValueError, match="equal length"):
+        LiquidDiffusionUNet(in_channels=3, widths=(16, 32), depths=(1, 1), decoder_widths=(32,))
 
 
 def test_from_preset_accepts_overrides():
@@ -130,8 +150,8 @@ def test_forward_never_calls_attention_or_softmax():
 def test_blocks_are_the_spec_architecture():
     model = micro()
     blocks = [m for m in model.modules() if isinstance(m, LiquidDiffusionBlock)]
-    # micro: encoder 2+2+2, decoder 2+2+2, no separate bottleneck
-    assert len(blocks) == 12
+    # micro: encoder 1+2+2, decoder 2+2+1 (the last one twice as wide), no separate bottleneck
+    assert len(blocks) == 10
     assert all(isinstance(b.cfc, ParallelCfC) and isinstance(b.mix, SpatialMix) for b in blocks)
     assert blocks[0].mix.depthwise.kernel_size == (3, 3)
 
@@ -421,7 +441,7 @@ def test_liquid_false_swaps_every_cfc_cell_for_the_plain_gated_projection():
     liquid = LiquidDiffusionUNet.from_preset("micro")
     ablation = LiquidDiffusionUNet.from_preset("micro", liquid=False)
     count = lambda model, cls: sum(isinstance(m, cls) for m in model.modules())  # noqa: E731
-    assert count(liquid, ParallelCfC) == count(ablation, GatedProjection) == 12  # 6 encoder + 6 decoder
+    assert count(liquid, ParallelCfC) == count(ablation, GatedProjection) == 10  # 5 encoder + 5 decoder
     assert count(liquid, GatedProjection) == count(ablation, ParallelCfC) == 0
 
 
@@ -443,6 +463,17 @@ def test_weights_of_another_architecture_version_are_refused_in_one_line(old_for
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match=f"architecture version {FORMAT_VERSION + 1}"):
         LiquidDiffusionUNet.from_preset("micro", format_version=FORMAT_VERSION + 1)
+
+
+def test_version_4_weights_are_refused_in_one_line(tmp_path):
+    """Version 4's decoder was as wide as its encoder: its full-resolution stage does not fit version 5's."""
+    folder = tmp_path / "v4"
+    model = LiquidDiffusionUNet.from_preset("micro", in_channels=3, depths=(2, 2, 2), decoder_widths=(32, 64, 128))
+    model.register_to_config(format_version=4)
+    model.save_pretrained(folder)
+    with pytest.raises(ValueError, match="architecture version 4.*format changed") as error:
+        LiquidDiffusionUNet.from_pretrained(folder)
+    assert "\n" not in str(error.value)
 
 
 def test_version_3_weights_are_refused_in_one_line(tmp_path):
