@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from benchmarks import common
 from benchmarks.legacy_blocks import V3_PRESETS, LiquidDiffusionBlock, MultiScaleSpatialMix, ParallelCfC, V3UNet
+from liquid_diffusion import blocks as v4  # the package's parts (versions 4 and 5), for the variants built on it
 from liquid_diffusion.blocks import AdaLN, FilterSkip, OutputHead, TimestepEmbedder, normalise_channels
 from liquid_diffusion.model import LiquidDiffusionUNet
 
@@ -373,7 +374,6 @@ DICO_SHAPE = dict(widths=(96, 192, 384), depths=(4, 4, 2), bottleneck_depth=0)
 
 # ------------------------------------------------------------------------------------------------ fifth round (v4)
 
-from liquid_diffusion import blocks as v4  # noqa: E402  (version 4's parts, for the variants built on the package)
 
 
 class WideContextCfC(v4.ParallelCfC):
