@@ -375,7 +375,6 @@ DICO_SHAPE = dict(widths=(96, 192, 384), depths=(4, 4, 2), bottleneck_depth=0)
 # ------------------------------------------------------------------------------------------------ fifth round (v4)
 
 
-
 class WideContextCfC(v4.ParallelCfC):
     """The CfC cell choosing, per position, channel and t, between a local and a wide view of the mixed features::
 
