@@ -45,7 +45,7 @@ from .features import (
     reference_features,
     reference_key,
 )
-from .flow import check_sampler
+from .flow import DEFAULT_GUIDANCE_SCALE, check_sampler
 from .hub import resolve_checkpoint
 from .metrics import TrainerCallback, append_record
 from .sampling import generate, load_for_sampling
@@ -109,18 +109,40 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, *, kid_subsets: int = KID_SU
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Class-conditional models: the labels of the generated images come from their own stream, apart from the noise's.
+LABEL_SEED_SALT = 0x6C61_6265_6C73  # "labels"
+
+
+def sample_labels(num_classes: int, num_samples: int, seed: int = 0) -> torch.Tensor:
+    """The classes [num_samples] that ``generated_features`` asks a class-conditional model for: uniform over the
+    ``num_classes`` classes, drawn from ``seed`` (so a run is reproducible)."""
+    generator = torch.Generator().manual_seed((seed * SEED_STRIDE + LABEL_SEED_SALT) % 2**63)
+    return torch.randint(num_classes, (num_samples,), generator=generator)
+
+
 @torch.no_grad()
 def generated_features(unet, vae, extractor: nn.Module, num_samples: int, *, resolution: int, steps: int = 25,
-                       sampler: str = "euler", seed: int = 0, batch_size: int = 50,
+                       sampler: str = "euler", seed: int = 0, batch_size: int = 50, guidance_scale: float | None = None,
                        device: torch.device | str = "cpu", progress: bool = True) -> torch.Tensor:
     """Features [num_samples, D] of images drawn with ``sampling.generate`` in batches (VAE decode in the VAE's
-    chunks); batch ``b`` draws its noise from seed ``seed * SEED_STRIDE + b``, so a run is reproducible."""
+    chunks); batch ``b`` draws its noise from seed ``seed * SEED_STRIDE + b``, so a run is reproducible.
+
+    A class-conditional model is evaluated as it is used: image i asks for class ``sample_labels(...)[i]`` (uniform
+    over the classes) with classifier-free guidance ``guidance_scale`` (default ``flow.DEFAULT_GUIDANCE_SCALE``);
+    its unconditional (null-class) samples are not what FID should score.
+    """
+    labels = None
+    if unet.config.num_classes:
+        labels = sample_labels(unet.config.num_classes, num_samples, seed)
+        guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
     chunks = []
     with tqdm(total=num_samples, unit="img", desc=f"samples ({sampler}, {steps} steps)", disable=not progress) as bar:
         for index, start in enumerate(range(0, num_samples, batch_size)):
             count = min(batch_size, num_samples - start)
             images = generate(unet, vae, count, steps, sampler, seed=(seed * SEED_STRIDE + index) % 2**63,
-                              resolution=resolution)
+                              resolution=resolution,
+                              class_labels=None if labels is None else labels[start:start + count],
+                              guidance_scale=1.0 if guidance_scale is None else guidance_scale)
             chunks.append(extract_features(extractor, images, device))
             bar.update(count)
     return torch.cat(chunks)
@@ -130,14 +152,17 @@ def evaluate_model(unet, vae, resolution: int, dataset: str, extractor: nn.Modul
                    num_samples: int = DEFAULT_NUM_SAMPLES, steps: int = 25, sampler: str = "euler", seed: int = 0,
                    split: str = "train", config_name: str | None = None, image_column: str | None = None,
                    random_crop: bool = False, reference_dir=None, reference_root=None, batch_size: int = 50,
-                   num_workers: int = 0, device: torch.device | str = "cpu", progress: bool = True) -> dict:
+                   guidance_scale: float | None = None, num_workers: int = 0, device: torch.device | str = "cpu",
+                   progress: bool = True) -> dict:
     """FID and KID of ``unet`` (+ ``vae``) sampled at ``resolution`` against ``dataset`` at the same resolution.
 
-    Draws ``num_samples`` images, or as many as the dataset has real images (with a warning) when it is smaller.
+    Draws ``num_samples`` images, or as many as the dataset has real images (with a warning) when it is smaller; a
+    class-conditional model draws them class by class with guidance ``guidance_scale`` (``generated_features``).
     ``reference_dir``: the reference cache folder (default: one per setting under ``reference_root``, itself by
     default ``default_cache_root()``).
-    Returns a JSON-ready dict: fid, kid, kid_std, num_samples, num_real, sampler, steps, seed, resolution, dataset,
-    split, feature_extractor, reference_dir, wall_time_s and sample_time_s.
+    Returns a JSON-ready dict: fid, kid, kid_std, num_samples, num_real, sampler, steps, seed, guidance_scale
+    (``None`` for an unconditional model), resolution, dataset, split, feature_extractor, reference_dir, wall_time_s
+    and sample_time_s.
     """
     if num_samples < 1:
         raise ValueError(f"the number of samples must be at least 1, got {num_samples} (the default is "
@@ -160,13 +185,20 @@ def evaluate_model(unet, vae, resolution: int, dataset: str, extractor: nn.Modul
         num_samples = len(real)
     if num_samples < 2:
         raise ValueError(f"FID and KID need at least 2 images; {dataset!r} gave {len(real)}")
+    if unet.config.num_classes:
+        guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+        if guidance_scale < 0:
+            raise ValueError(f"the guidance scale must be >= 0 (1: no guidance), got {guidance_scale}")
+    else:
+        guidance_scale = None  # an unconditional model has nothing to guide
     sample_start = time.perf_counter()
     fake = generated_features(unet, vae, extractor, num_samples, resolution=resolution, steps=steps, sampler=sampler,
-                              seed=seed, batch_size=batch_size, device=device, progress=progress)
+                              seed=seed, batch_size=batch_size, guidance_scale=guidance_scale, device=device,
+                              progress=progress)
     sample_time = time.perf_counter() - sample_start
     scores = fid_kid(real, fake, seed=seed)
     return dict(**scores, num_samples=num_samples, num_real=len(real), sampler=sampler, steps=steps, seed=seed,
-                resolution=resolution, dataset=metadata["key"]["dataset"], split=split,
+                guidance_scale=guidance_scale, resolution=resolution, dataset=metadata["key"]["dataset"], split=split,
                 feature_extractor=extractor.name, reference_dir=str(reference_dir),
                 wall_time_s=round(time.perf_counter() - start, 3), sample_time_s=round(sample_time, 3))
 
@@ -176,7 +208,9 @@ def summary_line(result: dict) -> str:
     return (f"FID {result['fid']:.2f} · KID {result['kid']:.5f} ± {result['kid_std']:.5f} · "
             f"{result['num_samples']} samples vs {result['num_real']} real images of {result['dataset']} "
             f"({result['split']}, {result['resolution']}px) · {result['sampler']} {result['steps']} steps · "
-            f"seed {result['seed']} · {result['feature_extractor'].split(' (')[0]} · {result['wall_time_s']:.1f} s")
+            + (f"every class, guidance {result['guidance_scale']:g} · " if result.get("guidance_scale") is not None
+               else "")
+            + f"seed {result['seed']} · {result['feature_extractor'].split(' (')[0]} · {result['wall_time_s']:.1f} s")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,7 +278,7 @@ class TrainingEvaluator(TrainerCallback):
                 model, trainer.vae, config.resolution, config.dataset, self.extractor,
                 num_samples=config.eval_samples, steps=config.sample_steps, seed=config.seed, split=config.split,
                 config_name=config.config_name, image_column=config.image_column, random_crop=config.random_crop,
-                reference_root=trainer.output_dir / "fid-reference",
+                reference_root=trainer.output_dir / "fid-reference", guidance_scale=config.guidance_scale,
                 batch_size=max(config.batch_size, 16), device=trainer.device, progress=False,
             )
         record = {"step": step, "kid": result["kid"], "kid_std": result["kid_std"], "fid": result["fid"],
@@ -267,12 +301,13 @@ class TrainingEvaluator(TrainerCallback):
 def evaluate_checkpoint(checkpoint: str | os.PathLike, *, num_samples: int = DEFAULT_NUM_SAMPLES,
                         dataset: str | None = None, split: str | None = None, config_name: str | None = None,
                         image_column: str | None = None, resolution: int | None = None, use_ema: bool = True,
-                        feature_extractor: str | nn.Module = INCEPTION, inception_weights=None,
+                        guidance_scale: float | None = None, feature_extractor: str | nn.Module = INCEPTION, inception_weights=None,
                         device: str | None = None, num_workers: int | None = None, **options) -> dict:
     """``evaluate_model`` for a checkpoint, an output dir (its newest checkpoint), an export folder or a Hub id,
     against its training dataset, split and crop (from its ``train_config.json``) unless told otherwise.
 
-    ``resolution`` may only repeat the training resolution. ``options`` (steps, sampler, seed, batch_size,
+    ``resolution`` may only repeat the training resolution. A class-conditional model samples every class with
+    ``guidance_scale`` (default: the one its pipeline recommends, else ``flow.DEFAULT_GUIDANCE_SCALE``). ``options`` (steps, sampler, seed, batch_size,
     reference_dir, reference_root, progress) go to ``evaluate_model``. Returns its dict plus ``checkpoint``,
     ``step`` (of a training checkpoint; else the run's total steps) and ``weights`` ("ema" or "raw").
     """
@@ -288,7 +323,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, num_samples: int = DEF
     extractor = load_feature_extractor(feature_extractor, inception_weights)  # fails fast when offline
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_resolution(resolution, trained.get("resolution"))  # before loading anything
-    unet, vae, trained_at = load_for_sampling(str(folder), use_ema=use_ema, device=device)
+    unet, vae, trained_at, recommended = load_for_sampling(str(folder), use_ema=use_ema, device=device,
+                                                           with_guidance=True)
+    if guidance_scale is None:
+        guidance_scale = recommended
     _check_resolution(resolution, trained_at)
     resolution = trained_at or resolution
     if not resolution:
@@ -298,7 +336,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, num_samples: int = DEF
         unet, vae, resolution, dataset, extractor, num_samples=num_samples,
         split=split or trained.get("split", "train"), config_name=config_name or trained.get("config_name"),
         image_column=image_column or trained.get("image_column"),
-        random_crop=trained.get("random_crop", False), num_workers=num_workers, device=device, **options,
+        random_crop=trained.get("random_crop", False), guidance_scale=guidance_scale, num_workers=num_workers,
+        device=device, **options,
     )
     state = folder / "state.json"
     step = json.loads(state.read_text()).get("step") if state.is_file() else trained.get("steps")
@@ -315,9 +354,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(
         args.checkpoint, num_samples=args.num_samples, dataset=args.dataset, split=args.split,
         config_name=args.config_name, image_column=args.image_column, resolution=args.resolution,
-        use_ema=not args.raw, feature_extractor=args.feature_extractor, inception_weights=args.inception_weights,
-        device=args.device, num_workers=args.num_workers, steps=args.steps, sampler=args.sampler, seed=args.seed,
-        batch_size=args.batch_size, reference_dir=args.reference_dir, progress=not args.no_progress,
+        use_ema=not args.raw, guidance_scale=args.guidance_scale, feature_extractor=args.feature_extractor,
+        inception_weights=args.inception_weights, device=args.device, num_workers=args.num_workers,
+        steps=args.steps, sampler=args.sampler, seed=args.seed, batch_size=args.batch_size,
+        reference_dir=args.reference_dir, progress=not args.no_progress,
     )
     print(summary_line(result))
     print(json.dumps(result))
@@ -350,6 +390,9 @@ def add_evaluate_command(subparsers) -> None:
     parser.add_argument("--image-column", default=None, help="image column (default: the training one)")
     parser.add_argument("--resolution", type=int, default=None,
                         help="must be the training resolution (default: read from the checkpoint)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="class-conditional models, which are sampled class by class (uniform over the "
+                             "classes): the classifier-free guidance scale (default: the model's recommended one)")
     parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument("--feature-extractor", default=INCEPTION,
                         help="'inception' (default: FID Inception v3 via torchmetrics/torch-fidelity) or "

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from liquid_diffusion import LiquidDiffusionPipeline, flow
+from liquid_diffusion import LiquidDiffusionPipeline, evaluate, flow
 from liquid_diffusion.__main__ import main
 from liquid_diffusion.checkpoints import list_checkpoints
 from liquid_diffusion.config import TrainConfig
@@ -347,6 +347,39 @@ def test_sample_grids_show_one_row_per_class(conditional_run):
     rows = [pixels[i * RES:(i + 1) * RES] for i in range(2)]
     blue_row, red_row = (row[..., 2].mean() - row[..., 0].mean() for row in rows)
     assert blue_row > 0 > red_row  # row 0 is blue_square, row 1 red_disc
+
+
+class MeanColour(torch.nn.Module):
+    """A feature extractor for FID's code path: uint8 images [B, 3, H, W] -> their mean colour in [-1, 1], [B, 3]."""
+
+    name = "mean-colour"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float().mean(dim=(2, 3)) / 127.5 - 1
+
+
+def test_fid_samples_ask_for_every_class_with_guidance(conditional_run, class_folder, tmp_path):
+    """FID scores a conditional model as it is used: each sample asks for a class (uniform, from the seed) with
+    guidance; the null class's samples would follow no request (about half would match the asked class)."""
+    means = class_mean_colours(class_folder)
+    unet, _, _ = load_for_sampling(str(conditional_run))
+    n = 32
+    colours = evaluate.generated_features(unet, None, MeanColour(), n, resolution=RES, steps=10, seed=0,
+                                          batch_size=12, progress=False)
+    asked = evaluate.sample_labels(len(CLASSES), n, seed=0)
+    assert torch.equal(asked, evaluate.sample_labels(len(CLASSES), n, seed=0))
+    assert 0.25 <= asked.float().mean() <= 0.75  # both classes are asked for
+    matched = (torch.cdist(colours, means).argmin(dim=1) == asked).float().mean().item()
+    print(f"\nFID samples nearer the colour of the class they asked for: {matched:.2f}")
+    assert matched >= 0.9
+
+    options = dict(num_samples=8, steps=2, batch_size=4, feature_extractor=MeanColour(), progress=False,
+                   reference_root=tmp_path, device="cpu")
+    assert evaluate.evaluate_checkpoint(conditional_run, **options)["guidance_scale"] == flow.DEFAULT_GUIDANCE_SCALE
+    result = evaluate.evaluate_checkpoint(conditional_run, guidance_scale=3.0, **options)
+    assert result["guidance_scale"] == 3.0 and "every class, guidance 3" in evaluate.summary_line(result)
+    with pytest.raises(ValueError, match="guidance scale must be >= 0"):
+        evaluate.evaluate_checkpoint(conditional_run, guidance_scale=-1.0, **options)
 
 
 # ------------------------------------------------------------------------------------------------ CLI, pipeline

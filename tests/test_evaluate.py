@@ -198,7 +198,7 @@ def test_evaluate_command_end_to_end_on_a_micro_checkpoint(trained, tmp_path):
     assert "has only 32 images" in result.stderr
     assert report["num_samples"] == report["num_real"] == 32
     assert {"sampler": "euler", "steps": 2, "seed": 0, "resolution": RES, "weights": "ema",
-            "feature_extractor": "stand-in-19"}.items() <= report.items()
+            "feature_extractor": "stand-in-19", "guidance_scale": None}.items() <= report.items()
     assert report["fid"] > 0 and report["kid_std"] >= 0 and 0 < report["wall_time_s"] < wall
     assert human.startswith(f"FID {report['fid']:.2f} · KID ") and "32 samples vs 32 real images" in human
     assert (tmp_path / "reference" / "metadata.json").is_file()
