@@ -38,7 +38,7 @@ from benchmarks import common
 from benchmarks.legacy_blocks import V3_PRESETS, LiquidDiffusionBlock, MultiScaleSpatialMix, ParallelCfC, V3UNet
 from liquid_diffusion import blocks as v4  # the package's parts (versions 4 and 5), for the variants built on it
 from liquid_diffusion.blocks import AdaLN, FilterSkip, OutputHead, TimestepEmbedder, normalise_channels
-from liquid_diffusion.model import LiquidDiffusionUNet
+from liquid_diffusion.model import PRESETS, LiquidDiffusionUNet
 
 # ------------------------------------------------------------------------------------------------ swapped parts
 
@@ -493,6 +493,70 @@ def _v4(cell=None, skipcfc=False, liquid=True, ff_mult_full_res=None, decoder_fu
         return model
     return make
 
+# ------------------------------------------------------------------------------------------------ sixth round (v5)
+
+
+class CfCFeedForward(nn.Module):
+    """The CfC cell as the block's channel MLP, a gated linear unit with the liquid relaxation as its residual gate::
+
+        f, g, h = W_fgh z                      (1x1, C -> 3 x hidden)
+        gate    = sigmoid(time_a(t_emb) * f - time_b(t_emb))
+        out     = W_2 (gate * g + (1 - gate) * h)           (1x1, hidden -> C)
+        y       = x + (1 - alpha(t_emb)) * out              (alpha as the package's ``ParallelCfC``)
+
+    With h = 0 the interpolation is a sigmoid GLU, which trains better than a GELU MLP at equal parameters in
+    transformers (Shazeer 2020); its ``liquid=False`` ablation is the package's GELU ``FeedForward``.
+    """
+
+    def __init__(self, channels, embed_dim, hidden):
+        super().__init__()
+        self.heads = nn.Conv2d(channels, 3 * hidden, 1)
+        self.w_2 = nn.Conv2d(hidden, channels, 1)
+        self.relax = v4.ParallelCfC(channels, embed_dim)  # only its time_tau and rho are used: alpha(t_emb)
+        del self.relax.heads, self.relax.time_ab
+        self.time_ab = nn.Linear(embed_dim, 2 * hidden)
+        nn.init.zeros_(self.time_ab.weight)
+        with torch.no_grad():
+            self.time_ab.bias.copy_(torch.cat([torch.ones(hidden), torch.zeros(hidden)]))
+
+    def forward(self, x, z, t_emb):
+        f, g, h = self.heads(z).chunk(3, dim=1)
+        time_a, time_b = self.time_ab(t_emb)[:, :, None, None].chunk(2, dim=1)
+        out = self.w_2(h + torch.sigmoid(time_a * f - time_b) * (g - h))
+        return x + (1 - self.relax.relaxation(t_emb)) * out
+
+
+class LiquidFeedForwardBlock(nn.Module):
+    """Version 5's block with the CfC cell moved from the mix branch into the channel MLP::
+
+        x = x + gate(t_emb) * W_o SpatialMix(AdaLN_1(x, t_emb))      # the ablation's mix branch (adaLN-Zero)
+        x = CfCFeedForward(x, AdaLN_2(x, t_emb), t_emb)              # hidden 1.5 C: the block keeps 9 C^2 weights
+
+    ``liquid=False`` gives exactly the package's ablation block (``GatedProjection`` and the gated GELU MLP).
+    """
+
+    def __init__(self, channels, embed_dim, ff_mult=2, liquid=True, hidden_mult=1.5):
+        super().__init__()
+        self.norm_mix = AdaLN(channels, embed_dim)
+        self.mix = v4.SpatialMix(channels)
+        self.proj = v4.GatedProjection(channels, embed_dim)
+        self.norm_ff = AdaLN(channels, embed_dim)
+        self.ff = CfCFeedForward(channels, embed_dim, int(hidden_mult * channels))
+
+    def forward(self, x, t_emb):
+        x = self.proj(x, self.mix(self.norm_mix(x, t_emb)), t_emb)
+        return self.ff(x, self.norm_ff(x, t_emb), t_emb)
+
+
+def _v5(block=None, liquid=True):
+    """The package (version 5) with its liquid blocks swapped for ``block`` (the ablation is the package's)."""
+    def make(preset, c):
+        cls = LiquidDiffusionUNet if block is None or not liquid else type(
+            "VariantUNet", (LiquidDiffusionUNet,), {"block_class": block})
+        return cls(in_channels=c, liquid=liquid, **PRESETS[preset])
+    return make
+
+
 # ------------------------------------------------------------------------------------------------ the builder
 
 
@@ -640,6 +704,9 @@ VARIANTS: dict = {
     "v4-xavier-ablation": _v4(liquid=False, xavier=True),
     "v4-ff4": _v4(ff_mult_full_res=4),
     "v4-ff4-ablation": _v4(liquid=False, ff_mult_full_res=4),
+    # sixth round, on version 5
+    "v5-cfcff": _v5(block=LiquidFeedForwardBlock),
+    "v5-cfcff-ablation": _v5(block=LiquidFeedForwardBlock, liquid=False),  # = package-ablation
 }
 
 
