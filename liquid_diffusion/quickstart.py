@@ -4,7 +4,8 @@
 bar or a cross on a soft two-colour background, 32x32 pixels, generated on the spot), trains the ``micro`` model on
 it in pixel space (about 5 minutes on a 2-core CPU), and writes ``samples/progress.png``: the sample grid at every
 stage side by side, from noise to shapes, always from the same noise. Interrupt it at any time; running the same
-command again resumes.
+command again resumes. A quickstart of an older release's architecture cannot be resumed: it is renamed aside
+(``<output-dir>-version<N>``, nothing deleted) and a new one starts.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .checkpoints import CorruptCheckpointError, list_checkpoints, read_json
 from .config import TrainConfig
 from .errors import check_number
 from .metrics import TrainerCallback
+from .model import FORMAT_VERSION
 from .trainer import Trainer
 
 COLOURS = np.array([(220, 40, 40), (40, 170, 60), (40, 70, 220), (240, 200, 30)], dtype=np.float32)
@@ -85,9 +88,38 @@ def quickstart_config(output_dir: str | Path, steps: int = 1000, batch_size: int
     )
 
 
+def set_aside_older_run(output_dir: str | Path) -> Path | None:
+    """Renames ``output_dir`` to ``<output_dir>-version<N>`` when its newest checkpoint was saved by architecture
+    version N of an older (or newer) release, which this one cannot resume; returns the new path, else ``None``.
+
+    A user who upgrades and runs the quickstart again wants to see the new model learn, not an error; their old run
+    is kept whole. (``train --resume`` refuses such a run in one line instead: there the user must choose.)
+    """
+    output_dir = Path(output_dir).resolve()
+    checkpoints = list_checkpoints(output_dir) if output_dir.is_dir() else []
+    if not checkpoints:
+        return None
+    try:
+        version = read_json(checkpoints[-1] / "unet" / "config.json").get("format_version", 1)
+    except CorruptCheckpointError:
+        return None  # damaged checkpoints are the trainer's to report and skip
+    if version == FORMAT_VERSION:
+        return None
+    target, copy = output_dir.with_name(f"{output_dir.name}-version{version}"), 1
+    while target.exists():
+        copy += 1
+        target = output_dir.with_name(f"{output_dir.name}-version{version}-{copy}")
+    output_dir.rename(target)
+    return target
+
+
 def _run_quickstart(args: argparse.Namespace) -> int:
     check_number(args, "steps", 1)
     check_number(args, "batch_size", 1)
+    moved = set_aside_older_run(args.output_dir)
+    if moved is not None:
+        print(f"{args.output_dir} held a quickstart of an older LiquidDiffusion architecture, which this release "
+              f"cannot resume: kept it as {moved} and starting a new one")
     config = quickstart_config(args.output_dir, args.steps, args.batch_size)
     make_shapes_folder(config.dataset)
     print(f"built-in dataset: 1024 shapes (32x32) in {config.dataset}; training the micro model for {config.steps} "

@@ -21,6 +21,7 @@ from liquid_diffusion import checkpoints, hub
 from liquid_diffusion.__main__ import main
 from liquid_diffusion.checkpoints import CheckpointWriteError, list_checkpoints, read_checkpoint
 from liquid_diffusion.metrics import IntervalStats
+from liquid_diffusion.model import FORMAT_VERSION
 from liquid_diffusion.trainer import Trainer
 from test_trainer import REPO, RES, pixel_config, run_cli, synthetic_folder, weights
 
@@ -377,6 +378,29 @@ def test_quickstart_trains_offline_on_built_in_shapes_and_writes_a_progress_stri
     one = Image.open(grids[0])
     assert strip.width == 3 * one.width + 2 * 6 and strip.height > one.height
     assert "progress.png" in result.stdout
+
+
+def test_quickstart_sets_aside_a_run_of_another_architecture_version_and_starts_afresh(tmp_path, capsys):
+    out = tmp_path / "quickstart"
+    assert main(["quickstart", "--output-dir", str(out), "--steps", "2", "--batch-size", "4"]) == 0
+    old = out / "checkpoint-000002"
+    for part in ("unet", "unet_ema"):  # the run of a release whose architecture was version 4
+        config = json.loads((old / part / "config.json").read_text())
+        (old / part / "config.json").write_text(json.dumps({**config, "format_version": 4}))
+    capsys.readouterr()
+
+    assert main(["quickstart", "--output-dir", str(out), "--steps", "2", "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    kept = tmp_path / "quickstart-version4"
+    assert f"kept it as {kept}" in printed
+    assert json.loads((kept / "checkpoint-000002" / "unet" / "config.json").read_text())["format_version"] == 4
+    assert (kept / "samples" / "progress.png").is_file()  # the old run is whole
+    fresh = json.loads((out / "checkpoint-000002" / "unet" / "config.json").read_text())
+    assert fresh["format_version"] == FORMAT_VERSION and (out / "samples" / "progress.png").is_file()
+
+    # a run of this version resumes (here: is already done) and is not moved
+    assert main(["quickstart", "--output-dir", str(out), "--steps", "2", "--batch-size", "4"]) == 0
+    assert not (tmp_path / "quickstart-version5").exists() and "kept it as" not in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------ multi-process stats
