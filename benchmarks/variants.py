@@ -400,19 +400,19 @@ class WideContextCfC(v4.ParallelCfC):
 class CfCSkipFusion(nn.Module):
     """A U-Net skip fusion by the CfC interpolation, time-gated between the encoder's features and the decoder's::
 
-        f, g, h = W [x ; skip]   (1x1, 2C -> 3C)
+        f, g, h = W [x ; skip]   (1x1, 2C -> 3 C_out)
         gate = sigmoid(time_a(t_emb) * f - time_b(t_emb));  y = gate * g + (1 - gate) * h
 
     (version 4's ``SkipFusion`` is ``W [x ; skip]``, 2C -> C).
     """
 
-    def __init__(self, channels, embed_dim):
+    def __init__(self, channels, out_channels, embed_dim):
         super().__init__()
-        self.heads = nn.Conv2d(2 * channels, 3 * channels, 1)
-        self.time_ab = nn.Linear(embed_dim, 2 * channels)
+        self.heads = nn.Conv2d(2 * channels, 3 * out_channels, 1)
+        self.time_ab = nn.Linear(embed_dim, 2 * out_channels)
         nn.init.zeros_(self.time_ab.weight)
         with torch.no_grad():
-            self.time_ab.bias.copy_(torch.cat([torch.ones(channels), torch.zeros(channels)]))
+            self.time_ab.bias.copy_(torch.cat([torch.ones(out_channels), torch.zeros(out_channels)]))
         self.t_emb = None  # set by the model's forward pre-hook
 
     def forward(self, x, skip):
@@ -488,7 +488,8 @@ def _v4(cell=None, skipcfc=False, liquid=True, ff_mult_full_res=None, decoder_fu
         if cell is not None and liquid:
             _replace_modules(model, v4.ParallelCfC, lambda old: cell(old.rho.numel(), embed_dim))
         if skipcfc and liquid:
-            model.fusions = nn.ModuleList(CfCSkipFusion(f.proj.out_channels, embed_dim) for f in model.fusions)
+            model.fusions = nn.ModuleList(CfCSkipFusion(f.proj.out_channels, f.proj.out_channels, embed_dim)
+                                          for f in model.fusions)
             _remember_t_emb(model, model.fusions)
         return model
     return make
@@ -548,12 +549,22 @@ class LiquidFeedForwardBlock(nn.Module):
         return self.ff(x, self.norm_ff(x, t_emb), t_emb)
 
 
-def _v5(block=None, liquid=True):
-    """The package (version 5) with its liquid blocks swapped for ``block`` (the ablation is the package's)."""
+def _v5(block=None, liquid=True, ff_mult_full_res=None, skipcfc=False):
+    """The package (version 5) with named parts swapped: its liquid blocks by ``block`` (the ablation stays the
+    package's), a wider channel MLP in the full-resolution blocks, CfC skip fusions (``CfCSkipFusion``)."""
     def make(preset, c):
         cls = LiquidDiffusionUNet if block is None or not liquid else type(
             "VariantUNet", (LiquidDiffusionUNet,), {"block_class": block})
-        return cls(in_channels=c, liquid=liquid, **PRESETS[preset])
+        model = cls(in_channels=c, liquid=liquid, **PRESETS[preset])
+        if ff_mult_full_res:
+            for block_ in (*model.encoder[0], *model.decoder[0]):
+                block_.ff = v4.FeedForward(block_.norm_ff.channels, ff_mult_full_res)
+        if skipcfc and liquid:
+            embed_dim = model.time_embedder.mlp.linear_2.out_features
+            model.fusions = nn.ModuleList(CfCSkipFusion(w, dw, embed_dim)
+                                          for w, dw in zip(model.config.widths, model.decoder_widths))
+            _remember_t_emb(model, model.fusions)
+        return model
     return make
 
 
@@ -707,6 +718,10 @@ VARIANTS: dict = {
     # sixth round, on version 5
     "v5-cfcff": _v5(block=LiquidFeedForwardBlock),
     "v5-cfcff-ablation": _v5(block=LiquidFeedForwardBlock, liquid=False),  # = package-ablation
+    "v5-ff4": _v5(ff_mult_full_res=4),
+    "v5-ff4-ablation": _v5(ff_mult_full_res=4, liquid=False),
+    "v5-skipcfc": _v5(skipcfc=True),
+    "v5-skipcfc-ablation": _v5(skipcfc=True, liquid=False),  # = package-ablation
 }
 
 
