@@ -549,7 +549,36 @@ class LiquidFeedForwardBlock(nn.Module):
         return self.ff(x, self.norm_ff(x, t_emb), t_emb)
 
 
-def _v5(block=None, liquid=True, ff_mult_full_res=None, skipcfc=False):
+class PositionStem(nn.Module):
+    """The stem plus where each pixel is: ``stem(x_t) + W p(y, x)`` with ``p`` the fixed Fourier features of the
+    pixel's normalised coordinates (in [-1, 1] at any resolution, as DiT's sincos position embedding is fixed)::
+
+        p = [y, x, sin(pi 2^k y), cos(pi 2^k y), sin(pi 2^k x), cos(pi 2^k x)  for k < n_freqs]
+
+    and ``W`` a zero-initialised 1x1 conv (the model starts as the package's). A convolution only learns position
+    from its zero padding; DiT knows it everywhere, which may matter for centred subjects on a plain background.
+    """
+
+    def __init__(self, stem, n_freqs=4):
+        super().__init__()
+        self.stem, self.n_freqs = stem, n_freqs
+        self.position = nn.Conv2d(2 + 4 * n_freqs, stem.out_channels, 1)
+        nn.init.zeros_(self.position.weight)
+        nn.init.zeros_(self.position.bias)
+
+    def features(self, height, width, like):
+        y = torch.linspace(-1 + 1 / height, 1 - 1 / height, height, device=like.device, dtype=like.dtype)
+        x = torch.linspace(-1 + 1 / width, 1 - 1 / width, width, device=like.device, dtype=like.dtype)
+        y, x = (c.expand(height, width) for c in (y[:, None], x[None, :]))
+        freqs = math.pi * 2.0 ** torch.arange(self.n_freqs, device=like.device, dtype=like.dtype)
+        waves = [f(c[None] * freqs[:, None, None]) for c in (y, x) for f in (torch.sin, torch.cos)]
+        return torch.cat([y[None], x[None], *waves])[None]  # [1, 2 + 4 n_freqs, H, W]
+
+    def forward(self, sample):
+        return self.stem(sample) + self.position(self.features(*sample.shape[2:], sample))
+
+
+def _v5(block=None, liquid=True, ff_mult_full_res=None, skipcfc=False, position=False):
     """The package (version 5) with named parts swapped: its liquid blocks by ``block`` (the ablation stays the
     package's), a wider channel MLP in the full-resolution blocks, CfC skip fusions (``CfCSkipFusion``)."""
     def make(preset, c):
@@ -559,6 +588,8 @@ def _v5(block=None, liquid=True, ff_mult_full_res=None, skipcfc=False):
         if ff_mult_full_res:
             for block_ in (*model.encoder[0], *model.decoder[0]):
                 block_.ff = v4.FeedForward(block_.norm_ff.channels, ff_mult_full_res)
+        if position:
+            model.stem = PositionStem(model.stem)
         if skipcfc and liquid:
             embed_dim = model.time_embedder.mlp.linear_2.out_features
             model.fusions = nn.ModuleList(CfCSkipFusion(w, dw, embed_dim)
@@ -722,6 +753,8 @@ VARIANTS: dict = {
     "v5-ff4-ablation": _v5(ff_mult_full_res=4, liquid=False),
     "v5-skipcfc": _v5(skipcfc=True),
     "v5-skipcfc-ablation": _v5(skipcfc=True, liquid=False),  # = package-ablation
+    "v5-pos": _v5(position=True),
+    "v5-pos-ablation": _v5(position=True, liquid=False),
 }
 
 
