@@ -23,6 +23,10 @@ blocks) with named parts swapped, so that every row of the ablation tables is re
   (DiT's patch-2 stem and head: the U-Net runs at half resolution), ``-w2`` (widths doubled), ``-w1.25`` (widths
   x 1.25: tiny at DiT-S/2's parameter count).
 * ``conv-*``: the DiCo-style ``LiquidConvBlock`` (branch ``issue-11-convblock``), in the seed's skeleton.
+* ``v4*``: version 4 (``v4``) and the fifth round's screens built on it (``v4-dec2x-d2-e2`` is version 5's design).
+* ``v5-*``: the sixth round, on version 5: ``-cfcff`` (the CfC cell as the channel MLP, a liquid GLU), ``-ff4`` (a
+  4x MLP at full resolution), ``-skipcfc`` (CfC skip fusions), ``-pos`` (fixed Fourier position features in the
+  stem).
 """
 from __future__ import annotations
 
