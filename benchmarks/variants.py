@@ -582,7 +582,51 @@ class PositionStem(nn.Module):
         return self.stem(sample) + self.position(self.features(*sample.shape[2:], sample))
 
 
-def _v5(block=None, liquid=True, ff_mult_full_res=None, skipcfc=False, position=False):
+class EdgeAwareScan(nn.Module):
+    """Attention-free non-local averaging: a liquid recursive filter with a content-dependent time constant, run
+    both ways along rows, then both ways along columns (the domain transform's edge-aware recursive filter, Gastal
+    and Oliveira 2011, with a learned decay)::
+
+        v, d = W z                           (1x1, C -> 2C)
+        a    = exp(-softplus(d))             (per position and channel: a -> 1 averages on, a -> 0 stops at an edge)
+        r    = scan_rows(a, (1 - a) v)       (h_i = a_i h_(i-1) + (1 - a_i) v_i, forward plus backward)
+        out  = W_o scan_cols(a, (1 - a) r)   (W_o zero-initialised)
+
+    Flat regions of a nearly clean image can then average their noise away over their whole extent, which is what
+    DiT-S/2's attention can do and a stack of 3x3 convolutions cannot.
+    """
+
+    def __init__(self, channels):
+        super().__init__()
+        self.w_in = nn.Conv2d(channels, 2 * channels, 1)
+        self.w_out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.w_out.weight)
+        nn.init.zeros_(self.w_out.bias)
+
+    @staticmethod
+    def scan(log_a, c, dim):
+        # h = A cumsum(c / A) with A = cumprod(a): 1 / A stays below e^80 in fp32 when log a >= -80 / length
+        log_a = log_a.clamp(min=-80.0 / log_a.shape[dim])
+        return _scan_both_ways(log_a, (-torch.expm1(log_a)) * c, dim)
+
+    def forward(self, z):
+        v, d = self.w_in(z).float().chunk(2, dim=1)
+        log_a = -F.softplus(d)
+        rows = self.scan(log_a, v, 3)
+        return self.w_out(self.scan(log_a, rows, 2).to(z.dtype))
+
+
+class ScanBlock(v4.LiquidDiffusionBlock):
+    """The package's block with an ``EdgeAwareScan`` beside its ``SpatialMix``:
+    ``u = SpatialMix(z) + EdgeAwareScan(z)``, ``z = AdaLN_1(x, t_emb)``; the rest as the package's."""
+
+    def forward(self, x, t_emb):
+        z = self.norm_mix(x, t_emb)
+        x = self.cfc(x, self.mix(z) + self.scan(z), t_emb)
+        return x + self.ff_gate(t_emb)[:, :, None, None] * self.ff(self.norm_ff(x, t_emb))
+
+
+def _v5(block=None, liquid=True, ff_mult_full_res=None, skipcfc=False, position=False, scan_full_res=False):
     """The package (version 5) with named parts swapped: its liquid blocks by ``block`` (the ablation stays the
     package's), a wider channel MLP in the full-resolution blocks, CfC skip fusions (``CfCSkipFusion``)."""
     def make(preset, c):
@@ -594,6 +638,10 @@ def _v5(block=None, liquid=True, ff_mult_full_res=None, skipcfc=False, position=
                 block_.ff = v4.FeedForward(block_.norm_ff.channels, ff_mult_full_res)
         if position:
             model.stem = PositionStem(model.stem)
+        if scan_full_res:
+            for block_ in (*model.encoder[0], *model.decoder[0]):
+                block_.__class__ = ScanBlock
+                block_.scan = EdgeAwareScan(block_.norm_mix.channels)
         if skipcfc and liquid:
             embed_dim = model.time_embedder.mlp.linear_2.out_features
             model.fusions = nn.ModuleList(CfCSkipFusion(w, dw, embed_dim)
@@ -759,6 +807,9 @@ VARIANTS: dict = {
     "v5-skipcfc-ablation": _v5(skipcfc=True, liquid=False),  # = package-ablation
     "v5-pos": _v5(position=True),
     "v5-pos-ablation": _v5(position=True, liquid=False),
+    "v5-pos-cfcff": _v5(block=LiquidFeedForwardBlock, position=True),
+    "v5-scan": _v5(scan_full_res=True),
+    "v5-scan-ablation": _v5(scan_full_res=True, liquid=False),
 }
 
 
