@@ -191,7 +191,8 @@ def test_screened_block_variants_build_through_the_common_interface():
     for name in ("liquid-micro@seed", "liquid-micro@conv-k5-h2", "liquid-micro@v2-gated", "liquid-micro@v2-inskip",
                  "liquid-micro@v3-cfchead", "liquid-micro@v3-hires", "liquid-micro@v3-strip", "liquid-micro@dico",
                  "liquid-micro@v4-wide", "liquid-micro@v4-skipcfc", "liquid-micro@v4-ff4", "liquid-micro@v4-xavier",
-                 "liquid-micro@v4-dec2x-d2-e2"):
+                 "liquid-micro@v4-dec2x-d2-e2", "liquid-micro@v5-cfcff", "liquid-micro@v5-ff4",
+                 "liquid-micro@v5-skipcfc", "liquid-micro@v5-pos", "liquid-micro@v5-pos-cfcff", "liquid-micro@v5-scan"):
         assert common.build_model(name, 4, 16)(x, t).shape == x.shape
     # "v4" is architecture version 4: the package's skeleton with a decoder as wide as its encoder
     assert common.build_model("liquid-micro@v4", 4, 16).net.decoder_widths == (32, 64, 128)
@@ -206,3 +207,36 @@ def test_screened_block_variants_build_through_the_common_interface():
     assert {type(b).__module__ for b in package.net.encoder[0]} == {"liquid_diffusion.blocks"}
     with pytest.raises(ValueError, match="unknown variant 'nope'; valid: package, "):
         common.build_model("liquid-micro@nope", 4, 16)
+
+
+def test_sixth_round_variants_keep_their_ablation_and_their_parts_do_what_they_say():
+    from benchmarks import variants
+
+    def weights(name):
+        torch.manual_seed(0)
+        return common.build_model(f"liquid-micro@{name}", 4, 16).net.state_dict()
+
+    # the liquid GLU's ablation is the package's ablation, weight for weight
+    ablation, package_ablation = weights("v5-cfcff-ablation"), weights("package-ablation")
+    assert ablation.keys() == package_ablation.keys()
+    assert all(torch.equal(ablation[k], package_ablation[k]) for k in ablation)
+    # the parallel scan is the recursion h_i = a_i h_(i-1) + (1 - a_i) v_i, run both ways
+    log_a = -torch.nn.functional.softplus(torch.randn(1, 2, 3, 12) * 2).clamp(min=-80 / 12)
+    v = torch.randn(1, 2, 3, 12)
+    forward, backward, h = torch.zeros_like(v), torch.zeros_like(v), torch.zeros_like(v[..., 0])
+    for i in range(12):
+        h = log_a[..., i].exp() * h + (1 - log_a[..., i].exp()) * v[..., i]
+        forward[..., i] = h
+    h = torch.zeros_like(v[..., 0])
+    for i in reversed(range(12)):
+        h = log_a[..., i].exp() * h + (1 - log_a[..., i].exp()) * v[..., i]
+        backward[..., i] = h
+    torch.testing.assert_close(variants.EdgeAwareScan.scan(log_a, v, 3), forward + backward, rtol=1e-4, atol=1e-5)
+    # position features: normalised coordinates, the same image-relative grid at any resolution; zero at init
+    stem = variants.PositionStem(torch.nn.Conv2d(4, 8, 3, padding=1))
+    small, large = stem.features(4, 4, torch.zeros(1)), stem.features(8, 8, torch.zeros(1))
+    assert small.shape == (1, 18, 4, 4) and small[0, :2].abs().max() < 1 and small[0, 0, :, 0].mean().abs() < 1e-6
+    torch.testing.assert_close(small[0, :2, 0, 0], torch.tensor([-0.75, -0.75]))
+    torch.testing.assert_close(large[0, :2, 0, 0], torch.tensor([-0.875, -0.875]))
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.equal(stem(x), stem.stem(x))
