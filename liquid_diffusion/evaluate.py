@@ -122,8 +122,9 @@ def sample_labels(num_classes: int, num_samples: int, seed: int = 0) -> torch.Te
 
 @torch.no_grad()
 def generated_features(unet, vae, extractor: nn.Module, num_samples: int, *, resolution: int, steps: int = 25,
-                       sampler: str = "euler", seed: int = 0, batch_size: int = 50, guidance_scale: float | None = None,
-                       device: torch.device | str = "cpu", progress: bool = True) -> torch.Tensor:
+                       sampler: str = "euler", seed: int = 0, batch_size: int = 50,
+                       guidance_scale: float | None = None, device: torch.device | str = "cpu",
+                       progress: bool = True) -> torch.Tensor:
     """Features [num_samples, D] of images drawn with ``sampling.generate`` in batches (VAE decode in the VAE's
     chunks); batch ``b`` draws its noise from seed ``seed * SEED_STRIDE + b``, so a run is reproducible.
 
@@ -301,15 +302,17 @@ class TrainingEvaluator(TrainerCallback):
 def evaluate_checkpoint(checkpoint: str | os.PathLike, *, num_samples: int = DEFAULT_NUM_SAMPLES,
                         dataset: str | None = None, split: str | None = None, config_name: str | None = None,
                         image_column: str | None = None, resolution: int | None = None, use_ema: bool = True,
-                        guidance_scale: float | None = None, feature_extractor: str | nn.Module = INCEPTION, inception_weights=None,
-                        device: str | None = None, num_workers: int | None = None, **options) -> dict:
+                        guidance_scale: float | None = None, feature_extractor: str | nn.Module = INCEPTION,
+                        inception_weights=None, device: str | None = None, num_workers: int | None = None,
+                        **options) -> dict:
     """``evaluate_model`` for a checkpoint, an output dir (its newest checkpoint), an export folder or a Hub id,
     against its training dataset, split and crop (from its ``train_config.json``) unless told otherwise.
 
     ``resolution`` may only repeat the training resolution. A class-conditional model samples every class with
-    ``guidance_scale`` (default: the one its pipeline recommends, else ``flow.DEFAULT_GUIDANCE_SCALE``). ``options`` (steps, sampler, seed, batch_size,
-    reference_dir, reference_root, progress) go to ``evaluate_model``. Returns its dict plus ``checkpoint``,
-    ``step`` (of a training checkpoint; else the run's total steps) and ``weights`` ("ema" or "raw").
+    ``guidance_scale`` (default: the one its pipeline recommends, else ``flow.DEFAULT_GUIDANCE_SCALE``).
+    ``options`` (steps, sampler, seed, batch_size, reference_dir, reference_root, progress) go to ``evaluate_model``.
+    Returns its dict plus ``checkpoint``, ``step`` (of a training checkpoint; else the run's total steps) and
+    ``weights`` ("ema" or "raw").
     """
     if num_samples < 1:
         raise ValueError(f"--num-samples must be at least 1, got {num_samples} (default {DEFAULT_NUM_SAMPLES})")
