@@ -41,7 +41,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from liquid_diffusion.model import LiquidDiffusionUNet
+from liquid_diffusion.model import PRESETS, LiquidDiffusionUNet
 from liquid_diffusion import flow
 
 # Peak dense bf16 tensor throughput in TFLOP/s, matched by substring of torch.cuda.get_device_name() (first hit).
@@ -139,6 +139,18 @@ def build_model(name: str, in_channels: int = 4, sample_size: int = 32, **overri
         )
         return VelocityModel(net, "unet2d")
     raise ValueError(f"unknown model {name!r}; use liquid-<preset>[-ablation], dit-s2, dit-b2 or unet2d")
+
+
+def is_model_name(name: str) -> bool:
+    """Whether ``build_model`` knows ``name`` (checked before a long run starts, not after its first hour)."""
+    if name.startswith("liquid-"):
+        from benchmarks import variants  # imported here: variants builds on this module
+
+        preset, _, variant = name[len("liquid-") :].partition("@")
+        if variant:
+            return preset in PRESETS and variant in variants.VARIANTS
+        return preset.removesuffix("-ablation") in PRESETS
+    return name in DIT_CONFIGS or name == "unet2d"
 
 
 def npm_pack(spec: str, cache_dir: str) -> str:

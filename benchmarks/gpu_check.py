@@ -40,6 +40,7 @@ graph capture without inductor's minutes of C++ compilation on a CPU). Numbers f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -218,14 +219,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", required=True, help="report.md, report.json and the CLI runs' folders go here")
     p.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, seconds: checks the script itself")
     p.add_argument("--budget-s", type=float, default=480.0,
-                   help="skip the remaining sections (with a note) once this many seconds have passed (default 480)")
+                   help="skip the remaining sections (with a note) once this many seconds have passed (default 480); "
+                        "it also caps each CLI command and the pytest run at what is left of it plus a minute, so a "
+                        "small budget cuts the CLI chains short (give cli about 300 s)")
     p.add_argument("--sections", nargs="+", choices=sections.SECTIONS, default=list(sections.SECTIONS),
                    help="run only these sections (default: all, in the documented order)")
     p.add_argument("--work-dir", help="where the CLI runs and logs go (default: OUT_DIR/work); keep it out of a "
                                       "folder that must stay small, such as the GPU machine's $OUT")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch CPU threads (the dry run uses 1 unless told)")
+    p.add_argument("--models", nargs="+", metavar="NAME",
+                   help="time and sample only these models (common.build_model names, e.g. liquid-tiny@v5-pos; "
+                        "the first is the one the targets judge); default: the plan's")
+    p.add_argument("--compile-models", nargs="*", metavar="NAME",
+                   help="the models the first speed setting also compiles (default: the plan's, kept to --models)")
     return p.parse_args(argv)
+
+
+def select_models(plan: Plan, models: list[str] | None, compile_models: list[str] | None) -> Plan:
+    """``plan`` with ``--models`` / ``--compile-models`` applied; later settings compile only selected models."""
+    if models is None and compile_models is None:
+        return plan
+    models = tuple(models or plan.models)
+    kept = lambda names: tuple(m for m in names if m in models)
+    first, *rest = plan.speed_settings
+    first = (*first[:2], tuple(compile_models) if compile_models is not None else kept(first[2]))
+    return dataclasses.replace(plan, models=models, sample_models=models,
+                               speed_settings=(first, *[(*s[:2], kept(s[2])) for s in rest]))
 
 
 def describe(device: torch.device) -> dict:
@@ -251,7 +271,11 @@ def describe(device: torch.device) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = common.resolve_device(args.device)
-    plan = Plan.dry_run() if args.dry_run else Plan.full()
+    plan = select_models(Plan.dry_run() if args.dry_run else Plan.full(), args.models, args.compile_models)
+    for name in {*plan.models, *plan.speed_settings[0][2]}:
+        if not common.is_model_name(name):
+            print(f"error: unknown model {name!r} in --models / --compile-models (see benchmarks/common.py)")
+            return 2
     if args.threads or plan.dry:
         torch.set_num_threads(args.threads or 1)
     if device.type != "cuda" and not plan.dry:

@@ -9,6 +9,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -187,7 +188,8 @@ def _cli_chain(ctx: Context, config, images: Path, vae_dir: Path) -> dict:
     precision, cache, compiled = config
     name = precision + ("+compile" if compiled else "") + ("+cache" if cache else "")
     out = ctx.work_dir / "cli" / name
-    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # a run left by an earlier check would be resumed instead of started
+    out.mkdir(parents=True)
     first, more = plan.cli_steps
     python = [sys.executable, "-m", "liquid_diffusion"]
     train = python + [
