@@ -627,12 +627,13 @@ class ScanBlock(v4.LiquidDiffusionBlock):
 
 
 def _v5(block=None, liquid=True, ff_mult_full_res=None, skipcfc=False, position=False, scan_full_res=False):
-    """The package (version 5) with named parts swapped: its liquid blocks by ``block`` (the ablation stays the
-    package's), a wider channel MLP in the full-resolution blocks, CfC skip fusions (``CfCSkipFusion``)."""
+    """Version 5 (the package without its position embedder) with named parts swapped: its liquid blocks by
+    ``block`` (the ablation stays the package's), a wider channel MLP in the full-resolution blocks, CfC skip fusions
+    (``CfCSkipFusion``), position features (``PositionStem``: ``v5-pos`` is version 6, weight for weight)."""
     def make(preset, c):
         cls = LiquidDiffusionUNet if block is None or not liquid else type(
             "VariantUNet", (LiquidDiffusionUNet,), {"block_class": block})
-        model = cls(in_channels=c, liquid=liquid, **PRESETS[preset])
+        model = cls(in_channels=c, liquid=liquid, **{**PRESETS[preset], "position_frequencies": 0})
         if ff_mult_full_res:
             for block_ in (*model.encoder[0], *model.decoder[0]):
                 block_.ff = v4.FeedForward(block_.norm_ff.channels, ff_mult_full_res)
@@ -805,6 +806,8 @@ VARIANTS: dict = {
     "v5-ff4-ablation": _v5(ff_mult_full_res=4, liquid=False),
     "v5-skipcfc": _v5(skipcfc=True),
     "v5-skipcfc-ablation": _v5(skipcfc=True, liquid=False),  # = package-ablation
+    "v5": _v5(),
+    "v5-ablation": _v5(liquid=False),
     "v5-pos": _v5(position=True),
     "v5-pos-ablation": _v5(position=True, liquid=False),
     "v5-pos-cfcff": _v5(block=LiquidFeedForwardBlock, position=True),

@@ -2,7 +2,8 @@
 
 Three sections, read top to bottom:
 
-1. Embedders      -- sinusoidal timestep embedding + MLP (diffusers' ``Timesteps`` / ``TimestepEmbedding``).
+1. Embedders      -- sinusoidal timestep embedding + MLP (diffusers' ``Timesteps`` / ``TimestepEmbedding``), and the
+                     fixed Fourier features of where each pixel is (``PositionEmbedder``).
 2. Block parts    -- ``AdaLN``, ``SpatialMix``, ``ParallelCfC`` (and its ``liquid=False`` ablation
                      ``GatedProjection``), ``FeedForward``.
 3. U-Net parts    -- ``LiquidDiffusionBlock``, ``Downsample``, ``Upsample``, ``SkipFusion``, ``OutputHead``,
@@ -49,6 +50,41 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         features = self.sinusoid(t * TIME_SCALE)
         return self.mlp(features.to(self.mlp.linear_1.weight.dtype))
+
+
+class PositionEmbedder(nn.Module):
+    """Tells every pixel where it is: ``W p(y, x)``, added to the stem's output, where ``p`` holds the fixed Fourier
+    features of the pixel's normalised coordinates (cell centres in [-1, 1] at any resolution)::
+
+        p = [y, x, sin(pi 2^k y), cos(pi 2^k y), sin(pi 2^k x), cos(pi 2^k x)  for k < frequencies]
+
+    and ``W`` is a zero-initialised 1x1 conv, so a new model starts as one without it. A convolution learns where
+    it is only from its zero padding, a few pixels from the border; DiT's fixed sincos embedding tells every token.
+    Trained, it lowered the held-out loss at every budget and seed measured (BENCHMARKS.md section 3(k)).
+
+    Args:
+        frequencies: number of octaves k (2 + 4 * frequencies features).
+        width: channels of the stem's output.
+    """
+
+    def __init__(self, frequencies: int, width: int):
+        super().__init__()
+        self.frequencies = frequencies
+        self.proj = nn.Conv2d(2 + 4 * frequencies, width, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def features(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """``p`` of an ``height`` x ``width`` grid, shape [1, 2 + 4 * frequencies, height, width], in float32."""
+        y = torch.linspace(-1 + 1 / height, 1 - 1 / height, height, device=device)[:, None].expand(height, width)
+        x = torch.linspace(-1 + 1 / width, 1 - 1 / width, width, device=device)[None, :].expand(height, width)
+        octaves = math.pi * 2.0 ** torch.arange(self.frequencies, device=device, dtype=torch.float32)
+        waves = [wave(c[None] * octaves[:, None, None]) for c in (y, x) for wave in (torch.sin, torch.cos)]
+        return torch.cat([y[None], x[None], *waves])[None]
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        features = self.features(*sample.shape[2:], sample.device)
+        return self.proj(features.to(self.proj.weight.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------

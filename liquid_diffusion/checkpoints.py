@@ -331,7 +331,7 @@ def restore_training_state(checkpoint: Checkpoint, *, model, ema, optimizer, lr_
     """
     device = next(model.parameters()).device
     try:
-        check_format(checkpoint.unet[0])
+        check_format(checkpoint.unet[0], exact=True)
     except ValueError as error:
         raise ValueError(f"cannot resume {checkpoint.path}: {error}; or start a new run with another "
                          "--output-dir") from None

@@ -24,8 +24,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
-from .blocks import (Downsample, FilterSkip, LiquidDiffusionBlock, OutputHead, SkipFusion, TimestepEmbedder,
-                     Upsample)
+from .blocks import (Downsample, FilterSkip, LiquidDiffusionBlock, OutputHead, PositionEmbedder, SkipFusion,
+                     TimestepEmbedder, Upsample)
 
 # Version of the architecture, saved in every config: weights of another version do not fit (see check_format).
 # 1: the seed's stem (conv3x3 -> SiLU -> conv3x3), un-modulated head, GroupNorm AdaLN; 2: single-conv stem,
@@ -33,17 +33,26 @@ from .blocks import (Downsample, FilterSkip, LiquidDiffusionBlock, OutputHead, S
 # shape, 96/192/384 x 1/1/1); 4: light blocks (SpatialMix -> ParallelCfC with a residual relaxation -> gated
 # FeedForward) in DiCo's deep shape (tiny 96/192/384 x 4/4/2, no separate bottleneck); 5: the full-resolution
 # decoder stage twice as wide as its encoder stage, as DiCo's (``decoder_widths``; tiny 96/192/384 x 2/4/2,
-# decoder 192/192/384).
-FORMAT_VERSION = 5
+# decoder 192/192/384); 6: + the PositionEmbedder (``position_frequencies``) in the presets.
+FORMAT_VERSION = 6
+# Version 6 is version 5 plus an optional part: a version-5 config (no ``position_frequencies``, so 0) builds
+# version 5's model exactly, and its weights load.
+OLDEST_READABLE_VERSION = 5
 
-def check_format(config: dict) -> None:
-    """Refuses, in one line, a saved config of another architecture version (configs without the field are 1)."""
+
+def check_format(config: dict, exact: bool = False) -> None:
+    """Refuses, in one line, a saved config of an architecture version this package cannot build (configs without
+    the field are 1); ``exact`` refuses every version but ``FORMAT_VERSION`` (resuming a run: same model only)."""
     version = config.get("format_version", 1)
-    if version != FORMAT_VERSION:
+    oldest = FORMAT_VERSION if exact else OLDEST_READABLE_VERSION
+    if not oldest <= version <= FORMAT_VERSION:
+        readable = OLDEST_READABLE_VERSION <= version <= FORMAT_VERSION
         raise ValueError(
             f"this model was saved by LiquidDiffusion architecture version {version}, but this version of the "
             f"package builds version {FORMAT_VERSION} (the format changed: the architecture was redesigned, see "
-            "BENCHMARKS.md section 3); retrain it, or load it with the package release that saved it"
+            "BENCHMARKS.md section 3); "
+            + ("its model still samples and exports with this release, but its training cannot continue"
+               if readable else "retrain it, or load it with the package release that saved it")
         )
 
 
@@ -66,7 +75,8 @@ class LiquidDiffusionOutput(BaseOutput):
 class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
     """Attention-free U-Net that predicts the rectified-flow velocity ``v(x_t, t)``.
 
-    ``t_emb = MLP(sinusoid(t))``; stem ``conv3x3`` (linear, as DiT's patch embedding); encoder stage i holds
+    ``t_emb = MLP(sinusoid(t))``; stem ``conv3x3`` (linear, as DiT's patch embedding) plus the
+    ``PositionEmbedder``'s ``W p(y, x)`` (fixed Fourier features of where each pixel is); encoder stage i holds
     ``depths[i]`` ``LiquidDiffusionBlock``s at width ``widths[i]`` with stride-2 downsampling between stages; a
     bottleneck of ``bottleneck_depth`` blocks (none in the presets); the decoder mirrors the encoder's depths at
     ``decoder_widths`` (upsample to ``widths[i]``, ``SkipFusion`` with the matching encoder output to
@@ -75,7 +85,7 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
     (zero-initialised) back to ``out_channels``; plus ``FilterSkip``, a t-dependent linear filter of x_t added to
     the head's output::
 
-        v = OutputHead(U-Net(stem(x_t)), t_emb) + sum_k a_k(t_emb) * (K_k * x_t)
+        v = OutputHead(U-Net(stem(x_t) + W p(y, x)), t_emb) + sum_k a_k(t_emb) * (K_k * x_t)
 
     Args:
         in_channels: 4 for SD-VAE latents, 3 for pixel space.
@@ -94,6 +104,8 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
             label embedding ``E`` of K + 1 rows, row K being the "null" class (unconditional). 0 (the default):
             unconditional, with no label embedding at all.
         class_names: the K label names, in id order (stored in the config so sampling can ask for names).
+        position_frequencies: octaves of the ``PositionEmbedder`` added to the stem (the presets use 4); 0 leaves
+            it out, which is version 5's model.
         format_version: the architecture version (``FORMAT_VERSION``), saved in the config so that loading weights
             of another version fails in one line instead of with a list of mismatched tensors.
     """
@@ -115,6 +127,7 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         liquid: bool = True,
         num_classes: int = 0,
         class_names: list[str] | None = None,
+        position_frequencies: int = 0,
         format_version: int = FORMAT_VERSION,
     ):
         super().__init__()
@@ -144,6 +157,11 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
 
         self.head = OutputHead(decoder_widths[0], embed_dim, out_channels)
         self.input_skip = FilterSkip(in_channels, out_channels, embed_dim)
+        if position_frequencies < 0 or (position_frequencies and format_version < 6):
+            raise ValueError(f"position_frequencies must be 0 or positive (0 for a version-5 model), got "
+                             f"{position_frequencies} with format_version {format_version}")
+        # built last, so that every other weight draws the same random numbers as in a model without it
+        self.position_embedder = PositionEmbedder(position_frequencies, widths[0]) if position_frequencies else None
 
     @classmethod
     def load_config(cls, *args, **kwargs):
@@ -221,6 +239,8 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
             raise ValueError("class_labels given, but this model is unconditional (num_classes=0)")
 
         x = self.stem(sample)
+        if self.position_embedder is not None:
+            x = x + self.position_embedder(sample)
         skips = []
         for i, blocks in enumerate(self.encoder):
             if i > 0:
@@ -314,12 +334,13 @@ def resolve_class_labels(labels, class_names: list[str], num_classes: int) -> to
 
 
 PRESETS: dict[str, dict] = {
-    "micro": dict(widths=(32, 64, 128), depths=(1, 2, 2), decoder_widths=(64, 64, 128)),  # tests and CPU demos
-    # DiCo's shape: many light blocks, most of them at the two higher resolutions (BENCHMARKS.md 3(h)), and a
-    # full-resolution decoder stage twice as wide as its encoder stage (3(i))
-    "tiny": dict(widths=(96, 192, 384), depths=(2, 4, 2), decoder_widths=(192, 192, 384)),  # T4, 256px at batch 8
-    "small": dict(widths=(128, 256, 512), depths=(3, 6, 4), decoder_widths=(256, 256, 512)),
-    "base": dict(widths=(192, 384, 768), depths=(4, 8, 3), decoder_widths=(384, 384, 768)),
+    # DiCo's shape: many light blocks, most of them at the two higher resolutions (BENCHMARKS.md 3(h)), a
+    # full-resolution decoder stage twice as wide as its encoder stage (3(i)), and position features (3(k)). micro:
+    # tests and CPU demos; tiny: a T4 at 256 px, batch 8
+    "micro": dict(widths=(32, 64, 128), depths=(1, 2, 2), decoder_widths=(64, 64, 128), position_frequencies=4),
+    "tiny": dict(widths=(96, 192, 384), depths=(2, 4, 2), decoder_widths=(192, 192, 384), position_frequencies=4),
+    "small": dict(widths=(128, 256, 512), depths=(3, 6, 4), decoder_widths=(256, 256, 512), position_frequencies=4),
+    "base": dict(widths=(192, 384, 768), depths=(4, 8, 3), decoder_widths=(384, 384, 768), position_frequencies=4),
 }
 """Named sizes: encoder widths and depths per stage, decoder widths (the decoder mirrors the depths; no separate
 bottleneck). tiny, small and base keep the card's ~23M / ~69M / ~154M parameters in a deeper shape of lighter blocks

