@@ -72,15 +72,15 @@ class Plan:
     cli_jobs: int = 6  # CLI chains run concurrently (correctness only: their speed is not reported)
     cli_timeout_s: float = 300.0
     memory_presets: tuple[str, ...] = ("tiny", "small", "base")
-    # liquid-tiny@v4: architecture version 4, the package before its full-resolution decoder stage was widened (for
-    # the comparison; version 3 is the one section 4 of BENCHMARKS.md measured)
-    models: tuple[str, ...] = ("liquid-tiny", "liquid-tiny@v4", "liquid-small", "liquid-base", "dit-s2", "dit-b2",
+    # liquid-tiny@v5: architecture version 5, the package before its position embedder (for the comparison;
+    # versions 3-5 were measured in BENCHMARKS.md section 4)
+    models: tuple[str, ...] = ("liquid-tiny", "liquid-tiny@v5", "liquid-small", "liquid-base", "dit-s2", "dit-b2",
                                "unet2d")
     model_overrides: dict | None = None  # name -> common.build_model keyword overrides (the dry run's small peers)
     # (latent size, batch kind, models also compiled), in run order. Batch kind "8": ``batch``; "max": the largest
     # batch under ``mem_budget_mib``, per model; "8+": ``batch``, compiled models only (no eager rows)
     speed_settings: tuple = (
-        (32, "8", ("liquid-tiny", "liquid-tiny@v4", "dit-s2", "unet2d")),
+        (32, "8", ("liquid-tiny", "dit-s2", "unet2d", "liquid-tiny@v5")),
         (32, "max", ()),
         (64, "8", ("liquid-tiny", "dit-s2")),
         (64, "max", ()),
