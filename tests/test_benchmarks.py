@@ -255,3 +255,33 @@ def test_sixth_round_variants_keep_their_ablation_and_their_parts_do_what_they_s
     torch.testing.assert_close(large[0, :2, 0, 0], torch.tensor([-0.875, -0.875]))
     x = torch.randn(2, 4, 8, 8)
     assert torch.equal(stem(x), stem.stem(x))
+
+
+def test_op_count_counts_the_ops_that_launch_kernels_by_kind_and_not_views():
+    from benchmarks import op_count
+
+    class OneConv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 1, bias=False)
+
+        def forward(self, x, t):
+            return self.conv(x.permute(0, 1, 3, 2).transpose(2, 3))  # two views: no kernel
+
+    counts = op_count.count_step(OneConv(), torch.randn(2, 4, 8, 8))
+    assert counts["forward"] == {"matmul/conv": 1, "other": 3}  # the conv, then the loss's sub, pow and mean
+    assert counts["backward"]["matmul/conv"] == 1  # convolution_backward (the weight's gradient)
+    assert counts["total"] == sum(counts["forward"].values()) + sum(counts["backward"].values())
+    # a liquid net's step is counted whole: a norm per AdaLN, in both directions
+    micro = op_count.count_step(common.build_model("liquid-micro", 4, 8), torch.randn(2, 4, 8, 8))
+    assert micro["forward"]["norm"] == micro["backward"]["norm"] > 0
+
+
+def test_op_count_quick_prints_a_table_and_refuses_an_unknown_model(capsys):
+    from benchmarks import op_count
+
+    assert op_count.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "| liquid-micro |" in out and "| dit-s2 |" in out
+    assert op_count.main(["--models", "liquid-tiny@nope"]) == 2
+    assert capsys.readouterr().out.startswith("error: unknown model")
