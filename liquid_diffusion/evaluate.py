@@ -44,11 +44,13 @@ from .features import (
     load_feature_extractor,
     reference_features,
     reference_key,
+    reference_labels,
 )
 from .flow import DEFAULT_GUIDANCE_SCALE, check_sampler
 from .hub import resolve_checkpoint
 from .metrics import TrainerCallback, append_record
 from .sampling import generate, load_for_sampling
+from .sources import NoClassLabelsError
 
 DEFAULT_NUM_SAMPLES = 10_000
 KID_SUBSETS = 100
@@ -114,27 +116,48 @@ LABEL_SEED_SALT = 0x6C61_6265_6C73  # "labels"
 
 
 def sample_labels(num_classes: int, num_samples: int, seed: int = 0) -> torch.Tensor:
-    """The classes [num_samples] that ``generated_features`` asks a class-conditional model for: uniform over the
-    ``num_classes`` classes, drawn from ``seed`` (so a run is reproducible)."""
+    """The classes [num_samples] that ``generated_features`` asks a class-conditional model for by default: uniform
+    over the ``num_classes`` classes, drawn from ``seed`` (so a run is reproducible)."""
     generator = torch.Generator().manual_seed((seed * SEED_STRIDE + LABEL_SEED_SALT) % 2**63)
     return torch.randint(num_classes, (num_samples,), generator=generator)
+
+
+def labels_like_reference(reference_ids: torch.Tensor, reference_names: list[str], model_names, num_classes: int,
+                          seed: int = 0) -> torch.Tensor | None:
+    """The classes for the generated images: those of the reference images, in the model's ids and shuffled from
+    ``seed``, so both sets hold each class equally often (FID compares distributions: on an imbalanced dataset
+    uniform labels would be scored against a set they do not match). ``None`` when the reference's classes are not
+    the model's (by name; by count where the model has no names)."""
+    if model_names:
+        if not set(reference_names) <= set(model_names):
+            return None
+        ids = torch.tensor([model_names.index(name) for name in reference_names])[reference_ids]
+    elif len(reference_names) == num_classes:
+        ids = reference_ids
+    else:
+        return None
+    generator = torch.Generator().manual_seed((seed * SEED_STRIDE + LABEL_SEED_SALT) % 2**63)
+    return ids[torch.randperm(len(ids), generator=generator)]
 
 
 @torch.no_grad()
 def generated_features(unet, vae, extractor: nn.Module, num_samples: int, *, resolution: int, steps: int = 25,
                        sampler: str = "euler", seed: int = 0, batch_size: int = 50,
-                       guidance_scale: float | None = None, device: torch.device | str = "cpu",
-                       progress: bool = True) -> torch.Tensor:
+                       guidance_scale: float | None = None, labels: torch.Tensor | None = None,
+                       device: torch.device | str = "cpu", progress: bool = True) -> torch.Tensor:
     """Features [num_samples, D] of images drawn with ``sampling.generate`` in batches (VAE decode in the VAE's
     chunks); batch ``b`` draws its noise from seed ``seed * SEED_STRIDE + b``, so a run is reproducible.
 
-    A class-conditional model is evaluated as it is used: image i asks for class ``sample_labels(...)[i]`` (uniform
-    over the classes) with classifier-free guidance ``guidance_scale`` (default ``flow.DEFAULT_GUIDANCE_SCALE``);
-    its unconditional (null-class) samples are not what FID should score.
+    A class-conditional model is evaluated as it is used: image i asks for class ``labels[i]`` (default
+    ``sample_labels``: uniform over the classes) with classifier-free guidance ``guidance_scale`` (default
+    ``flow.DEFAULT_GUIDANCE_SCALE``); its unconditional (null-class) samples are not what FID should score.
     """
-    labels = None
-    if unet.config.num_classes:
-        labels = sample_labels(unet.config.num_classes, num_samples, seed)
+    if not unet.config.num_classes:
+        labels = None
+    else:
+        labels = sample_labels(unet.config.num_classes, num_samples, seed) if labels is None else labels
+        if len(labels) != num_samples:
+            raise ValueError(f"{len(labels)} class labels for {num_samples} samples")
         guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
     chunks = []
     with tqdm(total=num_samples, unit="img", desc=f"samples ({sampler}, {steps} steps)", disable=not progress) as bar:
@@ -153,16 +176,19 @@ def evaluate_model(unet, vae, resolution: int, dataset: str, extractor: nn.Modul
                    num_samples: int = DEFAULT_NUM_SAMPLES, steps: int = 25, sampler: str = "euler", seed: int = 0,
                    split: str = "train", config_name: str | None = None, image_column: str | None = None,
                    random_crop: bool = False, reference_dir=None, reference_root=None, batch_size: int = 50,
-                   guidance_scale: float | None = None, num_workers: int = 0, device: torch.device | str = "cpu",
-                   progress: bool = True) -> dict:
+                   guidance_scale: float | None = None, label_column: str | None = None, num_workers: int = 0,
+                   device: torch.device | str = "cpu", progress: bool = True) -> dict:
     """FID and KID of ``unet`` (+ ``vae``) sampled at ``resolution`` against ``dataset`` at the same resolution.
 
     Draws ``num_samples`` images, or as many as the dataset has real images (with a warning) when it is smaller; a
-    class-conditional model draws them class by class with guidance ``guidance_scale`` (``generated_features``).
+    class-conditional model draws them class by class with guidance ``guidance_scale`` (``generated_features``),
+    each class as often as among the reference images (``labels_like_reference``; the ``ClassLabel`` column
+    ``label_column``, found automatically when omitted), or uniformly, with a warning, when the dataset has no
+    class labels or other classes than the model.
     ``reference_dir``: the reference cache folder (default: one per setting under ``reference_root``, itself by
     default ``default_cache_root()``).
-    Returns a JSON-ready dict: fid, kid, kid_std, num_samples, num_real, sampler, steps, seed, guidance_scale
-    (``None`` for an unconditional model), resolution, dataset, split, feature_extractor, reference_dir, wall_time_s
+    Returns a JSON-ready dict: fid, kid, kid_std, num_samples, num_real, sampler, steps, seed, guidance_scale and
+    classes ("as the reference" or "uniform"; both ``None`` for an unconditional model), resolution, dataset, split, feature_extractor, reference_dir, wall_time_s
     and sample_time_s.
     """
     if num_samples < 1:
@@ -175,10 +201,18 @@ def evaluate_model(unet, vae, resolution: int, dataset: str, extractor: nn.Modul
     key = reference_key(dataset, resolution, extractor.name, split=split, config_name=config_name,
                         random_crop=random_crop)
     reference_dir = Path(reference_dir or default_reference_dir(reference_root or default_cache_root(), key))
-    real, metadata = reference_features(dataset, resolution, extractor, num_samples, reference_dir, split=split,
-                                        config_name=config_name, image_column=image_column, random_crop=random_crop,
-                                        batch_size=batch_size, num_workers=num_workers, device=device,
-                                        progress=progress)
+    conditional = bool(unet.config.num_classes)
+
+    def reference(with_labels: bool):
+        return reference_features(dataset, resolution, extractor, num_samples, reference_dir, split=split,
+                                  config_name=config_name, image_column=image_column, random_crop=random_crop,
+                                  batch_size=batch_size, num_workers=num_workers, with_labels=with_labels,
+                                  label_column=label_column, device=device, progress=progress)
+
+    try:
+        real, metadata = reference(conditional)
+    except NoClassLabelsError:
+        real, metadata = reference(False)
     if len(real) < num_samples:
         print(f"warning: {dataset} has only {len(real)} images, so {len(real)} samples are drawn instead of "
               f"{num_samples}: FID is biased upward at small N (compare FIDs only at equal N); KID is unbiased",
@@ -192,14 +226,23 @@ def evaluate_model(unet, vae, resolution: int, dataset: str, extractor: nn.Modul
             raise ValueError(f"the guidance scale must be >= 0 (1: no guidance), got {guidance_scale}")
     else:
         guidance_scale = None  # an unconditional model has nothing to guide
+    labels = classes = None
+    if conditional:
+        if metadata.get("class_names"):
+            labels = labels_like_reference(*reference_labels(reference_dir, num_samples), unet.config.class_names,
+                                           unet.config.num_classes, seed)
+        classes = "as the reference" if labels is not None else "uniform"
+        if labels is None:
+            print(f"warning: the images of {dataset} carry no classes of this model, so the samples ask for its "
+                  f"{unet.config.num_classes} classes uniformly", file=sys.stderr)
     sample_start = time.perf_counter()
     fake = generated_features(unet, vae, extractor, num_samples, resolution=resolution, steps=steps, sampler=sampler,
-                              seed=seed, batch_size=batch_size, guidance_scale=guidance_scale, device=device,
-                              progress=progress)
+                              seed=seed, batch_size=batch_size, guidance_scale=guidance_scale, labels=labels,
+                              device=device, progress=progress)
     sample_time = time.perf_counter() - sample_start
     scores = fid_kid(real, fake, seed=seed)
     return dict(**scores, num_samples=num_samples, num_real=len(real), sampler=sampler, steps=steps, seed=seed,
-                guidance_scale=guidance_scale, resolution=resolution, dataset=metadata["key"]["dataset"], split=split,
+                guidance_scale=guidance_scale, classes=classes, resolution=resolution, dataset=metadata["key"]["dataset"], split=split,
                 feature_extractor=extractor.name, reference_dir=str(reference_dir),
                 wall_time_s=round(time.perf_counter() - start, 3), sample_time_s=round(sample_time, 3))
 
@@ -209,8 +252,8 @@ def summary_line(result: dict) -> str:
     return (f"FID {result['fid']:.2f} · KID {result['kid']:.5f} ± {result['kid_std']:.5f} · "
             f"{result['num_samples']} samples vs {result['num_real']} real images of {result['dataset']} "
             f"({result['split']}, {result['resolution']}px) · {result['sampler']} {result['steps']} steps · "
-            + (f"every class, guidance {result['guidance_scale']:g} · " if result.get("guidance_scale") is not None
-               else "")
+            + (f"classes {result.get('classes') or 'uniform'}, guidance {result['guidance_scale']:g} · "
+               if result.get("guidance_scale") is not None else "")
             + f"seed {result['seed']} · {result['feature_extractor'].split(' (')[0]} · {result['wall_time_s']:.1f} s")
 
 
@@ -280,7 +323,8 @@ class TrainingEvaluator(TrainerCallback):
                 num_samples=config.eval_samples, steps=config.sample_steps, seed=config.seed, split=config.split,
                 config_name=config.config_name, image_column=config.image_column, random_crop=config.random_crop,
                 reference_root=trainer.output_dir / "fid-reference", guidance_scale=config.guidance_scale,
-                batch_size=max(config.batch_size, 16), device=trainer.device, progress=False,
+                label_column=config.label_column, batch_size=max(config.batch_size, 16), device=trainer.device,
+                progress=False,
             )
         record = {"step": step, "kid": result["kid"], "kid_std": result["kid_std"], "fid": result["fid"],
                   "eval_samples": result["num_samples"], "eval_time_s": result["wall_time_s"],
@@ -340,6 +384,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, num_samples: int = DEF
         split=split or trained.get("split", "train"), config_name=config_name or trained.get("config_name"),
         image_column=image_column or trained.get("image_column"),
         random_crop=trained.get("random_crop", False), guidance_scale=guidance_scale, num_workers=num_workers,
+        label_column=trained.get("label_column") if dataset == trained.get("dataset") else None,
         device=device, **options,
     )
     state = folder / "state.json"

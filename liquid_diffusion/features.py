@@ -9,7 +9,8 @@
 * **Reference cache.** The real features of a dataset (by dataset id or path, split, configuration, resolution,
   crop and extractor) are computed once into ``features.safetensors`` + ``metadata.json``. The set is the first N
   images of a fixed-seed streaming shuffle; a cache with more images serves any smaller N (the same prefix), and a
-  cache made with other settings is refused with a one-line message.
+  cache made with other settings is refused with a one-line message. For a class-conditional model the cache also
+  holds each image's class (``labels`` + ``class_names``), so the generated images can ask for the same classes.
 
 ``evaluate.py`` compares them with the features of generated images.
 """
@@ -177,28 +178,35 @@ def _read_reference(cache_dir: Path, key: dict) -> tuple[dict | None, torch.Tens
 def reference_features(dataset: str, resolution: int, extractor: nn.Module, num_images: int, cache_dir, *,
                        split: str = "train", config_name: str | None = None, image_column: str | None = None,
                        random_crop: bool = False, batch_size: int = 50, num_workers: int = 0,
+                       with_labels: bool = False, label_column: str | None = None,
                        device: torch.device | str = "cpu", progress: bool = True) -> tuple[torch.Tensor, dict]:
     """Real features [n, D] (``n = min(num_images, dataset size)``) and the cache metadata.
 
-    Read from ``cache_dir`` when it holds at least ``num_images`` (or the whole dataset) for the same settings;
-    computed and written there otherwise (features first, ``metadata.json`` last, so a cache is complete or absent).
-    A cache made with other settings is refused (``ValueError``).
+    Read from ``cache_dir`` when it holds at least ``num_images`` (or the whole dataset) for the same settings (and,
+    ``with_labels``, the images' classes: ``reference_labels``); computed and written there otherwise (features
+    first, ``metadata.json`` last, so a cache is complete or absent). A cache made with other settings is refused
+    (``ValueError``); so is a dataset without a ``ClassLabel`` column when ``with_labels`` asks for one.
     """
     cache_dir = Path(cache_dir)
     key = reference_key(dataset, resolution, extractor.name, split=split, config_name=config_name,
                         random_crop=random_crop)
     metadata, features = _read_reference(cache_dir, key)
-    if metadata is not None and (metadata["num_images"] >= num_images or metadata["whole_dataset"]):
+    if (metadata is not None and (metadata["num_images"] >= num_images or metadata["whole_dataset"])
+            and (not with_labels or metadata.get("class_names"))):
         return features[:num_images], metadata
 
     stream = ImageBatchStream(dataset, resolution, batch_size, split=split, config_name=config_name,
                               image_column=image_column, random_crop=random_crop, flip=False,
-                              shuffle_buffer=REFERENCE_SHUFFLE_BUFFER, seed=REFERENCE_SEED, num_epochs=1)
-    chunks, count = [], 0
+                              shuffle_buffer=REFERENCE_SHUFFLE_BUFFER, seed=REFERENCE_SEED, num_epochs=1,
+                              with_labels=with_labels, label_column=label_column)
+    chunks, labels, count = [], [], 0
     with tqdm(total=num_images, unit="img", desc="real features", disable=not progress) as bar:
-        for pixels in make_dataloader(stream, num_workers):
+        for batch in make_dataloader(stream, num_workers):
+            pixels, batch_labels = batch if with_labels else (batch, None)
             pixels = pixels[: num_images - count]
             chunks.append(extract_features(extractor, pixels, device))
+            if with_labels:
+                labels.append(batch_labels[: len(pixels)])
             count += len(pixels)
             bar.update(len(pixels))
             if count >= num_images:
@@ -206,14 +214,24 @@ def reference_features(dataset: str, resolution: int, extractor: nn.Module, num_
     if count == 0:
         raise ValueError(f"dataset {dataset!r} gave no image to compare with")
     features = torch.cat(chunks)
+    tensors = {"features": features.contiguous(), **({"labels": torch.cat(labels)} if with_labels else {})}
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / METADATA_FILE).unlink(missing_ok=True)  # incomplete until the new metadata is written
-    save_file({"features": features.contiguous()}, str(cache_dir / FEATURES_FILE))
+    save_file(tensors, str(cache_dir / FEATURES_FILE))
     metadata = dict(format=REFERENCE_FORMAT, version=REFERENCE_VERSION, key=key, source=dataset,
                     image_column=stream.image_column, num_images=count, whole_dataset=count < num_images,
-                    num_features=features.shape[1],
+                    num_features=features.shape[1], class_names=stream.class_names,
                     stats=None if num_workers else dataclasses.asdict(stream.stats))
     tmp = cache_dir / f".{METADATA_FILE}.tmp"
     tmp.write_text(json.dumps(metadata, indent=2))
     os.replace(tmp, cache_dir / METADATA_FILE)
     return features, metadata
+
+
+def reference_labels(cache_dir, num_images: int) -> tuple[torch.Tensor, list[str]]:
+    """The class ids [n] of the first ``num_images`` reference images and the class names, from a cache that
+    ``reference_features(..., with_labels=True)`` wrote."""
+    metadata = json.loads((Path(cache_dir) / METADATA_FILE).read_text())
+    if not metadata.get("class_names"):
+        raise ValueError(f"reference cache {str(cache_dir)!r} holds no class labels")
+    return load_file(str(Path(cache_dir) / FEATURES_FILE))["labels"][:num_images], metadata["class_names"]

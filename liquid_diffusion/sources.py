@@ -211,6 +211,10 @@ def _image_column(dataset, source: str, image_column: str | None) -> str:
     return image_column
 
 
+class NoClassLabelsError(ValueError):
+    """The dataset has no ``ClassLabel`` column at all (``find_label_column`` with no column named)."""
+
+
 def find_label_column(features, source: str, label_column: str | None = None) -> str:
     """The class-label column: ``label_column`` if given (it must be a ``ClassLabel``), else the first ``ClassLabel``
     feature. ``ValueError`` with what to do when there is none."""
@@ -227,7 +231,7 @@ def find_label_column(features, source: str, label_column: str | None = None) ->
                              "class names); pick a ClassLabel column with --label-column")
         return label_column
     if not labels:
-        raise ValueError(
+        raise NoClassLabelsError(
             f"dataset {source!r} has no class labels (no ClassLabel column among: {', '.join(features) or 'none'}); "
             "use a dataset with one, an image folder with one sub-folder per class, or drop --class-conditional"
         )

@@ -359,7 +359,7 @@ class MeanColour(torch.nn.Module):
 
 
 def test_fid_samples_ask_for_every_class_with_guidance(conditional_run, class_folder, tmp_path):
-    """FID scores a conditional model as it is used: each sample asks for a class (uniform, from the seed) with
+    """FID scores a conditional model as it is used: each sample asks for a class (here uniform, from the seed) with
     guidance; the null class's samples would follow no request (about half would match the asked class)."""
     means = class_mean_colours(class_folder)
     unet, _, _ = load_for_sampling(str(conditional_run))
@@ -377,9 +377,48 @@ def test_fid_samples_ask_for_every_class_with_guidance(conditional_run, class_fo
                    reference_root=tmp_path, device="cpu")
     assert evaluate.evaluate_checkpoint(conditional_run, **options)["guidance_scale"] == flow.DEFAULT_GUIDANCE_SCALE
     result = evaluate.evaluate_checkpoint(conditional_run, guidance_scale=3.0, **options)
-    assert result["guidance_scale"] == 3.0 and "every class, guidance 3" in evaluate.summary_line(result)
+    assert result["guidance_scale"] == 3.0 and "classes as the reference, guidance 3" in evaluate.summary_line(result)
     with pytest.raises(ValueError, match="guidance scale must be >= 0"):
         evaluate.evaluate_checkpoint(conditional_run, guidance_scale=-1.0, **options)
+
+
+def test_fid_samples_ask_for_each_class_as_often_as_the_reference_images(conditional_run, tmp_path, monkeypatch,
+                                                                         capsys):
+    """On an imbalanced dataset uniform labels would be scored against a set they do not match: the generated
+    images take the reference images' classes (mapped by name, shuffled), and fall back to uniform with a warning
+    when the dataset has no classes."""
+    imbalanced = tmp_path / "imbalanced"
+    write_class_folder(imbalanced, kinds=("red_disc",), per_class=12)
+    write_class_folder(imbalanced, kinds=("blue_square",), per_class=4)
+    asked = []
+    original = evaluate.generated_features
+    monkeypatch.setattr(evaluate, "generated_features",
+                        lambda *args, **kwargs: asked.append(kwargs["labels"]) or original(*args, **kwargs))
+    options = dict(num_samples=16, steps=2, batch_size=8, feature_extractor=MeanColour(), progress=False,
+                   reference_root=tmp_path / "references", device="cpu")
+    result = evaluate.evaluate_checkpoint(conditional_run, dataset=str(imbalanced), **options)
+    red, blue = CLASSES.index("red_disc"), CLASSES.index("blue_square")
+    assert result["classes"] == "as the reference" and "classes as the reference" in evaluate.summary_line(result)
+    assert (asked[-1] == red).sum() == 12 and (asked[-1] == blue).sum() == 4
+    assert not torch.equal(asked[-1], asked[-1].sort().values)  # shuffled, not one class after the other
+
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    for path in sorted((imbalanced / "red_disc").iterdir())[:8]:
+        (unlabelled / path.name).write_bytes(path.read_bytes())
+    result = evaluate.evaluate_checkpoint(conditional_run, dataset=str(unlabelled), **{**options, "num_samples": 8})
+    assert result["classes"] == "uniform" and asked[-1] is None
+    assert "carry no classes of this model" in capsys.readouterr().err
+
+
+def test_reference_labels_map_to_the_model_s_class_ids_by_name():
+    ids = torch.tensor([0, 0, 1, 0])  # reference names ["b", "a"]: three b, one a
+    mapped = evaluate.labels_like_reference(ids, ["b", "a"], ["a", "b", "c"], 3, seed=0)
+    assert sorted(mapped.tolist()) == [0, 1, 1, 1]
+    assert torch.equal(mapped, evaluate.labels_like_reference(ids, ["b", "a"], ["a", "b", "c"], 3, seed=0))
+    assert evaluate.labels_like_reference(ids, ["b", "z"], ["a", "b"], 2) is None  # a class the model lacks
+    assert sorted(evaluate.labels_like_reference(ids, ["x", "y"], None, 2).tolist()) == [0, 0, 0, 1]  # by count
+    assert evaluate.labels_like_reference(ids, ["x", "y"], None, 3) is None
 
 
 # ------------------------------------------------------------------------------------------------ CLI, pipeline
