@@ -188,8 +188,8 @@ def evaluate_model(unet, vae, resolution: int, dataset: str, extractor: nn.Modul
     ``reference_dir``: the reference cache folder (default: one per setting under ``reference_root``, itself by
     default ``default_cache_root()``).
     Returns a JSON-ready dict: fid, kid, kid_std, num_samples, num_real, sampler, steps, seed, guidance_scale and
-    classes ("as the reference" or "uniform"; both ``None`` for an unconditional model), resolution, dataset, split, feature_extractor, reference_dir, wall_time_s
-    and sample_time_s.
+    classes ("as the reference" or "uniform"; both ``None`` for an unconditional model), resolution, dataset, split,
+    feature_extractor, reference_dir, wall_time_s and sample_time_s.
     """
     if num_samples < 1:
         raise ValueError(f"the number of samples must be at least 1, got {num_samples} (the default is "
@@ -242,9 +242,9 @@ def evaluate_model(unet, vae, resolution: int, dataset: str, extractor: nn.Modul
     sample_time = time.perf_counter() - sample_start
     scores = fid_kid(real, fake, seed=seed)
     return dict(**scores, num_samples=num_samples, num_real=len(real), sampler=sampler, steps=steps, seed=seed,
-                guidance_scale=guidance_scale, classes=classes, resolution=resolution, dataset=metadata["key"]["dataset"], split=split,
-                feature_extractor=extractor.name, reference_dir=str(reference_dir),
-                wall_time_s=round(time.perf_counter() - start, 3), sample_time_s=round(sample_time, 3))
+                guidance_scale=guidance_scale, classes=classes, resolution=resolution,
+                dataset=metadata["key"]["dataset"], split=split, feature_extractor=extractor.name,
+                reference_dir=str(reference_dir), wall_time_s=round(time.perf_counter() - start, 3), sample_time_s=round(sample_time, 3))
 
 
 def summary_line(result: dict) -> str:
