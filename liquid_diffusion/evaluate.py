@@ -244,7 +244,8 @@ def evaluate_model(unet, vae, resolution: int, dataset: str, extractor: nn.Modul
     return dict(**scores, num_samples=num_samples, num_real=len(real), sampler=sampler, steps=steps, seed=seed,
                 guidance_scale=guidance_scale, classes=classes, resolution=resolution,
                 dataset=metadata["key"]["dataset"], split=split, feature_extractor=extractor.name,
-                reference_dir=str(reference_dir), wall_time_s=round(time.perf_counter() - start, 3), sample_time_s=round(sample_time, 3))
+                reference_dir=str(reference_dir), wall_time_s=round(time.perf_counter() - start, 3),
+                sample_time_s=round(sample_time, 3))
 
 
 def summary_line(result: dict) -> str:
