@@ -554,32 +554,19 @@ class LiquidFeedForwardBlock(nn.Module):
 
 
 class PositionStem(nn.Module):
-    """The stem plus where each pixel is: ``stem(x_t) + W p(y, x)`` with ``p`` the fixed Fourier features of the
-    pixel's normalised coordinates (in [-1, 1] at any resolution, as DiT's sincos position embedding is fixed)::
-
-        p = [y, x, sin(pi 2^k y), cos(pi 2^k y), sin(pi 2^k x), cos(pi 2^k x)  for k < n_freqs]
-
-    and ``W`` a zero-initialised 1x1 conv (the model starts as the package's). A convolution only learns position
-    from its zero padding; DiT knows it everywhere, which may matter for centred subjects on a plain background.
-    """
+    """The stem plus where each pixel is: ``stem(x_t) + W p(y, x)``, the package's ``PositionEmbedder`` (version 6)
+    wrapped around version 5's stem, built after the rest of the model as the package builds it."""
 
     def __init__(self, stem, n_freqs=4):
         super().__init__()
-        self.stem, self.n_freqs = stem, n_freqs
-        self.position = nn.Conv2d(2 + 4 * n_freqs, stem.out_channels, 1)
-        nn.init.zeros_(self.position.weight)
-        nn.init.zeros_(self.position.bias)
+        self.stem = stem
+        self.position = v4.PositionEmbedder(n_freqs, stem.out_channels)
 
     def features(self, height, width, like):
-        y = torch.linspace(-1 + 1 / height, 1 - 1 / height, height, device=like.device, dtype=like.dtype)
-        x = torch.linspace(-1 + 1 / width, 1 - 1 / width, width, device=like.device, dtype=like.dtype)
-        y, x = (c.expand(height, width) for c in (y[:, None], x[None, :]))
-        freqs = math.pi * 2.0 ** torch.arange(self.n_freqs, device=like.device, dtype=like.dtype)
-        waves = [f(c[None] * freqs[:, None, None]) for c in (y, x) for f in (torch.sin, torch.cos)]
-        return torch.cat([y[None], x[None], *waves])[None]  # [1, 2 + 4 n_freqs, H, W]
+        return self.position.features(height, width, like.device).to(like.dtype)
 
     def forward(self, sample):
-        return self.stem(sample) + self.position(self.features(*sample.shape[2:], sample))
+        return self.stem(sample) + self.position(sample)
 
 
 class EdgeAwareScan(nn.Module):

@@ -115,11 +115,14 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, *, kid_subsets: int = KID_SU
 LABEL_SEED_SALT = 0x6C61_6265_6C73  # "labels"
 
 
+def _label_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * SEED_STRIDE + LABEL_SEED_SALT) % 2**63)
+
+
 def sample_labels(num_classes: int, num_samples: int, seed: int = 0) -> torch.Tensor:
     """The classes [num_samples] that ``generated_features`` asks a class-conditional model for by default: uniform
     over the ``num_classes`` classes, drawn from ``seed`` (so a run is reproducible)."""
-    generator = torch.Generator().manual_seed((seed * SEED_STRIDE + LABEL_SEED_SALT) % 2**63)
-    return torch.randint(num_classes, (num_samples,), generator=generator)
+    return torch.randint(num_classes, (num_samples,), generator=_label_generator(seed))
 
 
 def labels_like_reference(reference_ids: torch.Tensor, reference_names: list[str], model_names, num_classes: int,
@@ -136,8 +139,7 @@ def labels_like_reference(reference_ids: torch.Tensor, reference_names: list[str
         ids = reference_ids
     else:
         return None
-    generator = torch.Generator().manual_seed((seed * SEED_STRIDE + LABEL_SEED_SALT) % 2**63)
-    return ids[torch.randperm(len(ids), generator=generator)]
+    return ids[torch.randperm(len(ids), generator=_label_generator(seed))]
 
 
 @torch.no_grad()

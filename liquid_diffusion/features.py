@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -234,4 +235,6 @@ def reference_labels(cache_dir, num_images: int) -> tuple[torch.Tensor, list[str
     metadata = json.loads((Path(cache_dir) / METADATA_FILE).read_text())
     if not metadata.get("class_names"):
         raise ValueError(f"reference cache {str(cache_dir)!r} holds no class labels")
-    return load_file(str(Path(cache_dir) / FEATURES_FILE))["labels"][:num_images], metadata["class_names"]
+    with safe_open(str(Path(cache_dir) / FEATURES_FILE), framework="pt") as tensors:  # not the features again
+        labels = tensors.get_slice("labels")[:num_images]
+    return labels, metadata["class_names"]
