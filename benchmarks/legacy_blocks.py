@@ -2,7 +2,8 @@
 section 3: ``benchmarks/variants.py`` builds every design of versions 1-3 from these parts.
 
 ``V3UNet`` is the package's U-Net skeleton (stem, stages, ``OutputHead``, ``FilterSkip``) with these blocks, built
-in the same order as version 3 built them, so a seed gives the same initial weights as the runs in the tables.
+in the same order as version 3 built them, so a seed gives the same initial weights as the runs in the tables (on
+``legacy_v6.V6UNet``: blocks that embed t themselves).
 """
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from liquid_diffusion import blocks
+from benchmarks import legacy_v6
+from benchmarks.legacy_v6 import V6UNet
 from liquid_diffusion.blocks import AdaLN
-from liquid_diffusion.model import LiquidDiffusionUNet
 
 
-class ParallelCfC(blocks.ParallelCfC):
+class ParallelCfC(legacy_v6.ParallelCfC):
     """Version 3's CfC cell: the package's gating and relaxation, with its own features and another relaxation.
 
     With ``u = backbone(features)`` (depthwise 7x7 -> 1x1 -> SiLU) and 1x1 heads f, g, h::
@@ -141,7 +142,7 @@ class LiquidDiffusionBlock(nn.Module):
         return x + self.ff(self.norm_ff(x, t_emb))
 
 
-class V3UNet(LiquidDiffusionUNet):
+class V3UNet(V6UNet):
     """``LiquidDiffusionUNet`` with version 3's ``LiquidDiffusionBlock`` (call it with version 3's shape keywords,
     ``V3_PRESETS``)."""
 

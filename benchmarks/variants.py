@@ -11,7 +11,7 @@ blocks) with named parts swapped, so that every row of the ablation tables is re
   ``legacy_blocks.py``); ``deep*``: version 3's parts in tiny's version-2 shape (64/128/256 x 2/2/4). Every design
   of version 2 or earlier builds tiny in that old shape. Versions 1-3 are built as they were, so a seed gives the
   same initial weights as the runs in the tables.
-* ``package``: the package as it is (version 4); ``dico``: version 4's design as it was first screened (lean
+* ``package``: the package as it is (version 7); ``dico``: version 4's design as it was first screened (lean
   ``LiquidConvBlock``s with a per-position LayerNorm in version 3's skeleton and DiCo's shape, tiny 96/192/384 x
   4/4/2 with no separate bottleneck): the same equations as the package, other initial weights for a seed.
 * suffixes: ``-ablation`` (``liquid=False``), ``-resrelax`` (``y = x + (1 - alpha) CfC``; ``-zero``: g and h
@@ -27,6 +27,8 @@ blocks) with named parts swapped, so that every row of the ablation tables is re
 * ``v5-*``: the sixth round, on version 5: ``-cfcff`` (the CfC cell as the channel MLP, a liquid GLU), ``-ff4`` (a
   4x MLP at full resolution), ``-skipcfc`` (CfC skip fusions), ``-pos`` (fixed Fourier position features in the
   stem).
+* ``v6``: version 6, the same function as the package (version 7) with five linear maps of t_emb in every block.
+  Versions 4-6 are built from ``legacy_v6.py``'s blocks, as those versions built them.
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ import torch.nn.functional as F
 
 from benchmarks import common
 from benchmarks.legacy_blocks import V3_PRESETS, LiquidDiffusionBlock, MultiScaleSpatialMix, ParallelCfC, V3UNet
-from liquid_diffusion import blocks as v4  # the package's parts (versions 4 and 5), for the variants built on it
+from benchmarks import legacy_v6 as v4  # versions 4-6's parts (the package's until version 7), for their variants
+from benchmarks.legacy_v6 import V6UNet
 from liquid_diffusion.blocks import AdaLN, FilterSkip, OutputHead, TimestepEmbedder, normalise_channels
 from liquid_diffusion.model import PRESETS, LiquidDiffusionUNet
 
@@ -474,7 +477,7 @@ def _v4(cell=None, skipcfc=False, liquid=True, ff_mult_full_res=None, decoder_fu
         config = dict(V4_PRESETS[preset])
         if depths and preset == "tiny":
             config["depths"] = depths
-        model = LiquidDiffusionUNet(in_channels=c, liquid=liquid, **config)
+        model = V6UNet(in_channels=c, liquid=liquid, **config)
         embed_dim = model.time_embedder.mlp.linear_2.out_features
         if decoder_full_res:
             width0 = model.config.widths[0]
@@ -618,8 +621,7 @@ def _v5(block=None, liquid=True, ff_mult_full_res=None, skipcfc=False, position=
     ``block`` (the ablation stays the package's), a wider channel MLP in the full-resolution blocks, CfC skip fusions
     (``CfCSkipFusion``), position features (``PositionStem``: ``v5-pos`` is version 6, weight for weight)."""
     def make(preset, c):
-        cls = LiquidDiffusionUNet if block is None or not liquid else type(
-            "VariantUNet", (LiquidDiffusionUNet,), {"block_class": block})
+        cls = V6UNet if block is None or not liquid else type("VariantUNet", (V6UNet,), {"block_class": block})
         model = cls(in_channels=c, liquid=liquid, **{**PRESETS[preset], "position_frequencies": 0})
         if ff_mult_full_res:
             for block_ in (*model.encoder[0], *model.decoder[0]):
@@ -713,8 +715,12 @@ def _package(liquid=True):
     return lambda preset, c: LiquidDiffusionUNet.from_preset(preset, in_channels=c, liquid=liquid)
 
 
+def _v6(liquid=True):
+    return lambda preset, c: V6UNet(in_channels=c, liquid=liquid, **PRESETS[preset])
+
+
 VARIANTS: dict = {
-    # the package as it is (version 4)
+    # the package as it is (version 7)
     "package": _package(),
     "package-ablation": _package(liquid=False),
     # version 1 and what was tried on it
@@ -800,6 +806,9 @@ VARIANTS: dict = {
     "v5-pos-cfcff": _v5(block=LiquidFeedForwardBlock, position=True),
     "v5-scan": _v5(scan_full_res=True),
     "v5-scan-ablation": _v5(scan_full_res=True, liquid=False),
+    # version 6: the package's function, each block embedding t itself
+    "v6": _v6(),
+    "v6-ablation": _v6(liquid=False),
 }
 
 

@@ -6,8 +6,8 @@ Three sections, read top to bottom:
                      fixed Fourier features of where each pixel is (``PositionEmbedder``).
 2. Block parts    -- ``AdaLN``, ``SpatialMix``, ``ParallelCfC`` (and its ``liquid=False`` ablation
                      ``GatedProjection``), ``FeedForward``.
-3. U-Net parts    -- ``LiquidDiffusionBlock``, ``Downsample``, ``Upsample``, ``SkipFusion``, ``OutputHead``,
-                     ``FilterSkip``.
+3. U-Net parts    -- ``LiquidDiffusionBlock``, ``BlockModulation`` (every block's t-dependent vectors at once),
+                     ``Downsample``, ``Upsample``, ``SkipFusion``, ``OutputHead``, ``FilterSkip``.
 
 Lineage: CfC networks (Hasani et al., Nature MI 2022), LTC networks (AAAI 2021), LiquidTAD (parallel liquid
 relaxation), USM and DiffuSSM (attention-free diffusion backbones), DiT (adaLN-Zero, the final layer), DiCo (the
@@ -152,6 +152,17 @@ class SpatialMix(nn.Module):
         return u * torch.sigmoid(self.channel_gate(u.mean(dim=(2, 3), keepdim=True)))
 
 
+# The liquid relaxation's time scale: tau >= TAU_MIN keeps alpha < 1 whenever lambda > 0; tau starts at TAU_INIT
+# for every t (alpha = exp(-0.5) ~ 0.61: 39 % of the cell's update goes in at initialisation).
+TAU_MIN, TAU_INIT = 0.05, 0.5
+
+
+def liquid_relaxation(rho: torch.Tensor, tau_logit: torch.Tensor, tau_min: float = TAU_MIN) -> torch.Tensor:
+    """The liquid relaxation factor ``alpha = exp(-lambda * tau)`` with ``lambda = softplus(rho) >= 0`` (learned per
+    channel) and the time scale ``tau = tau_min + softplus(tau_logit) > 0`` (``tau_logit`` a linear map of t_emb)."""
+    return torch.exp(-F.softplus(rho) * (tau_min + F.softplus(tau_logit)))
+
+
 class ParallelCfC(nn.Module):
     """Closed-form continuous-time (CfC, Hasani et al. 2022, Eq. 10) cell made spatial and fully parallel.
 
@@ -159,77 +170,54 @@ class ParallelCfC(nn.Module):
 
         gate  = sigmoid(time_a(t_emb) * f(u) - time_b(t_emb))     # liquid time-gating
         out   = gate * g(u) + (1 - gate) * h(u)                    # CfC interpolation
-        tau   = tau_min + softplus(time_tau(t_emb))                # time scale, learned from t_emb
-        alpha = exp(-lambda * tau),  lambda = softplus(rho) >= 0   # liquid relaxation, rho learned per channel
+        alpha = exp(-lambda * tau(t_emb))                          # liquid relaxation (``liquid_relaxation``)
         y     = alpha * x + (1 - alpha) * (x + out)                # time-aware residual (= x + (1 - alpha) * out)
 
     The relaxation's input is the residual stream x and its target ``x + out``, so the stream is never shrunk: the
     relaxation sets, per channel and per t, how much of the cell's update goes in (version 3 relaxed towards ``out``
     itself, which replaced part of the stream in every block). ``tau`` is deliberately *not* the flow time t: with
     tau = t, alpha -> 1 as t -> 0 and the cell would switch itself off on nearly clean inputs, exactly where fine
-    detail is decided. Here tau is a learned, positive function of ``t_emb`` that starts at ``tau_init`` for every
-    t (alpha = exp(-0.5) ~ 0.61: 39 % of the update goes in at initialisation).
+    detail is decided. Here tau is a learned, positive function of ``t_emb``.
 
-    All operations are elementwise or 1x1 convolutions: ``torch.compile`` fuses the gating, and the cell works in
-    ``channels_last``.
+    The cell holds the heads; its t-dependent vectors ``time_a``, ``time_b`` and ``1 - alpha`` (and lambda's ``rho``)
+    live in ``BlockModulation``, which computes them for every block of the network at once. All operations are
+    elementwise or 1x1 convolutions: ``torch.compile`` fuses the gating, and the cell works in ``channels_last``.
 
     Args:
         channels: feature channels C (of x and u).
-        embed_dim: width of ``t_emb``.
-        tau_min: lower bound of the time scale, keeps alpha < 1 whenever lambda > 0.
-        tau_init: the time scale at initialisation, the same for every t.
     """
 
-    def __init__(self, channels: int, embed_dim: int, tau_min: float = 0.05, tau_init: float = 0.5):
+    def __init__(self, channels: int):
         super().__init__()
         self.heads = nn.Conv2d(channels, 3 * channels, 1)  # f, g, h in one matmul
-        self.time_ab = nn.Linear(embed_dim, 2 * channels)  # time_a, time_b
-        self.time_tau = nn.Linear(embed_dim, channels)
-        self.rho = nn.Parameter(torch.full((channels,), math.log(math.e - 1)))  # softplus(rho) = 1
-        self.tau_min = tau_min
-        # time_a = 1, time_b = 0 at init: the gate starts as sigmoid(f(u)), the same for every t.
-        nn.init.zeros_(self.time_ab.weight)
-        with torch.no_grad():
-            self.time_ab.bias.copy_(torch.cat([torch.ones(channels), torch.zeros(channels)]))
-        # tau_min + softplus(bias) = tau_init at init, for every t.
-        nn.init.zeros_(self.time_tau.weight)
-        nn.init.constant_(self.time_tau.bias, math.log(math.expm1(tau_init - tau_min)))
 
-    def relaxation(self, t_emb: torch.Tensor) -> torch.Tensor:
-        """alpha = exp(-lambda * tau(t_emb)), shape [B, C, 1, 1]."""
-        tau = self.tau_min + F.softplus(self.time_tau(t_emb))
-        return torch.exp(-F.softplus(self.rho) * tau)[:, :, None, None]
-
-    def interpolation(self, u: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        """out = gate * g(u) + (1 - gate) * h(u) with gate = sigmoid(time_a(t_emb) * f(u) - time_b(t_emb))."""
+    def interpolation(self, u: torch.Tensor, time_a: torch.Tensor, time_b: torch.Tensor) -> torch.Tensor:
+        """out = gate * g(u) + (1 - gate) * h(u) with gate = sigmoid(time_a * f(u) - time_b)."""
         f, g, h = self.heads(u).chunk(3, dim=1)
-        time_a, time_b = self.time_ab(t_emb)[:, :, None, None].chunk(2, dim=1)
         gate = torch.sigmoid(time_a * f - time_b)
         return h + gate * (g - h)
 
-    def forward(self, x: torch.Tensor, u: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        return x + (1 - self.relaxation(t_emb)) * self.interpolation(u, t_emb)  # = alpha x + (1 - alpha) (x + out)
+    def forward(self, x: torch.Tensor, u: torch.Tensor, time_a: torch.Tensor, time_b: torch.Tensor,
+                update: torch.Tensor) -> torch.Tensor:
+        """``x + update * out`` with ``update = 1 - alpha``: the vectors are [B, C, 1, 1]."""
+        return x + update * self.interpolation(u, time_a, time_b)  # = alpha x + (1 - alpha) (x + out)
 
 
 class GatedProjection(nn.Module):
     """Ablation of ``ParallelCfC`` (``liquid=False``): no gate, no interpolation, no relaxation, but DiT's
     adaLN-Zero gate: ``y = x + gate(t_emb) * W_out u`` with ``W_out: C -> C`` (1x1) and ``gate`` a zero-initialised
-    linear map of ``t_emb``.
+    linear map of ``t_emb`` (in ``BlockModulation``).
 
     Args:
         channels: feature channels C.
-        embed_dim: width of ``t_emb``.
     """
 
-    def __init__(self, channels: int, embed_dim: int):
+    def __init__(self, channels: int):
         super().__init__()
         self.w_out = nn.Conv2d(channels, channels, 1)
-        self.gate = nn.Linear(embed_dim, channels)
-        nn.init.zeros_(self.gate.weight)
-        nn.init.zeros_(self.gate.bias)
 
-    def forward(self, x: torch.Tensor, u: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        return x + self.gate(t_emb)[:, :, None, None] * self.w_out(u)
+    def forward(self, x: torch.Tensor, u: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return x + gate * self.w_out(u)
 
 
 class FeedForward(nn.Module):
@@ -258,31 +246,85 @@ class FeedForward(nn.Module):
 class LiquidDiffusionBlock(nn.Module):
     """One liquid block (since architecture version 4)::
 
-        u = SpatialMix(AdaLN_1(x, t_emb))                          # pointwise, depthwise 3x3, channel gate
-        x = ParallelCfC(x, u, t_emb)                               # CfC gating + liquid relaxation: x + (1-alpha) out
-        x = x + gate(t_emb) * FeedForward(AdaLN_2(x, t_emb))       # channel MLP, adaLN-Zero gate (zero at init)
+        u = SpatialMix(LN_c(x) * (1 + scale_mix) + shift_mix)        # AdaLN_1, then pointwise, depthwise 3x3, channel gate
+        x = ParallelCfC(x, u; time_a, time_b, alpha)                # CfC gating + liquid relaxation: x + (1-alpha) out
+        x = x + gate_ff * FeedForward(LN_c(x) * (1 + scale_ff) + shift_ff)    # channel MLP, adaLN-Zero gate
+
+    The per-channel vectors (``scale_mix`` ... ``gate_ff``, all functions of t_emb alone) come in as one slab
+    ``[B, K, C]`` from ``BlockModulation``, in its ``kinds`` order (``1 + scale`` and ``1 - alpha`` already formed).
 
     Args:
         channels: feature channels C.
-        embed_dim: width of ``t_emb``.
         ff_mult: FeedForward expansion.
         liquid: ``False`` swaps ``ParallelCfC`` for the ``GatedProjection`` ablation.
     """
 
-    def __init__(self, channels: int, embed_dim: int, ff_mult: int = 2, liquid: bool = True):
+    def __init__(self, channels: int, ff_mult: int = 2, liquid: bool = True):
         super().__init__()
-        self.norm_mix = AdaLN(channels, embed_dim)
+        self.channels = channels
         self.mix = SpatialMix(channels)
-        self.cfc = (ParallelCfC if liquid else GatedProjection)(channels, embed_dim)
-        self.norm_ff = AdaLN(channels, embed_dim)
+        self.cfc = ParallelCfC(channels) if liquid else GatedProjection(channels)
         self.ff = FeedForward(channels, ff_mult)
-        self.ff_gate = nn.Linear(embed_dim, channels)
-        nn.init.zeros_(self.ff_gate.weight)
-        nn.init.zeros_(self.ff_gate.bias)
 
-    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        x = self.cfc(x, self.mix(self.norm_mix(x, t_emb)), t_emb)
-        return x + self.ff_gate(t_emb)[:, :, None, None] * self.ff(self.norm_ff(x, t_emb))
+    def forward(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        gain_mix, shift_mix, *cell, gain_ff, shift_ff, gate_ff = modulation[..., None, None].unbind(1)
+        x = self.cfc(x, self.mix(normalise_channels(x) * gain_mix + shift_mix), *cell)
+        return x + gate_ff * self.ff(normalise_channels(x) * gain_ff + shift_ff)
+
+
+class BlockModulation(nn.Module):
+    """Every block's t-dependent vectors at once: one matmul and one elementwise pass per step for the whole network.
+
+    With N = sum of the blocks' widths C_i, ``W: embed_dim -> K N`` and kinds k (8 for liquid blocks)::
+
+        m[k] = W_k t_emb + b_k                          # [B, N]: block i's channels are m[k][:, n_i : n_i + C_i]
+        scale_mix, shift_mix, time_a, time_b, tau_logit, scale_ff, shift_ff, gate_ff = m
+        slab_i = [1 + scale_mix, shift_mix, time_a, time_b, 1 - alpha, 1 + scale_ff, shift_ff, gate_ff]_i
+        alpha  = liquid_relaxation(rho, tau_logit)      # rho: lambda's parameter, per channel of every block
+
+    and for the ``liquid=False`` ablation ``[1 + scale_mix, shift_mix, gate, 1 + scale_ff, shift_ff, gate_ff]``.
+
+    The same function as a linear map per vector per block (DiT's adaLN modulation, which version 6 had, five maps
+    per block): stacking the maps of all blocks into one ``W`` gives the same numbers from one kernel instead of
+    ~90, and the elementwise tails (``1 + scale``, the relaxation) run once instead of once per block. At small
+    batch a GPU step costs per kernel launched, not per FLOP (BENCHMARKS.md section 4). Initialised as version 6:
+    zero weights; biases ``time_a = 1`` (the gate starts as ``sigmoid(f(u))``), ``tau = TAU_INIT`` for every t,
+    every other vector 0 (adaLN-Zero: the feed-forward branch and the ablation's projection start switched off);
+    ``lambda = 1``.
+
+    Args:
+        embed_dim: width of ``t_emb``.
+        widths: the channels C_i of every block, in the order the blocks run.
+        liquid: liquid blocks (8 kinds) or their ablation (6 kinds).
+    """
+
+    LIQUID_KINDS = ("scale_mix", "shift_mix", "time_a", "time_b", "tau", "scale_ff", "shift_ff", "gate_ff")
+    ABLATION_KINDS = ("scale_mix", "shift_mix", "gate", "scale_ff", "shift_ff", "gate_ff")
+
+    def __init__(self, embed_dim: int, widths: list[int], liquid: bool = True):
+        super().__init__()
+        self.widths = list(widths)
+        self.kinds = self.LIQUID_KINDS if liquid else self.ABLATION_KINDS
+        total = sum(self.widths)
+        self.linear = nn.Linear(embed_dim, len(self.kinds) * total)
+        nn.init.zeros_(self.linear.weight)
+        initial = {"time_a": 1.0, "tau": math.log(math.expm1(TAU_INIT - TAU_MIN))}
+        with torch.no_grad():
+            self.linear.bias.copy_(torch.tensor([initial.get(k, 0.0) for k in self.kinds]).repeat_interleave(total))
+        self.rho = nn.Parameter(torch.full((total,), math.log(math.e - 1))) if liquid else None  # softplus(rho) = 1
+        # 1 at the scales: the blocks get 1 + scale (a buffer, not a bias, so weight decay sees version 6's biases)
+        offset = torch.tensor([float(k.startswith("scale")) for k in self.kinds])[:, None]
+        self.register_buffer("offset", offset, persistent=False)
+
+    def forward(self, t_emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One slab [B, K, C_i] per block, in ``widths`` order."""
+        m = self.linear(t_emb).unflatten(1, (len(self.kinds), -1))
+        m = m + self.offset.to(m.dtype)
+        if self.rho is not None:
+            i = self.kinds.index("tau")
+            update = 1 - liquid_relaxation(self.rho, m[:, i])
+            m = torch.cat([m[:, :i], update[:, None].to(m.dtype), m[:, i + 1:]], dim=1)
+        return m.split(self.widths, dim=2)
 
 
 class Downsample(nn.Module):

@@ -24,8 +24,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
-from .blocks import (Downsample, FilterSkip, LiquidDiffusionBlock, OutputHead, PositionEmbedder, SkipFusion,
-                     TimestepEmbedder, Upsample)
+from .blocks import (BlockModulation, Downsample, FilterSkip, LiquidDiffusionBlock, OutputHead, PositionEmbedder,
+                     SkipFusion, TimestepEmbedder, Upsample)
 
 # Version of the architecture, saved in every config: weights of another version do not fit (see check_format).
 # 1: the seed's stem (conv3x3 -> SiLU -> conv3x3), un-modulated head, GroupNorm AdaLN; 2: single-conv stem,
@@ -33,10 +33,12 @@ from .blocks import (Downsample, FilterSkip, LiquidDiffusionBlock, OutputHead, P
 # shape, 96/192/384 x 1/1/1); 4: light blocks (SpatialMix -> ParallelCfC with a residual relaxation -> gated
 # FeedForward) in DiCo's deep shape (tiny 96/192/384 x 4/4/2, no separate bottleneck); 5: the full-resolution
 # decoder stage twice as wide as its encoder stage, as DiCo's (``decoder_widths``; tiny 96/192/384 x 2/4/2,
-# decoder 192/192/384); 6: + the PositionEmbedder (``position_frequencies``) in the presets.
-FORMAT_VERSION = 6
-# Version 6 is version 5 plus an optional part: a version-5 config (no ``position_frequencies``, so 0) builds
-# version 5's model exactly, and its weights load.
+# decoder 192/192/384); 6: + the PositionEmbedder (``position_frequencies``) in the presets; 7: the same function,
+# every block's t-dependent vectors from one ``BlockModulation`` instead of five linear maps per block.
+FORMAT_VERSION = 7
+# Versions 5 and 6 still load, as version 7 models computing the same function: a version-5 config (no
+# ``position_frequencies``, so 0) builds version 5's model, and ``upgrade_state_dict`` stacks the blocks' linear maps
+# into ``BlockModulation``'s.
 OLDEST_READABLE_VERSION = 5
 
 
@@ -54,6 +56,42 @@ def check_format(config: dict, exact: bool = False) -> None:
             + ("its model still samples and exports with this release, but its training cannot continue"
                if readable else "retrain it, or load it with the package release that saved it")
         )
+
+
+# Where version 5/6 kept each of BlockModulation's kinds: (linear map in the block, which of its chunks, chunks)
+_VERSION_6_SOURCES = {
+    "scale_mix": ("norm_mix.modulation", 0, 2), "shift_mix": ("norm_mix.modulation", 1, 2),
+    "time_a": ("cfc.time_ab", 0, 2), "time_b": ("cfc.time_ab", 1, 2), "tau": ("cfc.time_tau", 0, 1),
+    "gate": ("cfc.gate", 0, 1),
+    "scale_ff": ("norm_ff.modulation", 0, 2), "shift_ff": ("norm_ff.modulation", 1, 2), "gate_ff": ("ff_gate", 0, 1),
+}
+
+
+def upgrade_state_dict(state_dict: dict, block_names: list[str], kinds: tuple[str, ...], prefix: str = "") -> None:
+    """Rewrites version-5/6 weights in place as version 7's: each block's five t_emb linear maps (and its cell's
+    ``rho``), stacked in ``BlockModulation``'s layout, kind by kind and block by block in the order they run. The
+    numbers are copied, not changed; a state dict without those maps (version 7) is left as it is."""
+    if not block_names or f"{prefix}{block_names[0]}.norm_mix.modulation.weight" not in state_dict:
+        return
+    stacked = {}
+    for part in ("weight", "bias"):
+        rows = []
+        for kind in kinds:
+            linear, index, chunks = _VERSION_6_SOURCES[kind]
+            rows += [state_dict[f"{prefix}{name}.{linear}.{part}"].chunk(chunks)[index] for name in block_names]
+        stacked[f"{prefix}modulation.linear.{part}"] = torch.cat(rows)
+    if "tau" in kinds:
+        stacked[f"{prefix}modulation.rho"] = torch.cat([state_dict[f"{prefix}{name}.cfc.rho"] for name in block_names])
+    old = {f"{prefix}{name}.{linear}.{part}" for name in block_names for linear, _, _ in _VERSION_6_SOURCES.values()
+           for part in ("weight", "bias")} | {f"{prefix}{name}.cfc.rho" for name in block_names}
+    for key in old & set(state_dict):
+        del state_dict[key]
+    state_dict.update(stacked)
+
+
+def _upgrade_on_load(module, state_dict, prefix, *args) -> None:
+    """``load_state_dict``'s pre-hook: upgrades version-5/6 weights (``upgrade_state_dict``)."""
+    upgrade_state_dict(state_dict, module.block_names(), module.modulation.kinds, prefix)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -83,7 +121,7 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
     ``decoder_widths[i]``, blocks; the deepest decoder stage is not upsampled, and without a bottleneck its
     ``SkipFusion`` is a 1x1 conv of the deepest encoder output); ``OutputHead`` ``conv3x3(AdaLN(x, t_emb))``
     (zero-initialised) back to ``out_channels``; plus ``FilterSkip``, a t-dependent linear filter of x_t added to
-    the head's output::
+    the head's output. Every block's t-dependent vectors come from one ``BlockModulation`` per step::
 
         v = OutputHead(U-Net(stem(x_t) + W p(y, x)), t_emb) + sum_k a_k(t_emb) * (K_k * x_t)
 
@@ -111,7 +149,6 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = False
-    block_class = LiquidDiffusionBlock  # benchmarks/variants.py builds earlier versions' blocks into this skeleton
 
     @register_to_config
     def __init__(
@@ -145,7 +182,7 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1)
 
         def stage(width: int, depth: int) -> nn.ModuleList:
-            return nn.ModuleList(self.block_class(width, embed_dim, ff_mult, liquid) for _ in range(depth))
+            return nn.ModuleList(self.make_block(width, ff_mult, liquid) for _ in range(depth))
 
         self.encoder = nn.ModuleList(stage(w, d) for w, d in zip(widths, depths))
         self.downsamples = nn.ModuleList(Downsample(a, b) for a, b in zip(widths[:-1], widths[1:]))
@@ -157,11 +194,36 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
 
         self.head = OutputHead(decoder_widths[0], embed_dim, out_channels)
         self.input_skip = FilterSkip(in_channels, out_channels, embed_dim)
+        block_widths = [w for w, d in zip(widths, depths) for _ in range(d)] + [widths[-1]] * bottleneck_depth
+        block_widths += [w for w, d in reversed(list(zip(decoder_widths, depths))) for _ in range(d)]
+        self.modulation = BlockModulation(embed_dim, block_widths, liquid)
         if position_frequencies < 0 or (position_frequencies and format_version < 6):
             raise ValueError(f"position_frequencies must be 0 or positive (0 for a version-5 model), got "
                              f"{position_frequencies} with format_version {format_version}")
         # built last, so that every other weight draws the same random numbers as in a model without it
         self.position_embedder = PositionEmbedder(position_frequencies, widths[0]) if position_frequencies else None
+        # a version-5/6 config builds this version's model (the same function); its weights are upgraded on loading
+        self.register_to_config(format_version=FORMAT_VERSION)
+        self._register_load_state_dict_pre_hook(_upgrade_on_load, with_module=True)
+
+    def make_block(self, channels: int, ff_mult: int, liquid: bool) -> nn.Module:
+        """One block of the U-Net (``benchmarks/`` builds earlier versions' blocks into this skeleton)."""
+        return LiquidDiffusionBlock(channels, ff_mult, liquid)
+
+    def block_inputs(self, t_emb: torch.Tensor):
+        """What each block takes besides x, in the order the blocks run: its slab of ``BlockModulation``."""
+        return iter(self.modulation(t_emb))
+
+    def block_names(self) -> list[str]:
+        """The blocks' module names in the order they run (encoder, bottleneck, decoder deepest first)."""
+        stages = [f"encoder.{i}" for i in range(len(self.encoder))] + ["bottleneck"]
+        stages += [f"decoder.{i}" for i in reversed(range(len(self.decoder)))]
+        return [f"{stage}.{j}" for stage in stages for j in range(len(self.get_submodule(stage)))]
+
+    def _fix_state_dict_keys_on_load(self, state_dict) -> None:
+        """diffusers' hook in ``from_pretrained``: upgrades version-5/6 weights (``upgrade_state_dict``)."""
+        super()._fix_state_dict_keys_on_load(state_dict)
+        upgrade_state_dict(state_dict, self.block_names(), self.modulation.kinds)
 
     @classmethod
     def load_config(cls, *args, **kwargs):
@@ -241,21 +303,21 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         x = self.stem(sample)
         if self.position_embedder is not None:
             x = x + self.position_embedder(sample)
-        skips = []
+        block_inputs, skips = self.block_inputs(t_emb), []
         for i, blocks in enumerate(self.encoder):
             if i > 0:
                 x = self.downsamples[i - 1](x)
             for block in blocks:
-                x = block(x, t_emb)
+                x = block(x, next(block_inputs))
             skips.append(x)
         for block in self.bottleneck:
-            x = block(x, t_emb)
+            x = block(x, next(block_inputs))
         for i in reversed(range(len(self.decoder))):
             if i < len(self.decoder) - 1:
                 x = self.upsamples[i](x)
             x = self.fusions[i](x, skips[i])
             for block in self.decoder[i]:
-                x = block(x, t_emb)
+                x = block(x, next(block_inputs))
         velocity = self.head(x, t_emb) + self.input_skip(sample, t_emb)
 
         if not return_dict:

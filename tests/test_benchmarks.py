@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from benchmarks import common, quality, quality_study, sampling, throughput
-from liquid_diffusion import LiquidDiffusionUNet
+from benchmarks.legacy_v6 import V6UNet
+from liquid_diffusion import PRESETS, LiquidDiffusionUNet
 
 
 @pytest.fixture(autouse=True)
@@ -221,20 +222,26 @@ def test_sixth_round_variants_keep_their_ablation_and_their_parts_do_what_they_s
     ablation, package_ablation = weights("v5-cfcff-ablation"), weights("v5-ablation")
     assert ablation.keys() == package_ablation.keys()
     assert all(torch.equal(ablation[k], package_ablation[k]) for k in ablation)
-    # v5-pos, the variant of the 3(j) and 3(k) runs, is the package (version 6) weight for weight, and v5 is the
-    # package without its position embedder: their numbers are the package's
+    # v5-pos, the variant of the 3(j) and 3(k) runs, is version 6 weight for weight, and v5 is version 6 without its
+    # position embedder; version 6's weights load into the package (version 7), which computes the same velocity:
+    # their numbers are the package's
     for variant, renamed in (("v5-pos", {"stem.stem.": "stem.", "stem.position.": "position_embedder."}),
                              ("v5-pos-ablation", {"stem.stem.": "stem.", "stem.position.": "position_embedder."}),
-                             ("v5", {})):
+                             ("v5", {}), ("v6", {})):
         built = weights(variant)
         for old, new in renamed.items():
             built = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in built.items()}
         torch.manual_seed(0)
         extra = dict(position_frequencies=0) if variant == "v5" else {}
-        package = LiquidDiffusionUNet.from_preset("micro", in_channels=4, liquid="ablation" not in variant,
-                                                  **extra).state_dict()
-        assert built.keys() == package.keys(), variant
-        assert all(torch.equal(built[k], package[k]) for k in built), variant
+        version_6 = V6UNet(**{**PRESETS["micro"], "in_channels": 4, "liquid": "ablation" not in variant, **extra})
+        assert built.keys() == version_6.state_dict().keys(), variant
+        assert all(torch.equal(built[k], version_6.state_dict()[k]) for k in built), variant
+        package = LiquidDiffusionUNet.from_preset("micro", in_channels=4, liquid="ablation" not in variant, **extra)
+        with torch.no_grad():
+            version_6.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in built.items()})
+            package.load_state_dict(version_6.state_dict())
+            x, t = torch.randn(2, 4, 16, 16), torch.rand(2)
+            torch.testing.assert_close(package(x, t).sample, version_6(x, t).sample, rtol=1e-5, atol=1e-6)
     # the parallel scan is the recursion h_i = a_i h_(i-1) + (1 - a_i) v_i, run both ways
     log_a = -torch.nn.functional.softplus(torch.randn(1, 2, 3, 12) * 2).clamp(min=-80 / 12)
     v = torch.randn(1, 2, 3, 12)

@@ -1,6 +1,7 @@
 """Specification of the LiquidDiffusion U-Net and the rectified-flow objective (issue: foundation)."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -11,8 +12,8 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from liquid_diffusion import LiquidDiffusionUNet, PRESETS, flow
-from liquid_diffusion.blocks import (AdaLN, FilterSkip, GatedProjection, LiquidDiffusionBlock, OutputHead,
-                                    ParallelCfC, PositionEmbedder, SpatialMix)
+from liquid_diffusion.blocks import (AdaLN, BlockModulation, FilterSkip, GatedProjection, LiquidDiffusionBlock,
+                                    OutputHead, ParallelCfC, PositionEmbedder, SpatialMix, liquid_relaxation)
 from liquid_diffusion.model import FORMAT_VERSION
 
 
@@ -99,8 +100,8 @@ def test_preset_shapes_are_the_measured_ones():
 
 def test_the_full_resolution_decoder_stage_is_twice_as_wide_as_its_encoder_stage():
     model = LiquidDiffusionUNet.from_preset("tiny", in_channels=3)
-    assert {block.norm_mix.channels for block in model.encoder[0]} == {96}
-    assert {block.norm_mix.channels for block in model.decoder[0]} == {192}
+    assert {block.channels for block in model.encoder[0]} == {96}
+    assert {block.channels for block in model.decoder[0]} == {192}
     assert model.fusions[0].proj.in_channels == 2 * 96 and model.fusions[0].proj.out_channels == 192
     assert model.upsamples[0].conv.in_channels == 192 and model.upsamples[0].conv.out_channels == 96
     assert model.head.norm.channels == 192
@@ -181,10 +182,10 @@ def test_liquid_relaxation_stays_away_from_identity_at_small_t():
     """The SPEC pitfall: with tau = t, alpha -> 1 as t -> 0 and the cell becomes the identity."""
     model = micro()
     t_emb = model.time_embedder(torch.tensor([0.0, 0.01, 0.5, 1.0]))
-    for module in model.modules():
-        if isinstance(module, ParallelCfC):
-            alpha = module.relaxation(t_emb)
-            assert alpha.max() < 0.9 and alpha.min() > 0.0
+    tau = model.modulation.kinds.index("tau")
+    for slab in model.modulation(t_emb):
+        alpha = 1 - slab[:, tau]
+        assert alpha.max() < 0.9 and alpha.min() > 0.0
 
 
 def test_every_parameter_gets_a_gradient_and_changes_after_a_few_steps():
@@ -349,28 +350,66 @@ def test_unknown_timestep_sampling_and_sampler_are_rejected():
 
 def test_the_cfc_cell_relaxes_the_stream_towards_the_stream_plus_its_update():
     """``y = alpha * x + (1 - alpha) * (x + out)``, ``out = gate * g(u) + (1 - gate) * h(u)``,
-    ``gate = sigmoid(time_a * f(u) - time_b)``: checked against the equations written out."""
+    ``gate = sigmoid(time_a * f(u) - time_b)``, ``alpha = exp(-softplus(rho) * (0.05 + softplus(W_tau t_emb + b)))``
+    with the t-dependent vectors from ``BlockModulation``: checked against the equations written out."""
     torch.manual_seed(0)
-    cell = perturb_zero_init(ParallelCfC(8, 16), scale=0.3)
+    cell = perturb_zero_init(ParallelCfC(8), scale=0.3)
+    modulation = perturb_zero_init(BlockModulation(16, [8]), scale=0.3)
     x, u, t_emb = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5), torch.randn(2, 16)
+    slab = modulation(t_emb)[0][..., None, None]
+    linear = lambda k: (t_emb @ modulation.linear.weight.T + modulation.linear.bias)[:, 8 * k:8 * k + 8, None, None]  # noqa: E731
+    time_a, time_b, tau = linear(2), linear(3), linear(4)
     f, g, h = cell.heads(u).chunk(3, dim=1)
-    time_a, time_b = cell.time_ab(t_emb)[:, :, None, None].chunk(2, dim=1)
     gate = torch.sigmoid(time_a * f - time_b)
     out = gate * g + (1 - gate) * h
-    alpha = cell.relaxation(t_emb)
+    alpha = torch.exp(-torch.nn.functional.softplus(modulation.rho)[:, None, None]
+                      * (0.05 + torch.nn.functional.softplus(tau)))
     assert alpha.shape == (2, 8, 1, 1) and not torch.allclose(alpha[0], alpha[1])  # per channel and per t
-    assert torch.allclose(cell(x, u, t_emb), alpha * x + (1 - alpha) * (x + out), atol=1e-5)
+    torch.testing.assert_close(slab[:, 4], 1 - alpha)
+    torch.testing.assert_close(slab[:, 0], 1 + linear(0))  # AdaLN's 1 + scale
+    y = cell(x, u, *slab[:, 2:5].unbind(1))
+    torch.testing.assert_close(y, alpha * x + (1 - alpha) * (x + out), atol=1e-5, rtol=1e-5)
 
 
 def test_a_block_starts_close_to_the_identity_and_its_ablation_exactly_at_it():
     """Zero-initialised gates: the feed-forward branch and the ablation's projection start switched off, the CfC
-    cell adds (1 - alpha) = 39 % of its update."""
+    cell adds (1 - alpha) = 39 % of its update for every t."""
     torch.manual_seed(0)
     x, t_emb = torch.randn(2, 16, 8, 8), torch.randn(2, 64)
-    assert torch.equal(LiquidDiffusionBlock(16, 64, liquid=False)(x, t_emb), x)
-    block = LiquidDiffusionBlock(16, 64)
-    u = block.mix(block.norm_mix(x, t_emb))
-    assert torch.allclose(block(x, t_emb), block.cfc(x, u, t_emb)) and not torch.allclose(block(x, t_emb), x)
+    ablation, ablation_modulation = LiquidDiffusionBlock(16, liquid=False), BlockModulation(64, [16], liquid=False)
+    assert torch.equal(ablation(x, ablation_modulation(t_emb)[0]), x)
+    block, (slab,) = LiquidDiffusionBlock(16), BlockModulation(64, [16])(t_emb)
+    torch.testing.assert_close(1 - slab[:, 4], torch.full((2, 16), math.exp(-0.5)))
+    u = block.mix(torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (16,), eps=1e-6).permute(0, 3, 1, 2))
+    cell_only = block.cfc(x, u, *slab[:, 2:5, :, None, None].unbind(1))
+    assert torch.allclose(block(x, slab), cell_only) and not torch.allclose(block(x, slab), x)
+
+
+def test_block_modulation_is_one_matmul_for_every_block_and_as_many_linear_maps_per_block():
+    """Stacking every block's linear maps of t_emb into one: block i's slab holds its own rows, kind by kind, and a
+    network's forward runs one matmul for all of them (version 6 ran five per block)."""
+    torch.manual_seed(0)
+    modulation = perturb_zero_init(BlockModulation(16, [4, 8, 4]), scale=0.3)
+    t_emb = torch.randn(3, 16)
+    slabs = modulation(t_emb)
+    assert [s.shape for s in slabs] == [(3, 8, 4), (3, 8, 8), (3, 8, 4)]
+    full = modulation.linear(t_emb).view(3, 8, 16)
+    torch.testing.assert_close(slabs[1][:, 1], full[:, 1, 4:12])  # block 1's shift_mix: its own rows
+    torch.testing.assert_close(slabs[2][:, 5], 1 + full[:, 5, 12:])  # block 2's 1 + scale_ff
+    torch.testing.assert_close(slabs[1][:, 4], 1 - liquid_relaxation(modulation.rho[4:12], full[:, 4, 4:12]))
+    counts = {}
+
+    class Counter(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            counts[name] = counts.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    model = perturb_zero_init(micro())
+    with Counter():
+        model(torch.randn(2, 4, 16, 16), torch.rand(2))
+    # two t_emb MLP layers, the head's modulation, the FilterSkip's coefficients and one for every block
+    assert counts["linear"] == 5
 
 
 def test_spatial_mix_sees_the_whole_image_through_its_channel_gate():
@@ -508,25 +547,72 @@ def test_weights_of_another_architecture_version_are_refused_in_one_line(old_for
         LiquidDiffusionUNet.from_preset("micro", format_version=FORMAT_VERSION + 1)
 
 
-def test_version_5_models_still_load_with_the_same_weights_and_velocity(tmp_path):
-    """Version 6 is version 5 plus the position embedder: a version-5 folder (no ``position_frequencies`` in its
-    config) builds version 5's model, and sampling, export and the Hub keep working with it."""
-    folder = tmp_path / "v5"
-    model = perturb_zero_init(micro(3, position_frequencies=0))
-    model.register_to_config(format_version=5)
-    model.save_pretrained(folder)
+def saved_by_version_6(in_channels=3, position_frequencies=4):
+    """A trained-looking model as version 6 built it (version 5: no position features); its blocks live on in
+    benchmarks/legacy_v6.py, checked there to be version 6's weight for weight."""
+    from benchmarks.legacy_v6 import V6UNet
+    torch.manual_seed(0)
+    return perturb_zero_init(V6UNet(**{**PRESETS["micro"], "in_channels": in_channels,
+                                       "position_frequencies": position_frequencies}))
+
+
+@pytest.mark.parametrize("version", [5, 6])
+def test_version_5_and_6_models_load_as_version_7_with_the_same_weights_and_velocity(tmp_path, version):
+    """Version 7 computes version 6's function with every block's linear maps of t_emb stacked into one
+    ``BlockModulation`` (version 5 is version 6 without position features, and a version-5 config has no field for
+    them): their folders load, the same numbers in the new places, and sampling, export and the Hub keep working."""
+    folder = tmp_path / f"v{version}"
+    old = saved_by_version_6(position_frequencies=4 if version == 6 else 0)
+    old.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
-    del config["position_frequencies"]  # version 5 did not know the field
-    (folder / "config.json").write_text(json.dumps(config))
+    assert config["format_version"] == version
+    if version == 5:
+        del config["position_frequencies"]  # version 5 did not know the field
+        (folder / "config.json").write_text(json.dumps(config))
 
     loaded = LiquidDiffusionUNet.from_pretrained(folder)
-    assert loaded.config.format_version == 5 and loaded.position_embedder is None
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert loaded.config.format_version == FORMAT_VERSION and (loaded.position_embedder is None) == (version == 5)
+    new, saved = loaded.state_dict(), old.state_dict()
+    assert all(torch.equal(new[k], saved[k]) for k in new if not k.startswith("modulation."))
+    # block decoder.1.0 (the 8th of micro's 10 to run, 64 channels after 6 x 32..128): its own rows, kind by kind
+    weight = loaded.modulation.linear.weight.view(8, -1, loaded.modulation.linear.in_features)
+    start = sum(loaded.modulation.widths[:7])
+    assert loaded.block_names()[7] == "decoder.1.0" and loaded.modulation.widths[7] == 64
+    block = old.decoder[1][0]
+    for kind, rows in zip(loaded.modulation.kinds, (*block.norm_mix.modulation.weight.chunk(2),
+                                                    *block.cfc.time_ab.weight.chunk(2), block.cfc.time_tau.weight,
+                                                    *block.norm_ff.modulation.weight.chunk(2), block.ff_gate.weight)):
+        assert torch.equal(weight[loaded.modulation.kinds.index(kind), start:start + 64], rows), kind
+    assert torch.equal(loaded.modulation.rho[start:start + 64], block.cfc.rho)
     x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x, t).sample, model(x, t).sample, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loaded(x, t).sample, old(x, t).sample, rtol=1e-5, atol=1e-6)
+    # load_state_dict (export's and the trainer's path) upgrades as from_pretrained does
+    fresh = LiquidDiffusionUNet.from_preset("micro", in_channels=3, position_frequencies=loaded.config.position_frequencies)
+    fresh.load_state_dict(saved)
+    assert fresh.state_dict().keys() == new.keys() and all(torch.equal(fresh.state_dict()[k], v) for k, v in new.items())
     with pytest.raises(ValueError, match="position_frequencies must be 0 .*version-5"):
         LiquidDiffusionUNet.from_preset("micro", format_version=5)
+
+
+def test_version_7_trains_exactly_as_version_6_did():
+    """The stacking is a change of layout, not of model: from the same weights, the same batches and AdamW (with
+    weight decay, so the biases must be version 6's), both versions take the same steps."""
+    old = saved_by_version_6(in_channels=4)
+    new = LiquidDiffusionUNet.from_preset("micro")
+    new.load_state_dict(old.state_dict())
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01) for m in (old, new)]
+    x0 = torch.randn(4, 4, 16, 16)
+    for step in range(3):
+        for model, optimizer in zip((old, new), optimizers):
+            optimizer.zero_grad(set_to_none=True)
+            flow.flow_matching_loss(model, x0, generator=torch.Generator().manual_seed(step)).backward()
+            optimizer.step()
+    upgraded = LiquidDiffusionUNet.from_preset("micro")
+    upgraded.load_state_dict(old.state_dict())
+    for (name, a), b in zip(new.state_dict().items(), upgraded.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(new.modulation.linear.weight, LiquidDiffusionUNet.from_preset("micro").modulation.linear.weight)
 
 
 def test_version_4_weights_are_refused_in_one_line(tmp_path):

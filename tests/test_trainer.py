@@ -20,7 +20,8 @@ from liquid_diffusion import flow
 from liquid_diffusion.checkpoints import list_checkpoints
 from liquid_diffusion.config import TrainConfig, resolve_mixed_precision
 from liquid_diffusion.metrics import TrainerCallback
-from liquid_diffusion.model import LiquidDiffusionUNet
+from liquid_diffusion.export import export_checkpoint, pipeline_from_folder
+from liquid_diffusion.model import FORMAT_VERSION, LiquidDiffusionUNet
 from liquid_diffusion.stopping import NonFiniteLossError
 from liquid_diffusion.trainer import Trainer
 
@@ -202,24 +203,39 @@ def test_resuming_a_checkpoint_of_another_architecture_version_is_one_line(train
     assert "\n" not in str(error.value)
 
 
-def test_a_version_5_run_cannot_be_resumed_but_its_checkpoint_still_samples(train_folder, tmp_path):
-    """Version 6 reads version 5's models (they build without the position embedder) but trains version 6 only."""
+@pytest.mark.parametrize("version", [5, 6])
+def test_a_version_5_or_6_run_cannot_be_resumed_but_its_checkpoint_still_samples_and_exports(train_folder, tmp_path,
+                                                                                            version):
+    """Version 7 reads version 5's and 6's models (the same function; their linear maps of t_emb are stacked on
+    loading) but trains version 7 only: their optimizer state belongs to the old layout."""
+    from benchmarks.legacy_v6 import V6UNet
+
     Trainer(pixel_config(train_folder, tmp_path, steps=1, preset="micro")).train()
     checkpoint = tmp_path / "checkpoint-000001"
-    for folder in ("unet", "unet_ema"):  # what version 5 saved: no position embedder, no field for it
-        config = json.loads((checkpoint / folder / "config.json").read_text())
-        config["format_version"] = 5
-        del config["position_frequencies"]
-        (checkpoint / folder / "config.json").write_text(json.dumps(config))
-        weights = load_file(checkpoint / folder / "diffusion_pytorch_model.safetensors")
-        save_file({k: v for k, v in weights.items() if not k.startswith("position_embedder.")},
-                  checkpoint / folder / "diffusion_pytorch_model.safetensors")
-    with pytest.raises(ValueError, match="cannot resume .*version 5.*still samples and exports.*another "
+    config = json.loads((checkpoint / "unet" / "config.json").read_text())
+    torch.manual_seed(0)
+    old = V6UNet.from_config({**config, "position_frequencies": 4 if version == 6 else 0})
+    for folder in ("unet", "unet_ema"):  # what version 5 / 6 saved
+        old.save_pretrained(checkpoint / folder)
+        if version == 5:  # no position embedder, no field for it
+            saved = json.loads((checkpoint / folder / "config.json").read_text())
+            del saved["position_frequencies"]
+            (checkpoint / folder / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=f"cannot resume .*version {version}.*still samples and exports.*another "
                                          "--output-dir") as error:
         Trainer(pixel_config(train_folder, tmp_path, steps=2, resume="latest")).train()
     assert "\n" not in str(error.value)
     unet = LiquidDiffusionUNet.from_pretrained(checkpoint / "unet_ema")
-    assert unet.config.format_version == 5 and unet.position_embedder is None
+    assert unet.config.format_version == FORMAT_VERSION and (unet.position_embedder is None) == (version == 5)
+    x, t = torch.randn(2, 3, RES, RES), torch.rand(2)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t).sample, old(x, t).sample, rtol=1e-5, atol=1e-6)
+    pipe = pipeline_from_folder(checkpoint)  # the path of `sample` and `export`
+    images = pipe(batch_size=1, num_inference_steps=2, output_type="pt").images
+    assert images.shape == (1, 3, RES, RES) and torch.isfinite(images).all()
+    export_checkpoint(checkpoint, tmp_path / "export")
+    exported = LiquidDiffusionUNet.from_pretrained(tmp_path / "export" / "unet")
+    assert exported.config.format_version == FORMAT_VERSION and "modulation.linear.weight" in exported.state_dict()
 
 
 def test_resume_with_another_batch_size_continues_at_the_same_number_of_images(train_folder, tmp_path, capsys):
