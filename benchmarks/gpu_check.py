@@ -27,6 +27,10 @@ measured; once ``--budget-s`` seconds have passed the remaining sections are ski
   4x32x32 and 4x64x64, batch 8 and the largest batch that fits a T4-sized budget, bf16 and bf16 + compile, the
   models of one setting timed in interleaved rounds in this one process (``common.interleaved``). Settings run in
   priority order (the issue's target, 4x32x32 batch 8 with compile, first), so a short budget cuts the least useful.
+* **profile**      -- ``torch.profiler`` over a few eager steps of tiny, version 6's tiny (the same function, five
+  linear maps of t_emb per block), DiT-S/2 and UNet2DModel at 4x32x32, batch 8, after the first speed setting: wall
+  and kernel ms per step (how busy the GPU is: at small batch the host's launches may be the limit), kernels launched
+  per step, and the ops whose kernels take the most time.
 * **mfu**          -- achieved TFLOP/s (``torch.utils.flop_counter`` FLOPs of forward + backward x images/s) over
   the card's dense bf16 peak, for every speed row.
 * **tests**        -- the pytest files whose code runs on CUDA when a GPU is present (the Trainer takes the
@@ -72,15 +76,15 @@ class Plan:
     cli_jobs: int = 6  # CLI chains run concurrently (correctness only: their speed is not reported)
     cli_timeout_s: float = 300.0
     memory_presets: tuple[str, ...] = ("tiny", "small", "base")
-    # liquid-tiny@v5: architecture version 5, the package before its position embedder (for the comparison;
-    # versions 3-5 were measured in BENCHMARKS.md section 4)
-    models: tuple[str, ...] = ("liquid-tiny", "liquid-tiny@v5", "liquid-small", "liquid-base", "dit-s2", "dit-b2",
+    # liquid-tiny@v6: architecture version 6, the package's function with five linear maps of t_emb per block (what
+    # version 7's BlockModulation saves per step; versions 3-6 were measured in BENCHMARKS.md section 4)
+    models: tuple[str, ...] = ("liquid-tiny", "liquid-tiny@v6", "liquid-small", "liquid-base", "dit-s2", "dit-b2",
                                "unet2d")
     model_overrides: dict | None = None  # name -> common.build_model keyword overrides (the dry run's small peers)
     # (latent size, batch kind, models also compiled), in run order. Batch kind "8": ``batch``; "max": the largest
     # batch under ``mem_budget_mib``, per model; "8+": ``batch``, compiled models only (no eager rows)
     speed_settings: tuple = (
-        (32, "8", ("liquid-tiny", "dit-s2", "unet2d", "liquid-tiny@v5")),
+        (32, "8", ("liquid-tiny", "dit-s2", "unet2d", "liquid-tiny@v6")),
         (32, "max", ()),
         (64, "8", ("liquid-tiny", "dit-s2")),
         (64, "max", ()),
@@ -94,6 +98,9 @@ class Plan:
     mem_budget_mib: float = 14.0 * 1024  # T4: 15 GiB on the card, ~1 GiB for the CUDA context and allocator slack
     max_batch_cap: int = 1024
     sample_models: tuple[str, ...] = ("liquid-tiny", "liquid-small", "liquid-base", "dit-s2", "dit-b2", "unet2d")
+    profile_models: tuple[str, ...] = ("liquid-tiny", "liquid-tiny@v6", "dit-s2", "unet2d")
+    profile_latent: int = 32
+    profile_top: int = 8  # ops listed per model
     num_samples: int = 16
     sample_steps: int = 25
     # the two-process test is left out: torchrun would put both ranks on the one GPU
@@ -114,6 +121,7 @@ class Plan:
             dtype_name="fp32",
             compile_backend="aot_eager", rounds=2, steps=1, warmup=1, mem_budget_mib=256.0, max_batch_cap=8,
             sample_models=("liquid-micro", "dit-s2"), num_samples=2, sample_steps=2,
+            profile_models=("liquid-micro", "dit-s2"), profile_latent=8, profile_top=3,
             pytest_args=("tests/test_trainer.py", "-k", "mixed_precision_auto"), pytest_timeout_s=120.0,
         )
 
@@ -229,7 +237,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch CPU threads (the dry run uses 1 unless told)")
     p.add_argument("--models", nargs="+", metavar="NAME",
-                   help="time and sample only these models (common.build_model names, e.g. liquid-tiny@v5-pos; "
+                   help="time and sample only these models (common.build_model names, e.g. liquid-tiny@v6; "
                         "the first is the one the targets judge); default: the plan's")
     p.add_argument("--compile-models", nargs="*", metavar="NAME",
                    help="the models the first speed setting also compiles (default: the plan's, kept to --models)")
@@ -244,7 +252,7 @@ def select_models(plan: Plan, models: list[str] | None, compile_models: list[str
     kept = lambda names: tuple(m for m in names if m in models)
     first, *rest = plan.speed_settings
     first = (*first[:2], tuple(compile_models) if compile_models is not None else kept(first[2]))
-    return dataclasses.replace(plan, models=models, sample_models=models,
+    return dataclasses.replace(plan, models=models, sample_models=models, profile_models=models,
                                speed_settings=(first, *[(*s[:2], kept(s[2])) for s in rest]))
 
 

@@ -406,6 +406,53 @@ def speed_setting(ctx: Context, size: int, batch_kind: str, compile_models: tupl
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# profile: where a training step's time goes (per-step overhead or kernels, and which kernels)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def profile_step(ctx: Context):
+    """``torch.profiler`` over ``plan.steps`` eager steps of each ``plan.profile_models`` model (4x32x32 latents,
+    ``plan.batch``): wall ms per step, the device's kernel ms per step (GPU busy = kernels / wall: far below 1 means
+    the step waits on the host, launching kernels), kernels launched per step, and the ops whose kernels take the
+    most device time. On the CPU (dry run) the ops are ranked by CPU time and kernels are not counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    plan, device = ctx.plan, ctx.device
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    rows, tops, skipped = [], [], []
+    for name in plan.profile_models:
+        if ctx.runner.remaining() <= 0:
+            skipped.append(name)
+            continue
+        job = _build_job(ctx, name, plan.profile_latent, plan.batch, compiled=False)
+        with profile(activities=activities) as prof:
+            wall_s = common.timed(lambda: [job["step"]() for _ in range(plan.steps)], device)
+        del job
+        _free(device)
+        ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+        own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # noqa: E731
+        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"] if cuda else []
+        kernel_ms = sum(e.device_time_total for e in kernels) / 1000 / plan.steps if cuda else float("nan")
+        wall_ms = 1000 * wall_s / plan.steps
+        rows.append([name, wall_ms, kernel_ms, kernel_ms / wall_ms if cuda else float("nan"),
+                     len(kernels) / plan.steps if cuda else float("nan")])
+        total = sum(own(e) for e in ops) or 1
+        for e in sorted(ops, key=own, reverse=True)[:plan.profile_top]:
+            tops.append([name, e.key, own(e) / 1000 / plan.steps, 100 * own(e) / total, e.count / plan.steps])
+    body = (f"Eager {plan.dtype_name}, 4x{plan.profile_latent}x{plan.profile_latent} latents, batch {plan.batch}, "
+            f"{plan.steps} profiled steps (forward + backward + AdamW) after the warm-up.\n\n"
+            + common.markdown_table(["model", "wall ms/step", "kernel ms/step", "GPU busy", "kernels/step"], rows)
+            + f"\n\nOps with the most {'device' if cuda else 'CPU'} time (their own kernels), per step:\n\n"
+            + common.markdown_table(["model", "op", "ms/step", "% of the model's", "calls/step"], tops))
+    if skipped:
+        body += f"\n\nNot profiled (time budget spent): {', '.join(skipped)}."
+    data = dict(rows=[dict(zip(("model", "wall_ms", "kernel_ms", "busy", "kernels"), r)) for r in rows],
+                top_ops=tops, skipped=skipped)
+    return body, data, "ok" if rows and not skipped else "partial"
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # mfu and targets: derived from the rows measured above
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -483,12 +530,13 @@ def tests(ctx: Context):
 # Order
 # ------------------------------------------------------------------------------------------------------------------
 
-SECTIONS = ("environment", "memory", "cli", "sampling", "speed", "tests", "mfu", "targets")
+SECTIONS = ("environment", "memory", "cli", "sampling", "speed", "profile", "tests", "mfu", "targets")
 ALWAYS = ("environment", "mfu", "targets")  # cheap: run even when the budget is spent
 
 
 def steps(plan) -> list[tuple[str, str, object, tuple]]:
-    """(section, title, function, args) in run order: the two most wanted speed settings before the CUDA tests."""
+    """(section, title, function, args) in run order: the two most wanted speed settings (and the profile of the
+    first one's models) before the CUDA tests."""
     functions = dict(environment=environment, memory=memory, cli=cli, sampling=sampling_speed, tests=tests, mfu=mfu,
                      targets=targets)
     def title(size, kind, compiled):
@@ -497,5 +545,5 @@ def steps(plan) -> list[tuple[str, str, object, tuple]]:
 
     speed = [("speed", title(*setting), speed_setting, setting) for setting in plan.speed_settings]
     plain = [(name, name, functions[name], ()) for name in ("environment", "memory", "cli", "sampling")]
-    return plain + speed[:2] + [("tests", "tests", tests, ())] + speed[2:] + [
-        ("mfu", "mfu", mfu, ()), ("targets", "targets", targets, ())]
+    return plain + speed[:1] + [("profile", "profile", profile_step, ())] + speed[1:2] + [
+        ("tests", "tests", tests, ())] + speed[2:] + [("mfu", "mfu", mfu, ()), ("targets", "targets", targets, ())]

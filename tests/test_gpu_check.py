@@ -33,7 +33,8 @@ def test_dry_run_writes_every_section_with_finite_numbers_and_passing_checks(tmp
     report = json.loads((tmp_path / "report.json").read_text())
     sections = {s["name"].split(":")[0]: s for s in report["sections"]}
     assert [s["status"] for s in report["sections"]] == ["ok"] * len(report["sections"])
-    assert set(sections) == {"environment", "memory", "cli", "sampling", "speed", "tests", "mfu", "targets"}
+    assert set(sections) == {"environment", "memory", "cli", "sampling", "speed", "profile", "tests", "mfu",
+                             "targets"}
 
     memory = sections["memory"]["data"]
     assert len(memory) == 4 and {(r["data"], r["precision"][:4]) for r in memory} == {
@@ -56,6 +57,12 @@ def test_dry_run_writes_every_section_with_finite_numbers_and_passing_checks(tmp
     assert all(r["variant"].endswith("+compile") for r in speed if r["batch_kind"] == "8+")
     assert all(r["batch"] >= 2 for r in speed if r["batch_kind"] == "max")
     assert all(_finite(r["tflops"]) and r["tflops"] > 0 for r in sections["mfu"]["data"]["rows"])
+    # the profile: wall time per step for each model, and the ops that take it (no kernels to count on the CPU)
+    profiled = sections["profile"]["data"]
+    assert [r["model"] for r in profiled["rows"]] == ["liquid-micro", "dit-s2"]
+    assert all(_finite(r["wall_ms"]) and r["wall_ms"] > 0 for r in profiled["rows"])
+    assert {op[0] for op in profiled["top_ops"]} == {"liquid-micro", "dit-s2"}
+    assert all(op[1].startswith("aten::") and op[2] > 0 for op in profiled["top_ops"])
     assert _finite(sections["targets"]["data"]["speed_ratio"], sections["targets"]["data"]["tiny_cached_bf16_mib"])
     assert sections["tests"]["data"]["rc"] == 0 and "passed" in sections["tests"]["data"]["summary"]
 
