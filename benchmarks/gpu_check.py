@@ -92,6 +92,7 @@ class Plan:
     )
     dtype_name: str = "bf16"
     compile_backend: str = "inductor"
+    compile_mode: str | None = None  # torch.compile's mode, e.g. "reduce-overhead": CUDA graphs (CUDA + inductor)
     rounds: int = 3
     steps: int = 5  # timed steps per model per round
     warmup: int = 2
@@ -241,6 +242,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the first is the one the targets judge); default: the plan's")
     p.add_argument("--compile-models", nargs="*", metavar="NAME",
                    help="the models the first speed setting also compiles (default: the plan's, kept to --models)")
+    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune",
+                                              "max-autotune-no-cudagraphs"),
+                   help="torch.compile's mode for the compiled rows (reduce-overhead records CUDA graphs, which "
+                        "removes the per-kernel launch cost; with inductor on CUDA only); default: torch's default")
     return p.parse_args(argv)
 
 
@@ -280,6 +285,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = common.resolve_device(args.device)
     plan = select_models(Plan.dry_run() if args.dry_run else Plan.full(), args.models, args.compile_models)
+    if args.compile_mode and args.compile_mode != "default":
+        plan = dataclasses.replace(plan, compile_mode=args.compile_mode)
     for name in {*plan.models, *plan.speed_settings[0][2]}:
         if not common.is_model_name(name):
             print(f"error: unknown model {name!r} in --models / --compile-models (see benchmarks/common.py)")

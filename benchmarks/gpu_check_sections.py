@@ -293,6 +293,11 @@ def _dynamo_graphs() -> tuple[int, int]:
     return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
 
 
+def compile_label(plan) -> str:
+    """The variant suffix of a compiled row: ``+compile``, or ``+compile(MODE)`` with a ``compile_mode``."""
+    return f"+compile({plan.compile_mode})" if plan.compile_mode else "+compile"
+
+
 def _build_job(ctx: Context, name: str, size: int, batch: int, compiled: bool) -> dict:
     """Model + AdamW + fixed batch of random latents, warmed up (and compiled); flops and peak memory measured."""
     plan, device = ctx.plan, ctx.device
@@ -308,7 +313,8 @@ def _build_job(ctx: Context, name: str, size: int, batch: int, compiled: bool) -
         flops = common.train_step_flops(model, latents[:1]) * batch
         # dynamic=False: the models share one forward code object, and a second shape would otherwise make dynamo
         # recompile it with dynamic shapes (slower kernels) for every model after the first
-        runner = torch.compile(model, backend=plan.compile_backend, dynamic=False) if compiled else model
+        mode = dict(mode=plan.compile_mode) if plan.compile_mode else {}
+        runner = torch.compile(model, backend=plan.compile_backend, dynamic=False, **mode) if compiled else model
         step = common.make_train_step(runner, latents, autocast_dtype=plan.dtype)
         warmup_s = common.timed(lambda: [step() for _ in range(plan.warmup)], device)
     graphs1, breaks1 = _dynamo_graphs()
@@ -358,9 +364,9 @@ def speed_setting(ctx: Context, size: int, batch_kind: str, compile_models: tupl
             skipped.append(name + (" compiled" if compiled else ""))
             continue
         batch = max_batch(ctx, name, size) if batch_kind == "max" else plan.batch
-        label = f"{name} {variant}{'+compile' if compiled else ''}"
+        label = f"{name} {variant}{compile_label(plan) if compiled else ''}"
         jobs[label] = _build_job(ctx, name, size, batch, compiled)
-        jobs[label].update(name=name, variant=variant + ("+compile" if compiled else ""))
+        jobs[label].update(name=name, variant=variant + (compile_label(plan) if compiled else ""))
         ctx.log(f"  built {label}: batch {batch}, warm-up {jobs[label]['warmup_s']:.1f} s, "
                 f"{jobs[label]['graphs']} graph(s), {jobs[label]['breaks']} break(s), +{jobs[label]['mem']:.0f} MiB")
     if not jobs:
@@ -391,7 +397,8 @@ def speed_setting(ctx: Context, size: int, batch_kind: str, compile_models: tupl
     ctx.speed_rows += rows
     body = (f"4x{size}x{size} latents, batch {plan.batch if batch_kind != 'max' else 'max under the T4 budget'}"
             f" ({plan.mem_budget_mib / 1024:.1f} GiB of allocations), {variant} autocast"
-            f"{', channels_last' if device.type == 'cuda' else ''}, compile backend {plan.compile_backend}; median "
+            f"{', channels_last' if device.type == 'cuda' else ''}, compile backend {plan.compile_backend}"
+            f"{f' (mode {plan.compile_mode})' if plan.compile_mode else ''}; median "
             f"of {plan.rounds} interleaved rounds x {plan.steps} steps; x dit-s2 = images/s over DiT-S/2's in the "
             f"same variant. Dynamo graphs compiled during the timed rounds (recompiles): {recompiles}.\n\n"
             + common.markdown_table(
@@ -480,7 +487,7 @@ def targets(ctx: Context):
         return next((r for r in ctx.speed_rows if r["model"] == model and r["variant"] == variant
                      and r["latent"] == latent and r["batch_kind"] == "8"), None)
 
-    variant = ctx.plan.dtype_name + "+compile"
+    variant = ctx.plan.dtype_name + compile_label(ctx.plan)
     tiny, dit = find(ctx.plan.models[0], variant), find("dit-s2", variant)
     ratio = tiny["images_per_s"] / dit["images_per_s"] if tiny and dit else None
     mem = next((r for r in ctx.memory_rows if r["preset"] == ctx.plan.preset and r["data"] == "cached latents"

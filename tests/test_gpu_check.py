@@ -102,18 +102,19 @@ def test_a_failing_section_is_recorded_in_one_line_and_the_next_one_runs(tmp_pat
 
 def test_models_flags_choose_what_is_timed_and_compiled_and_a_typo_fails_in_one_line(tmp_path):
     done = _run(tmp_path, "--sections", "environment", "speed", "targets", "--models", "liquid-micro-ablation",
-                "dit-s2", "--compile-models", "liquid-micro-ablation")
+                "dit-s2", "--compile-models", "liquid-micro-ablation", "--compile-mode", "reduce-overhead")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     rows = [r for s in report["sections"] if s["name"].startswith("speed") for r in s["data"]["rows"]]
-    eager = {r["model"] for r in rows if not r["variant"].endswith("+compile")}
+    compiled = "fp32+compile(reduce-overhead)"  # --compile-mode names the rows it timed
+    eager = {r["model"] for r in rows if r["variant"] != compiled}
     assert eager == {"liquid-micro-ablation", "dit-s2"}
     first = [r for r in rows if r["batch_kind"] == "8"]
-    assert {r["model"] for r in first if r["variant"].endswith("+compile")} == {"liquid-micro-ablation"}
+    assert {r["model"] for r in first if r["variant"] == compiled} == {"liquid-micro-ablation"}
     # later settings compile only what --models selected: the dry run's "8+" setting lists dit-s2 (selected)
-    assert {(r["model"], r["variant"]) for r in rows if r["batch_kind"] == "8+"} == {("dit-s2", "fp32+compile")}
+    assert {(r["model"], r["variant"]) for r in rows if r["batch_kind"] == "8+"} == {("dit-s2", compiled)}
     targets = next(s for s in report["sections"] if s["name"] == "targets")
-    assert "liquid-micro-ablation >=" in targets["body"]
+    assert "liquid-micro-ablation >=" in targets["body"] and compiled in targets["body"]
 
     typo = _run(tmp_path / "typo", "--models", "liquid-micro@no-such-variant")
     assert typo.returncode == 2 and typo.stdout.strip().splitlines()[-1].startswith("error: unknown model")
