@@ -101,7 +101,8 @@ class AdaLN(nn.Module):
     the little noise a position carries stays tiny next to the image; a per-position norm brings it to unit scale,
     where the network can find it (micro on Twemoji: held-out loss 0.390 against 0.416 with GroupNorm, t = 0.05
     0.710 against 0.779; BENCHMARKS.md). The modulation is zero-initialised (as DiT's adaLN-Zero), so at
-    initialisation this is a plain affine-free normalisation.
+    initialisation this is a plain affine-free normalisation. The head owns one; the blocks get their ``1 + scale``
+    and ``shift`` from ``BlockModulation`` and apply ``modulate_channels``.
 
     Args:
         channels: feature channels C.
@@ -117,7 +118,12 @@ class AdaLN(nn.Module):
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         scale, shift = self.modulation(t_emb)[:, :, None, None].chunk(2, dim=1)
-        return normalise_channels(x) * (1 + scale) + shift
+        return modulate_channels(x, 1 + scale, shift)
+
+
+def modulate_channels(x: torch.Tensor, gain: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """AdaLN with its vectors given: ``LN_c(x) * gain + shift``, ``gain = 1 + scale`` ([B, C, 1, 1] each)."""
+    return normalise_channels(x) * gain + shift
 
 
 def normalise_channels(x: torch.Tensor) -> torch.Tensor:
@@ -246,9 +252,9 @@ class FeedForward(nn.Module):
 class LiquidDiffusionBlock(nn.Module):
     """One liquid block (since architecture version 4)::
 
-        u = SpatialMix(LN_c(x) * (1 + scale_mix) + shift_mix)        # AdaLN_1, then pointwise, depthwise 3x3, channel gate
-        x = ParallelCfC(x, u; time_a, time_b, alpha)                # CfC gating + liquid relaxation: x + (1-alpha) out
-        x = x + gate_ff * FeedForward(LN_c(x) * (1 + scale_ff) + shift_ff)    # channel MLP, adaLN-Zero gate
+        u = SpatialMix(LN_c(x) * (1 + scale_mix) + shift_mix)      # AdaLN; pointwise, depthwise 3x3, channel gate
+        x = ParallelCfC(x, u; time_a, time_b, alpha)              # CfC gating + liquid relaxation: x + (1-alpha) out
+        x = x + gate_ff * FeedForward(LN_c(x) * (1 + scale_ff) + shift_ff)      # channel MLP, adaLN-Zero gate
 
     The per-channel vectors (``scale_mix`` ... ``gate_ff``, all functions of t_emb alone) come in as one slab
     ``[B, K, C]`` from ``BlockModulation``, in its ``kinds`` order (``1 + scale`` and ``1 - alpha`` already formed).
@@ -268,8 +274,8 @@ class LiquidDiffusionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
         gain_mix, shift_mix, *cell, gain_ff, shift_ff, gate_ff = modulation[..., None, None].unbind(1)
-        x = self.cfc(x, self.mix(normalise_channels(x) * gain_mix + shift_mix), *cell)
-        return x + gate_ff * self.ff(normalise_channels(x) * gain_ff + shift_ff)
+        x = self.cfc(x, self.mix(modulate_channels(x, gain_mix, shift_mix)), *cell)
+        return x + gate_ff * self.ff(modulate_channels(x, gain_ff, shift_ff))
 
 
 class BlockModulation(nn.Module):
@@ -286,8 +292,9 @@ class BlockModulation(nn.Module):
 
     The same function as a linear map per vector per block (DiT's adaLN modulation, which version 6 had, five maps
     per block): stacking the maps of all blocks into one ``W`` gives the same numbers from one kernel instead of
-    ~90, and the elementwise tails (``1 + scale``, the relaxation) run once instead of once per block. At small
-    batch a GPU step costs per kernel launched, not per FLOP (BENCHMARKS.md section 4). Initialised as version 6:
+    five per block (80 in tiny), and the elementwise tails (``1 + scale``, the relaxation) run once instead of once
+    per block. At small batch a GPU step costs per kernel launched, not per FLOP (BENCHMARKS.md section 4).
+    Initialised as version 6:
     zero weights; biases ``time_a = 1`` (the gate starts as ``sigmoid(f(u))``), ``tau = TAU_INIT`` for every t,
     every other vector 0 (adaLN-Zero: the feed-forward branch and the ablation's projection start switched off);
     ``lambda = 1``.
