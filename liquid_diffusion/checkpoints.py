@@ -31,7 +31,8 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import first_line
-from .model import check_format
+from .model import (FORMAT_VERSION, OLDEST_RESUMABLE_VERSION, check_format, upgrade_optimizer_state,
+                    upgrade_state_dict)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -323,7 +324,8 @@ def newest_intact(output_dir: str | os.PathLike, report: Callable[[str], None] =
 def restore_training_state(checkpoint: Checkpoint, *, model, ema, optimizer, lr_scheduler, scaler) -> None:
     """Loads the weights, EMA, optimizer, lr scheduler, loss scaler and RNG of a ``fill_checkpoint`` checkpoint (read
     with ``read_checkpoint``) into the live objects, bit-exactly (one without ``unet_ema/`` restarts the EMA from
-    the raw weights).
+    the raw weights). A run of architecture version 6 continues as version 7, the same model in another layout: its
+    weights, EMA and optimizer moments are upgraded on the way in.
 
     Raises:
         ValueError: the weights are of another architecture version or do not fit ``model`` (one line: the format
@@ -331,21 +333,25 @@ def restore_training_state(checkpoint: Checkpoint, *, model, ema, optimizer, lr_
     """
     device = next(model.parameters()).device
     try:
-        check_format(checkpoint.unet[0], exact=True)
+        check_format(checkpoint.unet[0], oldest=OLDEST_RESUMABLE_VERSION)
     except ValueError as error:
         raise ValueError(f"cannot resume {checkpoint.path}: {error}; or start a new run with another "
                          "--output-dir") from None
+    training, optimizer_state = checkpoint.training, checkpoint.training["optimizer"]
     try:
-        model.load_state_dict(checkpoint.unet[1])
-        ema_weights = (checkpoint.unet_ema or checkpoint.unet)[1]
+        weights, ema_weights = dict(checkpoint.unet[1]), dict((checkpoint.unet_ema or checkpoint.unet)[1])
+        if checkpoint.unet[0].get("format_version", 1) < FORMAT_VERSION:
+            for state_dict in (weights, ema_weights):
+                upgrade_state_dict(state_dict, model.block_names(), model.modulation.kinds)
+            optimizer_state = upgrade_optimizer_state(optimizer_state, model)
+        model.load_state_dict(weights)
         shadow = [ema_weights[name].to(device) for name, _ in model.named_parameters()]
-    except (RuntimeError, KeyError) as error:
+    except (RuntimeError, KeyError, ValueError) as error:
         raise ValueError(f"cannot resume {checkpoint.path}: its weights do not fit this version of LiquidDiffusion's "
                          f"{checkpoint.train_config.get('preset')} model (the format changed: "
                          f"{first_line(error)}); start a new run with another --output-dir") from None
-    training = checkpoint.training
     ema.load_state_dict({**training["ema"], "shadow_params": shadow})
-    optimizer.load_state_dict(training["optimizer"])
+    optimizer.load_state_dict(optimizer_state)
     lr_scheduler.load_state_dict(training["lr_scheduler"])
     if training["scaler"] is not None and scaler is not None:
         scaler.load_state_dict(training["scaler"])

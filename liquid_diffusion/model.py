@@ -40,13 +40,15 @@ FORMAT_VERSION = 7
 # ``position_frequencies``, so 0) builds version 5's model, and ``upgrade_state_dict`` stacks the blocks' linear maps
 # into ``BlockModulation``'s.
 OLDEST_READABLE_VERSION = 5
+# A version-6 run resumes exactly: its optimizer state is upgraded as its weights are (``upgrade_optimizer_state``).
+# A version-5 run cannot: the presets it would continue with have position features, which it has not.
+OLDEST_RESUMABLE_VERSION = 6
 
 
-def check_format(config: dict, exact: bool = False) -> None:
+def check_format(config: dict, oldest: int = OLDEST_READABLE_VERSION) -> None:
     """Refuses, in one line, a saved config of an architecture version this package cannot build (configs without
-    the field are 1); ``exact`` refuses every version but ``FORMAT_VERSION`` (resuming a run: same model only)."""
+    the field are 1); ``oldest=OLDEST_RESUMABLE_VERSION`` refuses the versions whose training cannot continue."""
     version = config.get("format_version", 1)
-    oldest = FORMAT_VERSION if exact else OLDEST_READABLE_VERSION
     if not oldest <= version <= FORMAT_VERSION:
         readable = OLDEST_READABLE_VERSION <= version <= FORMAT_VERSION
         raise ValueError(
@@ -87,6 +89,60 @@ def upgrade_state_dict(state_dict: dict, block_names: list[str], kinds: tuple[st
     for key in old & set(state_dict):
         del state_dict[key]
     state_dict.update(stacked)
+
+
+# The parameters of a version-5/6 block in the order version 6 registered them (a module's own parameters before its
+# children's: the cell's rho before its heads). Optimizer state is saved in parameter order, without names.
+_VERSION_6_BLOCK_PARAMETERS = {
+    liquid: ("norm_mix.modulation.weight", "norm_mix.modulation.bias", "mix.w_in.weight", "mix.w_in.bias",
+             "mix.depthwise.weight", "mix.depthwise.bias", "mix.channel_gate.weight", "mix.channel_gate.bias",
+             *(("cfc.rho", "cfc.heads.weight", "cfc.heads.bias", "cfc.time_ab.weight", "cfc.time_ab.bias",
+                "cfc.time_tau.weight", "cfc.time_tau.bias") if liquid else
+               ("cfc.w_out.weight", "cfc.w_out.bias", "cfc.gate.weight", "cfc.gate.bias")),
+             "norm_ff.modulation.weight", "norm_ff.modulation.bias", "ff.net.0.weight", "ff.net.0.bias",
+             "ff.net.2.weight", "ff.net.2.bias", "ff_gate.weight", "ff_gate.bias")
+    for liquid in (True, False)
+}
+
+
+def version_6_parameter_names(model: "LiquidDiffusionUNet") -> list[str]:
+    """The parameter names of the version-6 model that ``model`` (version 7) upgrades, in version 6's order."""
+    blocks, seen, names = set(model.block_names()), set(), []
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        block = ".".join(parts[:2] if parts[0] == "bottleneck" else parts[:3])
+        if block in blocks:
+            if block not in seen:  # a block's version-6 parameters stand where its first parameter does
+                seen.add(block)
+                names += [f"{block}.{p}" for p in _VERSION_6_BLOCK_PARAMETERS[model.config.liquid]]
+        elif not name.startswith("modulation."):
+            names.append(name)
+    return names
+
+
+def upgrade_optimizer_state(state: dict, model: "LiquidDiffusionUNet") -> dict:
+    """A version-6 run's optimizer state dict (AdamW's per-parameter moments, in version 6's parameter order) as
+    version 7's: the moments of the stacked maps stacked as the maps are (``upgrade_state_dict``). AdamW is
+    elementwise, so training continues with the same steps it would have taken."""
+    old_names, (group,) = version_6_parameter_names(model), state["param_groups"]
+    if len(group["params"]) != len(old_names):
+        raise ValueError(f"its optimizer state holds {len(group['params'])} parameters, version 6's model "
+                         f"{len(old_names)}")
+    old = {name: state["state"][index] for name, index in zip(old_names, group["params"]) if index in state["state"]}
+    new_names = [name for name, _ in model.named_parameters()]
+    upgraded = {}
+    if old:
+        moments = {key for entry in old.values() for key in entry if key != "step"}
+        for key in moments:
+            by_name = {name: entry[key] for name, entry in old.items()}
+            upgrade_state_dict(by_name, model.block_names(), model.modulation.kinds)
+            for name, value in by_name.items():
+                upgraded.setdefault(name, {})[key] = value
+        step = next(iter(old.values()))["step"]
+        upgraded = {name: {"step": step.clone() if torch.is_tensor(step) else step, **upgraded[name]}
+                    for name in new_names}
+    return {"state": {i: upgraded[name] for i, name in enumerate(new_names) if name in upgraded},
+            "param_groups": [{**group, "params": list(range(len(new_names)))}]}
 
 
 def _upgrade_on_load(module, state_dict, prefix, *args) -> None:

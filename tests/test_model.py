@@ -598,6 +598,17 @@ def test_version_5_and_6_models_load_as_version_7_with_the_same_weights_and_velo
         LiquidDiffusionUNet.from_preset("micro", format_version=5)
 
 
+@pytest.mark.parametrize("overrides", [{}, dict(liquid=False), dict(num_classes=3, bottleneck_depth=1)])
+def test_version_6_parameter_order_is_known_so_its_optimizer_state_can_be_upgraded(overrides):
+    """A saved optimizer state names no parameters, only their positions: version 7 must know version 6's order."""
+    from benchmarks.legacy_v6 import V6UNet
+    from liquid_diffusion.model import version_6_parameter_names
+
+    config = {**PRESETS["micro"], "in_channels": 3, **overrides}
+    names = [name for name, _ in V6UNet(**config).named_parameters()]
+    assert version_6_parameter_names(LiquidDiffusionUNet(**config)) == names
+
+
 def test_version_7_trains_exactly_as_version_6_did():
     """The stacking is a change of layout, not of model: from the same weights, the same batches and AdamW (with
     weight decay, so the biases must be version 6's), both versions take the same steps."""
