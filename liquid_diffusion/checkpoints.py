@@ -31,8 +31,8 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import first_line
-from .model import (FORMAT_VERSION, OLDEST_RESUMABLE_VERSION, check_format, upgrade_optimizer_state,
-                    upgrade_state_dict)
+from .model import FORMAT_VERSION, OLDEST_RESUMABLE_VERSION, check_format
+from .upgrade import upgrade_optimizer_state, upgrade_state_dict
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"

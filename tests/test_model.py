@@ -602,7 +602,7 @@ def test_version_5_and_6_models_load_as_version_7_with_the_same_weights_and_velo
 def test_version_6_parameter_order_is_known_so_its_optimizer_state_can_be_upgraded(overrides):
     """A saved optimizer state names no parameters, only their positions: version 7 must know version 6's order."""
     from benchmarks.legacy_v6 import V6UNet
-    from liquid_diffusion.model import version_6_parameter_names
+    from liquid_diffusion.upgrade import version_6_parameter_names
 
     config = {**PRESETS["micro"], "in_channels": 3, **overrides}
     names = [name for name, _ in V6UNet(**config).named_parameters()]

@@ -21,7 +21,8 @@ from liquid_diffusion.checkpoints import list_checkpoints
 from liquid_diffusion.config import TrainConfig, resolve_mixed_precision
 from liquid_diffusion.metrics import TrainerCallback
 from liquid_diffusion.export import export_checkpoint, pipeline_from_folder
-from liquid_diffusion.model import FORMAT_VERSION, LiquidDiffusionUNet, upgrade_state_dict
+from liquid_diffusion.model import FORMAT_VERSION, LiquidDiffusionUNet
+from liquid_diffusion.upgrade import upgrade_state_dict
 from liquid_diffusion.stopping import NonFiniteLossError
 from liquid_diffusion.trainer import Trainer
 
