@@ -330,7 +330,9 @@ class BlockModulation(nn.Module):
         if self.rho is not None:
             i = self.kinds.index("tau")
             update = 1 - liquid_relaxation(self.rho, m[:, i])
-            m = torch.cat([m[:, :i], update[:, None].to(m.dtype), m[:, i + 1:]], dim=1)
+            # under autocast 1 - alpha is float32 (softplus runs in float32), as in version 6, and so is the slab:
+            # the residual stream it scales then stays float32 (in bfloat16 the velocity's error grew by a third)
+            m = torch.cat([m[:, :i], update[:, None], m[:, i + 1:]], dim=1)
         return m.split(self.widths, dim=2)
 
 

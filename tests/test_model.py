@@ -609,6 +609,24 @@ def test_version_6_parameter_order_is_known_so_its_optimizer_state_can_be_upgrad
     assert version_6_parameter_names(LiquidDiffusionUNet(**config)) == names
 
 
+def test_under_bf16_autocast_version_7_is_as_close_to_float32_as_version_6():
+    """Version 6 computed 1 - alpha in float32 (softplus autocasts to float32), which kept the residual stream it
+    scales in float32; version 7's slab keeps that, so mixed precision costs it no more accuracy than before."""
+    old = saved_by_version_6(in_channels=4)
+    new = LiquidDiffusionUNet.from_preset("micro")
+    new.load_state_dict(old.state_dict())
+    x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.02, 0.1, 0.5, 0.9])
+
+    def error(model):
+        with torch.no_grad():
+            reference = model(x, t).sample
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return ((model(x, t).sample.float() - reference).norm() / reference.norm()).item()
+
+    assert 0 < error(new) <= 1.05 * error(old)
+
+
 def test_version_7_trains_exactly_as_version_6_did():
     """The stacking is a change of layout, not of model: from the same weights, the same batches and AdamW (with
     weight decay, so the biases must be version 6's), both versions take the same steps."""
