@@ -14,10 +14,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from liquid_diffusion.blocks import (AdaLN, FeedForward, OutputHead, PositionEmbedder,  # noqa: F401 (as in version 7)
-                                     SkipFusion, SpatialMix)
+                                     SkipFusion, SpatialMix, liquid_relaxation)
 from liquid_diffusion.model import LiquidDiffusionUNet
 
 
@@ -42,8 +41,7 @@ class ParallelCfC(nn.Module):
         nn.init.constant_(self.time_tau.bias, math.log(math.expm1(tau_init - tau_min)))
 
     def relaxation(self, t_emb: torch.Tensor) -> torch.Tensor:
-        tau = self.tau_min + F.softplus(self.time_tau(t_emb))
-        return torch.exp(-F.softplus(self.rho) * tau)[:, :, None, None]
+        return liquid_relaxation(self.rho, self.time_tau(t_emb), self.tau_min)[:, :, None, None]
 
     def interpolation(self, u: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         f, g, h = self.heads(u).chunk(3, dim=1)
