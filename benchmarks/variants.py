@@ -27,8 +27,9 @@ blocks) with named parts swapped, so that every row of the ablation tables is re
 * ``v5-*``: the sixth round, on version 5: ``-cfcff`` (the CfC cell as the channel MLP, a liquid GLU), ``-ff4`` (a
   4x MLP at full resolution), ``-skipcfc`` (CfC skip fusions), ``-pos`` (fixed Fourier position features in the
   stem).
-* ``v6``: version 6, the same function as the package (version 7) with five linear maps of t_emb in every block.
-  Versions 4-6 are built from ``legacy_v6.py``'s blocks, as those versions built them.
+* ``v6``: version 6, the same function as the package (version 7) with five linear maps of t_emb in every block;
+  ``v7-from-v6``: the package starting from version 6's initial weights. Versions 4-6 are built from
+  ``legacy_v6.py``'s blocks, as those versions built them.
 """
 from __future__ import annotations
 
@@ -715,8 +716,16 @@ def _package(liquid=True):
     return lambda preset, c: LiquidDiffusionUNet.from_preset(preset, in_channels=c, liquid=liquid)
 
 
-def _v6(liquid=True):
-    return lambda preset, c: V6UNet(in_channels=c, liquid=liquid, **PRESETS[preset])
+def _v6(liquid=True, as_package=False):
+    """Version 6; ``as_package``: the package (version 7) starting from version 6's initial weights for the seed."""
+    def make(preset, c):
+        model = V6UNet(in_channels=c, liquid=liquid, **PRESETS[preset])
+        if not as_package:
+            return model
+        package = LiquidDiffusionUNet.from_preset(preset, in_channels=c, liquid=liquid)
+        package.load_state_dict(model.state_dict())
+        return package
+    return make
 
 
 VARIANTS: dict = {
@@ -809,6 +818,7 @@ VARIANTS: dict = {
     # version 6: the package's function, each block embedding t itself
     "v6": _v6(),
     "v6-ablation": _v6(liquid=False),
+    "v7-from-v6": _v6(as_package=True),  # the package, from version 6's initial weights: the same run as "v6"
 }
 
 

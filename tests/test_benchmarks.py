@@ -14,6 +14,7 @@ import torch
 from benchmarks import common, quality, quality_study, sampling, throughput
 from benchmarks.legacy_v6 import V6UNet
 from liquid_diffusion import PRESETS, LiquidDiffusionUNet
+from liquid_diffusion.upgrade import upgrade_state_dict
 
 
 @pytest.fixture(autouse=True)
@@ -242,6 +243,11 @@ def test_sixth_round_variants_keep_their_ablation_and_their_parts_do_what_they_s
             package.load_state_dict(version_6.state_dict())
             x, t = torch.randn(2, 4, 16, 16), torch.rand(2)
             torch.testing.assert_close(package(x, t).sample, version_6(x, t).sample, rtol=1e-5, atol=1e-6)
+    # v7-from-v6: the package (version 7) starting from version 6's initial weights for the seed, stacked
+    version_6, version_7 = weights("v6"), weights("v7-from-v6")
+    package = LiquidDiffusionUNet.from_preset("micro", in_channels=4)
+    upgrade_state_dict(version_6, package.block_names(), package.modulation.kinds)
+    assert version_6.keys() == version_7.keys() and all(torch.equal(version_6[k], version_7[k]) for k in version_7)
     # the parallel scan is the recursion h_i = a_i h_(i-1) + (1 - a_i) v_i, run both ways
     log_a = -torch.nn.functional.softplus(torch.randn(1, 2, 3, 12) * 2).clamp(min=-80 / 12)
     v = torch.randn(1, 2, 3, 12)
