@@ -339,12 +339,11 @@ def restore_training_state(checkpoint: Checkpoint, *, model, ema, optimizer, lr_
                          "--output-dir") from None
     training, optimizer_state = checkpoint.training, checkpoint.training["optimizer"]
     try:
-        weights, ema_weights = dict(checkpoint.unet[1]), dict((checkpoint.unet_ema or checkpoint.unet)[1])
+        model.load_state_dict(checkpoint.unet[1])  # upgrades version-6 weights as they load (model.py's pre-hook)
+        ema_weights = dict((checkpoint.unet_ema or checkpoint.unet)[1])  # read by name: upgraded here (else a no-op)
+        upgrade_state_dict(ema_weights, model.block_names(), model.modulation.kinds)
         if checkpoint.unet[0].get("format_version", 1) < FORMAT_VERSION:
-            for state_dict in (weights, ema_weights):
-                upgrade_state_dict(state_dict, model.block_names(), model.modulation.kinds)
             optimizer_state = upgrade_optimizer_state(optimizer_state, model)
-        model.load_state_dict(weights)
         shadow = [ema_weights[name].to(device) for name, _ in model.named_parameters()]
     except (RuntimeError, KeyError, ValueError) as error:
         raise ValueError(f"cannot resume {checkpoint.path}: its weights do not fit this version of LiquidDiffusion's "
