@@ -14,6 +14,8 @@ PNGs of the npm package ``emoji-datasource-twitter`` (CC-BY 4.0), fetched once w
 file-name hash (392 images held out, the first ``--eval-size`` of them scored).
 
 ``--eval-at 300`` with ``--steps 600`` scores the same run after 300 and 600 steps (two budgets, one schedule).
+``--seconds 240`` gives every model 240 seconds of training time instead of a number of steps (equal wall-clock):
+the learning-rate schedule follows the time spent, and each model is scored at the step it reached.
 ``--liquid-variant NAME`` trains a block design of ``variants.py`` instead of the package's (the ablation table), and
 ``liquid-ablation`` is then that design's ``NAME-ablation``.
 
@@ -187,21 +189,36 @@ def build(kind: str, args) -> common.VelocityModel:
     raise ValueError(kind)
 
 
-def train(model, data: torch.Tensor, args, device, on_eval=None) -> dict:
+def lr_factor_by_time(done: float, warmup: float = 0.05) -> float:
+    """The learning rate's factor once the fraction ``done`` of a ``--seconds`` budget is spent: linear warm-up over
+    the first ``warmup`` of the time (from at least 5 % of the rate), then a cosine to 0 at the budget's end."""
+    done = min(1.0, max(0.0, done))
+    return min(1.0, max(0.05, done / warmup)) * 0.5 * (1 + math.cos(math.pi * done))
+
+
+def train(model, data: torch.Tensor, args, device, on_eval=None, clock=time.perf_counter) -> dict:
     """AdamW with linear warm-up then cosine decay; data order, noise and t come from ``args.seed`` (same for all).
 
-    ``on_eval(step, seconds)`` is called after each step listed in ``args.eval_at`` (seconds: training time so far).
+    ``args.steps`` steps, or with ``args.seconds`` as many steps as fit in that much training time (forward, backward
+    and optimizer; scoring excluded): the schedule then follows the time spent, and no step starts that would end
+    past the budget by the previous step's duration. ``on_eval(step, seconds)`` is called after each step listed in
+    ``args.eval_at`` (seconds: training time so far), and at the end of a ``--seconds`` run. ``clock``: seconds.
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    warmup = max(1, args.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
-    )
+    by_time = args.seconds is not None
+    if not by_time:
+        warmup = max(1, args.steps // 20)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
+        )
     gen = torch.Generator().manual_seed(args.seed)
     model.train()
-    losses, seconds = [], 0.0
-    for step in range(args.steps):
-        start = time.perf_counter()
+    losses, seconds, step, last, next_report = [], 0.0, 0, 0.0, 0.1
+    while (step == 0 or seconds + last <= args.seconds) if by_time else step < args.steps:
+        start = clock()
+        if by_time:
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr * lr_factor_by_time(seconds / args.seconds)
         idx = torch.randint(0, data.shape[0], (args.batch,), generator=gen)
         x0 = data[idx].to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
@@ -211,16 +228,24 @@ def train(model, data: torch.Tensor, args, device, on_eval=None) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        schedule.step()
+        if not by_time:
+            schedule.step()
         losses.append(loss.item())
-        seconds += time.perf_counter() - start
-        if (step + 1) % max(1, args.steps // 10) == 0:
-            print(f"    step {step + 1}/{args.steps}: loss {np.mean(losses[-50:]):.4f} ({seconds:.0f}s)", flush=True)
-        if on_eval is not None and step + 1 in args.eval_at:
-            on_eval(step + 1, seconds)
+        last = clock() - start
+        seconds += last
+        step += 1
+        progress = seconds / args.seconds if by_time else step / args.steps
+        if progress >= next_report - 1e-9:
+            next_report = math.floor(progress * 10 + 1e-9) / 10 + 0.1
+            total = f"{args.seconds:.0f}s" if by_time else f"{args.steps}"
+            print(f"    step {step} ({total}): loss {np.mean(losses[-50:]):.4f} ({seconds:.0f}s)", flush=True)
+        if on_eval is not None and not by_time and step in args.eval_at:
+            on_eval(step, seconds)
             model.train()
     common.sync(device)
-    return dict(train_seconds=seconds, final_train_loss=float(np.mean(losses[-50:])))
+    if on_eval is not None and by_time:
+        on_eval(step, seconds)
+    return dict(steps=step, train_seconds=seconds, final_train_loss=float(np.mean(losses[-50:])))
 
 
 @torch.no_grad()
@@ -276,7 +301,7 @@ def run_model(kind, train_data, eval_data, args, device, results, machine, comma
         write_json(args, results, machine, command)
 
     stats.update(train(model, train_data, args, device, on_eval))
-    stats.update(stats["at"][args.steps])
+    stats.update(stats["at"][stats["steps"]])
     sample_grid(model, args, device, os.path.join(args.out_dir, f"samples_{kind}.png"))
     return stats
 
@@ -289,6 +314,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=["liquid", "dit", "unet2d", "liquid-ablation"],
                    choices=["liquid", "dit", "unet2d", "liquid-ablation"])
     p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--seconds", type=float, default=None,
+                   help="equal wall-clock: train each model for this many seconds of training time instead of --steps "
+                        "steps (the schedule follows the time; scored at the end)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -317,12 +345,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="5 steps, tiny data and eval, shallow DiT / narrow UNet2DModel: a smoke test in seconds")
     args = p.parse_args(argv)
+    if args.seconds is not None and not (0 < args.seconds < math.inf):
+        p.error(f"--seconds must be a positive number of seconds, not {args.seconds}")
+    if args.seconds is not None and args.eval_at:
+        p.error("--eval-at counts steps, which a --seconds run does not fix: it is scored at its end; drop --eval-at")
     if args.quick:
         args.steps, args.batch, args.train_size, args.eval_size = 5, 4, 64, 16
         args.eval_seeds, args.num_samples, args.sample_steps = 1, 4, 2
         args.dit_depth, args.unet_channels = 2, [32, 32, 64]
-        args.eval_at = [3]
-    args.eval_at = sorted({s for s in args.eval_at if 0 < s < args.steps} | {args.steps})
+        args.eval_at = [] if args.seconds is not None else [3]
+    if args.seconds is None:
+        args.eval_at = sorted({s for s in args.eval_at if 0 < s < args.steps} | {args.steps})
     return args
 
 
@@ -351,13 +384,16 @@ def main(argv=None) -> int:
     for run_dir in args.merge or []:  # combine runs made in separate processes (same budget flags)
         with open(os.path.join(run_dir, "quality.json")) as f:
             run = json.load(f)
-        final = str(run["args"]["steps"])  # a run stopped part-way lacks its final score: leave that model out
-        finished = {k: {**r, **r["at"][final]} for k, r in run["results"].items() if final in r.get("at", {})}
+        # a run stopped part-way lacks its final score: leave that model out (a --seconds run's models each end
+        # at their own step, which they record)
+        final = {k: str(r.get("steps", run["args"]["steps"])) for k, r in run["results"].items()}
+        finished = {k: {**r, **r["at"][final[k]]} for k, r in run["results"].items() if final[k] in r.get("at", {})}
         for k in sorted(set(run["results"]) - set(finished)):
             print(f"note: {run_dir}: {k} did not finish its {run['args']['steps']} steps; left out", flush=True)
         results.update({k: _floats_per_t(r) for k, r in finished.items()})
         grids.update({k: os.path.join(run_dir, f"samples_{k}.png") for k in finished})
-        for key in ("steps", "batch", "lr", "seed", "eval_size", "eval_seeds", "sample_steps", "data", "eval_at"):
+        for key in ("steps", "seconds", "batch", "lr", "seed", "eval_size", "eval_seeds", "sample_steps", "data",
+                    "eval_at"):
             setattr(args, key, run["args"].get(key, getattr(args, key)))
         commands.append(run["command"])
         machine = run["machine"]
@@ -380,11 +416,15 @@ def main(argv=None) -> int:
                 o = results[other]
                 verdicts.append(f"liquid / {other}: mean {ref['mean'] / o['mean']:.3f}, "
                                 f"t=0.05 {ref['per_t'][0.05] / o['per_t'][0.05]:.3f} (< 1: liquid is better)")
+    if args.seconds is None:
+        budget, scored = f"{args.steps} steps", f"scored after steps {args.eval_at} of the same run"
+    else:  # equal wall-clock: every model trains the same seconds, so each ends at its own step (the table's step)
+        budget, scored = f"{args.seconds:g} s of training per model", "scored at the end"
     text = "\n".join([
         f"# Equal-budget quality, pixel space 32x32 ({datetime.date.today().isoformat()})\n",
         f"machine: {machine}", f"command: {command}",
-        f"data: {args.data}; budget: {args.steps} steps x batch {args.batch}, AdamW lr {args.lr} (warm-up + cosine), "
-        f"seed {args.seed}, scored after steps {args.eval_at} of the same run; "
+        f"data: {args.data}; budget: {budget} x batch {args.batch}, AdamW lr {args.lr} (warm-up + cosine), "
+        f"seed {args.seed}, {scored}; "
         f"held-out: {args.eval_size} images x {args.eval_seeds} noise seeds x t in {list(T_GRID)}\n",
         table, "", *verdicts, "", f"sample grids ({args.sample_steps} Euler steps, same noise): "
         + ", ".join(f"samples_{k}.png" for k in results) + " and all of them in samples_side_by_side.png; data.png: "

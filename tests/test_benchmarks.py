@@ -7,6 +7,7 @@ table header and rows, and write their outputs. The scripts are run in-process t
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -91,6 +92,58 @@ def test_quality_quick(tmp_path):
     # --quick scores after step 3 and after the last step (5) of the same run: one table row each
     assert all(sorted(r["at"]) == ["3", "5"] and r["at"]["5"]["mean"] == r["mean"] for r in results.values())
     assert "| liquid | 3 |" in text and "| liquid | 5 |" in text
+
+
+def test_an_equal_time_schedule_warms_up_over_its_first_twentieth_and_decays_to_zero_at_the_budget():
+    f = quality.lr_factor_by_time
+    assert f(0.0) == 0.05 and f(0.025) == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 0.025)))
+    assert f(0.05) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.05)))  # the peak, then only the cosine
+    decay = [f(d / 100) for d in range(5, 101)]
+    assert all(a > b for a, b in zip(decay, decay[1:])) and f(1.0) == 0.0 and f(2.0) == 0.0
+
+
+def test_a_seconds_budget_trains_every_step_that_fits_and_scores_once_at_the_end():
+    """With a clock on which every step takes 0.5 s, a 2 s budget makes exactly 4 steps, whatever --steps says."""
+    ticks = iter(range(10_000))
+    clock = lambda: next(ticks) * 0.5  # one call starts a step, the next ends it: 0.5 s per step
+    args = quality.parse_args(["--quick", "--seconds", "2", "--steps", "100"])
+    torch.manual_seed(0)
+    model = quality.build("liquid", args)
+    data = quality.make_shapes(8, seed=0)
+    scored = []
+    stats = quality.train(model, data, args, torch.device("cpu"), on_eval=lambda step, s: scored.append((step, s)),
+                          clock=clock)
+    assert stats["steps"] == 4 and stats["train_seconds"] == 2.0 and scored == [(4, 2.0)]
+    slow = iter(range(10_000))
+    stats = quality.train(model, data, args, torch.device("cpu"), clock=lambda: next(slow) * 5.0)
+    assert stats["steps"] == 1  # a step longer than the budget still runs once: there is always a score
+
+
+def test_a_seconds_run_is_refused_with_eval_at_or_a_budget_that_is_not_positive(capsys):
+    for argv in (["--seconds", "10", "--eval-at", "5"], ["--seconds", "0"], ["--seconds", "nan"]):
+        with pytest.raises(SystemExit):
+            quality.parse_args(argv)
+    assert "drop --eval-at" in capsys.readouterr().err
+
+
+def test_an_equal_wall_clock_study_runs_each_model_alone_and_averages_seeds_that_ended_at_different_steps(tmp_path):
+    args = quality_study.parse_args([*STUDY, "--seconds", "240", "--seeds", "0", "1", "--threads", "2",
+                                     "--out-dir", str(tmp_path)])
+    jobs = quality_study.plan_jobs(args)
+    assert [j["name"] for j in jobs] == ["t240s_s0_liquid", "t240s_s0_dit", "t240s_s1_liquid", "t240s_s1_dit"]
+    assert all(j["argv"][j["argv"].index("--seconds") + 1] == "240" and "--steps" not in j["argv"]
+               and j["argv"][j["argv"].index("--threads") + 1] == "2" for j in jobs)
+    for job, steps, mean in zip(jobs, (150, 60, 148, 61), (0.30, 0.40, 0.32, 0.44)):  # as a real run writes them
+        at = {"mean": mean, "per_t": {"0.05": 2 * mean, "0.5": mean}, "train_seconds": 239.0}
+        run = {"args": {"steps": 500, "seconds": 240.0, "seed": job["seed"]}, "machine": "cpu",
+               "results": {job["models"][0]: {"params_m": 1.0, "gflop_per_img": 1.0, "steps": steps,
+                                              "at": {str(steps): at}}}}
+        (tmp_path / job["name"]).mkdir()
+        (tmp_path / job["name"] / "quality.json").write_text(json.dumps(run))
+    text = quality_study.summarize(str(tmp_path))
+    assert "| 240 s | end (148-150) | liquid | 1 | 1 | 0,1 | **0.3100** (0.3000-0.3200) |" in text
+    assert "| 240 s | end (60-61) | dit |" in text
+    assert f"- 240 s of training each: liquid / dit: mean {0.31 / 0.42:.3f}" in text
 
 
 STUDY = ["--preset", "micro", "--data", "shapes", "--models", "liquid", "dit", "--eval-size", "8", "--num-samples", "2",
