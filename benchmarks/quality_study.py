@@ -24,7 +24,7 @@ Equal wall-clock (issue 11's goal 2): ``--seconds S`` gives every model S second
 of a number of steps (quality.py ``--seconds``), each model in a process of its own, scored at its end; the summary
 shows the steps each model reached. Run them one at a time with all the cores, as a user trains::
 
-    python -m benchmarks.quality_study --preset tiny --seconds 240 --seeds 0 1 2 --models liquid dit unet2d \
+    python -m benchmarks.quality_study --preset tiny --seconds 240 --seeds 0 1 2 --models liquid dit unet2d \\
         --jobs 1 --threads 2 --out-dir out/wallclock
 """
 
