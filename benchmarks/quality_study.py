@@ -123,7 +123,7 @@ def collect(out_dir: str) -> list[dict]:
                 if key in seen:  # the same run twice (e.g. a stopped group re-run per model): one is enough
                     continue
                 seen.add(key)
-                records.append(dict(run=name, model=model, budget=budget, seed=run["args"]["seed"],
+                records.append(dict(run=name, model=model, budget=budget, seconds=seconds, seed=run["args"]["seed"],
                                     step=int(step), mean=at["mean"], t005=at["per_t"]["0.05"],
                                     t05=at["per_t"]["0.5"], train_s=at["train_seconds"],
                                     params_m=result["params_m"], gflop=result["gflop_per_img"],
@@ -136,9 +136,10 @@ def summarize(out_dir: str, status: dict | None = None) -> str:
     records = collect(out_dir)
     groups: dict[tuple, list[dict]] = {}
     for r in records:  # a seconds budget is scored once, at its end, where each model and seed ends its own step
-        groups.setdefault((r["budget"], "end" if isinstance(r["budget"], str) else r["step"], r["model"]), []).append(r)
-    order = lambda kv: ((0, kv[0][0], kv[0][1]) if isinstance(kv[0][0], int) else (1, float(kv[0][0][:-2]), 0),
-                        MODELS.index(kv[0][2]))
+        groups.setdefault((r["budget"], r["step"] if r["seconds"] is None else "end", r["model"]), []).append(r)
+    # step budgets first (by steps, then scored step), then seconds budgets (by seconds); models in MODELS order
+    order = lambda kv: (kv[1][0]["seconds"] is not None, kv[1][0]["seconds"] or kv[1][0]["budget"],
+                        0 if kv[0][1] == "end" else kv[0][1], MODELS.index(kv[0][2]))
     rows, means = [], {}
     for (budget, step, model), rs in sorted(groups.items(), key=order):
         m, t005 = statistics.mean(r["mean"] for r in rs), statistics.mean(r["t005"] for r in rs)
