@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -19,10 +20,15 @@ from .latents import DEFAULT_VAE, VAE_DOWNSAMPLE_FACTOR, native_bf16
 from .model import PRESETS
 from .sources import DEFAULT_DATASET
 
+LR_SCHEDULES = ("constant", "cosine", "linear", "rsqrt")
+# --batch-size auto: the batch on a CPU, and the batch at which --lr is given (the recipe study's, BENCHMARKS.md)
+CPU_BATCH_SIZE = 8
+REFERENCE_BATCH_SIZE = 8
+
 # Fields that fix the network or what its inputs mean; resuming with other values is refused.
 RESUME_MUST_MATCH = ("preset", "space", "resolution", "vae")
 # Fields that fix the data order; resuming with other values works but is no longer exact.
-RESUME_EXACT_ONLY_IF_SAME = ("batch_size", "grad_accum", "seed", "dataset")
+RESUME_EXACT_ONLY_IF_SAME = ("batch_size", "grad_accum", "seed", "dataset", "validation_images")
 
 
 def _help(text: str, **kwargs):
@@ -62,15 +68,25 @@ class TrainConfig:
     cache_dir: str | None = _help("latent cache directory (default: OUTPUT_DIR/latent-cache)", default=None)
     cache_num_images: int | None = _help("cache only the first N images (default: all)", default=None)
     # optimisation
-    batch_size: int = _help("images per process per micro-batch", default=8)
+    batch_size: int | str = _help("images per process per micro-batch, or 'auto': on a GPU the largest that fits "
+                                  "it by the memory estimate (capped by the GPU's class), on a CPU "
+                                  f"{CPU_BATCH_SIZE}; --lr is then the rate at batch {REFERENCE_BATCH_SIZE}, scaled "
+                                  f"by sqrt(batch / {REFERENCE_BATCH_SIZE})", default="auto")
     grad_accum: int = _help("micro-batches per optimizer step", default=1)
     steps: int = _help("optimizer steps to train in total", default=20_000)
     lr: float = _help("AdamW learning rate", default=1e-4)
     warmup_steps: int = _help("linear learning-rate warmup steps", default=500)
+    lr_schedule: str = _help("learning rate after the warmup: constant, cosine or linear (to 0 at --steps), or rsqrt "
+                             "(lr * sqrt(warmup / step): needs no known end, for open-ended runs)", default="constant")
+    adam_beta1: float = _help("AdamW beta1", default=0.9)
+    adam_beta2: float = _help("AdamW beta2", default=0.999)
     weight_decay: float = _help("AdamW weight decay", default=0.0)
     max_grad_norm: float = _help("gradient clipping norm", default=1.0)
     ema_decay: float = _help("EMA decay (reached after the EMA warmup)", default=0.9999)
+    ema_power: float = _help("EMA warmup: decay = min(ema_decay, 1 - (1 + step) ** -ema_power)", default=2 / 3)
     timestep_sampling: str = _help("training t distribution: uniform or logit_normal", default="uniform")
+    logit_mean: float = _help("logit_normal t sampling: mean of logit(t)", default=0.0)
+    logit_std: float = _help("logit_normal t sampling: standard deviation of logit(t)", default=1.0)
     mixed_precision: str = _help("auto (bf16 where supported, fp16 on T4-class GPUs, fp32 on CPU), no, fp16, bf16",
                                  default="auto")
     compile: bool = _help("torch.compile the model (CUDA only; ignored on CPU)", default=False)
@@ -89,6 +105,11 @@ class TrainConfig:
     push_to_hub: str | None = _help("Hub repo id USER/NAME to push checkpoints to (in the background)", default=None)
     push_every: int = _help("push every N checkpoints", default=1)
     hub_private: bool = _help("create the Hub repo as private", default=False)
+    # validation (liquid_diffusion/validation.py)
+    validation_images: int = _help("held-out images (never trained on) scored by the flow loss at fixed t and noise; "
+                                   "a folder gives at most 10 %% of its images (0: off)", default=256)
+    validation_every: int = _help("score the EMA and raw weights on the held-out images every N steps and at the "
+                                  "end (0: only at the end)", default=1000)
     # evaluation (liquid_diffusion/evaluate.py)
     eval_every: int = _help("KID/FID of the EMA weights at the first checkpoint at or past every N steps and at the "
                             "end, logged to metrics.jsonl; best.json names the best checkpoint (0: off)", default=0)
@@ -109,17 +130,27 @@ class TrainConfig:
         # the VAE is not loaded yet: assume SD-VAE's factor (the trainer checks again with the loaded VAE's)
         check_resolution(self.resolution, self.preset, self.space,
                          VAE_DOWNSAMPLE_FACTOR if self.space == "latent" else 1)
-        for name in ("batch_size", "grad_accum", "steps", "log_every", "checkpoint_every", "keep_checkpoints",
+        if self.batch_size != "auto":
+            check_number(self, "batch_size", minimum=1)
+        for name in ("grad_accum", "steps", "log_every", "checkpoint_every", "keep_checkpoints",
                      "num_sample_images", "sample_steps", "push_every"):
             check_number(self, name, minimum=1)
-        for name in ("warmup_steps", "sample_every", "num_workers", "shuffle_buffer", "seed", "eval_every"):
+        for name in ("warmup_steps", "sample_every", "num_workers", "shuffle_buffer", "seed", "eval_every",
+                     "validation_images", "validation_every"):
             check_number(self, name, minimum=0)
         if self.cache_num_images is not None:
             check_number(self, "cache_num_images", minimum=1)
         if self.eval_every:
             check_number(self, "eval_samples", minimum=2)
-        for name in ("lr", "max_grad_norm"):
+        for name in ("lr", "max_grad_norm", "ema_power", "logit_std"):
             check_number(self, name, minimum=0, inclusive=False)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must lie in [0, 1) (e.g. 0.9), got {getattr(self, name)}")
+        if not math.isfinite(self.logit_mean):
+            raise ValueError(f"--logit-mean must be a finite number, got {self.logit_mean}")
         check_number(self, "weight_decay", minimum=0)
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"--ema-decay must lie in [0, 1) (e.g. 0.9999), got {self.ema_decay}")
@@ -178,6 +209,48 @@ def resume_position(checkpoint: Checkpoint, config: TrainConfig, class_names: li
     return batches_consumed
 
 
+def resolve_batch_size(config: TrainConfig, device: torch.device, saved: dict | None = None,
+                       report=print) -> None:
+    """Replaces ``batch_size="auto"`` in ``config`` by a number, and ``lr`` by the rate for it; says why, once.
+
+    A resumed run (``saved``: its checkpoint's train config) keeps its batch size and learning rate. On a GPU the
+    batch is ``memory.suggest_batch_size`` for the card; on a CPU ``CPU_BATCH_SIZE``. Adam's rate is scaled by
+    ``sqrt(batch / REFERENCE_BATCH_SIZE)`` (the square-root rule: the gradient's noise falls as 1 / sqrt(batch)).
+    """
+    if config.batch_size != "auto":
+        return
+    if saved and isinstance(saved.get("batch_size"), int):
+        config.batch_size, config.lr = saved["batch_size"], saved.get("lr", config.lr)
+        report(f"batch size auto: {config.batch_size} and lr {config.lr:g}, as the run being resumed")
+        return
+    if device.type == "cuda":
+        from .latents import vae_dtype
+        from .memory import suggest_batch_size
+
+        gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+        config.batch_size = suggest_batch_size(gib, config.preset, config.space, config.resolution,
+                                               mixed_precision=resolve_mixed_precision(config.mixed_precision),
+                                               vae_dtype=vae_dtype(device), cache_latents=config.cache_latents)
+        why = (f"the largest that fits 75 % of this {gib:.0f} GiB GPU by the memory estimate, capped by its class "
+               "(8 below 24 GiB, 16 below 48 GiB, else 32)")
+    else:
+        config.batch_size, why = CPU_BATCH_SIZE, "a small batch on the CPU"
+    base = config.lr
+    config.lr = base * math.sqrt(config.batch_size / REFERENCE_BATCH_SIZE)
+    report(f"batch size auto: {config.batch_size} ({why}); lr {base:g} x sqrt({config.batch_size}/"
+           f"{REFERENCE_BATCH_SIZE}) = {config.lr:.3g}")
+
+
+def int_or_auto(text: str) -> int | str:
+    """``--batch-size``'s type: a whole number or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
+
+
 def resolve_mixed_precision(choice: str) -> str:
     """``auto``: bf16 where the GPU supports it, fp16 (with loss scaling) on T4-class GPUs, ``no`` on CPU."""
     if choice != "auto":
@@ -205,7 +278,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif f.name == "resume":
             parser.add_argument(flag, nargs="?", const="latest", metavar="PATH", **kwargs)
         else:
-            kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+            kind = {"int": int, "float": float, "int | None": int, "float | None": float,
+                    "int | str": int_or_auto}.get(str(f.type), str)
             parser.add_argument(flag, type=kind, **kwargs)
 
 

@@ -163,6 +163,8 @@ class ImageBatchStream(torch.utils.data.IterableDataset):
             it once; with one process, later epochs are skipped by counting since they have the same length.
         num_epochs: stop after this many epochs (``None``: endless).
         with_labels, label_column: yield class labels too, from this ``ClassLabel`` column (see ``open_source``).
+        holdout, part: leave out the held-out images (``part="train"``) or keep only them (``"validation"``); see
+            ``validation.py``.
     """
 
     def __init__(
@@ -184,6 +186,8 @@ class ImageBatchStream(torch.utils.data.IterableDataset):
         num_epochs: int | None = None,
         with_labels: bool = False,
         label_column: str | None = None,
+        holdout=None,
+        part: str = "train",
     ):
         super().__init__()
         if resolution < 1 or batch_size < 1 or start_batch < 0:
@@ -197,7 +201,7 @@ class ImageBatchStream(torch.utils.data.IterableDataset):
         self.start_batch, self.num_epochs = start_batch, num_epochs
 
         dataset, self.image_column = open_source(source, split, config_name, image_column, with_labels=with_labels,
-                                                 label_column=label_column)
+                                                 label_column=label_column, holdout=holdout, part=part)
         self.with_labels = with_labels
         self.class_names = class_names(dataset) if with_labels else None
         if shuffle_buffer > 1:  # same seed on every process, so the node split below stays disjoint

@@ -282,7 +282,7 @@ def update_best(output_dir: str | os.PathLike, record: dict, metric: str = "kid"
     on Google Drive, where symlinks do not exist."""
     best = read_best(output_dir)
     current = best is not None and (Path(output_dir) / best["checkpoint"]).is_dir()
-    if current and not record[metric] < best[metric]:
+    if current and best.get("metric", "kid") == metric and not record[metric] < best[metric]:
         return False
     tmp = Path(output_dir) / f".{BEST_FILE}.tmp"
     tmp.write_text(json.dumps({**record, "metric": metric}, indent=2))

@@ -234,6 +234,7 @@ def build_latent_cache(
     progress: bool = True,
     with_labels: bool = False,
     label_column: str | None = None,
+    holdout=None,
 ) -> Path:
     """Encodes ``source`` once into ``cache_dir`` and returns it; training then never touches the VAE.
 
@@ -246,8 +247,11 @@ def build_latent_cache(
     column ``label_column`` or the first one) and the metadata ``class_names``; such a cache serves unconditional
     training too.
 
-    A complete cache with the same source, VAE, resolution, count, flip and crop is reused as is; a different one
-    in ``cache_dir`` is refused (pick another directory or delete it).
+    With a ``holdout`` (``validation.Holdout``) its held-out images are left out of the cache, so no training batch
+    ever holds one; the metadata's ``held_out`` records the choice.
+
+    A complete cache with the same source, VAE, resolution, count, flip, crop and held-out images is reused as is; a
+    different one in ``cache_dir`` is refused (pick another directory or delete it).
     """
     cache_dir = Path(cache_dir)
     settings = dict(source=source, dataset=dataset_key(source), split=split, config_name=config_name, vae=vae.name,
@@ -255,11 +259,13 @@ def build_latent_cache(
                     requested_images=num_images, flipped=flip, random_crop=random_crop)
     if with_labels:  # only then, so caches built before labels existed stay valid for unconditional training
         settings.update(labels=True, label_column=label_column)
+    if holdout is not None:  # only then, so caches of runs without validation stay valid
+        settings.update(held_out=holdout.key())
     if _reusable(cache_dir, settings):
         return cache_dir
     stream = ImageBatchStream(source, resolution, batch_size, split=split, config_name=config_name,
                               image_column=image_column, random_crop=random_crop, flip=False, shuffle_buffer=0,
-                              num_epochs=1, with_labels=with_labels, label_column=label_column)
+                              num_epochs=1, with_labels=with_labels, label_column=label_column, holdout=holdout)
     shards = _ShardWriter(cache_dir, dtype, shard_size)
     with tqdm(total=num_images, unit="img", desc="encoding latents", disable=not progress) as bar:
         count = _encode_stream(stream, vae, shards, num_images, flip, num_workers, bar)
@@ -289,7 +295,8 @@ def _reusable(cache_dir: Path, settings: dict) -> bool:
             return True
         raise ValueError(
             f"{str(cache_dir)!r} already holds a different latent cache ({existing['source']!r}, VAE "
-            f"{existing['vae']!r}, {existing['resolution']}px); use another directory or delete it"
+            f"{existing['vae']!r}, {existing['resolution']}px, held out: {existing.get('held_out', 'none')}); "
+            "use another directory or delete it"
         )
     cache_dir.mkdir(parents=True, exist_ok=True)
     for stale in cache_dir.glob("shard-*.safetensors"):  # leftovers of an interrupted build

@@ -7,6 +7,9 @@ Every ``log_every`` steps the trainer appends one JSON object (a line) to ``OUTP
 no sample fell), ``images_skipped`` (undecodable images so far) and, when fp16 loss scaling skipped steps,
 ``skipped_nonfinite``.
 
+Every ``validation_every`` steps and at the end, a record with ``val_loss`` (EMA weights), ``val_loss_raw``,
+``val_loss_t`` and ``val_loss_raw_t`` (per t of the fixed grid) on the held-out images (see ``validation.py``).
+
 ``--eval-every`` appends records with ``kid``/``fid`` (see ``evaluate.py``) to the same file.
 """
 
@@ -38,6 +41,9 @@ class TrainerCallback:
 
     def on_checkpoint(self, trainer: "Trainer", step: int, path: Path) -> None:
         """Called on the main process after a checkpoint is complete."""
+
+    def on_validation(self, trainer: "Trainer", record: dict) -> None:
+        """Called on the main process after each validation (``record``: step, val_loss, val_loss_raw, ...)."""
 
     def on_eval(self, trainer: "Trainer", record: dict) -> None:
         """Called on the main process after an ``--eval-every`` evaluation (``record``: step, kid, fid, ...)."""

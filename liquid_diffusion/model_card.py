@@ -65,9 +65,16 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def validation_points(records: list[dict]) -> list[tuple[int, float, float]]:
+    """``(step, val_loss, val_loss_raw)`` of the validation records, in step order."""
+    return sorted((r["step"], r["val_loss"], r.get("val_loss_raw", float("nan"))) for r in records
+                  if _finite(r.get("val_loss")))
+
+
 def plot_loss_curve(records: list[dict], path: str | os.PathLike) -> Path | None:
-    """Writes the training loss against the step (raw and smoothed, log scale when positive) and, when a record has
-    ``loss_t_bins``, the newest per-noise-level (t) losses. Returns ``None`` when no record has a finite loss.
+    """Writes the training loss against the step (raw and smoothed, log scale when positive) with the validation
+    losses (EMA and raw weights) over it, and, when a record has ``loss_t_bins``, the newest per-noise-level (t)
+    losses. Returns ``None`` when no record has a finite loss.
 
     Uses matplotlib's object API with the Agg canvas (no pyplot), so it is safe on a background thread.
     """
@@ -92,6 +99,13 @@ def plot_loss_curve(records: list[dict], path: str | os.PathLike) -> Path | None
         axis.legend()
     else:
         axis.plot(steps, losses, color="tab:blue", linewidth=2, marker="." if len(losses) < 30 else None)
+    validation = validation_points(records)
+    if validation:
+        val_steps, val_ema, val_raw = zip(*validation, strict=True)
+        axis.plot(val_steps, val_ema, color="tab:green", marker="o", linewidth=2, label="validation (EMA)")
+        axis.plot(val_steps, val_raw, color="tab:green", marker="o", linewidth=1, alpha=0.5, linestyle="--",
+                  label="validation (raw)")
+        axis.legend()
     if min(losses) > 0:
         axis.set_yscale("log")
     axis.set_xlabel("step")
@@ -265,9 +279,23 @@ def _model_table(train_config: dict, step: int, num_parameters: int, records: li
         ("learning rate", train_config.get("lr", "n/a")),
         ("timestep sampling", train_config.get("timestep_sampling", "uniform")),
         ("final training loss", final_loss),
+        ("validation loss", _validation_text(records, step, train_config)),
         ("weights", "EMA (`unet/`)" + (", raw (`unet_raw/`)" if has_raw_weights else "") if ema else "raw (`unet/`)"),
     ]
     return "\n".join(f"| {key} | {value} |" for key, value in rows)
+
+
+def _validation_text(records: list[dict] | None, step: int, train_config: dict) -> str:
+    """The newest validation loss at or before ``step``, with its protocol (see ``validation.py``)."""
+    from .validation import VALIDATION_T
+
+    latest = next((r for r in reversed(records or []) if _finite(r.get("val_loss")) and r["step"] <= step), None)
+    if latest is None:
+        return "n/a (no validation was run)"
+    conditional = ", conditional on the class" if train_config.get("class_conditional") else ""
+    return (f"{latest['val_loss']:.4f} with the EMA weights, {latest['val_loss_raw']:.4f} raw, at step "
+            f"{latest['step']:,}: the flow loss on {latest.get('val_images', '?')} held-out images never trained on, "
+            f"each at one t of {{{', '.join(f'{t:g}' for t in VALIDATION_T)}}} with fixed noise{conditional}")
 
 
 def _classes_section(class_names: list[str] | None, train_config: dict, load_id: str) -> str:

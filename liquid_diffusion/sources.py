@@ -134,7 +134,7 @@ def _image_extensions() -> set[str]:
 
 
 def open_source(source: str, split: str = "train", config_name: str | None = None, image_column: str | None = None,
-                *, with_labels: bool = False, label_column: str | None = None):
+                *, with_labels: bool = False, label_column: str | None = None, holdout=None, part: str = "train"):
     """Opens ``source`` as a streaming ``datasets.IterableDataset`` holding only its image column, undecoded.
 
     Returns ``(dataset, image_column)``; each row is ``{image_column: {"bytes": ..., "path": ...}}``. The column is
@@ -143,9 +143,16 @@ def open_source(source: str, split: str = "train", config_name: str | None = Non
     With ``with_labels`` the rows also hold ``LABEL_KEY`` (an int class id) from the ``ClassLabel`` column
     ``label_column``, else the first ``ClassLabel`` feature (see ``find_label_column``; an image folder with one
     sub-folder per class has one, named from the folders); ``class_names(dataset)`` gives the names.
+
+    With a ``holdout`` (``validation.Holdout``), ``part="train"`` leaves its held-out images out and
+    ``part="validation"`` keeps only them (a held-out split is opened instead of ``split``).
     """
     from datasets import Image as ImageFeature
 
+    if part not in ("train", "validation"):
+        raise ValueError(f"part must be 'train' or 'validation', got {part!r}")
+    if holdout is not None and holdout.kind == "split" and part == "validation":
+        split = holdout.split
     dataset = _stream(source, split, config_name)
     image_column = _image_column(dataset, source, image_column)
     if with_labels:
@@ -156,6 +163,9 @@ def open_source(source: str, split: str = "train", config_name: str | None = Non
     else:
         dataset = dataset.select_columns([image_column])
     dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
+    if holdout is not None and holdout.kind != "split":
+        wanted = part == "validation"
+        dataset = dataset.filter(lambda row: holdout.is_held_out(row[image_column]) == wanted)
     return dataset, image_column
 
 

@@ -10,7 +10,8 @@ Output directory layout::
     metrics.jsonl               one JSON object per logged step
     samples/step-000500.png     EMA sample grids, always from the same noise
     checkpoint-000500/          unet/ and unet_ema/ (safetensors), training_state.pt, state.json, train_config.json
-    best.json                   with --eval-every: the checkpoint with the best KID so far (kept when pruning)
+    best.json                   the checkpoint with the best KID so far (--eval-every), else with the lowest
+                                validation loss (kept when pruning)
 
 Exact resume: the only randomness of a step (noise and t) comes from a generator re-seeded from
 (seed, process, step), and the data streams restart at the batch where they stopped, so N steps + resume + N steps
@@ -55,11 +56,12 @@ from .config import (
     add_config_flags,
     check_resolution,
     config_from_args,
+    resolve_batch_size,
     resolve_mixed_precision,
     resume_position,
 )
 from .data import SEED_STRIDE, ImageBatchStream, make_dataloader
-from .evaluate import TrainingEvaluator
+from .evaluate import TrainingEvaluator, update_best
 from .hub import HubPusher, check_can_push
 from .latents import FrozenVAE, LatentBatchStream, build_latent_cache, vae_dtype
 from .metrics import METRICS_FILE, IntervalStats, TrainerCallback, append_record, truncate_metrics
@@ -67,6 +69,7 @@ from .model import LiquidDiffusionUNet
 from .sampling import class_grid_labels, generate, save_grid
 from .sources import class_names, open_source, resolve_source
 from .stopping import GracefulStop, NonFiniteLossError, TrainingInterrupted, any_process, exit_status
+from .validation import Validator, choose_holdout
 
 
 def _check_writable(folder: Path) -> None:
@@ -108,18 +111,19 @@ class Trainer:
         )
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
+        resolve_batch_size(config, self.device, self._resumed_config(),
+                           report=print if self.is_main else (lambda line: None))
         if self.is_main:
             _check_writable(self.output_dir)
         set_seed(config.seed)  # same initial weights on every process and every run
         model = self._build_model()
-        self.ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=2 / 3,
-                            foreach=True)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                      fused=self.device.type == "cuda")
+        self.ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True,
+                            power=config.ema_power, foreach=True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                      weight_decay=config.weight_decay, fused=self.device.type == "cuda")
         # Stepped by hand once per optimizer step: accelerate's prepared scheduler would step num_processes times.
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps))
-        )
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+            lr_factor, schedule=config.lr_schedule, warmup=config.warmup_steps, total=config.steps))
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.ema.to(self.device)
         if config.compile:
@@ -133,8 +137,23 @@ class Trainer:
         self.images_skipped_before = 0  # all processes' skipped images up to the checkpoint resumed from
         self.generator = torch.Generator(self.device)
         self._pusher = None
+        self._last_record: dict | None = None
+        self.holdout = None  # which images validation holds out (validation.py); chosen when the run starts
+        self.validator: Validator | None = None  # the held-out set, on the main process
+        self.last_validation: dict | None = None
         if config.eval_every and self.is_main:
             self.callbacks.append(TrainingEvaluator(config))
+
+    def _resumed_config(self) -> dict | None:
+        """The train config of the checkpoint ``--resume`` names, if it can be read now (for ``--batch-size auto``)."""
+        resume = self.config.resume
+        if not resume:
+            return None
+        candidates = list_checkpoints(self.output_dir)[-1:] if resume == "latest" else [Path(resume)]
+        try:
+            return json.loads((candidates[0] / "train_config.json").read_text()) if candidates else None
+        except (OSError, ValueError):
+            return None
 
     def _build_model(self) -> LiquidDiffusionUNet:
         """Loads the frozen VAE (latent space) into ``self.vae`` and builds the U-Net for its latents (or pixels)."""
@@ -184,13 +203,13 @@ class Trainer:
             stream = LatentBatchStream(self._cache_dir(), config.batch_size, vae_id=config.vae,
                                        resolution=config.resolution, source=config.dataset,
                                        with_labels=config.class_conditional, **common)
-            loader = make_dataloader(stream, num_workers=0)  # latents are in memory already
+            loader = make_dataloader(stream, num_workers=0)  # latents are in memory already (held-out ones never)
         else:
             stream = ImageBatchStream(
                 config.dataset, config.resolution, config.batch_size, split=config.split,
                 config_name=config.config_name, image_column=config.image_column, random_crop=config.random_crop,
                 flip=config.flip, shuffle_buffer=config.shuffle_buffer, with_labels=config.class_conditional,
-                label_column=config.label_column, **common,
+                label_column=config.label_column, holdout=self.holdout, **common,
             )
             loader = make_dataloader(stream, num_workers=config.num_workers)
         for batch in loader:
@@ -222,7 +241,7 @@ class Trainer:
                 num_images=config.cache_num_images, flip=config.flip, split=config.split,
                 config_name=config.config_name, image_column=config.image_column,
                 random_crop=config.random_crop, num_workers=config.num_workers,
-                with_labels=config.class_conditional, label_column=config.label_column,
+                with_labels=config.class_conditional, label_column=config.label_column, holdout=self.holdout,
             )
         self.accelerator.wait_for_everyone()
 
@@ -248,6 +267,9 @@ class Trainer:
                     # asked after the log: a callback may stop too
                     if any_process(self.accelerator, stop.requested is not None):
                         self._stop(stop.requested, progress)
+                    every = config.validation_every
+                    if (every and self.step % every == 0) or self.step == config.steps:
+                        self.validate(progress)
                     if config.sample_every and self.step % config.sample_every == 0 and self.step < config.steps:
                         self.write_samples()
                     if self.step % config.checkpoint_every == 0 and self.step < config.steps:
@@ -267,6 +289,7 @@ class Trainer:
             stale = remove_stale_temporaries(self.output_dir)
             if stale:
                 print(f"note: removed {len(stale)} unfinished checkpoint folder(s) left by an interrupted save")
+        self._choose_holdout()
         if config.resume:
             self._resume(config.resume)
         if self.is_main:  # records of steps after the one this run starts from belong to a run that was cut off
@@ -275,6 +298,8 @@ class Trainer:
                 print(f"note: dropped {dropped} metrics record(s) past step {self.step} from {METRICS_FILE}")
         if config.cache_latents:
             self._prepare_latent_cache()
+        if self.holdout is not None and self.is_main:
+            self._load_validation_set()
         if config.push_to_hub and self.is_main:
             self._pusher = HubPusher(config.push_to_hub, private=config.hub_private)
 
@@ -302,7 +327,8 @@ class Trainer:
             self.generator.manual_seed(mixed % 2**63)  # torch seeds are 64-bit; any --seed must work
             noise = torch.randn(x0.shape, generator=self.generator, device=self.device, dtype=x0.dtype)
             t = flow.sample_timesteps(x0.shape[0], config.timestep_sampling, device=self.device,
-                                      generator=self.generator)
+                                      generator=self.generator, logit_mean=config.logit_mean,
+                                      logit_std=config.logit_std)
             velocity_fn = self.model
             if labels is not None:  # drawn after noise and t, so unconditional runs see the very same draws
                 velocity_fn = functools.partial(self.model, class_labels=self._drop_labels(labels))
@@ -356,9 +382,96 @@ class Trainer:
             append_record(self.output_dir, record)
             for callback in self.callbacks:
                 callback.on_log(self, record)
-        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                             img_s=f"{record['images_per_s']:.1f}", skipped=record["images_skipped"])
+        self._show(progress, record)
         self._stats, self._interval_start = IntervalStats(self.device), time.perf_counter()
+        return record
+
+    def _show(self, progress: tqdm, record: dict) -> None:
+        values = dict(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}",
+                      skipped=record["images_skipped"])
+        if self.last_validation is not None:
+            values["val_loss"] = f"{self.last_validation['val_loss']:.4f}"
+        progress.set_postfix(**values)
+        self._last_record = record
+
+    # ------------------------------------------------------------------------------------------------------- validation
+
+    def _choose_holdout(self) -> None:
+        """Chooses the held-out images (every process, the same choice: training streams leave them out)."""
+        config = self.config
+        if not config.validation_images:
+            return
+        try:
+            self.holdout = choose_holdout(config.dataset, config.validation_images, config.split, config.config_name)
+        except (ValueError, OSError) as error:  # a metric never stops training
+            if self.is_main:
+                print(f"warning: validation is off for this run: {error}", file=sys.stderr)
+            return
+        if self.is_main:
+            if self.holdout is None:
+                print(f"note: validation is off: {config.dataset} is too small to hold out an image "
+                      "(a folder gives at most 10 % of its images)")
+            else:
+                every = f"every {config.validation_every} steps and " if config.validation_every else ""
+                print(f"validation: {self.holdout.description}; never trained on, scored {every}at the end")
+
+    def _load_validation_set(self) -> None:
+        """Decodes the held-out images (and encodes them with the VAE in latent space) once, on the main process."""
+        config = self.config
+        stream = ImageBatchStream(
+            config.dataset, config.resolution, config.batch_size, split=config.split, config_name=config.config_name,
+            image_column=config.image_column, flip=False, shuffle_buffer=0, num_epochs=1,
+            with_labels=config.class_conditional, label_column=config.label_column, holdout=self.holdout,
+            part="validation",
+        )
+        inputs, labels, count = [], [], 0
+        try:
+            for batch in stream:
+                if config.class_conditional:
+                    batch, batch_labels = batch
+                    labels.append(batch_labels)
+                if batch.shape[0]:
+                    inputs.append(self.vae.encode(batch.to(self.device)) if self.vae is not None else batch)
+                count += batch.shape[0]
+                if count >= config.validation_images:
+                    break
+        except ValueError as error:
+            print(f"warning: validation is off for this run: {error}", file=sys.stderr)
+            return
+        if not inputs:
+            print("warning: validation is off for this run: no held-out image could be decoded", file=sys.stderr)
+            return
+        x0 = torch.cat(inputs)[: config.validation_images].to(self.device).contiguous(
+            memory_format=torch.channels_last)
+        class_ids = torch.cat(labels)[: len(x0)].to(self.device) if labels else None
+        self.validator = Validator(x0, class_ids, batch_size=max(2 * config.batch_size, 16))
+
+    @torch.no_grad()
+    def validate(self, progress: tqdm | None = None) -> dict | None:
+        """Scores the EMA and the raw weights on the held-out set; appends ``{"step", "val_loss", "val_loss_raw",
+        "val_loss_t", "val_loss_raw_t", "val_images", "val_time_s"}`` to metrics.jsonl (main process)."""
+        if self.validator is None:
+            self.accelerator.wait_for_everyone()  # the main process scores; the others wait for it
+            return None
+        start = time.perf_counter()
+        model = self.unwrapped_model
+        model.eval()
+        try:
+            raw, raw_t = self.validator.loss(model, self.accelerator.autocast)
+        finally:
+            model.train()
+        with self.ema_weights() as ema_model:
+            ema, ema_t = self.validator.loss(ema_model, self.accelerator.autocast)
+        record = {"step": self.step, "val_loss": ema, "val_loss_raw": raw, "val_loss_t": ema_t,
+                  "val_loss_raw_t": raw_t, "val_images": len(self.validator),
+                  "val_time_s": time.perf_counter() - start}
+        self.last_validation = record
+        append_record(self.output_dir, record)
+        for callback in self.callbacks:
+            callback.on_validation(self, record)
+        if progress is not None and self._last_record is not None:
+            self._show(progress, self._last_record)
+        self.accelerator.wait_for_everyone()
         return record
 
     # ------------------------------------------------------------------------------------------------------- samples
@@ -416,6 +529,9 @@ class Trainer:
             final = write_checkpoint(self.output_dir, self.step, functools.partial(
                 fill_checkpoint, model=model, ema=self.ema, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
                 scaler=self.accelerator.scaler, train_config=dataclasses.asdict(self.config), state=state))
+            if not self.config.eval_every and self.last_validation and self.last_validation["step"] == self.step:
+                update_best(self.output_dir, {"checkpoint": final.name, "step": self.step,
+                                              "val_loss": self.last_validation["val_loss"]}, metric="val_loss")
             self._prune_checkpoints()
             for callback in self.callbacks:
                 callback.on_checkpoint(self, self.step, final)
@@ -431,7 +547,7 @@ class Trainer:
         return self.images_skipped_before + int(self.accelerator.reduce(local, reduction="sum").item())
 
     def _prune_checkpoints(self) -> None:
-        try:  # --eval-every's best checkpoint is kept
+        try:  # the best checkpoint (best.json) is kept
             best = json.loads((self.output_dir / "best.json").read_text()).get("checkpoint")
         except (OSError, ValueError):
             best = None
@@ -465,6 +581,21 @@ class Trainer:
         self.batches_consumed = batches_consumed
         self.images_skipped_before = int(checkpoint.state.get("images_skipped", 0))
         report(f"resumed from {checkpoint.path} at step {self.step}")
+
+
+def lr_factor(step: int, schedule: str = "constant", warmup: int = 0, total: int = 1) -> float:
+    """The learning rate's multiplier at optimizer step ``step`` (0-based): a linear warmup over ``warmup`` steps,
+    then ``constant`` (1), ``cosine`` (``(1 + cos(pi p)) / 2``) or ``linear`` (``1 - p``) decay to 0 at ``total``
+    steps (``p``: the share of the post-warmup steps done), or ``rsqrt`` (``sqrt(warmup / step)``), which decays
+    without a known end, so an open-ended run can be stopped, resumed or extended at any step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "rsqrt":
+        return math.sqrt(max(warmup, 1) / (step + 1))
+    if schedule in ("cosine", "linear"):
+        done = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * done)) if schedule == "cosine" else 1.0 - done
+    return 1.0
 
 
 # ----------------------------------------------------------------------------------------------------------------

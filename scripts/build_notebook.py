@@ -18,6 +18,8 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+from liquid_diffusion.config import TrainConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "LiquidDiffusion_Training.ipynb"
 # Where a notebook opened from GitHub installs the package from: the repository named in pyproject.toml.
@@ -225,8 +227,8 @@ CHOICES_MD = """\
 | `RESOLUTION` | training size in pixels; 256 or 512 in latent space, 64 in pixel space for the 64x64 anime faces |
 | `SPACE` | `latent` (through the frozen SD-VAE, for 256/512 px) or `pixel` (no VAE, small images) |
 | `STEPS` | optimizer steps in total (a resumed run continues up to this number) |
-| `BATCH_SIZE` | `0` = the suggested size for this preset, resolution and GPU memory |
-| `LEARNING_RATE` | AdamW learning rate (after a linear warmup) |
+| `BATCH_SIZE` | `0` = automatic (`--batch-size auto`): the largest that fits this GPU by the memory estimate, capped by its class; a resumed run keeps its own |
+| `LEARNING_RATE` | AdamW learning rate at batch 8 (after a linear warmup); with `BATCH_SIZE` 0 it is scaled by sqrt(batch / 8) |
 | `SAMPLE_EVERY` | steps between live sample grids |
 | `EVAL_EVERY` | steps between KID/FID measurements of the EMA weights on 1,000 samples, plotted under the loss (`best.json` names the best checkpoint); `0` = off (env: `LD_EVAL_EVERY`) |
 | `CACHE_LATENTS` | latent space only: encode every image once with the VAE, then train on latents alone (much faster per step, a one-off wait that grows with the dataset) |
@@ -248,7 +250,7 @@ RESOLUTION = "256"  # @param ["64", "256", "512"] {allow-input: true}
 SPACE = "latent"  # @param ["latent", "pixel"]
 STEPS = 20000  # @param {type:"integer"}
 BATCH_SIZE = 0  # @param {type:"integer"}
-LEARNING_RATE = 1e-4  # @param {type:"number"}
+LEARNING_RATE = {DEFAULT_LR}  # @param {type:"number"}
 SAMPLE_EVERY = 500  # @param {type:"integer"}
 EVAL_EVERY = 2000  # @param {type:"integer"}
 CACHE_LATENTS = False  # @param {type:"boolean"}
@@ -268,10 +270,10 @@ import re
 
 from liquid_diffusion import LiquidDiffusionUNet
 from liquid_diffusion.checkpoints import list_checkpoints
-from liquid_diffusion.config import RESUME_MUST_MATCH, TrainConfig
+from liquid_diffusion.config import RESUME_MUST_MATCH, TrainConfig, resolve_batch_size
 from liquid_diffusion.errors import check_repo_id
 from liquid_diffusion.latents import VAE_DOWNSAMPLE_FACTOR, vae_dtype
-from liquid_diffusion.memory import estimate_training_memory_gib, suggest_batch_size
+from liquid_diffusion.memory import estimate_training_memory_gib
 from liquid_diffusion.sources import class_names, open_source
 
 CPU_SIZED = DEVICE == "cpu" and CPU_SETTINGS
@@ -320,7 +322,6 @@ CLASS_CONDITIONAL = CLASS_CONDITIONAL and len(CLASS_NAMES) >= 2
 # --- expected GPU memory: an estimate, not a measurement (the measured peak is printed after training) ----------
 MEMORY_OPTIONS = dict(mixed_precision=MIXED_PRECISION, vae_dtype=vae_dtype(torch.device(DEVICE)),
                       cache_latents=CACHE_LATENTS)
-SUGGESTED_BATCH_SIZE = suggest_batch_size(GPU_MEMORY_GIB, PRESET, SPACE, RESOLUTION, **MEMORY_OPTIONS)
 
 # --- the run's folder; a checkpoint there is resumed ------------------------------------------------------------
 slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(DATASET.rstrip("/")).name).strip("-").lower() or "data"
@@ -328,12 +329,10 @@ RUN_NAME = RUN_NAME.strip() or f"{slug}-{PRESET}-{SPACE}-{RESOLUTION}px" + ("-co
 OUTPUT_DIR = Path(env("LD_OUTPUT_DIR", str(OUTPUT_ROOT / RUN_NAME))).expanduser()
 checkpoints = list_checkpoints(OUTPUT_DIR)
 saved_config = json.loads((checkpoints[-1] / "train_config.json").read_text()) if checkpoints else None
-if BATCH_SIZE <= 0:  # a resumed run keeps its batch size, even on a different GPU
-    BATCH_SIZE = saved_config["batch_size"] if saved_config else SUGGESTED_BATCH_SIZE
 
 CONFIG = TrainConfig(
     dataset=DATASET, resolution=RESOLUTION, preset=PRESET, space=SPACE, vae=VAE, cache_latents=CACHE_LATENTS,
-    batch_size=BATCH_SIZE, steps=STEPS, lr=LEARNING_RATE, warmup_steps=min(500, max(1, STEPS // 10)),
+    batch_size=BATCH_SIZE if BATCH_SIZE > 0 else "auto", steps=STEPS, lr=LEARNING_RATE,
     sample_every=SAMPLE_EVERY, num_sample_images=NUM_SAMPLE_IMAGES, log_every=max(1, min(50, STEPS // 20)),
     eval_every=EVAL_EVERY,
     checkpoint_every=min(1000, STEPS), keep_checkpoints=2, output_dir=str(OUTPUT_DIR), resume="latest",
@@ -341,13 +340,16 @@ CONFIG = TrainConfig(
     class_conditional=CLASS_CONDITIONAL, guidance_scale=GUIDANCE_SCALE,
 )
 CONFIG.validate()  # a one-line error with the fix for values that cannot work
+# BATCH_SIZE 0: the trainer's own choice for this GPU (a resumed run keeps its batch size and learning rate)
+resolve_batch_size(CONFIG, torch.device(DEVICE), saved_config)
+BATCH_SIZE, LEARNING_RATE = CONFIG.batch_size, CONFIG.lr
 
 if CPU_SIZED:
     print(f"CPU runtime: CPU-sized settings ({PRESET} model, {SPACE} space, {RESOLUTION} px, {STEPS} steps); expect "
           "blurry shapes after about 10 minutes. Untick CPU_SETTINGS to keep your own choices.")
 print(f"dataset     {DATASET}")
 print(f"model       {PRESET} in {SPACE} space at {RESOLUTION}px" + (f" (VAE {VAE})" if SPACE == "latent" else ""))
-print(f"training    {STEPS} steps · batch {BATCH_SIZE} (suggested here: {SUGGESTED_BATCH_SIZE}) · "
+print(f"training    {STEPS} steps · batch {BATCH_SIZE} · "
       f"lr {LEARNING_RATE:g} · {MIXED_PRECISION if MIXED_PRECISION != 'no' else 'fp32'}"
       + (" · cached latents" if CACHE_LATENTS else ""))
 print(f"samples     {f'every {SAMPLE_EVERY} steps' if SAMPLE_EVERY else 'at the end only'} "
@@ -383,6 +385,8 @@ print("\\nsame run from a terminal:\\n  python -m liquid_diffusion train "
       + (" --cache-latents" if CACHE_LATENTS else "") + (" --class-conditional" if CLASS_CONDITIONAL else "")
       + " --resume latest")
 '''
+# The form's learning rate is the trainer's default: one place (TrainConfig) defines the recipe.
+CHOICES = CHOICES.replace("{DEFAULT_LR}", repr(TrainConfig.__dataclass_fields__["lr"].default))
 
 PREVIEW_MD = """\
 ## 4 · Preview the data
@@ -512,6 +516,7 @@ class LiveDashboard(TrainerCallback):
     def __init__(self, config):
         self.config, self.losses, self.t_bins, self.started = config, {}, None, time.time()
         self.evals = {}  # step -> {"kid", "kid_std", "fid", ...} with EVAL_EVERY
+        self.validation = {}  # step -> (val_loss of the EMA weights, of the raw weights)
         self.checkpoint, self.first_seen = "none yet", None  # (step, time) of this session's first log
         for record in read_metrics(Path(config.output_dir) / METRICS_FILE):  # a resumed run shows its whole history
             if "loss" in record:
@@ -519,6 +524,8 @@ class LiveDashboard(TrainerCallback):
                 self.t_bins = record.get("loss_t_bins")
             if "kid" in record:
                 self.evals[record["step"]] = record
+            if "val_loss" in record:
+                self.validation[record["step"]] = (record["val_loss"], record["val_loss_raw"])
         self.status = display(HTML("<b>starting ...</b> (streaming the first images" + (
             "; encoding the whole dataset into the latent cache first" if config.cache_latents else "") + ")"),
             display_id=True)
@@ -546,7 +553,8 @@ class LiveDashboard(TrainerCallback):
             f'<progress value="{step}" max="{steps}" style="width:60%"></progress> '
             f"<b>step {step}/{steps}</b> · loss {record['loss']:.4f} · lr {record['lr']:.2e} · "
             f"grad norm {record['grad_norm']:.2f} · {record['images_per_s']:.1f} img/s · "
-            f"{left} · skipped images: {record.get('images_skipped', 0)} · last checkpoint: {self.checkpoint}"))
+            + (f"validation loss {self.validation[max(self.validation)][0]:.4f} · " if self.validation else "")
+            + f"{left} · skipped images: {record.get('images_skipped', 0)} · last checkpoint: {self.checkpoint}"))
         self.draw_curves()
 
     def on_sample(self, trainer, step, path):
@@ -554,6 +562,11 @@ class LiveDashboard(TrainerCallback):
 
     def on_checkpoint(self, trainer, step, path):
         self.checkpoint = f"step {step}"
+
+    def on_validation(self, trainer, record):
+        self.validation = {s: v for s, v in self.validation.items() if s < record["step"]}
+        self.validation[record["step"]] = (record["val_loss"], record["val_loss_raw"])
+        self.draw_curves()
 
     def on_eval(self, trainer, record):
         self.evals = {s: r for s, r in self.evals.items() if s < record["step"]}
@@ -572,8 +585,15 @@ class LiveDashboard(TrainerCallback):
         axes = figure.subplots(2 if self.evals else 1, 2)
         ax_loss, ax_t = axes[0] if self.evals else axes
         steps = sorted(self.losses)
-        ax_loss.plot(steps, [self.losses[s] for s in steps], color="tab:blue")
-        ax_loss.set(xlabel="step", ylabel="loss (MSE on velocity)", title="training loss")
+        ax_loss.plot(steps, [self.losses[s] for s in steps], color="tab:blue", label="training")
+        if self.validation:  # held-out images at fixed t and noise: it moves only when the model does
+            val_steps = sorted(self.validation)
+            ax_loss.plot(val_steps, [self.validation[s][0] for s in val_steps], color="tab:green", marker="o",
+                         label="validation (EMA)")
+            ax_loss.plot(val_steps, [self.validation[s][1] for s in val_steps], color="tab:green", marker="o",
+                         alpha=0.5, linestyle="--", label="validation (raw)")
+            ax_loss.legend()
+        ax_loss.set(xlabel="step", ylabel="loss (MSE on velocity)", title="training and validation loss")
         values = [self.losses[s] for s in steps if self.losses[s] == self.losses[s]]  # finite ones
         if values and min(values) > 0 and max(values) > 10 * min(values):
             ax_loss.set_yscale("log")
