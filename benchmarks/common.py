@@ -38,6 +38,7 @@ import subprocess
 import time
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -163,6 +164,36 @@ def npm_pack(spec: str, cache_dir: str) -> str:
             raise FileNotFoundError(f"npm is needed to fetch {spec}; install Node.js or put {path} there by hand")
         subprocess.run(["npm", "pack", spec, "--pack-destination", cache_dir], check=True, capture_output=True)
     return path
+
+
+def make_shapes(n: int, seed: int, size: int = 32, supersample: int = 2) -> torch.Tensor:
+    """``n`` RGB images in [-1, 1], shape [n, 3, size, size]: coloured shapes on gradient backgrounds (deterministic)."""
+    rng = np.random.default_rng(seed)
+    s = size * supersample
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
+    images = np.empty((n, 3, size, size), dtype=np.float32)
+    for i in range(n):
+        c0, c1 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+        angle = rng.uniform(0, 2 * math.pi)
+        ramp = np.clip(0.5 + (xx - 0.5) * math.cos(angle) + (yy - 0.5) * math.sin(angle), 0, 1)
+        img = c0[:, None, None] * (1 - ramp) + c1[:, None, None] * ramp
+        for _ in range(rng.integers(1, 4)):
+            kind = rng.integers(0, 4)
+            cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.25)
+            color = rng.uniform(0, 1, 3)
+            if kind == 0:  # disc
+                mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
+            elif kind == 1:  # axis-aligned square
+                mask = (abs(xx - cx) < r) & (abs(yy - cy) < r)
+            elif kind == 2:  # upward triangle
+                mask = (yy < cy + r) & (yy - (cy - r) > 2 * abs(xx - cx))
+            else:  # ring
+                d = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
+                mask = (d < r) & (d > 0.55 * r)
+            img = np.where(mask[None], color[:, None, None], img)
+        img = img.reshape(3, size, supersample, size, supersample).mean(axis=(2, 4))  # anti-aliasing
+        images[i] = img * 2 - 1
+    return torch.from_numpy(images)
 
 
 def build_vae():

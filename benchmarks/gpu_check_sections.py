@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import common, quality, sampling
+from benchmarks import common, sampling
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -149,7 +149,7 @@ def _write_images(folder: Path, count: int, resolution: int) -> Path:
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    images = quality.make_shapes(count, seed=0, size=resolution)
+    images = common.make_shapes(count, seed=0, size=resolution)
     for i, image in enumerate(images):
         pixels = ((image.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8")
         Image.fromarray(pixels).save(folder / f"shape_{i:03d}.png")

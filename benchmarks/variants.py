@@ -1,4 +1,4 @@
-"""Designs screened for issue 11 (BENCHMARKS.md section 3, ablation tables): ``quality.py --liquid-variant NAME``.
+"""Designs screened for issue 11 (BENCHMARKS.md section 3, ablation tables): the model ``liquid-<preset>@NAME``.
 
 Every variant is the package's U-Net skeleton of a preset (``LiquidDiffusionUNet``, or ``V3UNet`` with version 3's
 blocks) with named parts swapped, so that every row of the ablation tables is reproducible by one command:

@@ -7,12 +7,11 @@ table header and rows, and write their outputs. The scripts are run in-process t
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
 
-from benchmarks import common, quality, quality_study, sampling, throughput
+from benchmarks import common, sampling, throughput
 from benchmarks.legacy_v6 import V6UNet
 from liquid_diffusion import PRESETS, LiquidDiffusionUNet
 from liquid_diffusion.upgrade import upgrade_state_dict
@@ -79,167 +78,10 @@ def test_sampling_quick(tmp_path):
     assert all(r["seconds_with_vae"] > r["seconds"] > 0 for r in rows)
 
 
-def test_quality_quick(tmp_path):
-    assert quality.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
-    text = (tmp_path / "quality.md").read_text()
-    assert "held-out loss (mean over t)" in text and "t=0.05" in text
-    for kind in ("liquid", "dit", "unet2d", "liquid-ablation"):
-        assert f"| {kind} |" in text
-        assert (tmp_path / f"samples_{kind}.png").stat().st_size > 0
-    assert (tmp_path / "data.png").exists() and (tmp_path / "samples_side_by_side.png").stat().st_size > 0
-    results = json.loads((tmp_path / "quality.json").read_text())["results"]
-    assert all(0 < r["mean"] < 10 for r in results.values())
-    # --quick scores after step 3 and after the last step (5) of the same run: one table row each
-    assert all(sorted(r["at"]) == ["3", "5"] and r["at"]["5"]["mean"] == r["mean"] for r in results.values())
-    assert "| liquid | 3 |" in text and "| liquid | 5 |" in text
-
-
-def test_an_equal_time_schedule_warms_up_over_its_first_twentieth_and_decays_to_zero_at_the_budget():
-    f = quality.lr_factor_by_time
-    assert f(0.0) == 0.05 and f(0.025) == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 0.025)))
-    assert f(0.05) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.05)))  # the peak, then only the cosine
-    decay = [f(d / 100) for d in range(5, 101)]
-    assert all(a > b for a, b in zip(decay, decay[1:])) and f(1.0) == 0.0 and f(2.0) == 0.0
-
-
-def test_a_seconds_budget_trains_every_step_that_fits_and_scores_once_at_the_end():
-    """With a clock on which every step takes 0.5 s, a 2 s budget makes exactly 4 steps, whatever --steps says."""
-    ticks = iter(range(10_000))
-    clock = lambda: next(ticks) * 0.5  # one call starts a step, the next ends it: 0.5 s per step
-    args = quality.parse_args(["--quick", "--seconds", "2", "--steps", "100"])
-    torch.manual_seed(0)
-    model = quality.build("liquid", args)
-    data = quality.make_shapes(8, seed=0)
-    scored = []
-    stats = quality.train(model, data, args, torch.device("cpu"), on_eval=lambda step, s: scored.append((step, s)),
-                          clock=clock)
-    assert stats["steps"] == 4 and stats["train_seconds"] == 2.0 and scored == [(4, 2.0)]
-    slow = iter(range(10_000))
-    stats = quality.train(model, data, args, torch.device("cpu"), clock=lambda: next(slow) * 5.0)
-    assert stats["steps"] == 1  # a step longer than the budget still runs once: there is always a score
-
-
-def test_a_seconds_run_is_refused_with_eval_at_or_a_budget_that_is_not_positive(capsys):
-    for argv in (["--seconds", "10", "--eval-at", "5"], ["--seconds", "0"], ["--seconds", "nan"]):
-        with pytest.raises(SystemExit):
-            quality.parse_args(argv)
-    assert "drop --eval-at" in capsys.readouterr().err
-
-
-def test_an_equal_wall_clock_study_runs_each_model_alone_and_averages_seeds_that_ended_at_different_steps(tmp_path):
-    args = quality_study.parse_args([*STUDY, "--seconds", "240", "--seeds", "0", "1", "--threads", "2",
-                                     "--out-dir", str(tmp_path)])
-    jobs = quality_study.plan_jobs(args)
-    assert [j["name"] for j in jobs] == ["t240s_s0_liquid", "t240s_s0_dit", "t240s_s1_liquid", "t240s_s1_dit"]
-    assert all(j["argv"][j["argv"].index("--seconds") + 1] == "240" and "--steps" not in j["argv"]
-               and j["argv"][j["argv"].index("--threads") + 1] == "2" for j in jobs)
-    for job, steps, mean in zip(jobs, (150, 60, 148, 61), (0.30, 0.40, 0.32, 0.44)):  # as a real run writes them
-        at = {"mean": mean, "per_t": {"0.05": 2 * mean, "0.5": mean}, "train_seconds": 239.0}
-        run = {"args": {"steps": 500, "seconds": 240.0, "seed": job["seed"]}, "machine": "cpu",
-               "results": {job["models"][0]: {"params_m": 1.0, "gflop_per_img": 1.0, "steps": steps,
-                                              "at": {str(steps): at}}}}
-        (tmp_path / job["name"]).mkdir()
-        (tmp_path / job["name"] / "quality.json").write_text(json.dumps(run))
-    text = quality_study.summarize(str(tmp_path))
-    assert "| 240 s | end (148-150) | liquid | 1 | 1 | 0,1 | **0.3100** (0.3000-0.3200) |" in text
-    assert "| 240 s | end (60-61) | dit |" in text
-    assert f"- 240 s of training each: liquid / dit: mean {0.31 / 0.42:.3f}" in text
-
-
-STUDY = ["--preset", "micro", "--data", "shapes", "--models", "liquid", "dit", "--eval-size", "8", "--num-samples", "2",
-         "--device", "cpu"]
-
-
-def test_quality_study_runs_every_seed_in_its_own_process_and_averages_them(tmp_path):
-    out = tmp_path / "study"
-    argv = [*STUDY, "--budgets", "4", "--seeds", "0", "1", "--jobs", "2", "--out-dir", str(out),
-            "--", "--train-size", "32", "--eval-batch", "8"]
-    assert quality_study.main(argv) == 0
-    runs = {s: json.loads((out / f"b4_s{s}" / "quality.json").read_text())["results"] for s in (0, 1)}
-    assert runs[0]["liquid"]["mean"] != runs[1]["liquid"]["mean"]  # the seeds differ: different data order and noise
-    records = json.loads((out / "summary.json").read_text())["records"]
-    assert sorted((r["model"], r["seed"], r["step"]) for r in records) == sorted(
-        (m, s, step) for m in ("liquid", "dit") for s in (0, 1) for step in (2, 4))  # scored half-way and at the end
-    text = (out / "summary.md").read_text()
-    for model in ("liquid", "dit"):
-        mean = (runs[0][model]["mean"] + runs[1][model]["mean"]) / 2
-        assert f"| 4 | 4 | {model} |" in text and f"**{mean:.4f}**" in text
-    ratio = ((runs[0]["liquid"]["mean"] + runs[1]["liquid"]["mean"]) / (runs[0]["dit"]["mean"] + runs[1]["dit"]["mean"]))
-    assert f"4 steps, scored at 4: liquid / dit: mean {ratio:.3f}" in text
-
-
-def test_quality_study_stops_its_runs_at_the_deadline_and_says_so(tmp_path):
-    out = tmp_path / "late"
-    argv = [*STUDY, "--budgets", "100000", "2", "--seeds", "0", "--jobs", "1", "--deadline-s", "2",
-            "--out-dir", str(out)]
-    assert quality_study.main(argv) == 1
-    status = json.loads((out / "summary.json").read_text())["status"]
-    assert status == {"b100000_s0_liquid": "stopped at the deadline", "b100000_s0_dit": "not started (deadline)",
-                      "b2_s0": "not started (deadline)"}
-    assert "b100000_s0_liquid stopped at the deadline" in (out / "summary.md").read_text()
-
-
-def test_a_run_stopped_part_way_is_left_out_of_merges_and_counted_once_in_summaries(tmp_path, capsys):
-    done = tmp_path / "b5_s0"
-    assert quality.main(["--quick", "--threads", "1", "--models", "liquid", "--out-dir", str(done)]) == 0
-    run = json.loads((done / "quality.json").read_text())
-    stopped = tmp_path / "b5_s0_dit"  # as a deadline leaves it: scored half-way (step 3), not at the end (step 5)
-    stopped.mkdir()
-    partial = {**run["results"]["liquid"], "at": {"3": run["results"]["liquid"]["at"]["3"]}}
-    partial.pop("per_t")
-    (stopped / "quality.json").write_text(json.dumps({**run, "results": {"dit": partial}}))
-    assert quality.main(["--merge", str(done), str(stopped), "--out-dir", str(tmp_path / "merged")]) == 0
-    assert "dit did not finish its 5 steps; left out" in capsys.readouterr().out
-    text = (tmp_path / "merged" / "quality.md").read_text()
-    assert "| liquid | 5 |" in text and "| dit |" not in text
-
-    (tmp_path / "again").mkdir()  # the same run twice (a grouped run re-run per model) is one record per step
-    (tmp_path / "again" / "quality.json").write_text((done / "quality.json").read_text())
-    records = quality_study.collect(str(tmp_path))
-    assert sorted((r["model"], r["step"]) for r in records) == [("dit", 3), ("liquid", 3), ("liquid", 5)]
-
-
 def test_synthetic_data_is_deterministic_and_in_range():
-    a, b = quality.make_shapes(4, seed=3), quality.make_shapes(4, seed=3)
+    a, b = common.make_shapes(4, seed=3), common.make_shapes(4, seed=3)
     assert torch.equal(a, b) and a.shape == (4, 3, 32, 32)
-    assert a.min() >= -1 and a.max() <= 1 and not torch.equal(a, quality.make_shapes(4, seed=4))
-
-
-def test_quality_merge_of_single_model_runs(tmp_path):
-    for kind in ("liquid", "liquid-ablation"):
-        assert quality.main(["--quick", "--threads", "1", "--models", kind, "--out-dir", str(tmp_path / kind)]) == 0
-    merged = tmp_path / "merged"
-    assert quality.main(["--merge", str(tmp_path / "liquid"), str(tmp_path / "liquid-ablation"),
-                         "--out-dir", str(merged)]) == 0
-    text = (merged / "quality.md").read_text()
-    assert "| liquid |" in text and "| liquid-ablation |" in text and "liquid / liquid-ablation" in text
-    assert "budget: 5 steps x batch 4" in text  # the runs' budget, not the merging call's defaults
-
-
-def test_emoji_data_is_composited_on_white_and_split_by_file_name(tmp_path):
-    """A stand-in for the npm tarball in the cache dir: nothing is downloaded when it is there."""
-    import io
-    import tarfile
-
-    from PIL import Image
-
-    name = quality.EMOJI_PACKAGE.replace("@", "-")
-    with tarfile.open(tmp_path / f"{name}.tgz", "w:gz") as tar:
-        for k in range(40):
-            image = Image.new("RGBA", (64, 64), (0, 0, 0, 0))  # transparent: must come out white
-            image.paste((200, 0, 0, 255), (0, 0, 32, 64))  # opaque red left half
-            data = io.BytesIO()
-            image.save(data, format="PNG")
-            info = tarfile.TarInfo(f"package/img/twitter/64/{k:04x}.png")
-            info.size = data.tell()
-            data.seek(0)
-            tar.addfile(info, data)
-    train, held = quality.load_emoji(str(tmp_path))
-    assert train.shape[1:] == (3, 32, 32) and train.shape[0] + held.shape[0] == 40 and 0 < held.shape[0] < 15
-    assert torch.equal(train[0, :, :, 20:], torch.ones(3, 32, 12))  # white where transparent
-    assert torch.allclose(train[0, :, :, :16], torch.tensor([200 / 127.5 - 1, -1.0, -1.0])[:, None, None].expand(3, 32, 16))
-    again_train, again_held = quality.load_emoji(str(tmp_path))  # from the decoded cache, the same split
-    assert torch.equal(again_train, train) and torch.equal(again_held, held)
+    assert a.min() >= -1 and a.max() <= 1 and not torch.equal(a, common.make_shapes(4, seed=4))
 
 
 def test_screened_block_variants_build_through_the_common_interface():
