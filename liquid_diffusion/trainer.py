@@ -2,12 +2,12 @@
 
 One ``Trainer`` serves the notebook, ``python -m liquid_diffusion train`` and ``accelerate launch`` alike::
 
-    batches (pixels, latents or cached latents) -> flow_matching_loss -> AdamW (+ warmup, clipping) -> EMA
-                                                 -> metrics.jsonl / samples/step-N.png / checkpoint-N/
+    batches (pixels, latents or cached latents) -> flow_matching_loss -> AdamW (+ warmup, schedule, clipping) -> EMA
+      held-out images (validation.py) -> val_loss -> metrics.jsonl / samples/step-N.png / checkpoint-N/
 
 Output directory layout::
 
-    metrics.jsonl               one JSON object per logged step
+    metrics.jsonl               one JSON object per logged step, and one per validation (val_loss, ...)
     samples/step-000500.png     EMA sample grids, always from the same noise
     checkpoint-000500/          unet/ and unet_ema/ (safetensors), training_state.pt, state.json, train_config.json
     best.json                   the checkpoint with the best KID so far (--eval-every), else with the lowest
@@ -233,8 +233,21 @@ class Trainer:
         return Path(self.config.cache_dir) if self.config.cache_dir else self.output_dir / "latent-cache"
 
     def _prepare_latent_cache(self) -> None:
-        """Builds the latent cache once (main process); the others wait, then all read it."""
+        """Builds the latent cache once (main process); the others wait, then all read it.
+
+        A complete cache made without held-out images (by a run without validation) is still used, with validation
+        off for this run: its latents may hold any image, so none can be held out.
+        """
         config = self.config
+        try:
+            metadata = json.loads((self._cache_dir() / "metadata.json").read_text())
+        except (OSError, ValueError):
+            metadata = None
+        if self.holdout is not None and metadata is not None and "held_out" not in metadata:
+            if self.is_main:
+                print(f"note: the latent cache in {self._cache_dir()} was made without held-out images, so validation "
+                      "is off for this run (a new --cache-dir makes a cache that leaves them out)")
+            self.holdout = None
         if self.is_main:  # reuses a complete cache with the same settings, refuses a different one
             build_latent_cache(
                 config.dataset, self.vae, self._cache_dir(), config.resolution,

@@ -71,6 +71,12 @@ def pixel_config(folder: Path, out: Path, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def training_records(out: Path) -> list[dict]:
+    """The training-loss records of ``out/metrics.jsonl`` (validation and evaluation records have no ``loss``)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r]
+
+
 def held_out_loss(model: LiquidDiffusionUNet, x0: torch.Tensor) -> float:
     """Flow loss on a fixed t grid with fixed noise: comparable across models and steps."""
     generator = torch.Generator().manual_seed(123)
@@ -130,7 +136,7 @@ def test_metrics_samples_and_callbacks(train_folder, tmp_path):
                           keep_checkpoints=1)
     final = Trainer(config, callbacks=[Recorder()]).train()
 
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = training_records(tmp_path)
     assert [r["step"] for r in records] == [2, 4]
     for record in records:
         assert {"step", "loss", "lr", "images_per_s", "grad_norm", "loss_t_bins"} <= record.keys()
@@ -382,7 +388,7 @@ def test_two_process_run_keeps_ema_identical_and_writes_once(train_folder, tmp_p
     assert rank0["first_batch"].shape == rank1["first_batch"].shape
     assert not torch.equal(rank0["first_batch"], rank1["first_batch"])  # each process sees different images
     assert list_checkpoints(tmp_path / "out") == [tmp_path / "out" / "checkpoint-000003"]
-    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 3  # main process only
+    assert len(training_records(tmp_path / "out")) == 3  # main process only
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -395,7 +401,7 @@ def test_cli_train_then_sample(train_folder, tmp_path):
                      "--sample-every", "2", "--checkpoint-every", "2", "--num-workers", "0",
                      "--num-sample-images", "4", "--sample-steps", "2", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    assert len(training_records(out)) == 3
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step-000002.png", "step-000003.png"]
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-000002", "checkpoint-000003"]
 

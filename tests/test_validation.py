@@ -220,3 +220,14 @@ def test_the_model_card_states_the_validation_loss_with_its_protocol():
     assert "256 held-out images never trained on" in card and "fixed noise" in card
     none = str(build_model_card(train_config={}, step=1, num_parameters=1, records=[]))
     assert "no validation was run" in none
+
+
+def test_a_latent_cache_made_without_held_out_images_trains_with_validation_off(colour_folder, tiny_vae_dir,
+                                                                                 tmp_path, capsys):
+    vae = FrozenVAE(str(tiny_vae_dir))
+    cache = build_latent_cache(str(colour_folder), vae, tmp_path / "old-cache", 32, progress=False)
+    out = tmp_path / "run"
+    Trainer(pixel_config(colour_folder, out, space="latent", vae=str(tiny_vae_dir), resolution=32, cache_latents=True,
+                         cache_dir=str(cache), steps=2)).train()
+    assert "was made without held-out images, so validation is off for this run" in capsys.readouterr().out
+    assert val_records(out) == []
