@@ -11,7 +11,7 @@ import os
 import sys
 
 from . import evaluate, export, hub, preview, quickstart, sampling, trainer
-from .errors import USER_ERRORS
+from .errors import USER_ERRORS, DiskFullError
 
 # The sub-commands, in the order data flows.
 COMMANDS = [
@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except DiskFullError as error:  # a full disk is no mistake of the user's, but one line says it all
+        print(f"error: {error.strerror}", file=sys.stderr)
+        return 1
     except USER_ERRORS as error:
         if os.environ.get("LIQUID_DIFFUSION_DEBUG"):
             raise

@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,7 +31,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from .errors import first_line
+from .errors import DiskFullError, disk_full, first_line
 from .model import FORMAT_VERSION, OLDEST_RESUMABLE_VERSION, check_format
 from .upgrade import upgrade_optimizer_state, upgrade_state_dict
 
@@ -44,7 +45,7 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint file is missing or unreadable; the message names the file."""
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(DiskFullError):
     """A checkpoint could not be written (for example: no space left on device); nothing partial was left."""
 
 
@@ -87,10 +88,12 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """Returns ``path`` if it is a complete checkpoint, else the newest complete ``checkpoint-NNNNNN`` in it.
+    """Returns ``path`` if it is a complete checkpoint, else the newest ``checkpoint-NNNNNN`` in it whose weights read
+    back (each damaged newer one is passed over with a one-line warning).
 
     Raises:
         FileNotFoundError: ``path`` does not exist or holds no complete checkpoint.
+        CorruptCheckpointError: every complete checkpoint in ``path`` is damaged.
         NotADirectoryError: ``path`` is a file.
     """
     path = Path(path).expanduser()
@@ -102,9 +105,17 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         return path
     candidates = sorted(((step, p) for p in path.iterdir() if (step := checkpoint_step(p)) is not None and p.is_dir()),
                         reverse=True)
-    for _, candidate in candidates:
+    damaged = []
+    for _, candidate in candidates:  # the newest whose files read back, as `train --resume` takes
         if is_complete_checkpoint(candidate):
-            return candidate
+            try:
+                read_checkpoint(candidate, with_training_state=False)
+                return candidate
+            except CorruptCheckpointError as error:
+                damaged.append(str(error))
+                print(f"warning: skipping damaged {candidate.name}: {error}", file=sys.stderr)
+    if damaged:
+        raise CorruptCheckpointError(f"no intact checkpoint in {str(path)!r}: {damaged[0]}")
     if candidates:
         raise FileNotFoundError(
             f"{str(path)!r} holds {len(candidates)} checkpoint-NNNNNN folder(s) but none is complete "
@@ -127,16 +138,6 @@ def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale
-
-
-def _disk_full(error: BaseException) -> bool:
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(error) or "os error 28" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
 
 
 def write_checkpoint(output_dir: str | os.PathLike, step: int, fill: Callable[[Path], None]) -> Path:
@@ -162,7 +163,7 @@ def write_checkpoint(output_dir: str | os.PathLike, step: int, fill: Callable[[P
             os.replace(tmp, final)
     except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _disk_full(error):
+        if disk_full(error):
             raise CheckpointWriteError(
                 errno.ENOSPC, f"no space left on device while saving {final.name}; free space and resume with "
                 f"--resume latest (the earlier checkpoints in {str(output_dir)!r} are intact)"

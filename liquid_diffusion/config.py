@@ -102,6 +102,8 @@ class TrainConfig:
     keep_checkpoints: int = _help("keep only the newest K checkpoints", default=3)
     resume: str | None = _help("'latest' (newest complete checkpoint in OUTPUT_DIR, if any) or a checkpoint path",
                                default=None)
+    overwrite: bool = _help("start afresh in an OUTPUT_DIR that already holds a run, deleting that run's checkpoints, "
+                            "metrics and samples (without it such a folder is refused unless --resume)", default=False)
     push_to_hub: str | None = _help("Hub repo id USER/NAME to push checkpoints to (in the background)", default=None)
     push_every: int = _help("push every N checkpoints", default=1)
     hub_private: bool = _help("create the Hub repo as private", default=False)
@@ -156,9 +158,11 @@ class TrainConfig:
             raise ValueError(f"--ema-decay must lie in [0, 1) (e.g. 0.9999), got {self.ema_decay}")
         if self.cache_latents and self.space != "latent":
             raise ValueError("cache_latents needs space='latent' (pixel space has no VAE to cache)")
-        if not 0 <= self.class_dropout < 1 or self.guidance_scale < 0:
+        if not 0 <= self.class_dropout < 1 or not 0 <= self.guidance_scale < float("inf"):  # NaN fails too
             raise ValueError(f"need 0 <= class_dropout < 1 and guidance_scale >= 0, got {self.class_dropout} and "
                              f"{self.guidance_scale}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in OUTPUT_DIR and --overwrite deletes it: pass one of them")
         if self.label_column and not self.class_conditional:
             raise ValueError("label_column only applies to class-conditional training: add --class-conditional")
 

@@ -21,6 +21,8 @@ import io
 import itertools
 import math
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -334,13 +336,35 @@ class BatchLoader(torch.utils.data.DataLoader):
             yield batch
 
 
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """A DataLoader worker's ``worker_init_fn``: Ctrl-C, SIGTERM and SIGHUP sent to the whole process group (Slurm's
+    ``scancel``, a closed SSH session) must not kill the workers before the main process has saved; the main process
+    decides. SIGTERM and SIGHUP are taken by a thread that reads who sent them: from the main process itself (its
+    DataLoader or ``multiprocessing`` ending the worker) they end the worker at once, from anyone else they are
+    ignored. (Where ``sigwaitinfo`` is missing, macOS, only Ctrl-C is ignored.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    stops, parent = {signal.SIGTERM, signal.SIGHUP}, os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # before the thread starts: it inherits the mask
+
+    def wait_for_stop_signals() -> None:
+        while True:
+            if signal.sigwaitinfo(stops).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=wait_for_stop_signals, name="stop-signals", daemon=True).start()
+
+
 def make_dataloader(stream: torch.utils.data.IterableDataset, num_workers: int = 0) -> torch.utils.data.DataLoader:
     """A DataLoader over a batch stream (``ImageBatchStream`` / ``LatentBatchStream``): batches pass through as
-    they are (``batch_size=None``), in order, with ``num_workers`` decoding processes."""
+    they are (``batch_size=None``), in order, with ``num_workers`` decoding processes (which ignore stop signals:
+    ``ignore_stop_signals``)."""
     return BatchLoader(
         stream,
         batch_size=None,
         num_workers=num_workers,
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import sys
@@ -15,6 +16,22 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
                ConnectionError)
 # User errors that trying again cannot fix (a lost connection may come back).
 PERMANENT_ERRORS = tuple(error for error in USER_ERRORS if error is not ConnectionError)
+
+
+class DiskFullError(OSError):
+    """A file could not be written for want of space (``strerror``: one line saying what and what to do); nothing
+    partial was left behind."""
+
+
+def disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` (or an error it was raised from) means no space left on the device or quota."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "os error 28" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def first_line(error: BaseException) -> str:

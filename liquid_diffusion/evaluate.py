@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import SEED_STRIDE
+from .errors import first_line
 from .features import (
     INCEPTION,
     INCEPTION_URL,
@@ -51,6 +52,7 @@ from .hub import resolve_checkpoint
 from .metrics import TrainerCallback, append_record
 from .sampling import generate, load_for_sampling
 from .sources import NoClassLabelsError
+from .stopping import StopRequested
 
 DEFAULT_NUM_SAMPLES = 10_000
 KID_SUBSETS = 100
@@ -224,7 +226,7 @@ def evaluate_model(unet, vae, resolution: int, dataset: str, extractor: nn.Modul
         raise ValueError(f"FID and KID need at least 2 images; {dataset!r} gave {len(real)}")
     if unet.config.num_classes:
         guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
-        if guidance_scale < 0:
+        if not 0 <= guidance_scale < float("inf"):  # NaN fails too
             raise ValueError(f"the guidance scale must be >= 0 (1: no guidance), got {guidance_scale}")
     else:
         guidance_scale = None  # an unconditional model has nothing to guide
@@ -320,15 +322,23 @@ class TrainingEvaluator(TrainerCallback):
         if self.extractor is None or not self.due(step):
             return
         config = self.config
-        with trainer.ema_weights() as model:
-            result = evaluate_model(
-                model, trainer.vae, config.resolution, config.dataset, self.extractor,
-                num_samples=config.eval_samples, steps=config.sample_steps, seed=config.seed, split=config.split,
-                config_name=config.config_name, image_column=config.image_column, random_crop=config.random_crop,
-                reference_root=trainer.output_dir / "fid-reference", guidance_scale=config.guidance_scale,
-                label_column=config.label_column, batch_size=max(config.batch_size, 16), device=trainer.device,
-                progress=False,
-            )
+        try:  # a metric never stops training; a stop signal cuts it short, not the save after it
+            with trainer.interruptible(), trainer.ema_weights() as model:
+                result = evaluate_model(
+                    model, trainer.vae, config.resolution, config.dataset, self.extractor,
+                    num_samples=config.eval_samples, steps=config.sample_steps, seed=config.seed, split=config.split,
+                    config_name=config.config_name, image_column=config.image_column, random_crop=config.random_crop,
+                    reference_root=trainer.output_dir / "fid-reference", guidance_scale=config.guidance_scale,
+                    label_column=config.label_column, batch_size=max(config.batch_size, 16), device=trainer.device,
+                    progress=False,
+                )
+        except StopRequested as stop:
+            print(f"\n{stop.args[0]}: the evaluation at step {step} was cut short", file=sys.stderr)
+            return
+        except Exception as error:  # noqa: BLE001 -- whatever broke, the run trains on
+            print(f"warning: the evaluation at step {step} failed and was skipped ({type(error).__name__}: "
+                  f"{first_line(error)}); training goes on", file=sys.stderr)
+            return
         record = {"step": step, "kid": result["kid"], "kid_std": result["kid_std"], "fid": result["fid"],
                   "eval_samples": result["num_samples"], "eval_time_s": result["wall_time_s"],
                   "checkpoint": Path(path).name}

@@ -21,6 +21,7 @@ is never logged, printed or written into the exported folder (nor is any secret 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
@@ -166,7 +167,8 @@ def export_checkpoint(
     if repo_id is not None:
         check_repo_id(repo_id)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _remove_stale_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         _write_export(checkpoint, staging, repo_id=repo_id, vae=vae, token=token)
         staging.chmod(0o755)  # mkdtemp makes it private
@@ -183,6 +185,30 @@ def export_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Removes the ``.NAME.partial-PID-*`` (and ``.replaced-``) folders that interrupted exports to ``out`` left,
+    unless their process still runs."""
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        kind, _, rest = path.name[len(out.name) + 2:].partition("-")
+        if kind not in ("partial", "replaced") or not path.is_dir():
+            continue
+        pid = rest.split("-")[0]
+        if pid.isdigit() and _running(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        print(f"note: removed {path.name}, left by an interrupted export")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _write_export(checkpoint: Path, out: Path, *, repo_id: str | None, vae, token: str | None) -> None:

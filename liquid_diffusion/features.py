@@ -21,6 +21,8 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib
+import importlib.metadata
+import importlib.util
 import io
 import json
 import os
@@ -90,6 +92,38 @@ def inception_extractor(weights: str | os.PathLike | None = None) -> nn.Module:
         print(f"downloaded the Inception weights to {inception_weights_path()}", file=sys.stderr)
     module.name = INCEPTION_NAME
     return module
+
+
+def fid_pip_args() -> list[str]:
+    """The ``pip install`` arguments for torch-fidelity (the FID Inception) that never touch the installed torch.
+
+    torch-fidelity needs torchvision, and an unpinned install lets pip replace torch with the release the newest
+    torchvision wants (a multi-GB download, and a kernel left with mismatched binaries). Pinning torch to the
+    installed build makes pip take the torchvision built for it, from PyTorch's own index for a ``+cpu`` /
+    ``+cuXXX`` build, or fail."""
+    version = importlib.metadata.version("torch")
+    args = ["torch-fidelity", f"torch=={version}"]
+    if importlib.util.find_spec("torchvision") is None:
+        args.append("torchvision")
+    local = version.partition("+")[2]
+    if local:
+        args += ["--extra-index-url", f"https://download.pytorch.org/whl/{local}"]
+    return args
+
+
+def install_fid_support(pip_install) -> bool:
+    """Installs torch-fidelity with ``pip_install(*args)`` (``fid_pip_args``: the installed torch stays); when pip
+    cannot do that, says in one line what to install by hand and returns ``False`` (FID off)."""
+    args = fid_pip_args()
+    try:
+        pip_install(*args)
+    except Exception:  # noqa: BLE001 -- any pip failure: FID is optional, the run is not
+        command = " ".join(f"'{a}'" if "=" in a else a for a in args)
+        print(f"FID is off for this run: torch-fidelity could not be installed without replacing torch "
+              f"{importlib.metadata.version('torch')}; to measure FID, run `pip install {command}` and run this cell "
+              "again")
+        return False
+    return True
 
 
 def load_feature_extractor(spec: str | nn.Module = INCEPTION, weights: str | os.PathLike | None = None) -> nn.Module:
@@ -166,14 +200,27 @@ def _read_reference(cache_dir: Path, key: dict) -> tuple[dict | None, torch.Tens
     path = cache_dir / METADATA_FILE
     if not path.is_file():
         return None, None
-    metadata = json.loads(path.read_text())
-    if metadata.get("format") != REFERENCE_FORMAT:
+    try:
+        metadata = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        return _damaged(path, error)
+    if not isinstance(metadata, dict) or metadata.get("format") != REFERENCE_FORMAT:
         raise ValueError(f"{str(cache_dir)!r} is not a LiquidDiffusion reference-feature cache; use another folder")
     different = [k for k, v in key.items() if metadata.get("key", {}).get(k) != v]
     if different:
         details = ", ".join(f"{k}={metadata['key'].get(k)!r} (wanted {key[k]!r})" for k in different)
         raise ValueError(f"reference cache {str(cache_dir)!r} was made with {details}; use another folder or delete it")
-    return metadata, load_file(str(cache_dir / FEATURES_FILE))["features"]
+    try:
+        return metadata, load_file(str(cache_dir / FEATURES_FILE))["features"]
+    except Exception as error:  # noqa: BLE001 -- missing, truncated or zero-filled safetensors
+        return _damaged(cache_dir / FEATURES_FILE, error)
+
+
+def _damaged(path: Path, error: BaseException) -> tuple[None, None]:
+    """A damaged reference cache is only a cache: say which file, and let the caller compute it again."""
+    print(f"note: the reference cache file {path} is damaged ({first_line(error)}): computing the real features "
+          "again", file=sys.stderr)
+    return None, None
 
 
 def reference_features(dataset: str, resolution: int, extractor: nn.Module, num_images: int, cache_dir, *,

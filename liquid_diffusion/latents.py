@@ -15,20 +15,31 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from diffusers import AutoencoderKL
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import SEED_STRIDE, ImageBatchStream, make_dataloader, worker_share
-from .errors import first_line
-from .sources import OFFLINE_HINT, canonical_name, dataset_key, hub_reachable, local_path
+from .errors import DiskFullError, disk_full, first_line
+from .sources import (
+    OFFLINE_HINT,
+    canonical_name,
+    dataset_key,
+    folder_fingerprint,
+    hub_reachable,
+    local_path,
+    resolve_source,
+)
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 # SD-VAE's spatial downsampling, ``2 ** (len(block_out_channels) - 1)``: what a setting is checked against before any
@@ -184,15 +195,28 @@ def _same_vae(a: str, b: str) -> bool:
     return canonical_name(a) == canonical_name(b)
 
 
+class DamagedCacheError(ValueError):
+    """A latent cache file is unreadable (truncated, zero-filled); the message names it."""
+
+
+def _damaged(path: Path, reason: str) -> DamagedCacheError:
+    return DamagedCacheError(f"latent cache file {path} is unreadable ({reason}); delete {str(path.parent)!r} and the "
+                             "next run builds the cache again")
+
+
 def read_metadata(cache_dir) -> dict:
-    """The ``metadata.json`` of a complete cache; ``FileNotFoundError`` when there is none."""
+    """The ``metadata.json`` of a complete cache; ``FileNotFoundError`` when there is none, ``DamagedCacheError``
+    (naming it) when it does not read."""
     path = Path(cache_dir) / METADATA_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"no latent cache in {str(cache_dir)!r} ({METADATA_FILE} missing); build one with build_latent_cache"
         )
-    metadata = json.loads(path.read_text())
-    if metadata.get("format") != CACHE_FORMAT:
+    try:
+        metadata = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise _damaged(path, first_line(error)) from None
+    if not isinstance(metadata, dict) or metadata.get("format") != CACHE_FORMAT:
         raise ValueError(f"{str(path)!r} is not a LiquidDiffusion latent cache")
     return metadata
 
@@ -261,6 +285,9 @@ def build_latent_cache(
         settings.update(labels=True, label_column=label_column)
     if holdout is not None:  # only then, so caches of runs without validation stay valid
         settings.update(held_out=holdout.key())
+    folder = local_path(source)
+    if folder is not None and folder.is_dir() and resolve_source(source)[0] == "imagefolder":
+        settings["files"] = folder_fingerprint(folder)  # a folder that changed since is encoded again
     if _reusable(cache_dir, settings):
         return cache_dir
     stream = ImageBatchStream(source, resolution, batch_size, split=split, config_name=config_name,
@@ -290,18 +317,45 @@ def _reusable(cache_dir: Path, settings: dict) -> bool:
     """True when ``cache_dir`` holds a complete cache made with ``settings``; a different one is refused
     (``ValueError``). Otherwise readies the folder for a new build (the shards of an interrupted one removed)."""
     if (cache_dir / METADATA_FILE).is_file():
-        existing = read_metadata(cache_dir)
-        if all(existing.get(key) == value for key, value in settings.items()):
-            return True
-        raise ValueError(
-            f"{str(cache_dir)!r} already holds a different latent cache ({existing['source']!r}, VAE "
-            f"{existing['vae']!r}, {existing['resolution']}px, held out: {existing.get('held_out', 'none')}); "
-            "use another directory or delete it"
-        )
+        try:
+            existing = read_metadata(cache_dir)
+            _verify_shards(cache_dir, existing)
+        except DamagedCacheError as error:  # only a cache: build it again
+            print(f"note: {str(error).split('; delete')[0]}: building the latent cache again", file=sys.stderr)
+            existing = None
+        if existing is not None and all(existing.get(key) == value for key, value in settings.items()
+                                        if key != "files"):
+            if "files" not in settings or existing.get("files") == settings["files"]:  # (a folder gone: no check)
+                return True
+            then = existing.get("files", {}).get("num_files", "an unrecorded number of")
+            print(f"note: the dataset folder {settings['source']} changed since its latent cache was built ({then} "
+                  f"image files then, {settings['files']['num_files']} now): building the cache again",
+                  file=sys.stderr)
+        elif existing is not None:
+            raise ValueError(
+                f"{str(cache_dir)!r} already holds a different latent cache ({existing['source']!r}, VAE "
+                f"{existing['vae']!r}, {existing['resolution']}px, held out: {existing.get('held_out', 'none')}); "
+                "use another directory or delete it"
+            )
+        (cache_dir / METADATA_FILE).unlink()  # incomplete until the new build writes it again
     cache_dir.mkdir(parents=True, exist_ok=True)
-    for stale in cache_dir.glob("shard-*.safetensors"):  # leftovers of an interrupted build
+    for stale in cache_dir.glob("shard-*.safetensors"):  # leftovers of an interrupted (or replaced) build
         stale.unlink()
     return False
+
+
+def _verify_shards(cache_dir: Path, metadata: dict) -> None:
+    """Opens every shard's header (cheap: no tensor is read), so a truncated or zero-filled shard is found before
+    training; ``DamagedCacheError`` names it."""
+    for shard in metadata.get("shards", []):
+        path = Path(cache_dir) / shard["file"]
+        try:
+            with safe_open(str(path), framework="pt") as tensors:
+                rows = tensors.get_slice("latents").get_shape()[0]
+        except Exception as error:  # noqa: BLE001 -- missing, truncated, garbage
+            raise _damaged(path, first_line(error)) from None
+        if rows != shard["count"]:
+            raise _damaged(path, f"{rows} rows, not {shard['count']}")
 
 
 def _encode_stream(stream: ImageBatchStream, vae: FrozenVAE, shards: "_ShardWriter", num_images: int | None,
@@ -350,7 +404,15 @@ class _ShardWriter:
         tensors = {key: torch.cat(value).to(torch.long if key == "labels" else self.dtype).contiguous()
                    for key, value in self.pending.items() if value}
         name = f"shard-{len(self.shards):05d}.safetensors"
-        save_file(tensors, str(self.cache_dir / name))
+        try:
+            save_file(tensors, str(self.cache_dir / name))
+        except Exception as error:
+            (self.cache_dir / name).unlink(missing_ok=True)
+            if disk_full(error):
+                raise DiskFullError(errno.ENOSPC, f"no space left on device while writing the latent cache in "
+                                    f"{self.cache_dir}; free space (or pass --cache-dir on a larger disk) and run "
+                                    "again") from None
+            raise
         self.shards.append({"file": name, "count": len(tensors["latents"])})
         for value in self.pending.values():
             value.clear()
@@ -369,7 +431,11 @@ def load_latent_cache(cache_dir, *, vae_id: str | None = None, resolution: int |
     _check(metadata, cache_dir, vae_id, resolution, source)
     originals, flipped = [], []
     for shard in metadata["shards"]:
-        tensors = load_file(str(Path(cache_dir) / shard["file"]))
+        path = Path(cache_dir) / shard["file"]
+        try:
+            tensors = load_file(str(path))
+        except Exception as error:  # noqa: BLE001 -- truncated or zero-filled: name the file
+            raise _damaged(path, first_line(error)) from None
         originals.append(tensors["latents"])
         if "latents_flipped" in tensors:
             flipped.append(tensors["latents_flipped"])

@@ -125,7 +125,9 @@ def _run_quickstart(args: argparse.Namespace) -> int:
     print(f"built-in dataset: 1024 shapes (32x32) in {config.dataset}; training the micro model for {config.steps} "
           f"steps in {config.output_dir} (Ctrl-C saves; the same command resumes)")
     try:
-        Trainer(config, callbacks=[_Progress()]).train()
+        trainer = Trainer(config, callbacks=[_Progress()])
+        trainer.resume_hint = "run the same quickstart command again to continue"
+        trainer.train()
     except KeyboardInterrupt:
         return 130
     grids = sorted((Path(config.output_dir) / "samples").glob("step-*.png"))

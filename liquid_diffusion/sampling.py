@@ -8,7 +8,10 @@ images as one PNG, atomically; ``load_for_sampling`` loads any checkpoint, expor
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -16,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import flow
 from .data import image_grid
-from .errors import check_number
+from .errors import DiskFullError, check_number, disk_full, first_line
 from .hub import load_pipeline
 from .latents import FrozenVAE, vae_dtype
 from .model import LiquidDiffusionUNet
@@ -67,14 +70,32 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{str(path)!r} is a folder; give the grid a file name, e.g. {str(path / 'grid.png')!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    try:  # a temporary name of its own: several runs writing one --out never collide
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise _write_error(path, error) from None
     try:
-        image_grid(images, nrow).save(tmp, format="PNG")
+        with os.fdopen(handle, "wb") as stream:
+            image_grid(images, nrow).save(stream, format="PNG")
+        os.chmod(tmp, 0o644)  # mkstemp's file is private
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(error, OSError):
+            raise _write_error(path, error) from None
+        raise
     return path
+
+
+def _write_error(path: Path, error: OSError) -> OSError:
+    """One line for a grid that cannot be written: a full disk (``DiskFullError``) or a folder that is read-only or
+    not ours (``PermissionError``)."""
+    if disk_full(error):
+        return DiskFullError(errno.ENOSPC, f"no space left on device while writing {path}; free some space")
+    return PermissionError(f"cannot write {path} ({error.strerror or first_line(error)}); write it to a folder you "
+                           "can write to (e.g. --out DIR/grid.png)")
 
 
 def load_for_sampling(checkpoint: str, use_ema: bool = True, device: str | torch.device = "cpu", *,
@@ -101,6 +122,8 @@ def _run_sample(args: argparse.Namespace) -> int:
         check_number(args, name, minimum)
     if args.resolution is not None:
         check_number(args, "resolution", 1)
+    if args.guidance_scale is not None:
+        check_number(args, "guidance_scale", 0)  # NaN and inf too
     out = Path(args.out)
     if out.is_dir():
         raise IsADirectoryError(f"--out {str(out)!r} is a folder; give the grid a file name, e.g. "

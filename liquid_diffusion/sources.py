@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -133,6 +134,54 @@ def _image_extensions() -> set[str]:
     return {ext.lower() for ext in ImageFolder.EXTENSIONS}
 
 
+# Files that mark a LiquidDiffusion output folder (metrics, the run lock): its sample grids are no training data.
+RUN_FOLDER_MARKERS = ("metrics.jsonl", ".liquid-diffusion.lock")
+
+
+def image_files(folder: str | os.PathLike) -> tuple[list[str], int, list[str]]:
+    """``(image files, number of other files, output folders skipped)`` of a local image folder: every image file
+    under it, recursively and whatever its name (``datasets``' folder loader alone would take ``train``/``test`` in
+    a name for a split), sorted; hidden files and folders, and LiquidDiffusion output folders inside it (their
+    sample grids), are left out."""
+    folder = Path(folder)
+    extensions = _image_extensions()
+    images, others, runs = [], 0, []
+    for directory, subfolders, files in os.walk(folder, followlinks=True):
+        here = Path(directory)
+        if here != folder and any(name in files for name in RUN_FOLDER_MARKERS):
+            runs.append(str(here))
+            subfolders[:] = []
+            continue
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            if Path(name).suffix.lower() in extensions:
+                images.append(str(here / name))
+            else:
+                others += 1
+    return images, others, runs
+
+
+def describe_image_folder(folder: str | os.PathLike) -> str:
+    """One line saying what training reads from an image folder."""
+    images, others, runs = image_files(folder)
+    return (f"dataset: {len(images)} image files in {folder} (all of them, recursively)"
+            + (f"; {others} other file(s) ignored" if others else "")
+            + (f"; skipped the training output folder(s) {', '.join(runs)}" if runs else ""))
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> dict:
+    """The image files of a folder as ``{"num_files", "digest"}``: a digest of their relative paths, sizes and
+    modification times, which changes when a file is added, removed, replaced or edited."""
+    digest = hashlib.sha256()
+    images, _, _ = image_files(folder)
+    for path in images:
+        stat = os.stat(path)
+        digest.update(f"{os.path.relpath(path, folder)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return {"num_files": len(images), "digest": digest.hexdigest()}
+
+
 def open_source(source: str, split: str = "train", config_name: str | None = None, image_column: str | None = None,
                 *, with_labels: bool = False, label_column: str | None = None, holdout=None, part: str = "train"):
     """Opens ``source`` as a streaming ``datasets.IterableDataset`` holding only its image column, undecoded.
@@ -175,16 +224,20 @@ def _stream(source: str, split: str, config_name: str | None):
     from datasets import load_dataset
 
     kind, target = resolve_source(source)
-    if kind == "imagefolder":
-        extensions = _image_extensions()
-        if not any(p.suffix.lower() in extensions for p in Path(target).rglob("*") if p.is_file()):
+    if kind == "imagefolder":  # the files it holds, as an explicit list: no name is read as a split marker
+        files, _, _ = image_files(target)
+        if not files:
             raise ValueError(f"folder {source!r} holds no image files (png, jpg, webp, gif, bmp, ...)")
-        args, kwargs = ("imagefolder",), dict(data_dir=target)
+        args, kwargs = ("imagefolder",), dict(data_files={split: files})
     elif kind == "dataset_file":
         args, kwargs = (Path(target).suffix[1:],), dict(data_files=target)
     else:  # a Hub id or a local directory in the Hub's layout: the very same call
         args, kwargs = (target,), dict(name=config_name)
     if kind == "hub" and not hub_reachable():
+        if source not in DATASETS and target not in DATASETS.values():  # perhaps a path from another working dir
+            raise ConnectionError(f"no such local folder {source!r} (relative to {os.getcwd()}), and the Hugging "
+                                  "Face Hub is unreachable, so it cannot be streamed as a Hub dataset either; check the "
+                                  "path (or give an absolute one)")
         raise ConnectionError(f"the Hugging Face Hub is unreachable, so dataset {target!r} cannot be streamed; "
                               + OFFLINE_HINT)
     try:

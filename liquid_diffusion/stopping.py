@@ -3,8 +3,14 @@ diverges. With several processes, every one stops at the same step."""
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import json
+import math
 import signal
 import threading
+from pathlib import Path
+from typing import Iterator
 
 import torch
 from accelerate import Accelerator
@@ -12,6 +18,58 @@ from accelerate import Accelerator
 
 class NonFiniteLossError(RuntimeError):
     """Training diverged: the loss became NaN or infinite."""
+
+
+class LossExplodedError(NonFiniteLossError):
+    """Training diverged: the loss is finite but exploded (``DivergenceCheck``)."""
+
+
+class DivergenceCheck:
+    """Finite divergence: a too-high learning rate can drive the loss to 1e4..1e9 without ever reaching inf.
+
+    A logged loss above ``FACTOR`` times the median of the losses logged before it (or above ``LIMIT``: the flow loss
+    of a model that predicts nothing at all is about 2) has exploded. ``healthy_step`` is the last logged step whose
+    loss was within ``HEALTHY`` times that median: the checkpoints up to it are the ones to resume from (the trainer
+    never prunes the newest of them)."""
+
+    FACTOR, HEALTHY, LIMIT = 100.0, 10.0, 1e4
+
+    def __init__(self):
+        self.losses: list[float] = []  # sorted
+        self.healthy_step: int | None = None
+
+    def seed(self, metrics_path: Path) -> None:
+        """Takes the losses a resumed run logged before (``metrics.jsonl``, already cut at the resumed step)."""
+        try:
+            lines = metrics_path.read_text().splitlines()
+        except OSError:
+            return
+        for line in lines:
+            try:
+                record = json.loads(line)
+                self.exploded(int(record["step"]), float(record["loss"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # eval records, a line cut short
+
+    @property
+    def median(self) -> float | None:
+        return self.losses[len(self.losses) // 2] if self.losses else None
+
+    def exploded(self, step: int, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return False  # NaN/inf: the trainer's own check says so
+        median = self.median
+        if loss > self.LIMIT or (median is not None and loss > self.FACTOR * median):
+            return True
+        if median is None or loss <= self.HEALTHY * median:
+            self.healthy_step = step
+        bisect.insort(self.losses, loss)
+        return False
+
+
+class StopRequested(BaseException):
+    """A stop signal interrupted ``GracefulStop.interruptible`` work; a ``BaseException`` so that no ``except
+    Exception`` on the way (a skipped corrupt image, say) swallows it."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -27,6 +85,7 @@ class GracefulStop:
 
     def __enter__(self) -> "GracefulStop":
         self.requested: str | None = None
+        self._interruptible = False
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
@@ -36,6 +95,22 @@ class GracefulStop:
         if self.requested is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = self.requested or signal.Signals(signum).name
+        if self._interruptible:
+            self._interruptible = False
+            raise StopRequested(self.requested)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Inside, a stop signal (or one that came before) raises ``StopRequested`` at once: for work that only
+        gives feedback, such as an in-training evaluation, which must not hold up the save a preempted job waits
+        for (its grace period is short)."""
+        if self.requested is not None:
+            raise StopRequested(self.requested)
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
 
     def __exit__(self, *exc) -> None:
         for signum, previous in self._previous.items():

@@ -43,10 +43,9 @@ from tqdm.auto import tqdm
 from . import flow
 from .checkpoints import (
     CheckpointWriteError,
+    checkpoint_step,
     fill_checkpoint,
     list_checkpoints,
-    newest_intact,
-    read_checkpoint,
     remove_stale_temporaries,
     restore_training_state,
     write_checkpoint,
@@ -61,14 +60,25 @@ from .config import (
     resume_position,
 )
 from .data import SEED_STRIDE, ImageBatchStream, make_dataloader
+from .errors import DiskFullError
 from .evaluate import TrainingEvaluator, update_best
 from .hub import HubPusher, check_can_push
 from .latents import FrozenVAE, LatentBatchStream, build_latent_cache, vae_dtype
 from .metrics import METRICS_FILE, IntervalStats, TrainerCallback, append_record, truncate_metrics
 from .model import LiquidDiffusionUNet
+from .resume import apply_optimizer_flags, find_resume_checkpoint, resume_notes
+from .run_lock import RunLock, claim_output_dir
 from .sampling import class_grid_labels, generate, save_grid
-from .sources import class_names, open_source, resolve_source
-from .stopping import GracefulStop, NonFiniteLossError, TrainingInterrupted, any_process, exit_status
+from .sources import class_names, describe_image_folder, open_source, resolve_source
+from .stopping import (
+    DivergenceCheck,
+    GracefulStop,
+    LossExplodedError,
+    NonFiniteLossError,
+    TrainingInterrupted,
+    any_process,
+    exit_status,
+)
 from .validation import Validator, choose_holdout
 
 
@@ -98,7 +108,7 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         self.output_dir = Path(config.output_dir).expanduser()
         # The cheap checks first: a typo in a path must not wait for a VAE download.
-        if not config.cache_latents or not (self._cache_dir() / "metadata.json").is_file():
+        if self._reads_dataset():
             resolve_source(config.dataset)
         if config.push_to_hub:
             check_can_push(config.push_to_hub)
@@ -141,6 +151,10 @@ class Trainer:
         self.holdout = None  # which images validation holds out (validation.py); chosen when the run starts
         self.validator: Validator | None = None  # the held-out set, on the main process
         self.last_validation: dict | None = None
+        self._saved: Path | None = None  # the checkpoint this run wrote last: never pruned
+        self._divergence = DivergenceCheck()
+        self._resumed_from: Path | None = None
+        self.resume_hint = "continue with --resume latest"  # what the interrupt message advises (quickstart: rerun)
         if config.eval_every and self.is_main:
             self.callbacks.append(TrainingEvaluator(config))
 
@@ -229,6 +243,10 @@ class Trainer:
             batch = batch.contiguous(memory_format=torch.channels_last)
             yield batch if labels is None else (batch, labels)
 
+    def _reads_dataset(self) -> bool:
+        """Whether this run reads the dataset itself (not only a latent cache that is already built)."""
+        return not self.config.cache_latents or not (self._cache_dir() / "metadata.json").is_file()
+
     def _cache_dir(self) -> Path:
         return Path(self.config.cache_dir) if self.config.cache_dir else self.output_dir / "latent-cache"
 
@@ -261,9 +279,17 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------- loop
 
     def train(self) -> Path:
-        """Runs (or resumes) training to ``config.steps``; returns the final checkpoint directory."""
+        """Runs (or resumes) training to ``config.steps``; returns the final checkpoint directory.
+
+        The main process holds the output folder's lock (``run_lock``) throughout: one run per folder."""
+        with RunLock(self.output_dir) if self.is_main else contextlib.nullcontext():
+            return self._train()
+
+    def _train(self) -> Path:
         config = self.config
         self._start_run()
+        if self._resumed_from is not None and self.step >= config.steps:  # said by resume_notes
+            return self._resumed_from
         batches = self._batches()
         batches = itertools.chain([next(batches)], batches)  # a bad data source fails here, before the bar
         progress = tqdm(total=config.steps, initial=self.step, disable=not (self.is_main and config.progress_bar),
@@ -271,6 +297,7 @@ class Trainer:
         self._stats, self._interval_start = IntervalStats(self.device), time.perf_counter()
         try:
             with GracefulStop() as stop:
+                self._signals = stop
                 while self.step < config.steps:
                     self._train_step(batches, self._stats)
                     self.step += 1
@@ -287,8 +314,13 @@ class Trainer:
                         self.write_samples()
                     if self.step % config.checkpoint_every == 0 and self.step < config.steps:
                         self.save_checkpoint()
-            self.write_samples()
-            return self.save_checkpoint()
+                # still inside GracefulStop: a signal during the final grid or save must not cost the final checkpoint
+                if stop.requested is None:
+                    self.write_samples()
+                final = self.save_checkpoint()
+                if any_process(self.accelerator, stop.requested is not None):
+                    self._stopped(stop.requested, final)
+            return final
         finally:
             progress.close()
             if self._pusher is not None:
@@ -297,11 +329,14 @@ class Trainer:
     def _start_run(self) -> None:
         """Clears what an interrupted run left, resumes, and prepares the latent cache and the Hub pusher."""
         config = self.config
+        claim_output_dir(self.output_dir, resume=config.resume, overwrite=config.overwrite, delete=self.is_main)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             stale = remove_stale_temporaries(self.output_dir)
             if stale:
                 print(f"note: removed {len(stale)} unfinished checkpoint folder(s) left by an interrupted save")
+            if self._reads_dataset() and resolve_source(config.dataset)[0] == "imagefolder":
+                print(describe_image_folder(config.dataset))
         self._choose_holdout()
         if config.resume:
             self._resume(config.resume)
@@ -309,6 +344,9 @@ class Trainer:
             dropped = truncate_metrics(self.output_dir / METRICS_FILE, self.step)
             if dropped:
                 print(f"note: dropped {dropped} metrics record(s) past step {self.step} from {METRICS_FILE}")
+        self._divergence.seed(self.output_dir / METRICS_FILE)
+        if self._resumed_from is not None and self.step >= config.steps:
+            return  # nothing to train
         if config.cache_latents:
             self._prepare_latent_cache()
         if self.holdout is not None and self.is_main:
@@ -322,10 +360,12 @@ class Trainer:
         if self._stats.steps:
             self._log(progress)
         progress.close()
-        checkpoint = self.save_checkpoint()
+        self._stopped(signal_name, self.save_checkpoint())
+
+    def _stopped(self, signal_name: str | None, checkpoint: Path) -> NoReturn:
         name = signal_name or "a stop signal on another process"
         if self.is_main:
-            print(f"\n{name} at step {self.step}: saved {checkpoint}; continue with --resume latest", file=sys.stderr)
+            print(f"\n{name} at step {self.step}: saved {checkpoint}; {self.resume_hint}", file=sys.stderr)
         raise TrainingInterrupted(name)
 
     def _train_step(self, batches: Iterator[torch.Tensor], stats: IntervalStats) -> None:
@@ -391,6 +431,16 @@ class Trainer:
             )
         if nonfinite:
             record["skipped_nonfinite"] = nonfinite
+        # every process must agree (each keeps its own history): an exploded loss on any one stops them all
+        if any_process(self.accelerator, self._divergence.exploded(self.step, record["loss"])):
+            healthy = self._last_healthy_checkpoint()
+            median = self._divergence.median
+            raise LossExplodedError(
+                f"loss exploded to {record['loss']:.3g} at step {self.step}"
+                + (f" (median so far {median:.3g})" if median is not None else "")
+                + f"; nothing saved past it. Resume with a lower --lr (now {config.lr:g}) "
+                + (f"from the last good checkpoint: --resume {healthy}" if healthy else "from scratch")
+            )
         if self.is_main:
             append_record(self.output_dir, record)
             for callback in self.callbacks:
@@ -501,10 +551,20 @@ class Trainer:
                               config.sample_steps, "euler", seed=config.seed, resolution=config.resolution,
                               class_labels=labels, guidance_scale=config.guidance_scale)
         path = self.output_dir / "samples" / f"step-{self.step:06d}.png"
-        save_grid(images, path, columns)
+        try:
+            save_grid(images, path, columns)
+        except DiskFullError as error:  # a grid is feedback: the run goes on (a checkpoint then says if it cannot)
+            print(f"warning: {error.strerror}: sample grid skipped, training goes on", file=sys.stderr)
+            return None
         for callback in self.callbacks:
             callback.on_sample(self, self.step, path)
         return path
+
+    def interruptible(self):
+        """A context in which a stop signal interrupts at once (``GracefulStop.interruptible``): for callbacks' slow
+        feedback work, such as an evaluation."""
+        stop = getattr(self, "_signals", None)
+        return stop.interruptible() if stop is not None else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[LiquidDiffusionUNet]:
@@ -542,6 +602,7 @@ class Trainer:
             final = write_checkpoint(self.output_dir, self.step, functools.partial(
                 fill_checkpoint, model=model, ema=self.ema, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
                 scaler=self.accelerator.scaler, train_config=dataclasses.asdict(self.config), state=state))
+            self._saved = final
             if not self.config.eval_every and self.last_validation and self.last_validation["step"] == self.step:
                 update_best(self.output_dir, {"checkpoint": final.name, "step": self.step,
                                               "val_loss": self.last_validation["val_loss"]}, metric="val_loss")
@@ -560,13 +621,24 @@ class Trainer:
         return self.images_skipped_before + int(self.accelerator.reduce(local, reduction="sum").item())
 
     def _prune_checkpoints(self) -> None:
+        """Keeps the newest ``keep_checkpoints`` up to this run's step, and always the one this run wrote last,
+        --eval-every's best and the newest written before the loss exploded (``DivergenceCheck``). Checkpoints past
+        this run's step (damaged ones a resume passed over) are left for this run to replace."""
         try:  # the best checkpoint (best.json) is kept
             best = json.loads((self.output_dir / "best.json").read_text()).get("checkpoint")
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             best = None
-        for old in list_checkpoints(self.output_dir)[: -self.config.keep_checkpoints]:
-            if old.name != best:
+        kept = {best, getattr(self._saved, "name", None), getattr(self._last_healthy_checkpoint(), "name", None)}
+        ours = [p for p in list_checkpoints(self.output_dir) if checkpoint_step(p) <= self.step]
+        for old in ours[: -self.config.keep_checkpoints]:
+            if old.name not in kept:
                 shutil.rmtree(old, ignore_errors=True)
+
+    def _last_healthy_checkpoint(self) -> Path | None:
+        """The newest checkpoint saved at or before the last step whose loss had not taken off (``DivergenceCheck``)."""
+        healthy = self._divergence.healthy_step
+        found = [p for p in list_checkpoints(self.output_dir) if healthy is not None and checkpoint_step(p) <= healthy]
+        return found[-1] if found else None
 
     def _newest_checkpoint_hint(self) -> str:
         checkpoints = list_checkpoints(self.output_dir)
@@ -575,21 +647,22 @@ class Trainer:
     def _resume(self, resume: str) -> None:
         """Restores model, EMA, optimizer, scheduler, loss scaler, step, data position and RNG.
 
-        ``latest`` takes the newest checkpoint whose files all read back, saying which damaged ones it passed over;
-        an explicit path must be intact (a damaged one is refused, naming the bad file).
-        """
+        ``latest`` (or a run folder) takes the newest checkpoint whose files all read back, saying which damaged
+        ones it passed over; an explicit checkpoint must be intact (a damaged one is refused, naming the bad file).
+        This run's --lr, --weight-decay and --ema-decay win over the saved ones (``resume.py``, with a note)."""
         report = print if self.is_main else (lambda line: None)
-        if resume == "latest":
-            checkpoint = newest_intact(self.output_dir, report=report)
-            if checkpoint is None:
-                report(f"no checkpoint in {self.output_dir} yet: starting from scratch")
-                return
-        else:
-            checkpoint = read_checkpoint(resume)
+        checkpoint = find_resume_checkpoint(resume, self.output_dir, report)
+        if checkpoint is None:
+            report(f"no checkpoint in {self.output_dir} yet: starting from scratch")
+            return
         batches_consumed = resume_position(checkpoint, self.config, self.unwrapped_model.config.class_names,
                                            self.accelerator.num_processes, report)
         restore_training_state(checkpoint, model=self.unwrapped_model, ema=self.ema, optimizer=self.optimizer,
                                lr_scheduler=self.lr_scheduler, scaler=self.accelerator.scaler)
+        apply_optimizer_flags(checkpoint, self.config, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+                              ema=self.ema, report=report)
+        resume_notes(checkpoint, self.config, report)
+        self._resumed_from = checkpoint.path
         self.step = checkpoint.step
         self.batches_consumed = batches_consumed
         self.images_skipped_before = int(checkpoint.state.get("images_skipped", 0))

@@ -272,6 +272,7 @@ from liquid_diffusion import LiquidDiffusionUNet
 from liquid_diffusion.checkpoints import list_checkpoints
 from liquid_diffusion.config import RESUME_MUST_MATCH, TrainConfig, resolve_batch_size
 from liquid_diffusion.errors import check_repo_id
+from liquid_diffusion.features import install_fid_support
 from liquid_diffusion.latents import VAE_DOWNSAMPLE_FACTOR, vae_dtype
 from liquid_diffusion.memory import estimate_training_memory_gib
 from liquid_diffusion.sources import class_names, open_source
@@ -299,7 +300,8 @@ LEARNING_RATE = env("LD_LR", LEARNING_RATE, float)
 SAMPLE_EVERY = env("LD_SAMPLE_EVERY", SAMPLE_EVERY, int)
 EVAL_EVERY = env("LD_EVAL_EVERY", EVAL_EVERY, int)
 if EVAL_EVERY and importlib.util.find_spec("torch_fidelity") is None and not env("LD_SKIP_INSTALL", False, bool):
-    pip_install("torch-fidelity")  # the FID Inception network; keeps Colab's torch and torchvision
+    if not install_fid_support(pip_install):  # the FID Inception network, never at the cost of the installed torch
+        EVAL_EVERY = 0
 CACHE_LATENTS = env("LD_CACHE_LATENTS", CACHE_LATENTS, bool) and SPACE == "latent"
 HUB_REPO_ID = env("LD_HUB_REPO", HUB_REPO_ID).strip()
 if HUB_REPO_ID:

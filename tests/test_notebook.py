@@ -230,3 +230,26 @@ def test_a_cell_run_out_of_order_says_which_to_run_first(monkeypatch, cell_id, n
     notebook, stopped = _run_cells([_cell_source(cell_id)], monkeypatch)
     text = _text(notebook.cells[0])
     assert stopped and needs in text and "NameError" not in text and "Traceback (most recent" not in text
+
+
+def test_the_fid_install_never_replaces_the_installed_torch(monkeypatch, tmp_path, clean_image_folder):
+    """torch-fidelity's torchvision requirement once made pip swap the user's torch inside the running kernel: the
+    install pins torch to the installed build, and when pip cannot honour that, FID is turned off in one line."""
+    import importlib.metadata
+
+    fake_pip = ("pip_calls = []\n"
+                "def pip_install(*args):  # pip cannot keep this torch: refuses, as a resolver conflict does\n"
+                "    pip_calls.append(args)\n"
+                "    raise RuntimeError('ResolutionImpossible')")
+    cells = [_cell_source("setup-code"), fake_pip, _cell_source("outputs-code"), _cell_source("choices-code"),
+             "print('EVAL_EVERY', EVAL_EVERY, pip_calls)"]
+    notebook, stopped = _run_cells(cells, monkeypatch, LD_SKIP_INSTALL="0", LD_EVAL_EVERY="1000",
+                                   LD_DATASET=str(clean_image_folder), LD_OUTPUT_DIR=str(tmp_path / "run"),
+                                   LD_HUB_REPO="")
+    assert not stopped, [_text(cell) for cell in notebook.cells]
+    torch_version = importlib.metadata.version("torch")
+    (calls,) = [_text(notebook.cells[4])]
+    assert calls.startswith("EVAL_EVERY 0 [(") and "'torch-fidelity'" in calls
+    assert f"'torch=={torch_version}'" in calls  # the installed build, pinned: pip may not replace it
+    (line,) = [line for line in _text(notebook.cells[3]).splitlines() if "FID is off" in line]
+    assert f"without replacing torch {torch_version}" in line and f"'torch=={torch_version}'" in line
