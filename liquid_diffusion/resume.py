@@ -36,8 +36,9 @@ def find_resume_checkpoint(resume: str, output_dir: Path, report: Callable[[str]
 
 def apply_optimizer_flags(checkpoint: Checkpoint, config, *, optimizer, lr_scheduler, ema,
                           report: Callable[[str], None]) -> None:
-    """Puts this run's ``--lr``, ``--weight-decay`` and ``--ema-decay`` into the restored optimizer, learning-rate
-    schedule and EMA, where they differ from the checkpoint's. The schedule keeps its position: the learning rate
+    """Puts this run's ``--lr``, ``--weight-decay``, ``--adam-beta1/2``, ``--ema-decay`` and ``--ema-power`` into the
+    restored optimizer, learning-rate schedule and EMA, where they differ from the checkpoint's (a new
+    ``--lr-schedule`` applies by itself: the schedule is a function of the step). The schedule keeps its position: the learning rate
     now is the new ``--lr`` times the schedule's factor at this step."""
     changes = []
     base_lrs = list(lr_scheduler.base_lrs)
@@ -53,9 +54,21 @@ def apply_optimizer_flags(checkpoint: Checkpoint, config, *, optimizer, lr_sched
         for group in optimizer.param_groups:
             group["weight_decay"] = config.weight_decay
         changes.append(f"--weight-decay {old_decay:g} -> {config.weight_decay:g}")
+    betas = (config.adam_beta1, config.adam_beta2)
+    old_betas = tuple(optimizer.param_groups[0]["betas"])
+    if any(tuple(group["betas"]) != betas for group in optimizer.param_groups):
+        for group in optimizer.param_groups:
+            group["betas"] = betas
+        changes.append(f"--adam-beta1/2 {old_betas[0]:g}/{old_betas[1]:g} -> {betas[0]:g}/{betas[1]:g}")
     if ema.decay != config.ema_decay:
         changes.append(f"--ema-decay {ema.decay:g} -> {config.ema_decay:g}")
         ema.decay = config.ema_decay
+    if ema.power != config.ema_power:
+        changes.append(f"--ema-power {ema.power:g} -> {config.ema_power:g}")
+        ema.power = config.ema_power
+    saved_schedule = checkpoint.train_config.get("lr_schedule", "constant")
+    if saved_schedule != config.lr_schedule:  # the schedule is a function of the step: the new one applies from here
+        changes.append(f"--lr-schedule {saved_schedule} -> {config.lr_schedule}")
     if changes:
         report(f"note: resuming {checkpoint.path.name} with {', '.join(changes)} (this run's flags win over the "
                "checkpoint's)")

@@ -87,3 +87,15 @@ def test_the_batch_size_flag_takes_a_number_or_auto(capsys):
     assert "expected a whole number or 'auto', got 'many'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--batch-size must be at least 1"):
         config_from_args(parse(["train", "--batch-size", "0"]))
+
+
+def test_resume_applies_new_betas_ema_power_and_schedule_and_says_so(train_folder, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    Trainer(pixel_config(train_folder, out, steps=2)).train()
+    capsys.readouterr()
+    trainer = Trainer(pixel_config(train_folder, out, steps=3, resume="latest", adam_beta2=0.95, ema_power=0.75,
+                                   lr_schedule="cosine"))
+    trainer.train()
+    assert ("--adam-beta1/2 0.9/0.999 -> 0.9/0.95, --ema-power 0.666667 -> 0.75, --lr-schedule constant -> cosine"
+            in capsys.readouterr().out)
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.95) and trainer.ema.power == 0.75
