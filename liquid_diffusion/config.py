@@ -18,6 +18,7 @@ from .errors import check_number
 from .latents import DEFAULT_VAE, VAE_DOWNSAMPLE_FACTOR, native_bf16
 from .model import PRESETS
 from .sources import DEFAULT_DATASET
+from .tracking import trackers
 
 # Fields that fix the network or what its inputs mean; resuming with other values is refused.
 RESUME_MUST_MATCH = ("preset", "space", "resolution", "vae")
@@ -74,6 +75,8 @@ class TrainConfig:
     mixed_precision: str = _help("auto (bf16 where supported, fp16 on T4-class GPUs, fp32 on CPU), no, fp16, bf16",
                                  default="auto")
     compile: bool = _help("torch.compile the model (CUDA only; ignored on CPU)", default=False)
+    gradient_checkpointing: bool = _help("recompute each block's activations in the backward pass instead of keeping "
+                                         "them: much less GPU memory, slower steps (README: Memory)", default=False)
     seed: int = _help("random seed", default=0)
     # feedback and checkpoints
     output_dir: str = _help("where checkpoints, samples and metrics.jsonl go", default="outputs/liquid-diffusion")
@@ -95,6 +98,9 @@ class TrainConfig:
     eval_samples: int = _help("generated (and real) images per in-training evaluation", default=1000)
     eval_feature_extractor: str = _help("'inception' or module.path:callable (see `evaluate --help`)",
                                         default="inception")
+    # experiment tracking (liquid_diffusion/tracking.py)
+    report_to: str = _help("also send metrics, sample grids and settings to: none, tensorboard (OUTPUT_DIR/logs), "
+                           "wandb or all; needs pip install \"liquid-diffusion[tracking]\"", default="none")
 
     def validate(self) -> None:
         """Raises ValueError with a one-line fix for values that cannot work."""
@@ -130,6 +136,7 @@ class TrainConfig:
                              f"{self.guidance_scale}")
         if self.label_column and not self.class_conditional:
             raise ValueError("label_column only applies to class-conditional training: add --class-conditional")
+        trackers(self.report_to)  # a known name
 
 
 def check_resolution(resolution: int, preset: str, space: str, vae_factor: int) -> None:
