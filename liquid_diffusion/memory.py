@@ -117,3 +117,13 @@ def suggest_batch_size(gpu_memory_gib: float, preset: str, space: str, resolutio
     fitting = [b for b in BATCH_SIZES if b <= cap and
                estimate_training_memory_gib(preset, space, resolution, b, **estimate) <= 0.75 * gpu_memory_gib]
     return fitting[-1] if fitting else 1
+
+
+def needs_gradient_checkpointing(gpu_memory_gib: float, preset: str, space: str, resolution: int, batch_size: int,
+                                 **estimate) -> bool:
+    """Whether ``batch_size`` does not fit in 75% of the GPU (the margin ``suggest_batch_size`` keeps) without
+    gradient checkpointing, by ``estimate_training_memory_gib`` (``estimate``: its keywords); ``False`` without a
+    GPU (``gpu_memory_gib`` 0), where memory is not what limits a run."""
+    estimate.pop("gradient_checkpointing", None)
+    return bool(gpu_memory_gib) and (estimate_training_memory_gib(preset, space, resolution, batch_size, **estimate)
+                                     > 0.75 * gpu_memory_gib)

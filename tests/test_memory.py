@@ -11,6 +11,7 @@ from liquid_diffusion.memory import (
     TRAINING_BYTES_PER_PARAMETER,
     activation_bytes,
     estimate_training_memory_gib,
+    needs_gradient_checkpointing,
     saved_activation_bytes,
     suggest_batch_size,
 )
@@ -72,6 +73,14 @@ def test_the_estimate_knows_what_gradient_checkpointing_saves():
     assert checkpointed[0] < plain[0] and plain[1] - plain[0] > 2 * (checkpointed[1] - checkpointed[0])
     assert suggest_batch_size(8, "base", "latent", 512, cache_latents=True) < suggest_batch_size(
         8, "base", "latent", 512, cache_latents=True, gradient_checkpointing=True)
+
+
+def test_gradient_checkpointing_is_needed_when_the_batch_does_not_fit_three_quarters_of_the_gpu_without_it():
+    need = estimate_training_memory_gib("base", "latent", 512, 4, cache_latents=True)
+    assert needs_gradient_checkpointing(need / 0.75 * 0.99, "base", "latent", 512, 4, cache_latents=True)
+    assert not needs_gradient_checkpointing(need / 0.75 * 1.01, "base", "latent", 512, 4, cache_latents=True,
+                                            gradient_checkpointing=True)  # judged without it, whatever is asked
+    assert not needs_gradient_checkpointing(0, "base", "latent", 512, 64)  # no GPU
 
 
 def test_suggested_batch_size_is_the_largest_power_of_two_that_fits_three_quarters_of_the_gpu():
