@@ -12,7 +12,8 @@ What is sent, on the main process only:
 
 A resumed run continues the same curves: TensorBoard writes into the same folder, ``OUTPUT_DIR/logs/liquid-diffusion``,
 and hides what an interrupted run logged past the checkpoint (``purge_step``); W&B continues the same run (its id is
-kept in ``OUTPUT_DIR/logs/wandb-run-id``); records of steps up to the resumed one are not sent again.
+kept in ``OUTPUT_DIR/logs/wandb-run-id``; it never takes a step twice, so what an interrupted run logged past the
+checkpoint stays there until the resumed run passes it); records of steps up to the resumed one are not sent again.
 """
 
 from __future__ import annotations
