@@ -57,7 +57,7 @@ def saved_activation_bytes(model: LiquidDiffusionUNet, sample: torch.Tensor, tim
         largest_block[0] = max(largest_block[0], sum(block_saved.values()))
         return torch.utils.checkpoint.checkpoint(block.__call__, *inputs, use_reentrant=False)
 
-    checkpointing = model.is_gradient_checkpointing
+    checkpointing, previous = model.is_gradient_checkpointing, model._gradient_checkpointing_func
     if checkpointing:
         model.enable_gradient_checkpointing(checkpoint_counting)
     try:
@@ -65,7 +65,7 @@ def saved_activation_bytes(model: LiquidDiffusionUNet, sample: torch.Tensor, tim
             model(sample, timestep)
     finally:
         if checkpointing:
-            model.enable_gradient_checkpointing()
+            model.enable_gradient_checkpointing(previous)
     return sum(kept.values()), largest_block[0]
 
 

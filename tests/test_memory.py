@@ -55,12 +55,14 @@ def test_gradient_checkpointing_keeps_the_blocks_inputs_and_recomputes_one_block
     x, t = torch.randn(1, 4, 16, 16), torch.full((1,), 0.5)
     plain, nothing_recomputed = saved_activation_bytes(model, x, t)
     model.enable_gradient_checkpointing()
+    checkpoint_function = model._gradient_checkpointing_func
     kept, recomputed = saved_activation_bytes(model, x, t)
     assert nothing_recomputed == 0 and 0 < recomputed < kept + recomputed < 0.5 * plain
     # every block's input is still kept: at least one fp32 feature map per block
     smallest_map = 4 * min(model.config.widths) * (16 // model.downsample_factor) ** 2
     assert kept > len(model.block_names()) * smallest_map
-    assert model.is_gradient_checkpointing  # measuring leaves it switched on, with diffusers' own checkpoint function
+    # measuring leaves it switched on, with the checkpoint function it had
+    assert model.is_gradient_checkpointing and model._gradient_checkpointing_func is checkpoint_function
     per_cell, _ = activation_bytes("tiny", 4)
     assert activation_bytes("tiny", 4, gradient_checkpointing=True)[0] == pytest.approx(per_cell * (kept + recomputed)
                                                                                       / plain)
