@@ -459,8 +459,9 @@ def test_help_documents_every_flag():
         (["--preset", "huge"], "valid presets: micro, tiny, small, base"),
         (["--space", "voxel"], "space must be 'latent' or 'pixel'"),
         (["--dataset", "/no/such/folder"], "/no/such/folder"),
+        (["--report-to", "comet"], "--report-to must be one of none, tensorboard, wandb, all"),
     ],
-    ids=["resolution", "preset", "space", "dataset"],
+    ids=["resolution", "preset", "space", "dataset", "report-to"],
 )
 def test_cli_bad_values_give_one_clean_line(train_folder, tmp_path, args, message):
     base = ["train", "--dataset", str(train_folder), "--space", "pixel", "--preset", "micro", "--resolution",
