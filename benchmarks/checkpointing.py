@@ -97,8 +97,8 @@ def main(argv=None) -> int:
                          100 * (ckpt["step_s"] / plain["step_s"] - 1), 100 * (ckpt["gflop"] / plain["gflop"] - 1)])
     print(f"batch {args.batch}, fp32, {common.machine_cpu()}")
     print(common.markdown_table(
-        ["preset", "resolution", "activations (MiB)", "checkpointed: kept", "+ recomputed", "= peak",
-         "saved (%)", "RSS (MiB)", "checkpointed RSS", "fwd+bwd (s)", "checkpointed (s)", "slower (%)", "more GFLOP (%)"], rows))
+        ["preset", "resolution", "activations (MiB)", "checkpointed: kept", "+ recomputed", "= peak", "saved (%)",
+         "RSS (MiB)", "checkpointed RSS", "fwd+bwd (s)", "checkpointed (s)", "slower (%)", "more GFLOP (%)"], rows))
     print(f"wrote {args.out}")
     return 0
 

@@ -5,8 +5,10 @@
 
 The U-Net's activations are counted rather than guessed: one small CPU forward pass records the bytes autograd keeps
 per input cell, which then scale with the cells (the side, divided by the VAE's factor in latent space, squared) and
-the batch size. The notebook shows this estimate and suggests its batch size with ``suggest_batch_size``; the
-measured peak is printed after training.
+the batch size. Under gradient checkpointing the same pass counts what checkpointing keeps (each block's input and
+what lies outside the blocks) plus the largest block's activations, which the backward pass recomputes and holds at
+once. The notebook shows this estimate, suggests its batch size with ``suggest_batch_size`` and turns gradient
+checkpointing on by ``needs_gradient_checkpointing``; the measured peak is printed after training.
 """
 
 from __future__ import annotations

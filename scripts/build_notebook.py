@@ -57,8 +57,8 @@ to CPU-sized settings (the `micro` model on 32 px pixels), which show shapes eme
 **Headless use:** every choice can be overridden by an environment variable (`LD_DATASET`, `LD_PRESET`,
 `LD_RESOLUTION`, `LD_SPACE`, `LD_VAE`, `LD_STEPS`, `LD_BATCH_SIZE`, `LD_SAMPLE_EVERY`, `LD_OUTPUT_DIR`, `LD_HUB_REPO`;
 also `LD_LR`, `LD_NUM_SAMPLES`, `LD_MOUNT_DRIVE`, `LD_CACHE_LATENTS`, `LD_CLASS_CONDITIONAL`, `LD_GUIDANCE_SCALE`,
-`LD_GRADIENT_CHECKPOINTING`, `LD_REPORT_TO`, `LD_PACKAGE_SPEC`, `LD_SKIP_INSTALL`), so the notebook also runs unattended, e.g.
-`jupyter nbconvert --to notebook --execute`.
+`LD_GRADIENT_CHECKPOINTING`, `LD_REPORT_TO`, `LD_PACKAGE_SPEC`, `LD_SKIP_INSTALL`), so the notebook also runs
+unattended, e.g. `jupyter nbconvert --to notebook --execute`.
 """
 
 SETUP_MD = """\

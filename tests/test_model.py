@@ -278,7 +278,7 @@ def test_a_variant_that_was_not_saved_is_not_found(tmp_path):
         LiquidDiffusionUNet.from_pretrained(tmp_path)
 
 
-# ------------------------------------------------------------------------------------------------ gradient checkpointing
+# ---------------------------------------------------------------------------------------- gradient checkpointing
 
 
 def test_gradient_checkpointing_is_switched_by_diffusers_api():
@@ -426,7 +426,7 @@ def test_timestep_outside_unit_interval_is_rejected(value):
 
 
 def test_integer_timesteps_outside_the_unit_interval_say_how_to_scale_a_schedulers_timesteps():
-    with pytest.raises(ValueError, match=r"\[0, 1\].*divide a scheduler's integer timesteps by its num_train_timesteps"):
+    with pytest.raises(ValueError, match=r"\[0, 1\].*divide a scheduler's integer timesteps by its num_train_t"):
         micro()(torch.randn(2, 4, 16, 16), torch.tensor([500, 999]))
 
 

@@ -61,7 +61,8 @@ def test_notebook_has_forms_env_overrides_and_no_model_code():
         assert f'"{variable}"' in source, f"{variable} cannot override the notebook"
     assert "notebook_login()" in source
     # TensorBoard inline, beside the notebook's own panel, when REPORT_TO asks for it
-    assert 'run_line_magic("load_ext", "tensorboard")' in source and 'run_line_magic("tensorboard", f\'--logdir' in source
+    assert 'run_line_magic("load_ext", "tensorboard")' in source
+    assert 'run_line_magic("tensorboard", f\'--logdir' in source
     # everything comes from the package: no network or training loop defined in the notebook
     for forbidden in ("nn.Module", "class LiquidDiffusion", "optimizer.step", ".backward(", "Conv2d("):
         assert forbidden not in source, forbidden
@@ -228,7 +229,8 @@ def test_a_bad_hub_repo_id_stops_run_all_at_the_choices_with_one_line(monkeypatc
     assert "error: 'my model' is not a Hub repo id" in text and "Traceback" not in text
 
 
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason='wandb is not installed: pip install -e ".[test]"')
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
+                    reason='wandb is not installed: pip install -e ".[test]"')
 def test_wandb_without_a_login_stops_run_all_at_the_choices_with_one_line(monkeypatch, tmp_path):
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
         monkeypatch.delenv(name, raising=False)

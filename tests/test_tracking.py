@@ -13,12 +13,17 @@ from liquid_diffusion.config import TrainConfig
 from liquid_diffusion.metrics import METRICS_FILE
 from liquid_diffusion.tracking import check_report_to, scalars
 from liquid_diffusion.trainer import Trainer
-from test_trainer import pixel_config, train_folder  # noqa: F401 (a fixture)
+from test_trainer import pixel_config, synthetic_folder
 
 NEEDS_TENSORBOARD = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
                                        reason='tensorboard is not installed: pip install -e ".[test]"')
 NEEDS_WANDB = pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
                                  reason='wandb is not installed: pip install -e ".[test]"')
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return synthetic_folder(tmp_path_factory.mktemp("tracking_images"), 24, seed=4)
 
 
 def records(out) -> list[dict]:
@@ -47,19 +52,19 @@ def test_every_numeric_field_of_a_record_is_a_scalar_and_lists_and_dicts_are_spl
                                "loss_t_bins/0": 0.1, "loss_t_bins/2": 0.3, "val_loss_t/0.1": 0.2}
 
 
-def test_an_unknown_tracker_is_refused_in_one_line(train_folder, tmp_path):  # noqa: F811
+def test_an_unknown_tracker_is_refused_in_one_line(images, tmp_path):
     with pytest.raises(ValueError, match="--report-to must be one of none, tensorboard, wandb, all, got 'comet'"):
-        pixel_config(train_folder, tmp_path, report_to="comet").validate()
+        pixel_config(images, tmp_path, report_to="comet").validate()
     assert TrainConfig().report_to == "none"
 
 
 @pytest.mark.parametrize("report_to, missing", [("tensorboard", "tensorboard"), ("all", "wandb")])
-def test_a_missing_tracker_package_names_the_extra_to_install_before_anything_loads(train_folder, tmp_path,  # noqa: F811
-                                                                                    monkeypatch, report_to, missing):
+def test_a_missing_tracker_package_names_the_extra_to_install_before_anything_loads(images, tmp_path, monkeypatch,
+                                                                                    report_to, missing):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else find_spec(name, *a))
     with pytest.raises(ValueError, match=rf'needs the {missing} package: pip install "liquid-diffusion\[tracking\]"'):
-        Trainer(pixel_config(train_folder, tmp_path / "out", report_to=report_to))
+        Trainer(pixel_config(images, tmp_path / "out", report_to=report_to))
     assert not (tmp_path / "out").exists()
 
 
@@ -78,11 +83,11 @@ def test_wandb_without_a_login_says_how_to_log_in_or_log_offline(tmp_path, monke
 
 
 @NEEDS_TENSORBOARD
-def test_tensorboard_gets_every_record_the_sample_grids_and_the_settings(train_folder, tmp_path):  # noqa: F811
+def test_tensorboard_gets_every_record_the_sample_grids_and_the_settings(images, tmp_path):
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    config = pixel_config(train_folder, tmp_path, steps=4, sample_every=2, report_to="tensorboard")
+    config = pixel_config(images, tmp_path, steps=4, sample_every=2, report_to="tensorboard")
     Trainer(config).train()
     events, logged = tensorboard_events(tmp_path), records(tmp_path)
     assert curve(events, "loss") == pytest.approx({r["step"]: r["loss"] for r in logged}, rel=1e-6)
@@ -101,8 +106,8 @@ def test_tensorboard_gets_every_record_the_sample_grids_and_the_settings(train_f
 
 
 @NEEDS_TENSORBOARD
-def test_a_resumed_run_continues_the_same_tensorboard_curves_without_repeating_a_step(train_folder, tmp_path):  # noqa: F811
-    config = pixel_config(train_folder, tmp_path, steps=4, checkpoint_every=2, report_to="tensorboard")
+def test_a_resumed_run_continues_the_same_tensorboard_curves_without_repeating_any_step(images, tmp_path):
+    config = pixel_config(images, tmp_path, steps=4, checkpoint_every=2, report_to="tensorboard")
     Trainer(config).train()
     # as if killed after logging steps 3 and 4 but before checkpoint-000004 was written
     shutil.rmtree(tmp_path / "checkpoint-000004")
@@ -116,11 +121,10 @@ def test_a_resumed_run_continues_the_same_tensorboard_curves_without_repeating_a
 
 
 @NEEDS_WANDB
-def test_wandb_offline_writes_its_run_folder_and_a_resume_continues_the_same_run(train_folder, tmp_path,  # noqa: F811
-                                                                              monkeypatch):
+def test_wandb_offline_writes_its_run_folder_and_a_resume_continues_the_same_run(images, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    config = pixel_config(train_folder, tmp_path, steps=2, checkpoint_every=2, report_to="wandb")
+    config = pixel_config(images, tmp_path, steps=2, checkpoint_every=2, report_to="wandb")
     Trainer(config).train()
     run_id = (tmp_path / "logs" / "wandb-run-id").read_text().strip()
     (run,) = (tmp_path / "logs" / "wandb").glob(f"offline-run-*-{run_id}")
