@@ -19,6 +19,7 @@ from .errors import check_number
 from .latents import DEFAULT_VAE, VAE_DOWNSAMPLE_FACTOR, native_bf16
 from .model import PRESETS
 from .sources import DEFAULT_DATASET
+from .tracking import trackers
 
 LR_SCHEDULES = ("constant", "cosine", "linear", "rsqrt")
 # --batch-size auto: the batch on a CPU, and the batch at which --lr is given (the recipe study's, BENCHMARKS.md)
@@ -90,6 +91,8 @@ class TrainConfig:
     mixed_precision: str = _help("auto (bf16 where supported, fp16 on T4-class GPUs, fp32 on CPU), no, fp16, bf16",
                                  default="auto")
     compile: bool = _help("torch.compile the model (CUDA only; ignored on CPU)", default=False)
+    gradient_checkpointing: bool = _help("recompute each block's activations in the backward pass instead of keeping "
+                                         "them: much less GPU memory, slower steps (README: Memory)", default=False)
     seed: int = _help("random seed", default=0)
     # feedback and checkpoints
     output_dir: str = _help("where checkpoints, samples and metrics.jsonl go", default="outputs/liquid-diffusion")
@@ -118,6 +121,9 @@ class TrainConfig:
     eval_samples: int = _help("generated (and real) images per in-training evaluation", default=1000)
     eval_feature_extractor: str = _help("'inception' or module.path:callable (see `evaluate --help`)",
                                         default="inception")
+    # experiment tracking (liquid_diffusion/tracking.py)
+    report_to: str = _help("also send metrics, sample grids and settings to: none, tensorboard (OUTPUT_DIR/logs), "
+                           "wandb or all; needs pip install \"liquid-diffusion[tracking]\"", default="none")
 
     def validate(self) -> None:
         """Raises ValueError with a one-line fix for values that cannot work."""
@@ -165,6 +171,7 @@ class TrainConfig:
             raise ValueError("--resume continues the run in OUTPUT_DIR and --overwrite deletes it: pass one of them")
         if self.label_column and not self.class_conditional:
             raise ValueError("label_column only applies to class-conditional training: add --class-conditional")
+        trackers(self.report_to)  # a known name
 
 
 def check_resolution(resolution: int, preset: str, space: str, vae_factor: int) -> None:
@@ -234,7 +241,8 @@ def resolve_batch_size(config: TrainConfig, device: torch.device, saved: dict | 
         gib = torch.cuda.get_device_properties(device).total_memory / 2**30
         config.batch_size = suggest_batch_size(gib, config.preset, config.space, config.resolution,
                                                mixed_precision=resolve_mixed_precision(config.mixed_precision),
-                                               vae_dtype=vae_dtype(device), cache_latents=config.cache_latents)
+                                               vae_dtype=vae_dtype(device), cache_latents=config.cache_latents,
+                                               gradient_checkpointing=config.gradient_checkpointing)
         why = (f"the largest that fits 75 % of this {gib:.0f} GiB GPU by the memory estimate, capped by its class "
                "(8 below 24 GiB, 16 below 48 GiB, else 32)")
     else:

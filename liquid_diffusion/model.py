@@ -120,7 +120,9 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
             of another version fails in one line instead of with a list of mismatched tensors.
     """
 
-    _supports_gradient_checkpointing = False
+    # diffusers' gradient checkpointing (``enable_gradient_checkpointing``): each block's activations are recomputed
+    # in the backward pass from its input instead of being kept from the forward pass (see ``run_block``).
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
@@ -178,10 +180,19 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         # a version-5/6 config builds this version's model (the same function); its weights are upgraded on loading
         self.register_to_config(format_version=FORMAT_VERSION)
         self._register_load_state_dict_pre_hook(_upgrade_on_load, with_module=True)
+        self.gradient_checkpointing = False  # switched by diffusers' enable/disable_gradient_checkpointing
 
     def make_block(self, channels: int, ff_mult: int, liquid: bool) -> nn.Module:
         """One block of the U-Net (``benchmarks/`` builds earlier versions' blocks into this skeleton)."""
         return LiquidDiffusionBlock(channels, ff_mult, liquid)
+
+    def run_block(self, block: nn.Module, x: torch.Tensor, block_input: torch.Tensor) -> torch.Tensor:
+        """``block(x, block_input)``; under gradient checkpointing, while gradients are recorded, the block keeps only
+        its inputs for the backward pass and recomputes its activations there (same gradients, less memory, one more
+        forward pass of every block per step)."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(block, x, block_input)
+        return block(x, block_input)
 
     def block_inputs(self, t_emb: torch.Tensor):
         """What each block takes besides x, in the order the blocks run: its slab of ``BlockModulation``."""
@@ -232,11 +243,14 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
                 f"downsampling factor (2 ** (len(widths) - 1))"
             )
         if not torch.is_tensor(timestep):
-            timestep = torch.tensor(timestep, dtype=torch.float32)
-        if not (timestep.is_floating_point()):
-            raise ValueError(f"timestep must be a float in [0, 1] (t = 0 data, t = 1 noise), got dtype {timestep.dtype}")
-        if timestep.ndim == 0:
-            timestep = timestep.expand(batch)
+            timestep = torch.tensor(timestep)  # a Python float becomes float32, an int int64
+        integer = not timestep.is_floating_point()
+        if timestep.dtype == torch.bool or timestep.is_complex():
+            raise ValueError(f"timestep must be a number in [0, 1] (t = 0 data, t = 1 noise), got {timestep.dtype}")
+        if integer:  # as diffusers' models take them: an integer t means the same as the float of the same value
+            timestep = timestep.float()
+        if timestep.ndim == 0 or timestep.shape == (1,):  # one t for the whole batch, as in UNet2DModel
+            timestep = timestep.reshape(()).expand(batch)
         elif timestep.shape != (batch,):
             raise ValueError(f"timestep must be a scalar or of shape [{batch}], got shape {tuple(timestep.shape)}")
         timestep = timestep.to(sample.device)
@@ -245,6 +259,7 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
                 raise ValueError(
                     f"timestep must lie in [0, 1] (t = 0 data, t = 1 noise), got values from "
                     f"{timestep.min().item():.4g} to {timestep.max().item():.4g}"
+                    + ("; divide a scheduler's integer timesteps by its num_train_timesteps" if integer else "")
                 )
         else:  # on an accelerator a Python-side check would force a host sync every step; assert on the device
             torch._assert_async(((timestep >= 0) & (timestep <= 1)).all(), "timestep must lie in [0, 1]")
@@ -261,7 +276,8 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
 
         Args:
             sample: ``x_t``, shape [B, in_channels, H, W] with H, W divisible by ``downsample_factor``.
-            timestep: t in [0, 1] (0 data, 1 noise), a float tensor of shape [B] or a scalar.
+            timestep: t in [0, 1] (0 data, 1 noise): a tensor of shape [B], or a scalar or one-element tensor
+                for the whole batch (as ``UNet2DModel`` takes it); integers mean the same as floats (0 or 1).
             class_labels: class-conditional models only: integer ids of shape [B] in [0, num_classes], where
                 ``num_classes`` (``null_class``) asks for the unconditional prediction; ``None`` means all null.
             return_dict: return a ``LiquidDiffusionOutput`` (else a 1-tuple).
@@ -281,16 +297,16 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
             if i > 0:
                 x = self.downsamples[i - 1](x)
             for block in blocks:
-                x = block(x, next(block_inputs))
+                x = self.run_block(block, x, next(block_inputs))
             skips.append(x)
         for block in self.bottleneck:
-            x = block(x, next(block_inputs))
+            x = self.run_block(block, x, next(block_inputs))
         for i in reversed(range(len(self.decoder))):
             if i < len(self.decoder) - 1:
                 x = self.upsamples[i](x)
             x = self.fusions[i](x, skips[i])
             for block in self.decoder[i]:
-                x = block(x, next(block_inputs))
+                x = self.run_block(block, x, next(block_inputs))
         velocity = self.head(x, t_emb) + self.input_skip(sample, t_emb)
 
         if not return_dict:

@@ -80,6 +80,7 @@ from .stopping import (
     exit_status,
 )
 from .validation import Validator, choose_holdout
+from .tracking import ExperimentTracker, accelerator_kwargs, check_report_to
 
 
 def _check_writable(folder: Path) -> None:
@@ -112,12 +113,14 @@ class Trainer:
             resolve_source(config.dataset)
         if config.push_to_hub:
             check_can_push(config.push_to_hub)
+        check_report_to(config.report_to)
         self.accelerator = Accelerator(
             mixed_precision=resolve_mixed_precision(config.mixed_precision),
             gradient_accumulation_steps=config.grad_accum,
             # accelerate only runs a multi-process job on CPUs (gloo) when told so; without this, torchrun or
             # `accelerate launch` on a GPU-less machine would give N independent single-process runs.
             cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+            **accelerator_kwargs(config.report_to, self.output_dir),
         )
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
@@ -146,7 +149,7 @@ class Trainer:
         self.images_skipped = 0  # undecodable images this process's stream skipped since this run (re)started
         self.images_skipped_before = 0  # all processes' skipped images up to the checkpoint resumed from
         self.generator = torch.Generator(self.device)
-        self._pusher = None
+        self._pusher = self._tracker = None
         self._last_record: dict | None = None
         self.holdout = None  # which images validation holds out (validation.py); chosen when the run starts
         self.validator: Validator | None = None  # the held-out set, on the main process
@@ -179,6 +182,8 @@ class Trainer:
             check_resolution(config.resolution, config.preset, config.space, self.vae.downsample_factor)
             in_channels = self.vae.latent_channels
         model = LiquidDiffusionUNet.from_preset(config.preset, in_channels=in_channels, **self._class_config())
+        if config.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
         # channels_last on every device: the per-position LayerNorm and the depthwise convs want channels last, and on
         # the CPU version 4's tiny trains ~20 % faster so (BENCHMARKS.md 3(h))
         return model.to(memory_format=torch.channels_last)
@@ -325,6 +330,8 @@ class Trainer:
             progress.close()
             if self._pusher is not None:
                 self._pusher.close()
+            if self._tracker is not None:
+                self._tracker.finish()
 
     def _start_run(self) -> None:
         """Clears what an interrupted run left, resumes, and prepares the latent cache and the Hub pusher."""
@@ -347,6 +354,9 @@ class Trainer:
         self._divergence.seed(self.output_dir / METRICS_FILE)
         if self._resumed_from is not None and self.step >= config.steps:
             return  # nothing to train
+        if config.report_to != "none" and self.is_main:  # after the resume: its curves continue past its step
+            self._tracker = ExperimentTracker(self)
+            self.callbacks.append(self._tracker)
         if config.cache_latents:
             self._prepare_latent_cache()
         if self.holdout is not None and self.is_main:

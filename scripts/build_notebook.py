@@ -59,8 +59,8 @@ to CPU-sized settings (the `micro` model on 32 px pixels), which show shapes eme
 **Headless use:** every choice can be overridden by an environment variable (`LD_DATASET`, `LD_PRESET`,
 `LD_RESOLUTION`, `LD_SPACE`, `LD_VAE`, `LD_STEPS`, `LD_BATCH_SIZE`, `LD_SAMPLE_EVERY`, `LD_OUTPUT_DIR`, `LD_HUB_REPO`;
 also `LD_LR`, `LD_NUM_SAMPLES`, `LD_MOUNT_DRIVE`, `LD_CACHE_LATENTS`, `LD_CLASS_CONDITIONAL`, `LD_GUIDANCE_SCALE`,
-`LD_PACKAGE_SPEC`, `LD_SKIP_INSTALL`), so the notebook also runs unattended, e.g.
-`jupyter nbconvert --to notebook --execute`.
+`LD_GRADIENT_CHECKPOINTING`, `LD_REPORT_TO`, `LD_PACKAGE_SPEC`, `LD_SKIP_INSTALL`), so the notebook also runs
+unattended, e.g. `jupyter nbconvert --to notebook --execute`.
 """
 
 SETUP_MD = """\
@@ -237,6 +237,8 @@ CHOICES_MD = """\
 | `HUB_REPO_ID` | `user/name` to push to at the end; leave empty to skip the Hub |
 | `RUN_NAME` | output sub-folder; empty = derived from the choices, so the same choices resume the same run |
 | `CPU_SETTINGS` | on a CPU runtime, replace the model choices by CPU-sized ones (micro, pixel space, 32 px, 2,000 steps) |
+| `GRADIENT_CHECKPOINTING` | recompute each block's activations in the backward pass instead of keeping them: far less GPU memory, slower steps; `auto` = on when the memory estimate says the batch does not fit this GPU without it (env: `LD_GRADIENT_CHECKPOINTING`) |
+| `REPORT_TO` | also log to TensorBoard (shown inline above the training panel) and/or Weights & Biases (run `wandb login` first, or set `WANDB_MODE=offline`); `none` = the notebook's own panel only (env: `LD_REPORT_TO`) |
 
 **Expect:** a summary of the run, the suggested batch size, and whether a checkpoint will be resumed.
 """
@@ -261,6 +263,8 @@ HUB_REPO_ID = ""  # @param {type:"string"}
 HUB_PRIVATE = False  # @param {type:"boolean"}
 RUN_NAME = ""  # @param {type:"string"}
 CPU_SETTINGS = True  # @param {type:"boolean"}
+GRADIENT_CHECKPOINTING = "auto"  # @param ["auto", "on", "off"]
+REPORT_TO = "none"  # @param ["none", "tensorboard", "wandb", "all"]
 
 if "IN_COLAB" not in globals():  # run out of order: say in one line which cells come first
     raise type("RunFirst", (Exception,), {"_render_traceback_": lambda e: [f"error: {e}"]})(
@@ -274,8 +278,9 @@ from liquid_diffusion.config import RESUME_MUST_MATCH, TrainConfig, resolve_batc
 from liquid_diffusion.errors import check_repo_id
 from liquid_diffusion.features import install_fid_support
 from liquid_diffusion.latents import VAE_DOWNSAMPLE_FACTOR, vae_dtype
-from liquid_diffusion.memory import estimate_training_memory_gib
+from liquid_diffusion.memory import estimate_training_memory_gib, needs_gradient_checkpointing
 from liquid_diffusion.sources import class_names, open_source
+from liquid_diffusion.tracking import check_report_to, trackers
 
 CPU_SIZED = DEVICE == "cpu" and CPU_SETTINGS
 if CPU_SIZED:  # a GPU preset would take hours per grid on a CPU
@@ -306,6 +311,11 @@ CACHE_LATENTS = env("LD_CACHE_LATENTS", CACHE_LATENTS, bool) and SPACE == "laten
 HUB_REPO_ID = env("LD_HUB_REPO", HUB_REPO_ID).strip()
 if HUB_REPO_ID:
     check_repo_id(HUB_REPO_ID)  # now, not after an hour of training
+REPORT_TO = env("LD_REPORT_TO", REPORT_TO)
+for tracker in trackers(REPORT_TO):  # TensorBoard comes with Colab, wandb does not
+    if importlib.util.find_spec(tracker) is None and not env("LD_SKIP_INSTALL", False, bool):
+        pip_install(tracker)
+check_report_to(REPORT_TO)  # a missing package or W&B login: one line now, not when training starts
 NUM_SAMPLE_IMAGES = env("LD_NUM_SAMPLES", 16, int)  # images per sample grid (live and final)
 GUIDANCE_SCALE = env("LD_GUIDANCE_SCALE", GUIDANCE_SCALE, float)
 CLASS_CONDITIONAL = env("LD_CLASS_CONDITIONAL", CLASS_CONDITIONAL, bool)
@@ -331,20 +341,40 @@ RUN_NAME = RUN_NAME.strip() or f"{slug}-{PRESET}-{SPACE}-{RESOLUTION}px" + ("-co
 OUTPUT_DIR = Path(env("LD_OUTPUT_DIR", str(OUTPUT_ROOT / RUN_NAME))).expanduser()
 checkpoints = list_checkpoints(OUTPUT_DIR)
 saved_config = json.loads((checkpoints[-1] / "train_config.json").read_text()) if checkpoints else None
+SUGGESTED = BATCH_SIZE <= 0 and not saved_config
+
+
+def chosen_batch(checkpointing):
+    """BATCH_SIZE 0: the trainer's --batch-size auto for this GPU; a resumed run keeps its batch size and rate."""
+    probe = TrainConfig(preset=PRESET, space=SPACE, resolution=RESOLUTION, cache_latents=CACHE_LATENTS,
+                        mixed_precision=MIXED_PRECISION, gradient_checkpointing=checkpointing, lr=LEARNING_RATE,
+                        batch_size=BATCH_SIZE if BATCH_SIZE > 0 else "auto")
+    resolve_batch_size(probe, torch.device(DEVICE), saved_config, report=lambda line: None)
+    return probe.batch_size, probe.lr
+
+
+BATCH_SIZE, LEARNING_RATE = chosen_batch(False)
+# --- gradient checkpointing: "auto" turns it on when the batch does not fit this GPU without it ------------------
+CHECKPOINTING_CHOICE = env("LD_GRADIENT_CHECKPOINTING", GRADIENT_CHECKPOINTING)
+if CHECKPOINTING_CHOICE not in ("auto", "on", "off"):
+    raise ValueError(f"GRADIENT_CHECKPOINTING must be auto, on or off, got {CHECKPOINTING_CHOICE!r}")
+GRADIENT_CHECKPOINTING = CHECKPOINTING_CHOICE == "on" or CHECKPOINTING_CHOICE == "auto" and (
+    needs_gradient_checkpointing(GPU_MEMORY_GIB, PRESET, SPACE, RESOLUTION, BATCH_SIZE, **MEMORY_OPTIONS))
+MEMORY_OPTIONS["gradient_checkpointing"] = GRADIENT_CHECKPOINTING
+if GRADIENT_CHECKPOINTING and SUGGESTED:  # with checkpointing a larger batch may fit
+    BATCH_SIZE, LEARNING_RATE = chosen_batch(True)
 
 CONFIG = TrainConfig(
     dataset=DATASET, resolution=RESOLUTION, preset=PRESET, space=SPACE, vae=VAE, cache_latents=CACHE_LATENTS,
-    batch_size=BATCH_SIZE if BATCH_SIZE > 0 else "auto", steps=STEPS, lr=LEARNING_RATE,
+    batch_size=BATCH_SIZE, steps=STEPS, lr=LEARNING_RATE,
     sample_every=SAMPLE_EVERY, num_sample_images=NUM_SAMPLE_IMAGES, log_every=max(1, min(50, STEPS // 20)),
     eval_every=EVAL_EVERY,
     checkpoint_every=min(1000, STEPS), keep_checkpoints=2, output_dir=str(OUTPUT_DIR), resume="latest",
     num_workers=2 if DEVICE == "cuda" else 0, mixed_precision=MIXED_PRECISION, progress_bar=False,
     class_conditional=CLASS_CONDITIONAL, guidance_scale=GUIDANCE_SCALE,
+    gradient_checkpointing=GRADIENT_CHECKPOINTING, report_to=REPORT_TO,
 )
 CONFIG.validate()  # a one-line error with the fix for values that cannot work
-# BATCH_SIZE 0: the trainer's own choice for this GPU (a resumed run keeps its batch size and learning rate)
-resolve_batch_size(CONFIG, torch.device(DEVICE), saved_config)
-BATCH_SIZE, LEARNING_RATE = CONFIG.batch_size, CONFIG.lr
 
 if CPU_SIZED:
     print(f"CPU runtime: CPU-sized settings ({PRESET} model, {SPACE} space, {RESOLUTION} px, {STEPS} steps); expect "
@@ -353,7 +383,9 @@ print(f"dataset     {DATASET}")
 print(f"model       {PRESET} in {SPACE} space at {RESOLUTION}px" + (f" (VAE {VAE})" if SPACE == "latent" else ""))
 print(f"training    {STEPS} steps · batch {BATCH_SIZE} · "
       f"lr {LEARNING_RATE:g} · {MIXED_PRECISION if MIXED_PRECISION != 'no' else 'fp32'}"
-      + (" · cached latents" if CACHE_LATENTS else ""))
+      + (" · cached latents" if CACHE_LATENTS else "")
+      + (" · gradient checkpointing" + (" (auto: the batch does not fit without it)"
+                                          if CHECKPOINTING_CHOICE == "auto" else "") if GRADIENT_CHECKPOINTING else ""))
 print(f"samples     {f'every {SAMPLE_EVERY} steps' if SAMPLE_EVERY else 'at the end only'} "
       f"({NUM_SAMPLE_IMAGES} images)")
 if CLASS_CONDITIONAL:
@@ -362,6 +394,9 @@ if CLASS_CONDITIONAL:
           "one grid row per class (up to 8)")
 print(f"outputs     {OUTPUT_DIR}")
 print(f"hub         {HUB_REPO_ID or '(none: the push is skipped)'}")
+if REPORT_TO != "none":
+    print(f"tracking    {' and '.join(trackers(REPORT_TO))}"
+          + (f" (TensorBoard logs in {OUTPUT_DIR / 'logs'})" if "tensorboard" in trackers(REPORT_TO) else ""))
 if checkpoints:
     print(f"resume      from {checkpoints[-1].name} (delete it or change RUN_NAME to start over)")
     conflicts = [k for k in RESUME_MUST_MATCH
@@ -382,9 +417,11 @@ flags = [("dataset", DATASET), ("preset", PRESET), ("space", SPACE), ("resolutio
          ("mixed_precision", MIXED_PRECISION), ("output_dir", OUTPUT_DIR)]
 flags += [("vae", VAE)] if SPACE == "latent" else []
 flags += [("guidance_scale", GUIDANCE_SCALE)] if CLASS_CONDITIONAL else []
+flags += [("report_to", REPORT_TO)] if REPORT_TO != "none" else []
 print("\\nsame run from a terminal:\\n  python -m liquid_diffusion train "
       + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags)
       + (" --cache-latents" if CACHE_LATENTS else "") + (" --class-conditional" if CLASS_CONDITIONAL else "")
+      + (" --gradient-checkpointing" if GRADIENT_CHECKPOINTING else "")
       + " --resume latest")
 '''
 # The form's learning rate is the trainer's default: one place (TrainConfig) defines the recipe.
@@ -469,9 +506,14 @@ for b in sorted({max(1, BATCH_SIZE // 2), BATCH_SIZE, BATCH_SIZE * 2}):
     print(f"  batch {b:>3}: ~{estimate_training_memory_gib(PRESET, SPACE, RESOLUTION, b, **MEMORY_OPTIONS):.1f} GiB"
           f"{mark}")
 EXPECTED_GIB = estimate_training_memory_gib(PRESET, SPACE, RESOLUTION, BATCH_SIZE, **MEMORY_OPTIONS)
+if GRADIENT_CHECKPOINTING:
+    without = estimate_training_memory_gib(PRESET, SPACE, RESOLUTION, BATCH_SIZE,
+                                           **{**MEMORY_OPTIONS, "gradient_checkpointing": False})
+    print(f"  (with gradient checkpointing; ~{without:.1f} GiB without it)")
 if GPU_MEMORY_GIB and EXPECTED_GIB > 0.9 * GPU_MEMORY_GIB:
     print(f"WARNING: ~{EXPECTED_GIB:.1f} GiB is close to or above this GPU's {GPU_MEMORY_GIB:.1f} GiB: "
-          "lower BATCH_SIZE or RESOLUTION if training runs out of memory")
+          "lower BATCH_SIZE or RESOLUTION" + ("" if GRADIENT_CHECKPOINTING else ", or set GRADIENT_CHECKPOINTING on,")
+          + " if training runs out of memory")
 elif not GPU_MEMORY_GIB:
     print("(no GPU here: the figures are what a GPU would need)")
 del model
@@ -485,6 +527,10 @@ steps to the output folder and resuming from the newest one there. One panel bel
 line (step, loss, images/s, time left), the latest EMA sample grid (same noise every time, so you see the *same*
 images sharpen) and the loss curves: the loss over steps, and the loss per noise level t (t near 0 is where fine
 detail is decided).
+
+With `REPORT_TO` set to `tensorboard` (or `all`), TensorBoard opens inline above the panel (`%load_ext tensorboard`,
+`%tensorboard --logdir OUTPUT_DIR/logs`) with the same curves, the sample grids and the run's settings; with `wandb`
+the run appears in your Weights & Biases project `liquid-diffusion`.
 
 **Expect:** blobs of colour first, recognisable shapes after a few thousand steps on a GPU. Stop the cell at any
 time (■ or *Runtime → Interrupt*): the current step finishes, a checkpoint is saved, and running the notebook again
@@ -615,6 +661,9 @@ class LiveDashboard(TrainerCallback):
         self.curves.update(ImageDisplay(data=png(figure)))
 
 
+if "tensorboard" in trackers(REPORT_TO) and get_ipython() is not None:  # TensorBoard inline, above the panel
+    get_ipython().run_line_magic("load_ext", "tensorboard")  # %load_ext tensorboard
+    get_ipython().run_line_magic("tensorboard", f'--logdir "{OUTPUT_DIR / "logs"}"')  # %tensorboard --logdir ...
 dashboard = LiveDashboard(CONFIG)
 trainer = Trainer(CONFIG, callbacks=[dashboard])
 if DEVICE == "cuda":

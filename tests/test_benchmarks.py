@@ -68,6 +68,19 @@ def test_throughput_quick(tmp_path, capsys):
     assert "images/s" in capsys.readouterr().out
 
 
+def test_checkpointing_quick_measures_less_activation_memory_with_checkpointing(tmp_path, capsys):
+    from benchmarks import checkpointing
+
+    out = tmp_path / "checkpointing.json"
+    assert checkpointing.main(["--quick", "--out", str(out)]) == 0
+    assert "| micro | 64 px (8x8) |" in capsys.readouterr().out
+    (result,) = json.loads(out.read_text())["results"]
+    plain, checkpointed = result["plain"], result["checkpointed"]
+    assert plain["recomputed_mib"] == 0 and 0 < checkpointed["peak_mib"] < plain["peak_mib"]
+    assert plain["step_s"] > 0 and checkpointed["step_s"] > 0
+    assert checkpointed["gflop"] > plain["gflop"] > 0  # the blocks run forward twice
+
+
 def test_sampling_quick(tmp_path):
     out = tmp_path / "sampling.md"
     assert sampling.main(["--quick", "--threads", "1", "--output", str(out)]) == 0

@@ -11,6 +11,8 @@ from liquid_diffusion.memory import (
     TRAINING_BYTES_PER_PARAMETER,
     activation_bytes,
     estimate_training_memory_gib,
+    needs_gradient_checkpointing,
+    saved_activation_bytes,
     suggest_batch_size,
 )
 from liquid_diffusion.model import LiquidDiffusionUNet
@@ -46,6 +48,41 @@ def test_latent_space_adds_the_vae_and_its_encoding_and_half_precision_saves():
     assert cached > estimate_training_memory_gib("micro", "latent", 256, 8, cache_latents=True,
                                                  vae_dtype=torch.bfloat16)
     assert pixel > estimate_training_memory_gib("micro", "pixel", 256, 8, mixed_precision="fp16")
+
+
+def test_gradient_checkpointing_keeps_the_blocks_inputs_and_recomputes_one_block_at_a_time():
+    model = LiquidDiffusionUNet.from_preset("tiny", in_channels=4)
+    x, t = torch.randn(1, 4, 16, 16), torch.full((1,), 0.5)
+    plain, nothing_recomputed = saved_activation_bytes(model, x, t)
+    model.enable_gradient_checkpointing()
+    checkpoint_function = model._gradient_checkpointing_func
+    kept, recomputed = saved_activation_bytes(model, x, t)
+    assert nothing_recomputed == 0 and 0 < recomputed < kept + recomputed < 0.5 * plain
+    # every block's input is still kept: at least one fp32 feature map per block
+    smallest_map = 4 * min(model.config.widths) * (16 // model.downsample_factor) ** 2
+    assert kept > len(model.block_names()) * smallest_map
+    # measuring leaves it switched on, with the checkpoint function it had
+    assert model.is_gradient_checkpointing and model._gradient_checkpointing_func is checkpoint_function
+    per_cell, _ = activation_bytes("tiny", 4)
+    assert activation_bytes("tiny", 4, gradient_checkpointing=True)[0] == pytest.approx(per_cell * (kept + recomputed)
+                                                                                      / plain)
+
+
+def test_the_estimate_knows_what_gradient_checkpointing_saves():
+    plain = [estimate_training_memory_gib("tiny", "latent", 512, b, cache_latents=True) for b in (1, 8)]
+    checkpointed = [estimate_training_memory_gib("tiny", "latent", 512, b, cache_latents=True,
+                                                 gradient_checkpointing=True) for b in (1, 8)]
+    assert checkpointed[0] < plain[0] and plain[1] - plain[0] > 2 * (checkpointed[1] - checkpointed[0])
+    assert suggest_batch_size(8, "base", "latent", 512, cache_latents=True) < suggest_batch_size(
+        8, "base", "latent", 512, cache_latents=True, gradient_checkpointing=True)
+
+
+def test_gradient_checkpointing_is_needed_when_the_batch_does_not_fit_three_quarters_of_the_gpu_without_it():
+    need = estimate_training_memory_gib("base", "latent", 512, 4, cache_latents=True)
+    assert needs_gradient_checkpointing(need / 0.75 * 0.99, "base", "latent", 512, 4, cache_latents=True)
+    assert not needs_gradient_checkpointing(need / 0.75 * 1.01, "base", "latent", 512, 4, cache_latents=True,
+                                            gradient_checkpointing=True)  # judged without it, whatever is asked
+    assert not needs_gradient_checkpointing(0, "base", "latent", 512, 64)  # no GPU
 
 
 def test_suggested_batch_size_is_the_largest_power_of_two_that_fits_three_quarters_of_the_gpu():

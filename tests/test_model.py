@@ -1,5 +1,6 @@
 """Specification of the LiquidDiffusion U-Net and the rectified-flow objective (issue: foundation)."""
 
+import copy
 import json
 import math
 import shutil
@@ -56,6 +57,22 @@ def test_return_dict_false_gives_a_tuple_and_scalar_timestep_broadcasts():
     x = torch.randn(3, 4, 16, 16)
     (velocity,) = model(x, 0.3, return_dict=False)
     assert torch.allclose(velocity, model(x, torch.full((3,), 0.3)).sample)
+
+
+@pytest.mark.parametrize("timestep", [0.3, torch.tensor(0.3), torch.tensor([0.3])], ids=["float", "0-d", "[1]"])
+def test_one_timestep_broadcasts_over_the_batch_as_in_unet2dmodel(timestep):
+    model = perturb_zero_init(micro())
+    x = torch.randn(4, 4, 16, 16)
+    assert torch.equal(model(x, timestep).sample, model(x, torch.full((4,), 0.3)).sample)
+
+
+def test_integer_timesteps_mean_the_same_as_float_ones():
+    model = perturb_zero_init(micro())
+    x = torch.randn(4, 4, 16, 16)
+    as_float = model(x, torch.tensor([0.0, 1.0, 1.0, 0.0])).sample
+    assert torch.equal(model(x, torch.tensor([0, 1, 1, 0])).sample, as_float)
+    assert torch.equal(model(x[:1], 1).sample, model(x[:1], 1.0).sample)
+    assert torch.equal(model(x, torch.tensor([1], dtype=torch.int32)).sample, model(x, 1.0).sample)
 
 
 def test_non_square_inputs_work():
@@ -218,6 +235,86 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
     torch.testing.assert_close(loaded(x, t).sample, model(x, t).sample, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_to_dtype_runs_the_model_in_that_dtype(dtype):
+    model = perturb_zero_init(micro())
+    x, t = torch.randn(2, 4, 16, 16), torch.rand(2)
+    reference = model(x, t).sample
+    half = copy.deepcopy(model).to(dtype)
+    assert {p.dtype for p in half.parameters()} == {dtype} and half.dtype == dtype
+    velocity = half(x.to(dtype), t).sample
+    assert velocity.dtype == dtype
+    torch.testing.assert_close(velocity.float(), reference, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("low_cpu_mem_usage", [True, False])
+def test_from_pretrained_loads_in_the_torch_dtype_asked_for(tmp_path, low_cpu_mem_usage):
+    model = perturb_zero_init(micro())
+    model.save_pretrained(tmp_path)
+    loaded = LiquidDiffusionUNet.from_pretrained(tmp_path, torch_dtype=torch.bfloat16,
+                                                 low_cpu_mem_usage=low_cpu_mem_usage)
+    assert loaded.dtype == torch.bfloat16 and {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    saved = model.state_dict()
+    assert all(torch.equal(v, saved[k].to(torch.bfloat16)) for k, v in loaded.state_dict().items())
+
+
+def test_an_fp16_variant_saves_beside_the_full_weights_and_loads_only_when_asked_for(tmp_path):
+    model = perturb_zero_init(micro())
+    model.save_pretrained(tmp_path)
+    model.to(torch.float16).save_pretrained(tmp_path, variant="fp16")
+    assert (tmp_path / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    half = LiquidDiffusionUNet.from_pretrained(tmp_path, variant="fp16", torch_dtype=torch.float16)
+    full = LiquidDiffusionUNet.from_pretrained(tmp_path)
+    assert half.dtype == torch.float16 and full.dtype == torch.float32
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in half.state_dict().items())
+    # the fp16 file holds the fp16 weights, the plain file the fp32 ones
+    assert all(torch.equal(v.half(), half.state_dict()[k]) for k, v in full.state_dict().items())
+    assert any(not torch.equal(v, v.half().float()) for v in full.state_dict().values())
+
+
+def test_a_variant_that_was_not_saved_is_not_found(tmp_path):
+    micro().save_pretrained(tmp_path, variant="fp16")
+    with pytest.raises(OSError, match="no file named"):
+        LiquidDiffusionUNet.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------- gradient checkpointing
+
+
+def test_gradient_checkpointing_is_switched_by_diffusers_api():
+    model = micro()
+    assert not model.is_gradient_checkpointing
+    model.enable_gradient_checkpointing()
+    assert model.is_gradient_checkpointing
+    model.disable_gradient_checkpointing()
+    assert not model.is_gradient_checkpointing
+
+
+def gradients(model, x0, labels=None):
+    model.zero_grad(set_to_none=True)
+    velocity_fn = model if labels is None else lambda x, t: model(x, t, class_labels=labels)
+    loss = flow.flow_matching_loss(velocity_fn, x0, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    # every kind of block position: encoder, bottleneck and decoder blocks, and the label embedding
+    model = perturb_zero_init(micro(num_classes=3, bottleneck_depth=1))
+    x0, labels = torch.randn(3, 4, 16, 16), torch.tensor([0, 2, 3])
+    loss, expected = gradients(model, x0, labels)
+    model.enable_gradient_checkpointing()
+    checkpointed_loss, checkpointed = gradients(model, x0, labels)
+    assert torch.equal(checkpointed_loss, loss)
+    for name, grad in expected.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-7, rtol=1e-6, msg=name)
+    with torch.no_grad():  # without gradients nothing is checkpointed: the same velocity
+        x, t = torch.randn(2, 4, 16, 16), torch.rand(2)
+        checkpointed_velocity = model(x, t).sample
+        model.disable_gradient_checkpointing()
+        assert torch.equal(checkpointed_velocity, model(x, t).sample)
+
+
 # ------------------------------------------------------------------------------------------------ flow objective
 
 
@@ -328,9 +425,15 @@ def test_timestep_outside_unit_interval_is_rejected(value):
         micro()(torch.randn(2, 4, 16, 16), torch.tensor([0.5, value]))
 
 
-def test_integer_timesteps_are_rejected():
-    with pytest.raises(ValueError, match="float"):
-        micro()(torch.randn(2, 4, 16, 16), torch.tensor([0, 1]))
+def test_integer_timesteps_outside_the_unit_interval_say_how_to_scale_a_schedulers_timesteps():
+    with pytest.raises(ValueError, match=r"\[0, 1\].*divide a scheduler's integer timesteps by its num_train_t"):
+        micro()(torch.randn(2, 4, 16, 16), torch.tensor([500, 999]))
+
+
+@pytest.mark.parametrize("timestep", [torch.tensor(True), torch.tensor([1j, 0j])], ids=["bool", "complex"])
+def test_timesteps_that_are_not_real_numbers_are_rejected(timestep):
+    with pytest.raises(ValueError, match="must be a number in"):
+        micro()(torch.randn(2, 4, 16, 16), timestep)
 
 
 def test_unknown_preset_lists_valid_names():

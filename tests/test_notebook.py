@@ -21,9 +21,9 @@ NOTEBOOK = ROOT / "LiquidDiffusion_Training.ipynb"
 BUILDER = ROOT / "scripts" / "build_notebook.py"
 
 FORM_FIELDS = ("DATASET", "CUSTOM_DATASET", "PRESET", "RESOLUTION", "SPACE", "STEPS", "BATCH_SIZE", "LEARNING_RATE",
-               "SAMPLE_EVERY", "HUB_REPO_ID", "MOUNT_DRIVE", "PACKAGE_SPEC")
+               "SAMPLE_EVERY", "HUB_REPO_ID", "MOUNT_DRIVE", "PACKAGE_SPEC", "GRADIENT_CHECKPOINTING", "REPORT_TO")
 ENV_OVERRIDES = ("LD_DATASET", "LD_PRESET", "LD_RESOLUTION", "LD_SPACE", "LD_VAE", "LD_STEPS", "LD_BATCH_SIZE",
-                 "LD_SAMPLE_EVERY", "LD_OUTPUT_DIR", "LD_HUB_REPO")
+                 "LD_SAMPLE_EVERY", "LD_OUTPUT_DIR", "LD_HUB_REPO", "LD_GRADIENT_CHECKPOINTING", "LD_REPORT_TO")
 
 
 def _read() -> nbformat.NotebookNode:
@@ -60,6 +60,9 @@ def test_notebook_has_forms_env_overrides_and_no_model_code():
     for variable in ENV_OVERRIDES:
         assert f'"{variable}"' in source, f"{variable} cannot override the notebook"
     assert "notebook_login()" in source
+    # TensorBoard inline, beside the notebook's own panel, when REPORT_TO asks for it
+    assert 'run_line_magic("load_ext", "tensorboard")' in source
+    assert 'run_line_magic("tensorboard", f\'--logdir' in source
     # everything comes from the package: no network or training loop defined in the notebook
     for forbidden in ("nn.Module", "class LiquidDiffusion", "optimizer.step", ".backward(", "Conv2d("):
         assert forbidden not in source, forbidden
@@ -153,7 +156,8 @@ def test_notebook_runs_headless_on_cpu_and_resumes(tmp_path, monkeypatch, clean_
 
 
 def test_notebook_runs_headless_in_latent_space(tmp_path, monkeypatch, clean_image_folder, tiny_vae_dir):
-    """The Colab default path (frozen VAE, preview round trip, export with the VAE), with a tiny random VAE."""
+    """The Colab default path (frozen VAE, preview round trip, export with the VAE), with a tiny random VAE; with
+    gradient checkpointing and W&B (offline) switched on."""
     output_dir = tmp_path / "run"
     overrides = {
         "LD_DATASET": str(clean_image_folder), "LD_SPACE": "latent", "LD_VAE": str(tiny_vae_dir),
@@ -161,7 +165,10 @@ def test_notebook_runs_headless_in_latent_space(tmp_path, monkeypatch, clean_ima
         "LD_NUM_SAMPLES": "2", "LD_OUTPUT_DIR": str(output_dir), "LD_HUB_REPO": "", "LD_EVAL_EVERY": "0", "LD_MOUNT_DRIVE": "0",
         "LD_SKIP_INSTALL": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
         "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
+        "LD_GRADIENT_CHECKPOINTING": "on", "LD_REPORT_TO": "wandb", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
     }
+    if importlib.util.find_spec("wandb") is None:  # the rest of the path still runs
+        overrides["LD_REPORT_TO"] = "none"
     for name, value in overrides.items():
         monkeypatch.setenv(name, value)
     notebook = _read()
@@ -172,6 +179,12 @@ def test_notebook_runs_headless_in_latent_space(tmp_path, monkeypatch, clean_ima
     assert {"preview-code", "train-code", "samples-code", "load-code"} <= set(images), images
     export = output_dir / "export" / "checkpoint-000002"
     assert (export / "model_index.json").exists() and (export / "vae" / "config.json").exists()
+    choices = _text(next(cell for cell in notebook.cells if cell.get("id") == "choices-code"))
+    assert "gradient checkpointing" in choices and "--gradient-checkpointing" in choices
+    saved = json.loads((output_dir / "checkpoint-000002" / "train_config.json").read_text())
+    assert saved["gradient_checkpointing"] and saved["report_to"] == overrides["LD_REPORT_TO"]
+    if overrides["LD_REPORT_TO"] == "wandb":
+        assert list((output_dir / "logs" / "wandb").glob("offline-run-*"))
 
 
 # ------------------------------------------------------------------------------------------------ mistakes
@@ -214,6 +227,19 @@ def test_a_bad_hub_repo_id_stops_run_all_at_the_choices_with_one_line(monkeypatc
     assert stopped and notebook.cells[3].outputs == []  # nothing after the mistake ran
     text = _text(notebook.cells[2])
     assert "error: 'my model' is not a Hub repo id" in text and "Traceback" not in text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
+                    reason='wandb is not installed: pip install -e ".[test]"')
+def test_wandb_without_a_login_stops_run_all_at_the_choices_with_one_line(monkeypatch, tmp_path):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    cells = [_cell_source("setup-code"), _cell_source("outputs-code"), _cell_source("choices-code"), "print('ran')"]
+    notebook, stopped = _run_cells(cells, monkeypatch, LD_REPORT_TO="wandb", NETRC=str(tmp_path / "no-netrc"),
+                                   LD_OUTPUT_DIR=str(tmp_path))
+    assert stopped and notebook.cells[3].outputs == []
+    text = _text(notebook.cells[2])
+    assert "error: --report-to wandb: not logged in" in text and "wandb login" in text and "Traceback" not in text
 
 
 def test_a_stopped_training_stops_run_all_with_one_line_and_a_resume_hint(monkeypatch):

@@ -192,6 +192,22 @@ def test_resume_is_exact(train_folder, tmp_path, grad_accum):
         assert torch.equal(value["exp_avg"], b["optimizer"]["state"][key]["exp_avg"])
 
 
+def test_gradient_checkpointing_trains_as_without_it_and_resumes_exactly(train_folder, tmp_path):
+    Trainer(pixel_config(train_folder, tmp_path / "plain", steps=4)).train()
+    Trainer(pixel_config(train_folder, tmp_path / "straight", steps=4, gradient_checkpointing=True)).train()
+    split = pixel_config(train_folder, tmp_path / "split", steps=2, gradient_checkpointing=True)
+    trainer = Trainer(split)
+    assert trainer.unwrapped_model.is_gradient_checkpointing
+    trainer.train()
+    split.steps, split.resume = 4, "latest"
+    Trainer(split).train()
+    plain, straight, resumed = (weights(tmp_path / run / "checkpoint-000004" / "unet")
+                                for run in ("plain", "straight", "split"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # exact resume, as without checkpointing
+    for name, value in plain.items():  # the same gradients: the same weights, up to float rounding
+        torch.testing.assert_close(straight[name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_resume_latest_without_checkpoint_starts_fresh_and_mismatch_is_refused(train_folder, tmp_path):
     config = pixel_config(train_folder, tmp_path, steps=1, resume="latest")
     Trainer(config).train()
@@ -436,7 +452,8 @@ def test_help_documents_every_flag():
     assert result.returncode == 0
     for flag in ("--dataset", "--preset", "--resolution", "--space", "--vae", "--batch-size", "--grad-accum",
                  "--steps", "--lr", "--timestep-sampling", "--sample-every", "--checkpoint-every", "--output-dir",
-                 "--resume", "--mixed-precision", "--ema-decay", "--cache-latents", "--seed", "--compile"):
+                 "--resume", "--mixed-precision", "--ema-decay", "--cache-latents", "--seed", "--compile",
+                 "--gradient-checkpointing", "--report-to"):
         assert flag in result.stdout
     sample_help = run_cli("sample", "--help").stdout
     for flag in ("--checkpoint", "--num-images", "--steps", "--sampler", "--seed", "--out"):
@@ -450,8 +467,9 @@ def test_help_documents_every_flag():
         (["--preset", "huge"], "valid presets: micro, tiny, small, base"),
         (["--space", "voxel"], "space must be 'latent' or 'pixel'"),
         (["--dataset", "/no/such/folder"], "/no/such/folder"),
+        (["--report-to", "comet"], "--report-to must be one of none, tensorboard, wandb, all"),
     ],
-    ids=["resolution", "preset", "space", "dataset"],
+    ids=["resolution", "preset", "space", "dataset", "report-to"],
 )
 def test_cli_bad_values_give_one_clean_line(train_folder, tmp_path, args, message):
     base = ["train", "--dataset", str(train_folder), "--space", "pixel", "--preset", "micro", "--resolution",
