@@ -75,7 +75,7 @@ class TrainConfig:
                                   f"by sqrt(batch / {REFERENCE_BATCH_SIZE})", default="auto")
     grad_accum: int = _help("micro-batches per optimizer step", default=1)
     steps: int = _help("optimizer steps to train in total", default=20_000)
-    lr: float = _help("AdamW learning rate", default=1e-4)
+    lr: float = _help("AdamW learning rate (at batch 8 with --batch-size auto, see there)", default=1e-3)
     warmup_steps: int = _help("linear learning-rate warmup steps", default=500)
     lr_schedule: str = _help("learning rate after the warmup: constant, cosine or linear (to 0 at --steps), or rsqrt "
                              "(lr * sqrt(warmup / step): needs no known end, for open-ended runs)", default="constant")
