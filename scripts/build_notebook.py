@@ -294,9 +294,9 @@ if not DATASET:
     raise ValueError("DATASET is 'custom' but CUSTOM_DATASET is empty: enter a Hub id (user/name) or a folder path")
 PRESET = env("LD_PRESET", PRESET)
 RESOLUTION = str(env("LD_RESOLUTION", RESOLUTION))
-if not re.fullmatch(r"\s*\d+\s*(px)?\s*", RESOLUTION):
+if not re.fullmatch(r"\\s*\\d+\\s*(px)?\\s*", RESOLUTION):
     raise ValueError(f"RESOLUTION must be a number of pixels such as 256, got {RESOLUTION!r}")
-RESOLUTION = int(re.sub(r"\D", "", RESOLUTION))
+RESOLUTION = int(re.sub(r"\\D", "", RESOLUTION))
 SPACE = env("LD_SPACE", SPACE)
 VAE = env("LD_VAE", VAE)
 STEPS = env("LD_STEPS", STEPS, int)
