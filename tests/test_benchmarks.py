@@ -206,3 +206,27 @@ def test_op_count_quick_prints_a_table_and_refuses_an_unknown_model(capsys):
     assert "| liquid-micro |" in out and "| dit-s2 |" in out
     assert op_count.main(["--models", "liquid-tiny@nope"]) == 2
     assert capsys.readouterr().out.startswith("error: unknown model")
+
+
+def test_the_recipe_study_trains_through_the_product_trainer_and_tables_seeds(tmp_path, monkeypatch):
+    from benchmarks import recipe
+    from test_trainer import synthetic_folder
+
+    (tmp_path / "images").mkdir()
+    folder = synthetic_folder(tmp_path / "images", 40, seed=0)
+    monkeypatch.setattr(recipe, "prepare", lambda name, cache_dir: folder)
+    monkeypatch.setattr(recipe, "RESOLUTION", 16)
+    out = str(tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    runs = [recipe.run("today", {"lr": 1e-3}, "liquid-micro", 2, seed, "twemoji", "", out, validation_images=4,
+                       evaluations=2) for seed in (0, 1)]
+    peer = recipe.run("today", {}, "unet2d-micro", 2, 0, "twemoji", "", out, validation_images=4, evaluations=2)
+    ablation = recipe.run("today", {}, "liquid-micro-ablation", 2, 0, "twemoji", "", out, validation_images=4)
+    assert [step for step, _, _ in runs[0]["curve"]] == [1, 2]  # the trainer's own validation, every steps / 2
+    assert runs[0]["config"]["lr"] == 1e-3 and runs[0]["images"] == 16 and runs[0]["val_images"] == 4
+    assert peer["params_m"] != runs[0]["params_m"] and ablation["params_m"] < runs[0]["params_m"]
+    assert "--set lr=0.001" in runs[0]["command"]
+    table = recipe.table(recipe.collect(out))
+    row = next(line for line in table.splitlines() if "today lr=0.001" in line)
+    mean = (runs[0]["val_loss"] + runs[1]["val_loss"]) / 2
+    assert "| 2 |" in row and f"{mean:.4f}" in row  # two seeds, one row, their mean
