@@ -63,7 +63,7 @@ from .data import SEED_STRIDE, ImageBatchStream, make_dataloader
 from .errors import DiskFullError
 from .evaluate import TrainingEvaluator, update_best
 from .hub import HubPusher, check_can_push
-from .latents import FrozenVAE, LatentBatchStream, build_latent_cache, vae_dtype
+from .latents import FrozenVAE, LatentBatchStream, build_latent_cache, read_metadata, vae_dtype
 from .metrics import METRICS_FILE, IntervalStats, TrainerCallback, append_record, truncate_metrics
 from .model import LiquidDiffusionUNet
 from .resume import apply_optimizer_flags, find_resume_checkpoint, resume_notes
@@ -263,8 +263,8 @@ class Trainer:
         """
         config = self.config
         try:
-            metadata = json.loads((self._cache_dir() / "metadata.json").read_text())
-        except (OSError, ValueError):
+            metadata = read_metadata(self._cache_dir())
+        except (OSError, ValueError):  # none yet, or damaged: built (again) below
             metadata = None
         if self.holdout is not None and metadata is not None and "held_out" not in metadata:
             if self.is_main:

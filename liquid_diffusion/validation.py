@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from . import flow
-from .sources import resolve_source
+from .sources import image_files, resolve_source
 
 VALIDATION_T = (0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
 HELD_OUT_SPLITS = ("validation", "test")
@@ -77,15 +77,15 @@ class Holdout:
         return "files:" + hashlib.md5("\n".join(sorted(self.files)).encode()).hexdigest()[:16]
 
 
-def choose_holdout(source: str, num_images: int, split: str = "train", config_name: str | None = None,
-                   image_extensions: set[str] | None = None) -> Holdout | None:
+def choose_holdout(source: str, num_images: int, split: str = "train",
+                   config_name: str | None = None) -> Holdout | None:
     """The held-out set of ``num_images`` images of ``source`` (see the module docstring); ``None`` when
     ``num_images`` is 0 or a folder is too small to spare one image."""
     if num_images <= 0:
         return None
     kind, target = resolve_source(source)
     if kind == "imagefolder":
-        return _folder_holdout(Path(target), num_images, image_extensions)
+        return _folder_holdout(Path(target), num_images)
     names = _split_names(target, kind, config_name)
     for held in HELD_OUT_SPLITS:
         if held in names and held != split:
@@ -97,12 +97,8 @@ def choose_holdout(source: str, num_images: int, split: str = "train", config_na
                    "content (it has no validation or test split)", fraction=fraction)
 
 
-def _folder_holdout(folder: Path, num_images: int, extensions: set[str] | None) -> Holdout | None:
-    if extensions is None:
-        from .sources import _image_extensions
-
-        extensions = _image_extensions()
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+def _folder_holdout(folder: Path, num_images: int) -> Holdout | None:
+    files = [Path(path) for path in image_files(folder)[0]]  # the files training reads, no others
     count = min(num_images, math.floor(len(files) * MAX_FOLDER_FRACTION))
     if count == 0:
         return None
