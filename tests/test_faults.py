@@ -99,8 +99,10 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(images
     for attempt in range(4):
         process = subprocess.Popen(cli_train(images, out, *steps, "--resume"), cwd=REPO,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if attempt % 2:  # kill inside a save: as soon as a temporary checkpoint folder appears
-            saving = lambda: any(out.glob(".tmp-checkpoint-*"))
+        if attempt % 2 == 0:  # kill inside a save: as soon as a new temporary checkpoint folder appears
+            # (first, while the run is surely unfinished; a folder left by an earlier kill does not count)
+            stale = set(out.glob(".tmp-checkpoint-*"))
+            saving = lambda: bool(set(out.glob(".tmp-checkpoint-*")) - stale)
             kills_in_save += wait_for(lambda: saving() or process.poll() is not None, timeout=60, interval=0.001) \
                 and process.poll() is None
         else:
