@@ -32,8 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import DiskFullError, disk_full, first_line
-from .model import FORMAT_VERSION, OLDEST_RESUMABLE_VERSION, check_format
-from .upgrade import upgrade_optimizer_state, upgrade_state_dict
+from .model import check_format
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -325,8 +324,7 @@ def newest_intact(output_dir: str | os.PathLike, report: Callable[[str], None] =
 def restore_training_state(checkpoint: Checkpoint, *, model, ema, optimizer, lr_scheduler, scaler) -> None:
     """Loads the weights, EMA, optimizer, lr scheduler, loss scaler and RNG of a ``fill_checkpoint`` checkpoint (read
     with ``read_checkpoint``) into the live objects, bit-exactly (one without ``unet_ema/`` restarts the EMA from
-    the raw weights). A run of architecture version 6 continues as version 7, the same model in another layout: its
-    weights, EMA and optimizer moments are upgraded on the way in.
+    the raw weights).
 
     Raises:
         ValueError: the weights are of another architecture version or do not fit ``model`` (one line: the format
@@ -334,24 +332,21 @@ def restore_training_state(checkpoint: Checkpoint, *, model, ema, optimizer, lr_
     """
     device = next(model.parameters()).device
     try:
-        check_format(checkpoint.unet[0], oldest=OLDEST_RESUMABLE_VERSION)
+        check_format(checkpoint.unet[0])
     except ValueError as error:
         raise ValueError(f"cannot resume {checkpoint.path}: {error}; or start a new run with another "
                          "--output-dir") from None
-    training, optimizer_state = checkpoint.training, checkpoint.training["optimizer"]
+    training = checkpoint.training
     try:
-        model.load_state_dict(checkpoint.unet[1])  # upgrades version-6 weights as they load (model.py's pre-hook)
-        ema_weights = dict((checkpoint.unet_ema or checkpoint.unet)[1])  # read by name: upgraded here (else a no-op)
-        upgrade_state_dict(ema_weights, model.block_names(), model.modulation.kinds)
-        if checkpoint.unet[0].get("format_version", 1) < FORMAT_VERSION:
-            optimizer_state = upgrade_optimizer_state(optimizer_state, model)
+        model.load_state_dict(checkpoint.unet[1])
+        ema_weights = (checkpoint.unet_ema or checkpoint.unet)[1]
         shadow = [ema_weights[name].to(device) for name, _ in model.named_parameters()]
     except (RuntimeError, KeyError, ValueError) as error:
         raise ValueError(f"cannot resume {checkpoint.path}: its weights do not fit this version of LiquidDiffusion's "
                          f"{checkpoint.train_config.get('preset')} model (the format changed: "
                          f"{first_line(error)}); start a new run with another --output-dir") from None
     ema.load_state_dict({**training["ema"], "shadow_params": shadow})
-    optimizer.load_state_dict(optimizer_state)
+    optimizer.load_state_dict(training["optimizer"])
     lr_scheduler.load_state_dict(training["lr_scheduler"])
     if training["scaler"] is not None and scaler is not None:
         scaler.load_state_dict(training["scaler"])

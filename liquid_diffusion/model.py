@@ -26,44 +26,21 @@ from diffusers.utils import BaseOutput
 
 from .blocks import (BlockModulation, Downsample, FilterSkip, LiquidDiffusionBlock, OutputHead, PositionEmbedder,
                      SkipFusion, TimestepEmbedder, Upsample)
-from .upgrade import upgrade_state_dict
-
-# Version of the architecture, saved in every config: weights of another version do not fit (see check_format).
-# 1: the seed's stem (conv3x3 -> SiLU -> conv3x3), un-modulated head, GroupNorm AdaLN; 2: single-conv stem,
-# t-modulated head (OutputHead), per-position LayerNorm AdaLN; 3: + the FilterSkip from x_t to v (and tiny's new
-# shape, 96/192/384 x 1/1/1); 4: light blocks (SpatialMix -> ParallelCfC with a residual relaxation -> gated
-# FeedForward) in DiCo's deep shape (tiny 96/192/384 x 4/4/2, no separate bottleneck); 5: the full-resolution
-# decoder stage twice as wide as its encoder stage, as DiCo's (``decoder_widths``; tiny 96/192/384 x 2/4/2,
-# decoder 192/192/384); 6: + the PositionEmbedder (``position_frequencies``) in the presets; 7: the same function,
-# every block's t-dependent vectors from one ``BlockModulation`` instead of five linear maps per block.
+# The architecture version, saved in every config: a model of another version has other parts and weights, so loading
+# one is refused in a single line (``check_format``) instead of failing on a list of mismatched tensors.
 FORMAT_VERSION = 7
-# Versions 5 and 6 still load, as version 7 models computing the same function: a version-5 config (no
-# ``position_frequencies``, so 0) builds version 5's model, and ``upgrade_state_dict`` stacks the blocks' linear maps
-# into ``BlockModulation``'s.
-OLDEST_READABLE_VERSION = 5
-# A version-6 run resumes exactly: its optimizer state is upgraded as its weights are (``upgrade_optimizer_state``).
-# A version-5 run cannot: the presets it would continue with have position features, which it has not.
-OLDEST_RESUMABLE_VERSION = 6
 
 
-def check_format(config: dict, oldest: int = OLDEST_READABLE_VERSION) -> None:
-    """Refuses, in one line, a saved config of an architecture version this package cannot build (configs without
-    the field are 1); ``oldest=OLDEST_RESUMABLE_VERSION`` refuses the versions whose training cannot continue."""
+def check_format(config: dict) -> None:
+    """Refuses, in one line, a saved config of another architecture version than this package builds (a config
+    without the field is version 1)."""
     version = config.get("format_version", 1)
-    if not oldest <= version <= FORMAT_VERSION:
-        readable = OLDEST_READABLE_VERSION <= version <= FORMAT_VERSION
+    if version != FORMAT_VERSION:
         raise ValueError(
             f"this model was saved by LiquidDiffusion architecture version {version}, but this version of the "
-            f"package builds version {FORMAT_VERSION} (the format changed: the architecture was redesigned, see "
-            "BENCHMARKS.md section 3); "
-            + ("its model still samples and exports with this release, but its training cannot continue"
-               if readable else "retrain it, or load it with the package release that saved it")
+            f"package builds version {FORMAT_VERSION} (the format changed: the architecture was redesigned); "
+            "retrain it, or load it with the package release that saved it"
         )
-
-
-def _upgrade_on_load(module, state_dict, prefix, *args) -> None:
-    """``load_state_dict``'s pre-hook: upgrades version-5/6 weights (``upgrade_state_dict``)."""
-    upgrade_state_dict(state_dict, module.block_names(), module.modulation.kinds, prefix)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,14 +149,10 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
                         **{f"decoder.{i}": w for i, w in enumerate(decoder_widths)}}
         self.modulation = BlockModulation(embed_dim, [stage_widths[name.rsplit(".", 1)[0]]
                                                       for name in self.block_names()], liquid)
-        if position_frequencies < 0 or (position_frequencies and format_version < 6):
-            raise ValueError(f"position_frequencies must be 0 or positive (0 for a version-5 model), got "
-                             f"{position_frequencies} with format_version {format_version}")
+        if position_frequencies < 0:
+            raise ValueError(f"position_frequencies must be 0 or positive, got {position_frequencies}")
         # built last, so that every other weight draws the same random numbers as in a model without it
         self.position_embedder = PositionEmbedder(position_frequencies, widths[0]) if position_frequencies else None
-        # a version-5/6 config builds this version's model (the same function); its weights are upgraded on loading
-        self.register_to_config(format_version=FORMAT_VERSION)
-        self._register_load_state_dict_pre_hook(_upgrade_on_load, with_module=True)
         self.gradient_checkpointing = False  # switched by diffusers' enable/disable_gradient_checkpointing
 
     def make_block(self, channels: int, ff_mult: int, liquid: bool) -> nn.Module:
@@ -203,11 +176,6 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         stages = [f"encoder.{i}" for i in range(len(self.encoder))] + ["bottleneck"]
         stages += [f"decoder.{i}" for i in reversed(range(len(self.decoder)))]
         return [f"{stage}.{j}" for stage in stages for j in range(len(self.get_submodule(stage)))]
-
-    def _fix_state_dict_keys_on_load(self, state_dict) -> None:
-        """diffusers' hook in ``from_pretrained``: upgrades version-5/6 weights (``upgrade_state_dict``)."""
-        super()._fix_state_dict_keys_on_load(state_dict)
-        upgrade_state_dict(state_dict, self.block_names(), self.modulation.kinds)
 
     @classmethod
     def load_config(cls, *args, **kwargs):

@@ -20,7 +20,7 @@ from .checkpoints import CorruptCheckpointError, list_checkpoints, read_json
 from .config import TrainConfig
 from .errors import check_number
 from .metrics import TrainerCallback
-from .model import FORMAT_VERSION, OLDEST_RESUMABLE_VERSION
+from .model import FORMAT_VERSION
 from .trainer import Trainer
 
 COLOURS = np.array([(220, 40, 40), (40, 170, 60), (40, 70, 220), (240, 200, 30)], dtype=np.float32)
@@ -103,7 +103,7 @@ def set_aside_older_run(output_dir: str | Path) -> Path | None:
         version = read_json(checkpoints[-1] / "unet" / "config.json").get("format_version", 1)
     except CorruptCheckpointError:
         return None  # damaged checkpoints are the trainer's to report and skip
-    if OLDEST_RESUMABLE_VERSION <= version <= FORMAT_VERSION:
+    if version == FORMAT_VERSION:
         return None
     target, copy = output_dir.with_name(f"{output_dir.name}-version{version}"), 1
     while target.exists():

@@ -12,9 +12,6 @@ import pytest
 import torch
 
 from benchmarks import common, sampling, throughput
-from benchmarks.legacy_v6 import V6UNet
-from liquid_diffusion import PRESETS, LiquidDiffusionUNet
-from liquid_diffusion.upgrade import upgrade_state_dict
 
 
 @pytest.fixture(autouse=True)
@@ -118,64 +115,6 @@ def test_screened_block_variants_build_through_the_common_interface():
     assert {type(b).__module__ for b in package.net.encoder[0]} == {"liquid_diffusion.blocks"}
     with pytest.raises(ValueError, match="unknown variant 'nope'; valid: package, "):
         common.build_model("liquid-micro@nope", 4, 16)
-
-
-def test_sixth_round_variants_keep_their_ablation_and_their_parts_do_what_they_say():
-    from benchmarks import variants
-
-    def weights(name):
-        torch.manual_seed(0)
-        return common.build_model(f"liquid-micro@{name}", 4, 16).net.state_dict()
-
-    # the liquid GLU's ablation is version 5's ablation, weight for weight
-    ablation, package_ablation = weights("v5-cfcff-ablation"), weights("v5-ablation")
-    assert ablation.keys() == package_ablation.keys()
-    assert all(torch.equal(ablation[k], package_ablation[k]) for k in ablation)
-    # v5-pos, the variant of the 3(j) and 3(k) runs, is version 6 weight for weight, and v5 is version 6 without its
-    # position embedder; version 6's weights load into the package (version 7), which computes the same velocity:
-    # their numbers are the package's
-    for variant, renamed in (("v5-pos", {"stem.stem.": "stem.", "stem.position.": "position_embedder."}),
-                             ("v5-pos-ablation", {"stem.stem.": "stem.", "stem.position.": "position_embedder."}),
-                             ("v5", {}), ("v6", {})):
-        built = weights(variant)
-        for old, new in renamed.items():
-            built = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in built.items()}
-        torch.manual_seed(0)
-        extra = dict(position_frequencies=0) if variant == "v5" else {}
-        version_6 = V6UNet(**{**PRESETS["micro"], "in_channels": 4, "liquid": "ablation" not in variant, **extra})
-        assert built.keys() == version_6.state_dict().keys(), variant
-        assert all(torch.equal(built[k], version_6.state_dict()[k]) for k in built), variant
-        package = LiquidDiffusionUNet.from_preset("micro", in_channels=4, liquid="ablation" not in variant, **extra)
-        with torch.no_grad():
-            version_6.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in built.items()})
-            package.load_state_dict(version_6.state_dict())
-            x, t = torch.randn(2, 4, 16, 16), torch.rand(2)
-            torch.testing.assert_close(package(x, t).sample, version_6(x, t).sample, rtol=1e-5, atol=1e-6)
-    # v7-from-v6: the package (version 7) starting from version 6's initial weights for the seed, stacked
-    version_6, version_7 = weights("v6"), weights("v7-from-v6")
-    package = LiquidDiffusionUNet.from_preset("micro", in_channels=4)
-    upgrade_state_dict(version_6, package.block_names(), package.modulation.kinds)
-    assert version_6.keys() == version_7.keys() and all(torch.equal(version_6[k], version_7[k]) for k in version_7)
-    # the parallel scan is the recursion h_i = a_i h_(i-1) + (1 - a_i) v_i, run both ways
-    log_a = -torch.nn.functional.softplus(torch.randn(1, 2, 3, 12) * 2).clamp(min=-80 / 12)
-    v = torch.randn(1, 2, 3, 12)
-    forward, backward, h = torch.zeros_like(v), torch.zeros_like(v), torch.zeros_like(v[..., 0])
-    for i in range(12):
-        h = log_a[..., i].exp() * h + (1 - log_a[..., i].exp()) * v[..., i]
-        forward[..., i] = h
-    h = torch.zeros_like(v[..., 0])
-    for i in reversed(range(12)):
-        h = log_a[..., i].exp() * h + (1 - log_a[..., i].exp()) * v[..., i]
-        backward[..., i] = h
-    torch.testing.assert_close(variants.EdgeAwareScan.scan(log_a, v, 3), forward + backward, rtol=1e-4, atol=1e-5)
-    # position features: normalised coordinates, the same image-relative grid at any resolution; zero at init
-    stem = variants.PositionStem(torch.nn.Conv2d(4, 8, 3, padding=1))
-    small, large = stem.features(4, 4, torch.zeros(1)), stem.features(8, 8, torch.zeros(1))
-    assert small.shape == (1, 18, 4, 4) and small[0, :2].abs().max() < 1 and small[0, 0, :, 0].mean().abs() < 1e-6
-    torch.testing.assert_close(small[0, :2, 0, 0], torch.tensor([-0.75, -0.75]))
-    torch.testing.assert_close(large[0, :2, 0, 0], torch.tensor([-0.875, -0.875]))
-    x = torch.randn(2, 4, 8, 8)
-    assert torch.equal(stem(x), stem.stem(x))
 
 
 def test_op_count_counts_the_ops_that_launch_kernels_by_kind_and_not_views():

@@ -491,7 +491,7 @@ def test_a_block_starts_close_to_the_identity_and_its_ablation_exactly_at_it():
 
 def test_block_modulation_is_one_matmul_for_every_block_and_as_many_linear_maps_per_block():
     """Stacking every block's linear maps of t_emb into one: block i's slab holds its own rows, kind by kind, and a
-    network's forward runs one matmul for all of them (version 6 ran five per block)."""
+    network's forward runs one matmul for all of them."""
     torch.manual_seed(0)
     modulation = perturb_zero_init(BlockModulation(16, [4, 8, 4]), scale=0.3)
     t_emb = torch.randn(3, 16)
@@ -602,7 +602,7 @@ def test_position_features_are_fourier_features_of_the_pixel_centres_at_any_reso
     assert embedder.features(64, 64, torch.device("cpu")).abs().max() <= 1
 
 
-def test_a_new_model_starts_as_version_5_and_then_learns_where_it_is():
+def test_a_new_model_starts_as_one_without_position_features_and_then_learns_where_it_is():
     torch.manual_seed(0)
     with_position = LiquidDiffusionUNet.from_preset("micro")
     torch.manual_seed(0)
@@ -613,7 +613,7 @@ def test_a_new_model_starts_as_version_5_and_then_learns_where_it_is():
     assert set(extra) == {"position_embedder.proj.weight", "position_embedder.proj.bias"}
     assert all(torch.equal(with_position.state_dict()[k], v) for k, v in shared.items())  # same random draws
     assert all(not v.any() for v in extra.values())  # zero-initialised
-    # trained weights (the zero-initialised head would hide everything): still version 5's velocity, until the
+    # trained weights (the zero-initialised head would hide everything): still the velocity without them, until the
     # position embedder's own weights move
     with_position.load_state_dict(perturb_zero_init(without).state_dict(), strict=False)
     x, t = torch.randn(2, 4, 16, 16), torch.rand(2)
@@ -651,108 +651,31 @@ def test_weights_of_another_architecture_version_are_refused_in_one_line(old_for
         LiquidDiffusionUNet.from_preset("micro", format_version=FORMAT_VERSION + 1)
 
 
-def saved_by_version_6(in_channels=3, position_frequencies=4):
-    """A trained-looking model as version 6 built it (version 5: no position features); its blocks live on in
-    benchmarks/legacy_v6.py, checked there to be version 6's weight for weight."""
-    from benchmarks.legacy_v6 import V6UNet
-    torch.manual_seed(0)
-    return perturb_zero_init(V6UNet(**{**PRESETS["micro"], "in_channels": in_channels,
-                                       "position_frequencies": position_frequencies}))
+def test_under_bf16_autocast_the_blocks_modulation_stays_float32():
+    """``1 - alpha`` comes out of softplus in float32 under autocast, and so does the whole slab: the residual stream
+    it scales stays float32 (in bfloat16 the velocity's error grows)."""
+    modulation = perturb_zero_init(BlockModulation(16, [8, 4]), scale=0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        slabs = modulation(torch.randn(2, 16))
+    assert [s.dtype for s in slabs] == [torch.float32, torch.float32]
 
 
-@pytest.mark.parametrize("version", [5, 6])
-def test_version_5_and_6_models_load_as_version_7_with_the_same_weights_and_velocity(tmp_path, version):
-    """Version 7 computes version 6's function with every block's linear maps of t_emb stacked into one
-    ``BlockModulation`` (version 5 is version 6 without position features, and a version-5 config has no field for
-    them): their folders load, the same numbers in the new places, and sampling, export and the Hub keep working."""
-    folder = tmp_path / f"v{version}"
-    old = saved_by_version_6(position_frequencies=4 if version == 6 else 0)
-    old.save_pretrained(folder)
-    config = json.loads((folder / "config.json").read_text())
-    assert config["format_version"] == version
-    if version == 5:
-        del config["position_frequencies"]  # version 5 did not know the field
-        (folder / "config.json").write_text(json.dumps(config))
-
-    loaded = LiquidDiffusionUNet.from_pretrained(folder)
-    assert loaded.config.format_version == FORMAT_VERSION and (loaded.position_embedder is None) == (version == 5)
-    new, saved = loaded.state_dict(), old.state_dict()
-    assert all(torch.equal(new[k], saved[k]) for k in new if not k.startswith("modulation."))
-    # block decoder.1.0 (the 8th of micro's 10 to run, 64 channels after 6 x 32..128): its own rows, kind by kind
-    weight = loaded.modulation.linear.weight.view(8, -1, loaded.modulation.linear.in_features)
-    start = sum(loaded.modulation.widths[:7])
-    assert loaded.block_names()[7] == "decoder.1.0" and loaded.modulation.widths[7] == 64
-    block = old.decoder[1][0]
-    for kind, rows in zip(loaded.modulation.kinds, (*block.norm_mix.modulation.weight.chunk(2),
-                                                    *block.cfc.time_ab.weight.chunk(2), block.cfc.time_tau.weight,
-                                                    *block.norm_ff.modulation.weight.chunk(2), block.ff_gate.weight)):
-        assert torch.equal(weight[loaded.modulation.kinds.index(kind), start:start + 64], rows), kind
-    assert torch.equal(loaded.modulation.rho[start:start + 64], block.cfc.rho)
-    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x, t).sample, old(x, t).sample, rtol=1e-5, atol=1e-6)
-    # load_state_dict (export's and the trainer's path) upgrades as from_pretrained does
-    fresh = LiquidDiffusionUNet.from_preset("micro", in_channels=3,
-                                            position_frequencies=loaded.config.position_frequencies)
-    fresh.load_state_dict(saved)
-    assert fresh.state_dict().keys() == new.keys()
-    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in new.items())
-    with pytest.raises(ValueError, match="position_frequencies must be 0 .*version-5"):
-        LiquidDiffusionUNet.from_preset("micro", format_version=5)
-
-
-@pytest.mark.parametrize("overrides", [{}, dict(liquid=False), dict(num_classes=3, bottleneck_depth=1)])
-def test_version_6_parameter_order_is_known_so_its_optimizer_state_can_be_upgraded(overrides):
-    """A saved optimizer state names no parameters, only their positions: version 7 must know version 6's order."""
-    from benchmarks.legacy_v6 import V6UNet
-    from liquid_diffusion.upgrade import version_6_parameter_names
-
-    config = {**PRESETS["micro"], "in_channels": 3, **overrides}
-    names = [name for name, _ in V6UNet(**config).named_parameters()]
-    assert version_6_parameter_names(LiquidDiffusionUNet(**config)) == names
-
-
-def test_under_bf16_autocast_version_7_is_as_close_to_float32_as_version_6():
-    """Version 6 computed 1 - alpha in float32 (softplus autocasts to float32), which kept the residual stream it
-    scales in float32; version 7's slab keeps that, so mixed precision costs it no more accuracy than before."""
-    old = saved_by_version_6(in_channels=4)
-    new = LiquidDiffusionUNet.from_preset("micro")
-    new.load_state_dict(old.state_dict())
-    x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([0.02, 0.1, 0.5, 0.9])
-
-    def error(model):
-        with torch.no_grad():
-            reference = model(x, t).sample
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return ((model(x, t).sample.float() - reference).norm() / reference.norm()).item()
-
-    assert 0 < error(new) <= 1.05 * error(old)
-
-
-def test_version_7_trains_exactly_as_version_6_did():
-    """The stacking is a change of layout, not of model: from the same weights, the same batches and AdamW (with
-    weight decay, so the biases must be version 6's), both versions take the same steps."""
-    old = saved_by_version_6(in_channels=4)
-    new = LiquidDiffusionUNet.from_preset("micro")
-    new.load_state_dict(old.state_dict())
-    start = new.modulation.linear.weight.detach().clone()
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01) for m in (old, new)]
-    x0 = torch.randn(4, 4, 16, 16)
-    for step in range(3):
-        for model, optimizer in zip((old, new), optimizers):
-            optimizer.zero_grad(set_to_none=True)
-            flow.flow_matching_loss(model, x0, generator=torch.Generator().manual_seed(step)).backward()
-            optimizer.step()
-    upgraded = LiquidDiffusionUNet.from_preset("micro")
-    upgraded.load_state_dict(old.state_dict())
-    for (name, a), b in zip(new.state_dict().items(), upgraded.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    assert not torch.equal(new.modulation.linear.weight, start)  # the steps moved the stacked maps
+def test_a_model_of_the_previous_architecture_version_is_refused_in_one_line_that_says_what_to_do(tmp_path):
+    """A saved version-6 model (the same parts, with every block's linear maps of t_emb kept apart) is not read."""
+    folder = tmp_path / "v6"
+    model = LiquidDiffusionUNet.from_preset("micro", in_channels=3)
+    model.register_to_config(format_version=FORMAT_VERSION - 1)
+    model.save_pretrained(folder)
+    with pytest.raises(ValueError, match=f"architecture version {FORMAT_VERSION - 1}.*format changed.*retrain it, or "
+                                         "load it with the package release that saved it") as error:
+        LiquidDiffusionUNet.from_pretrained(folder)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=f"architecture version {FORMAT_VERSION - 1}"):
+        LiquidDiffusionUNet.from_preset("micro", format_version=FORMAT_VERSION - 1)
 
 
 def test_version_4_weights_are_refused_in_one_line(tmp_path):
-    """Version 4's decoder was as wide as its encoder: its full-resolution stage does not fit version 5's."""
+    """Version 4's decoder was as wide as its encoder: its full-resolution stage does not fit today's."""
     folder = tmp_path / "v4"
     model = LiquidDiffusionUNet.from_preset("micro", in_channels=3, depths=(2, 2, 2), decoder_widths=(32, 64, 128))
     model.register_to_config(format_version=4)

@@ -22,7 +22,6 @@ from liquid_diffusion.config import TrainConfig, resolve_mixed_precision
 from liquid_diffusion.metrics import TrainerCallback
 from liquid_diffusion.export import export_checkpoint, pipeline_from_folder
 from liquid_diffusion.model import FORMAT_VERSION, LiquidDiffusionUNet
-from liquid_diffusion.upgrade import upgrade_state_dict
 from liquid_diffusion.stopping import NonFiniteLossError
 from liquid_diffusion.trainer import Trainer
 
@@ -228,76 +227,24 @@ def test_resuming_a_checkpoint_of_another_architecture_version_is_one_line(train
     assert "\n" not in str(error.value)
 
 
-def _train_as_version_6(monkeypatch, config: TrainConfig) -> None:
-    """Runs the trainer with version 6's model (benchmarks/legacy_v6.py keeps it, weight for weight): what a run
-    started before version 7 saved."""
-    from benchmarks.legacy_v6 import V6UNet
-
-    def build(trainer):
-        trainer.vae = None
-        return V6UNet.from_config(LiquidDiffusionUNet.from_preset(config.preset, in_channels=3).config).to(
-            memory_format=torch.channels_last)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "_build_model", build)
-        Trainer(config).train()
-
-
-def test_a_version_6_run_resumes_as_version_7_exactly(train_folder, tmp_path, monkeypatch):
-    """Version 7 is version 6's model in another layout: a run version 6 started continues under version 7, its
-    weights, EMA and AdamW moments stacked as BlockModulation stacks them, and takes the steps version 6 would have."""
-    _train_as_version_6(monkeypatch, pixel_config(train_folder, tmp_path / "straight", steps=4))
-    split = pixel_config(train_folder, tmp_path / "split", steps=2)
-    _train_as_version_6(monkeypatch, split)
-    assert json.loads((tmp_path / "split" / "checkpoint-000002" / "unet" / "config.json").read_text())[
-        "format_version"] == 6
-    split.steps, split.resume = 4, "latest"
-    Trainer(split).train()  # version 7
-
-    done = tmp_path / "split" / "checkpoint-000004"
-    assert json.loads((done / "unet" / "config.json").read_text())["format_version"] == FORMAT_VERSION
-    model = LiquidDiffusionUNet.from_preset("micro", in_channels=3)
-    for name in ("unet", "unet_ema"):
-        expected = weights(tmp_path / "straight" / "checkpoint-000004" / name)
-        upgrade_state_dict(expected, model.block_names(), model.modulation.kinds)
-        got = weights(done / name)
-        assert expected.keys() == got.keys()
-        for key in got:
-            torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=f"{name}.{key}")
-    state = torch.load(done / "training_state.pt", weights_only=True)
-    assert len(state["optimizer"]["param_groups"][0]["params"]) == len(list(model.parameters()))
-
-
-def test_a_version_5_run_cannot_be_resumed_but_its_checkpoint_still_samples_and_exports(train_folder, tmp_path):
-    """Version 7 reads version 5's models (version 6's without position features; their linear maps of t_emb are
-    stacked on loading) but cannot train them on: the presets it would continue with have position features."""
-    from benchmarks.legacy_v6 import V6UNet
-
-    Trainer(pixel_config(train_folder, tmp_path, steps=1, preset="micro")).train()
+def test_a_run_of_the_previous_architecture_version_is_refused_in_one_line_by_resume_sample_and_export(
+        train_folder, tmp_path):
+    """A version-6 run (the same parts, with every block's linear maps of t_emb kept apart) neither resumes nor
+    samples nor exports: each says so in one line, naming what to do."""
+    Trainer(pixel_config(train_folder, tmp_path, steps=1)).train()
     checkpoint = tmp_path / "checkpoint-000001"
-    config = json.loads((checkpoint / "unet" / "config.json").read_text())
-    torch.manual_seed(0)
-    old = V6UNet.from_config({**config, "position_frequencies": 0})
-    for folder in ("unet", "unet_ema"):  # what version 5 saved: no position embedder, no field for it
-        old.save_pretrained(checkpoint / folder)
-        saved = json.loads((checkpoint / folder / "config.json").read_text())
-        del saved["position_frequencies"]
-        (checkpoint / folder / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match="cannot resume .*version 5.*still samples and exports.*another "
+    for folder in ("unet", "unet_ema"):
+        config = json.loads((checkpoint / folder / "config.json").read_text())
+        (checkpoint / folder / "config.json").write_text(json.dumps({**config, "format_version": FORMAT_VERSION - 1}))
+    with pytest.raises(ValueError, match=f"cannot resume .*version {FORMAT_VERSION - 1}.*retrain it.*another "
                                          "--output-dir") as error:
         Trainer(pixel_config(train_folder, tmp_path, steps=2, resume="latest")).train()
     assert "\n" not in str(error.value)
-    unet = LiquidDiffusionUNet.from_pretrained(checkpoint / "unet_ema")
-    assert unet.config.format_version == FORMAT_VERSION and unet.position_embedder is None
-    x, t = torch.randn(2, 3, RES, RES), torch.rand(2)
-    with torch.no_grad():
-        torch.testing.assert_close(unet(x, t).sample, old(x, t).sample, rtol=1e-5, atol=1e-6)
-    pipe = pipeline_from_folder(checkpoint)  # the path of `sample` and `export`
-    images = pipe(batch_size=1, num_inference_steps=2, output_type="pt").images
-    assert images.shape == (1, 3, RES, RES) and torch.isfinite(images).all()
-    export_checkpoint(checkpoint, tmp_path / "export")
-    exported = LiquidDiffusionUNet.from_pretrained(tmp_path / "export" / "unet")
-    assert exported.config.format_version == FORMAT_VERSION and "modulation.linear.weight" in exported.state_dict()
+    for read in (pipeline_from_folder, lambda folder: export_checkpoint(folder, tmp_path / "export")):
+        with pytest.raises(ValueError, match=f"version {FORMAT_VERSION - 1}.*release that saved it") as error:
+            read(checkpoint)  # the path of `sample` and `export`
+        assert "\n" not in str(error.value)
+    assert not (tmp_path / "export").exists()
 
 
 def test_resume_with_another_batch_size_continues_at_the_same_number_of_images(train_folder, tmp_path, capsys):
