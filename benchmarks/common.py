@@ -4,8 +4,7 @@ Every model is wrapped in ``VelocityModel`` so that all of them are called the s
 t in [0, 1] (t = 0 data, t = 1 noise, the package's convention) and a plain tensor out:
 
 * ``liquid-<preset>``  -- ``LiquidDiffusionUNet.from_preset(preset)``; ``liquid-<preset>-ablation`` is the same with
-  ``liquid=False`` (ParallelCfC replaced by a plain adaLN-Zero-gated 1x1 projection, ``GatedProjection``);
-  ``liquid-<preset>@<variant>`` is a block design of ``variants.py`` (e.g. ``liquid-tiny@seed``, the seed's block).
+  ``liquid=False`` (ParallelCfC replaced by a plain adaLN-Zero-gated 1x1 projection, ``GatedProjection``).
 * ``dit-s2`` / ``dit-b2`` -- diffusers ``DiTTransformer2DModel``: DiT-S/2 (hidden 384, depth 12, 6 heads, patch 2)
   and DiT-B/2 (768, 12, 12, 2). DiT is class-conditional; we build it with a single class
   (``num_embeds_ada_norm=1``) and pass ``class_labels`` of zeros. Its timestep embedding expects the 0..1000 scale,
@@ -107,11 +106,6 @@ def build_model(name: str, in_channels: int = 4, sample_size: int = 32, **overri
     ``overrides`` go to the underlying constructor (e.g. ``widths=...`` for a reduced liquid model, or
     ``hidden``/``depth``/``heads``/``patch`` for a DiT, ``block_out_channels`` for the UNet2DModel).
     """
-    if name.startswith("liquid-") and "@" in name:  # liquid-<preset>@<variant>: a design of benchmarks/variants.py
-        from benchmarks import variants  # imported here: variants builds on this module
-
-        preset, variant = name[len("liquid-") :].split("@", 1)
-        return variants.build(variant, preset, in_channels)
     if name.startswith("liquid-"):
         preset = name[len("liquid-") :]
         liquid = not preset.endswith("-ablation")
@@ -145,12 +139,7 @@ def build_model(name: str, in_channels: int = 4, sample_size: int = 32, **overri
 def is_model_name(name: str) -> bool:
     """Whether ``build_model`` knows ``name`` (checked before a long run starts, not after its first hour)."""
     if name.startswith("liquid-"):
-        from benchmarks import variants  # imported here: variants builds on this module
-
-        preset, _, variant = name[len("liquid-") :].partition("@")
-        if variant:
-            return preset in PRESETS and variant in variants.VARIANTS
-        return preset.removesuffix("-ablation") in PRESETS
+        return name[len("liquid-") :].removesuffix("-ablation") in PRESETS
     return name in DIT_CONFIGS or name == "unet2d"
 
 

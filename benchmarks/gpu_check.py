@@ -27,10 +27,9 @@ measured; once ``--budget-s`` seconds have passed the remaining sections are ski
   4x32x32 and 4x64x64, batch 8 and the largest batch that fits a T4-sized budget, bf16 and bf16 + compile, the
   models of one setting timed in interleaved rounds in this one process (``common.interleaved``). Settings run in
   priority order (the issue's target, 4x32x32 batch 8 with compile, first), so a short budget cuts the least useful.
-* **profile**      -- ``torch.profiler`` over a few eager steps of tiny, version 6's tiny (the same function, five
-  linear maps of t_emb per block), DiT-S/2 and UNet2DModel at 4x32x32, batch 8, after the first speed setting: wall
-  and kernel ms per step (how busy the GPU is: at small batch the host's launches may be the limit), kernels launched
-  per step, and the ops whose kernels take the most time.
+* **profile**      -- ``torch.profiler`` over a few eager steps of tiny, DiT-S/2 and UNet2DModel at 4x32x32,
+  batch 8, after the first speed setting: wall and kernel ms per step (how busy the GPU is: at small batch the host's
+  launches may be the limit), kernels launched per step, and the ops whose kernels take the most time.
 * **mfu**          -- achieved TFLOP/s (``torch.utils.flop_counter`` FLOPs of forward + backward x images/s) over
   the card's dense bf16 peak, for every speed row.
 * **tests**        -- the pytest files whose code runs on CUDA when a GPU is present (the Trainer takes the
@@ -76,15 +75,12 @@ class Plan:
     cli_jobs: int = 6  # CLI chains run concurrently (correctness only: their speed is not reported)
     cli_timeout_s: float = 300.0
     memory_presets: tuple[str, ...] = ("tiny", "small", "base")
-    # liquid-tiny@v6: architecture version 6, the package's function with five linear maps of t_emb per block (what
-    # version 7's BlockModulation saves per step; versions 3-6 were measured in BENCHMARKS.md section 4)
-    models: tuple[str, ...] = ("liquid-tiny", "liquid-tiny@v6", "liquid-small", "liquid-base", "dit-s2", "dit-b2",
-                               "unet2d")
+    models: tuple[str, ...] = ("liquid-tiny", "liquid-small", "liquid-base", "dit-s2", "dit-b2", "unet2d")
     model_overrides: dict | None = None  # name -> common.build_model keyword overrides (the dry run's small peers)
     # (latent size, batch kind, models also compiled), in run order. Batch kind "8": ``batch``; "max": the largest
     # batch under ``mem_budget_mib``, per model; "8+": ``batch``, compiled models only (no eager rows)
     speed_settings: tuple = (
-        (32, "8", ("liquid-tiny", "dit-s2", "unet2d", "liquid-tiny@v6")),
+        (32, "8", ("liquid-tiny", "dit-s2", "unet2d")),
         (32, "max", ()),
         (64, "8", ("liquid-tiny", "dit-s2")),
         (64, "max", ()),
@@ -99,7 +95,7 @@ class Plan:
     mem_budget_mib: float = 14.0 * 1024  # T4: 15 GiB on the card, ~1 GiB for the CUDA context and allocator slack
     max_batch_cap: int = 1024
     sample_models: tuple[str, ...] = ("liquid-tiny", "liquid-small", "liquid-base", "dit-s2", "dit-b2", "unet2d")
-    profile_models: tuple[str, ...] = ("liquid-tiny", "liquid-tiny@v6", "dit-s2", "unet2d")
+    profile_models: tuple[str, ...] = ("liquid-tiny", "dit-s2", "unet2d")
     profile_latent: int = 32
     profile_top: int = 8  # ops listed per model
     num_samples: int = 16
@@ -238,7 +234,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch CPU threads (the dry run uses 1 unless told)")
     p.add_argument("--models", nargs="+", metavar="NAME",
-                   help="time and sample only these models (common.build_model names, e.g. liquid-tiny@v6; "
+                   help="time and sample only these models (common.build_model names, e.g. liquid-tiny-ablation; "
                         "the first is the one the targets judge); default: the plan's")
     p.add_argument("--compile-models", nargs="*", metavar="NAME",
                    help="the models the first speed setting also compiles (default: the plan's, kept to --models)")

@@ -6,7 +6,7 @@ matmul nor a convolution move whole feature maps through memory for little arith
 ``TorchDispatchMode`` (the ops are the same on every device; compilation fuses some of them), one step on a batch of
 random latents after a warm-up step, the optimizer not included::
 
-    python -m benchmarks.op_count --models liquid-tiny liquid-tiny@v6 liquid-tiny-ablation dit-s2 unet2d
+    python -m benchmarks.op_count --models liquid-tiny liquid-tiny-ablation dit-s2 unet2d
     python -m benchmarks.op_count --quick      # micro and a one-layer DiT, seconds
 
 Kinds: ``matmul/conv`` (``mm``, ``addmm``, ``bmm``, convolutions and attention: the compute-bound ops), ``norm``

@@ -163,10 +163,10 @@ class SpatialMix(nn.Module):
 TAU_MIN, TAU_INIT = 0.05, 0.5
 
 
-def liquid_relaxation(rho: torch.Tensor, tau_logit: torch.Tensor, tau_min: float = TAU_MIN) -> torch.Tensor:
+def liquid_relaxation(rho: torch.Tensor, tau_logit: torch.Tensor) -> torch.Tensor:
     """The liquid relaxation factor ``alpha = exp(-lambda * tau)`` with ``lambda = softplus(rho) >= 0`` (learned per
-    channel) and the time scale ``tau = tau_min + softplus(tau_logit) > 0`` (``tau_logit`` a linear map of t_emb)."""
-    return torch.exp(-F.softplus(rho) * (tau_min + F.softplus(tau_logit)))
+    channel) and the time scale ``tau = TAU_MIN + softplus(tau_logit) > 0`` (``tau_logit`` a linear map of t_emb)."""
+    return torch.exp(-F.softplus(rho) * (TAU_MIN + F.softplus(tau_logit)))
 
 
 class ParallelCfC(nn.Module):

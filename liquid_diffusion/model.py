@@ -133,7 +133,7 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1)
 
         def stage(width: int, depth: int) -> nn.ModuleList:
-            return nn.ModuleList(self.make_block(width, ff_mult, liquid) for _ in range(depth))
+            return nn.ModuleList(LiquidDiffusionBlock(width, ff_mult, liquid) for _ in range(depth))
 
         self.encoder = nn.ModuleList(stage(w, d) for w, d in zip(widths, depths))
         self.downsamples = nn.ModuleList(Downsample(a, b) for a, b in zip(widths[:-1], widths[1:]))
@@ -155,10 +155,6 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         self.position_embedder = PositionEmbedder(position_frequencies, widths[0]) if position_frequencies else None
         self.gradient_checkpointing = False  # switched by diffusers' enable/disable_gradient_checkpointing
 
-    def make_block(self, channels: int, ff_mult: int, liquid: bool) -> nn.Module:
-        """One block of the U-Net (``benchmarks/`` builds earlier versions' blocks into this skeleton)."""
-        return LiquidDiffusionBlock(channels, ff_mult, liquid)
-
     def run_block(self, block: nn.Module, x: torch.Tensor, block_input: torch.Tensor) -> torch.Tensor:
         """``block(x, block_input)``; under gradient checkpointing, while gradients are recorded, the block keeps only
         its inputs for the backward pass and recomputes its activations there (same gradients, less memory, one more
@@ -166,10 +162,6 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return self._gradient_checkpointing_func(block, x, block_input)
         return block(x, block_input)
-
-    def block_inputs(self, t_emb: torch.Tensor):
-        """What each block takes besides x, in the order the blocks run: its slab of ``BlockModulation``."""
-        return iter(self.modulation(t_emb))
 
     def block_names(self) -> list[str]:
         """The blocks' module names in the order they run (encoder, bottleneck, decoder deepest first)."""
@@ -260,7 +252,7 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         x = self.stem(sample)
         if self.position_embedder is not None:
             x = x + self.position_embedder(sample)
-        block_inputs, skips = self.block_inputs(t_emb), []
+        block_inputs, skips = iter(self.modulation(t_emb)), []  # each block's slab, in the order the blocks run
         for i, blocks in enumerate(self.encoder):
             if i > 0:
                 x = self.downsamples[i - 1](x)

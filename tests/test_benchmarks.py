@@ -94,29 +94,6 @@ def test_synthetic_data_is_deterministic_and_in_range():
     assert a.min() >= -1 and a.max() <= 1 and not torch.equal(a, common.make_shapes(4, seed=4))
 
 
-def test_screened_block_variants_build_through_the_common_interface():
-    x, t = torch.randn(2, 4, 16, 16), torch.tensor([0.05, 0.9])
-    for name in ("liquid-micro@seed", "liquid-micro@conv-k5-h2", "liquid-micro@v2-gated", "liquid-micro@v2-inskip",
-                 "liquid-micro@v3-cfchead", "liquid-micro@v3-hires", "liquid-micro@v3-strip", "liquid-micro@dico",
-                 "liquid-micro@v4-wide", "liquid-micro@v4-skipcfc", "liquid-micro@v4-ff4", "liquid-micro@v4-xavier",
-                 "liquid-micro@v4-dec2x-d2-e2", "liquid-micro@v5-cfcff", "liquid-micro@v5-ff4",
-                 "liquid-micro@v5-skipcfc", "liquid-micro@v5-pos", "liquid-micro@v5-pos-cfcff", "liquid-micro@v5-scan"):
-        assert common.build_model(name, 4, 16)(x, t).shape == x.shape
-    # "v4" is architecture version 4: the package's skeleton with a decoder as wide as its encoder
-    assert common.build_model("liquid-micro@v4", 4, 16).net.decoder_widths == (32, 64, 128)
-    assert common.build_model("liquid-micro", 4, 16).net.decoder_widths == (64, 64, 128)
-    # "package" is the package's model; "seed" rebuilds the format-1 stem and head around the same blocks
-    package, seed = common.build_model("liquid-micro@package", 4, 16), common.build_model("liquid-micro@seed", 4, 16)
-    assert common.count_params(package) == common.count_params(common.build_model("liquid-micro", 4, 16))
-    assert isinstance(seed.net.stem, torch.nn.Sequential) and isinstance(package.net.stem, torch.nn.Conv2d)
-    # "v3" is architecture version 3 (its blocks live in benchmarks/legacy_blocks.py), the package's are version 4's
-    v3 = common.build_model("liquid-micro@v3", 4, 16)
-    assert {type(b).__module__ for b in v3.net.encoder[0]} == {"benchmarks.legacy_blocks"}
-    assert {type(b).__module__ for b in package.net.encoder[0]} == {"liquid_diffusion.blocks"}
-    with pytest.raises(ValueError, match="unknown variant 'nope'; valid: package, "):
-        common.build_model("liquid-micro@nope", 4, 16)
-
-
 def test_op_count_counts_the_ops_that_launch_kernels_by_kind_and_not_views():
     from benchmarks import op_count
 
