@@ -59,8 +59,8 @@ class PositionEmbedder(nn.Module):
         p = [y, x, sin(pi 2^k y), cos(pi 2^k y), sin(pi 2^k x), cos(pi 2^k x)  for k < frequencies]
 
     and ``W`` is a zero-initialised 1x1 conv, so a new model starts as one without it. A convolution learns where
-    it is only from its zero padding, a few pixels from the border; DiT's fixed sincos embedding tells every token.
-    Trained, it lowered the held-out loss at every budget and seed measured (BENCHMARKS.md section 3(k)).
+    it is only from its zero padding, a few pixels from the border; DiT's fixed sincos embedding tells every token
+    (docs/design.md: position features).
 
     Args:
         frequencies: number of octaves k (2 + 4 * frequencies features).
@@ -99,10 +99,9 @@ class AdaLN(nn.Module):
 
     Per position, not per image: a GroupNorm's statistics come from the whole feature map, so on nearly clean inputs
     the little noise a position carries stays tiny next to the image; a per-position norm brings it to unit scale,
-    where the network can find it (micro on Twemoji: held-out loss 0.390 against 0.416 with GroupNorm, t = 0.05
-    0.710 against 0.779; BENCHMARKS.md). The modulation is zero-initialised (as DiT's adaLN-Zero), so at
-    initialisation this is a plain affine-free normalisation. The head owns one; the blocks get their ``1 + scale``
-    and ``shift`` from ``BlockModulation`` and apply ``modulate_channels``.
+    where the network can find it (docs/design.md: the per-position norm). The modulation is zero-initialised (as
+    DiT's adaLN-Zero), so at initialisation this is a plain affine-free normalisation. The head owns one; the blocks
+    get their ``1 + scale`` and ``shift`` from ``BlockModulation`` and apply ``modulate_channels``.
 
     Args:
         channels: feature channels C.
@@ -139,8 +138,8 @@ class SpatialMix(nn.Module):
         u = u * sigmoid(W_c mean_hw(u))          # compact channel attention: a global, content-dependent gate
 
     Local reach comes from the depthwise k x k kernel and the U-Net's resolutions, global context from the gate (no
-    softmax over positions anywhere). Light on purpose: the U-Net stacks many of these blocks (BENCHMARKS.md 3(h):
-    many light blocks trained better at equal steps than a few heavy ones).
+    softmax over positions anywhere). Light on purpose: the U-Net stacks many of these blocks (docs/design.md: many
+    light blocks).
 
     Args:
         channels: feature channels C.
@@ -159,7 +158,7 @@ class SpatialMix(nn.Module):
 
 
 # The liquid relaxation's time scale: tau >= TAU_MIN keeps alpha < 1 whenever lambda > 0; tau starts at TAU_INIT
-# for every t (alpha = exp(-0.5) ~ 0.61: 39 % of the cell's update goes in at initialisation).
+# for every t (with lambda = 1, alpha = exp(-TAU_INIT): a part of the cell's update goes in from the first step).
 TAU_MIN, TAU_INIT = 0.05, 0.5
 
 
@@ -180,8 +179,8 @@ class ParallelCfC(nn.Module):
         y     = alpha * x + (1 - alpha) * (x + out)                # time-aware residual (= x + (1 - alpha) * out)
 
     The relaxation's input is the residual stream x and its target ``x + out``, so the stream is never shrunk: the
-    relaxation sets, per channel and per t, how much of the cell's update goes in (version 3 relaxed towards ``out``
-    itself, which replaced part of the stream in every block). ``tau`` is deliberately *not* the flow time t: with
+    relaxation sets, per channel and per t, how much of the cell's update goes in (relaxing towards ``out`` itself
+    would replace part of the stream in every block). ``tau`` is deliberately *not* the flow time t: with
     tau = t, alpha -> 1 as t -> 0 and the cell would switch itself off on nearly clean inputs, exactly where fine
     detail is decided. Here tau is a learned, positive function of ``t_emb``.
 
@@ -250,7 +249,7 @@ class FeedForward(nn.Module):
 
 
 class LiquidDiffusionBlock(nn.Module):
-    """One liquid block (since architecture version 4)::
+    """One liquid block::
 
         u = SpatialMix(LN_c(x) * (1 + scale_mix) + shift_mix)      # AdaLN; pointwise, depthwise 3x3, channel gate
         x = ParallelCfC(x, u; time_a, time_b, alpha)              # CfC gating + liquid relaxation: x + (1-alpha) out
@@ -290,14 +289,14 @@ class BlockModulation(nn.Module):
 
     and for the ``liquid=False`` ablation ``[1 + scale_mix, shift_mix, gate, 1 + scale_ff, shift_ff, gate_ff]``.
 
-    The same function as a linear map per vector per block (DiT's adaLN modulation, which version 6 had, five maps
-    per block): stacking the maps of all blocks into one ``W`` gives the same numbers from one kernel instead of
-    five per block (80 in tiny), and the elementwise tails (``1 + scale``, the relaxation) run once instead of once
-    per block. At small batch a GPU step costs per kernel launched, not per FLOP (BENCHMARKS.md section 4).
-    Initialised as version 6:
-    zero weights; biases ``time_a = 1`` (the gate starts as ``sigmoid(f(u))``), ``tau = TAU_INIT`` for every t,
-    every other vector 0 (adaLN-Zero: the feed-forward branch and the ablation's projection start switched off);
-    ``lambda = 1``.
+    The same function as a linear map per vector per block (DiT's adaLN modulation): stacking the maps of all blocks
+    into one ``W`` gives the same numbers from one kernel instead of five per block, and the elementwise tails
+    (``1 + scale``, the relaxation) run once instead of once per block. At small batch a GPU step costs per kernel
+    launched, not per FLOP (docs/design.md: one modulation for every block).
+
+    Initialised with zero weights; biases ``time_a = 1`` (the gate starts as ``sigmoid(f(u))``), ``tau = TAU_INIT``
+    for every t, every other vector 0 (adaLN-Zero: the feed-forward branch and the ablation's projection start
+    switched off); ``lambda = 1``.
 
     Args:
         embed_dim: width of ``t_emb``.
@@ -319,7 +318,8 @@ class BlockModulation(nn.Module):
         with torch.no_grad():
             self.linear.bias.copy_(torch.tensor([initial.get(k, 0.0) for k in self.kinds]).repeat_interleave(total))
         self.rho = nn.Parameter(torch.full((total,), math.log(math.e - 1))) if liquid else None  # softplus(rho) = 1
-        # 1 at the scales: the blocks get 1 + scale (a buffer, not a bias, so weight decay sees version 6's biases)
+        # 1 at the scales: the blocks get 1 + scale (a buffer, not a bias: weight decay pulls the scales towards 0,
+        # i.e. the gains towards 1)
         offset = torch.tensor([float(k.startswith("scale")) for k in self.kinds])[:, None]
         self.register_buffer("offset", offset, persistent=False)
 
@@ -330,8 +330,8 @@ class BlockModulation(nn.Module):
         if self.rho is not None:
             i = self.kinds.index("tau")
             update = 1 - liquid_relaxation(self.rho, m[:, i])
-            # under autocast 1 - alpha is float32 (softplus runs in float32), as in version 6, and so is the slab:
-            # the residual stream it scales then stays float32 (in bfloat16 the velocity's error grew by a third)
+            # under autocast 1 - alpha is float32 (softplus runs in float32), and so is the slab: the residual stream
+            # it scales then stays float32 (a bfloat16 slab makes the velocity's error larger; docs/design.md)
             m = torch.cat([m[:, :i], update[:, None], m[:, i + 1:]], dim=1)
         return m.split(self.widths, dim=2)
 
@@ -377,8 +377,8 @@ class OutputHead(nn.Module):
     """DiT's final layer on a feature map: ``v = conv3x3(AdaLN(x, t_emb))``, the conv zero-initialised.
 
     The velocity's scale depends on t (``v = (x_t - x0) / t``), and the norm erases the scale of the features it
-    normalises: the head must get it back from ``t_emb``. Version 1's un-modulated ``GroupNorm -> SiLU -> conv``
-    head trained far slower (held-out loss after 150 steps 0.672 against 0.485; BENCHMARKS.md).
+    normalises: the head must get it back from ``t_emb`` (an un-modulated ``GroupNorm -> SiLU -> conv`` head
+    cannot; docs/design.md: the t-modulated head).
 
     Args:
         channels: feature channels C.
@@ -407,7 +407,7 @@ class FilterSkip(nn.Module):
     filter whose kernel moves with t inside the span of the K_k. On nearly clean inputs the velocity is mostly a
     high-pass of x_t with gain 1/t (``v = (x_t - x0) / t``, the part of x_t that is noise), which the best linear
     (Wiener) filter gets without carrying small differences through the U-Net's norms; the U-Net adds the nonlinear
-    rest. Held-out loss at t = 0.05 fell from 0.710 to 0.644 on micro (BENCHMARKS.md section 3(f)).
+    rest (docs/design.md: the filter skip).
 
     Args:
         in_channels: channels of x_t.

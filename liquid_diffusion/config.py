@@ -22,7 +22,7 @@ from .sources import DEFAULT_DATASET
 from .tracking import trackers
 
 LR_SCHEDULES = ("constant", "cosine", "linear", "rsqrt")
-# --batch-size auto: the batch on a CPU, and the batch at which --lr is given (the recipe study's, BENCHMARKS.md)
+# --batch-size auto: the batch on a CPU, and the batch at which --lr is given (docs/design.md: the training recipe)
 CPU_BATCH_SIZE = 8
 REFERENCE_BATCH_SIZE = 8
 

@@ -24,8 +24,8 @@ CUDA_CONTEXT_BYTES = 0.5 * 2**30
 TRAINING_BYTES_PER_PARAMETER = 22
 SD_VAE_PARAMETERS = 83.7e6
 SD_VAE_LATENT_CHANNELS = 4
-# The VAE encoder's peak working set, in copies of its first 128-channel full-resolution feature map: measured on an
-# H200 at 256 px, batch 8 (BENCHMARKS.md section 4), 6.0 in fp32 and 5.9 in bf16.
+# The VAE encoder's peak working set, in copies of its first 128-channel full-resolution feature map (a measured
+# bound, rounded up; docs/design.md: the memory estimate).
 VAE_ENCODE_FEATURE_COPIES = 6
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 

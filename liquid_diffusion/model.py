@@ -81,8 +81,8 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         depths: blocks per encoder stage (the decoder mirrors them).
         decoder_widths: channel width per decoder stage. By default ``widths`` with the first doubled: the
             full-resolution decoder stage is twice as wide as its encoder stage (as DiCo's), because that is where
-            the last details of a nearly clean image are decided (BENCHMARKS.md section 3(i)). Pass ``widths``
-            itself for version 4's symmetric decoder.
+            the last details of a nearly clean image are decided (docs/design.md: the wide full-resolution decoder
+            stage). Pass ``widths`` itself for a decoder as wide as the encoder.
         bottleneck_depth: extra blocks at the lowest resolution, between the encoder and the decoder.
         ff_mult: FeedForward expansion.
         time_embed_dim: width of ``t_emb`` (defaults to ``4 * widths[0]``).
@@ -92,7 +92,7 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
             unconditional, with no label embedding at all.
         class_names: the K label names, in id order (stored in the config so sampling can ask for names).
         position_frequencies: octaves of the ``PositionEmbedder`` added to the stem (the presets use 4); 0 leaves
-            it out, which is version 5's model.
+            it out.
         format_version: the architecture version (``FORMAT_VERSION``), saved in the config so that loading weights
             of another version fails in one line instead of with a list of mismatched tensors.
     """
@@ -345,15 +345,14 @@ def resolve_class_labels(labels, class_names: list[str], num_classes: int) -> to
 
 
 PRESETS: dict[str, dict] = {
-    # DiCo's shape: many light blocks, most of them at the two higher resolutions (BENCHMARKS.md 3(h)), a
-    # full-resolution decoder stage twice as wide as its encoder stage (3(i)), and position features (3(k)). micro:
-    # tests and CPU demos; tiny: a T4 at 256 px, batch 8
+    # DiCo's shape: many light blocks, most of them at the two higher resolutions, a full-resolution decoder stage
+    # twice as wide as its encoder stage, and position features (docs/design.md). micro: tests and CPU demos; tiny:
+    # a T4 at 256 px, batch 8
     "micro": dict(widths=(32, 64, 128), depths=(1, 2, 2), decoder_widths=(64, 64, 128), position_frequencies=4),
     "tiny": dict(widths=(96, 192, 384), depths=(2, 4, 2), decoder_widths=(192, 192, 384), position_frequencies=4),
     "small": dict(widths=(128, 256, 512), depths=(3, 6, 4), decoder_widths=(256, 256, 512), position_frequencies=4),
     "base": dict(widths=(192, 384, 768), depths=(4, 8, 3), decoder_widths=(384, 384, 768), position_frequencies=4),
 }
 """Named sizes: encoder widths and depths per stage, decoder widths (the decoder mirrors the depths; no separate
-bottleneck). tiny, small and base keep the card's ~23M / ~69M / ~154M parameters in a deeper shape of lighter blocks
-with a wide full-resolution decoder stage, which trained better at equal steps than the card's shapes did
-(BENCHMARKS.md section 3)."""
+bottleneck). tiny, small and base have ~23M / ~69M / ~154M parameters in a deep shape of light blocks with a wide
+full-resolution decoder stage (docs/design.md: many light blocks)."""

@@ -184,8 +184,8 @@ class Trainer:
         model = LiquidDiffusionUNet.from_preset(config.preset, in_channels=in_channels, **self._class_config())
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        # channels_last on every device: the per-position LayerNorm and the depthwise convs want channels last, and on
-        # the CPU version 4's tiny trains ~20 % faster so (BENCHMARKS.md 3(h))
+        # channels_last on every device: the per-position LayerNorm and the depthwise convs want channels last (a
+        # faster step on the CPU as well; docs/design.md: channels_last)
         return model.to(memory_format=torch.channels_last)
 
     @property
