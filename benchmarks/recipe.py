@@ -128,6 +128,35 @@ class PeerTrainer(Trainer):
         return self.output_dir
 
 
+def with_time_budget(trainer_class: type, seconds: float) -> type:
+    """``trainer_class`` that ends its run (validating and saving as at ``--steps``) once ``seconds`` of training have
+    passed: the equal wall-clock budget. The clock starts at the first step and stops while the model is validated."""
+
+    class Timed(trainer_class):
+        _start = None
+        _validating_s = 0.0
+
+        def _train_step(self, batches, stats):
+            if self._start is None:
+                self._start = time.perf_counter()
+            super()._train_step(batches, stats)
+            if self.step % 10 == 9 or self.device.type != "cuda":  # a CUDA clock needs a sync: not every step
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                if time.perf_counter() - self._start - self._validating_s >= seconds:
+                    self.config.steps = self.step + 1  # this step is the last: the loop logs, validates and saves
+
+        def validate(self, progress=None):
+            start = time.perf_counter()
+            try:
+                return super().validate(progress)
+            finally:
+                self._validating_s += time.perf_counter() - start
+
+    Timed.__name__ = f"Timed{trainer_class.__name__}"
+    return Timed
+
+
 class AblationTrainer(Trainer):
     """The product's trainer with the ``liquid=False`` ablation of the preset (ParallelCfC -> a gated projection)."""
 
@@ -137,9 +166,11 @@ class AblationTrainer(Trainer):
         return model.to(memory_format=torch.channels_last)
 
 
-def run_name(recipe: str, overrides: dict, model: str, steps: int, seed: int, data: str) -> str:
+def run_name(recipe: str, overrides: dict, model: str, steps: int, seed: int, data: str,
+             minutes: float | None = None) -> str:
     extra = "".join(f"_{k}={v}" for k, v in sorted(overrides.items()))
-    return f"{data}_{model}_{recipe}{extra}_s{steps}_seed{seed}".replace("/", "-")
+    budget = f"m{minutes:g}" if minutes else f"s{steps}"
+    return f"{data}_{model}_{recipe}{extra}_{budget}_seed{seed}".replace("/", "-")
 
 
 def parse_value(text: str):
@@ -152,17 +183,19 @@ def parse_value(text: str):
 
 
 def run(recipe: str, overrides: dict, model: str, steps: int, seed: int, data: str, cache_dir: str,
-        out_dir: str, validation_images: int = 256, evaluations: int = 4) -> dict:
+        out_dir: str, validation_images: int = 256, evaluations: int = 4, minutes: float | None = None) -> dict:
     """Trains one run through ``Trainer`` and returns (and writes) its result: the validation curve and the final
-    EMA and raw validation losses, per t too."""
+    EMA and raw validation losses, per t too. With ``minutes``, the budget is wall-clock training time instead of
+    ``steps`` (then at most ``steps``), validated at the end only."""
     folder = prepare(data, cache_dir)
-    name = run_name(recipe, overrides, model, steps, seed, data)
+    name = run_name(recipe, overrides, model, steps, seed, data, minutes)
     work = Path(out_dir) / "runs" / name
     values = {**RECIPES[recipe], **overrides}
     preset = model.removeprefix("liquid-").removesuffix("-ablation") if model.startswith("liquid-") else "micro"
     settings = dict(
         dataset=str(folder), space="pixel", resolution=RESOLUTION, preset=preset, steps=steps, seed=seed,
-        output_dir=str(work), validation_images=validation_images, validation_every=max(1, steps // evaluations),
+        output_dir=str(work), validation_images=validation_images,
+        validation_every=0 if minutes else max(1, steps // evaluations),
         log_every=50, sample_every=0, num_sample_images=4, sample_steps=2, checkpoint_every=10**9, keep_checkpoints=1,
         num_workers=0, progress_bar=False)
     config = TrainConfig(**{**settings, **values})
@@ -171,11 +204,10 @@ def run(recipe: str, overrides: dict, model: str, steps: int, seed: int, data: s
 
         shutil.rmtree(work)
     if model in PEERS:
-        trainer = type("Peer", (PeerTrainer,), {"peer": model})(config)
-    elif model.endswith("-ablation"):
-        trainer = AblationTrainer(config)
+        trainer_class = type("Peer", (PeerTrainer,), {"peer": model})
     else:
-        trainer = Trainer(config)
+        trainer_class = AblationTrainer if model.endswith("-ablation") else Trainer
+    trainer = (with_time_budget(trainer_class, minutes * 60) if minutes else trainer_class)(config)
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
@@ -184,15 +216,17 @@ def run(recipe: str, overrides: dict, model: str, steps: int, seed: int, data: s
     train_logs = [r for r in records if "images_per_s" in r]
     final = validations[-1]
     result = dict(
-        name=name, data=data, model=model, recipe=recipe, overrides=overrides, config=values, steps=steps, seed=seed,
-        images=steps * values.get("batch_size", 8), params_m=common.count_params(trainer.unwrapped_model),
+        name=name, data=data, model=model, recipe=recipe, overrides=overrides, config=values, steps=trainer.step,
+        seed=seed, minutes=minutes, images=trainer.step * config.batch_size,
+        params_m=common.count_params(trainer.unwrapped_model),
         val_loss=final["val_loss"], val_loss_raw=final["val_loss_raw"], val_loss_t=final["val_loss_t"],
         val_loss_raw_t=final["val_loss_raw_t"], val_images=final["val_images"],
         curve=[(r["step"], r["val_loss"], r["val_loss_raw"]) for r in validations],
         val_time_s=sum(r["val_time_s"] for r in validations), wall_s=wall,
         images_per_s=statistics.median(r["images_per_s"] for r in train_logs) if train_logs else None,
-        machine=common.describe_machine(torch.device("cpu")), threads=torch.get_num_threads(),
-        command=" ".join(["python -m benchmarks.recipe run"] + _run_flags(recipe, overrides, model, steps, seed, data)),
+        machine=common.describe_machine(trainer.device), threads=torch.get_num_threads(),
+        command=" ".join(["python -m benchmarks.recipe run"]
+                         + _run_flags(recipe, overrides, model, steps, seed, data, minutes)),
     )
     (Path(out_dir) / f"{name}.json").write_text(json.dumps(result, indent=1))
     import shutil
@@ -201,8 +235,10 @@ def run(recipe: str, overrides: dict, model: str, steps: int, seed: int, data: s
     return result
 
 
-def _run_flags(recipe, overrides, model, steps, seed, data) -> list[str]:
+def _run_flags(recipe, overrides, model, steps, seed, data, minutes=None) -> list[str]:
     flags = ["--recipe", recipe, "--model", model, "--steps", str(steps), "--seed", str(seed), "--data", data]
+    if minutes:
+        flags += ["--minutes", f"{minutes:g}"]
     if overrides:
         flags += ["--set", *(f"{k}={v}" for k, v in sorted(overrides.items()))]
     return flags
@@ -225,7 +261,7 @@ def study(plan: list[list[str]], jobs: int, out_dir: str, cache_dir: str) -> Non
     pending = []
     for flags in plan:
         args = parse_args(["run", *flags, "--out-dir", out_dir, "--cache-dir", cache_dir])
-        name = run_name(args.recipe, _overrides(args.set), args.model, args.steps, args.seed, args.data)
+        name = run_name(args.recipe, _overrides(args.set), args.model, args.steps, args.seed, args.data, args.minutes)
         if not (Path(out_dir) / f"{name}.json").exists():
             pending.append((name, flags))
     running: list[tuple[str, subprocess.Popen]] = []
@@ -263,24 +299,26 @@ def describe(result: dict) -> str:
 
 
 def table(results: list[dict]) -> str:
-    """One row per (data, model, recipe, steps): mean over seeds of the final EMA validation loss, its range, the
-    raw weights' loss, t = 0.05 / 0.5 / 0.95 and the training throughput."""
+    """One row per (data, model, recipe, budget): mean over seeds of the final EMA validation loss, its range, the
+    raw weights' loss, t = 0.05 / 0.5 / 0.95 and the training throughput. A budget is steps, or minutes of training
+    (then the images column is the mean number the runs saw)."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["data"], r["model"], describe(r), r["steps"]), []).append(r)
+        budget = f"{r['minutes']:g} min" if r.get("minutes") else r["steps"]
+        groups.setdefault((r["data"], r["model"], describe(r), budget), []).append(r)
     rows = []
-    for (data, model, recipe, steps), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][3],
-                                                                                    _mean(kv[1], "val_loss"))):
+    for (data, model, recipe, budget), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][3]),
+                                                                                     _mean(kv[1], "val_loss"))):
         losses = [r["val_loss"] for r in runs]
         spread = f"{min(losses):.4f}-{max(losses):.4f}" if len(runs) > 1 else ""
 
         def at(t):
             return _fmt(statistics.mean(r["val_loss_t"].get(t, float("nan")) for r in runs))
 
-        rows.append([data, model, recipe, steps, runs[0]["images"], len(runs), f"{statistics.mean(losses):.4f}",
-                     spread, _fmt(_mean(runs, "val_loss_raw")), at("0.05"), at("0.5"), at("0.95"),
-                     _fmt(statistics.median(r["images_per_s"] or 0 for r in runs), 1)])
-    header = ["data", "model", "recipe", "steps", "images", "seeds", "val (EMA)", "range", "val (raw)", "t=0.05",
+        rows.append([data, model, recipe, budget, round(_mean(runs, "images")), len(runs),
+                     f"{statistics.mean(losses):.4f}", spread, _fmt(_mean(runs, "val_loss_raw")), at("0.05"),
+                     at("0.5"), at("0.95"), _fmt(statistics.median(r["images_per_s"] or 0 for r in runs), 1)])
+    header = ["data", "model", "recipe", "budget", "images", "seeds", "val (EMA)", "range", "val (raw)", "t=0.05",
               "t=0.5", "t=0.95", "img/s"]
     return common.markdown_table(header, rows)
 
@@ -316,7 +354,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     one.add_argument("--recipe", default="today", choices=sorted(RECIPES))
     one.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="TrainConfig overrides")
     one.add_argument("--model", default="liquid-micro", help="liquid-<preset>, liquid-<preset>-ablation or a peer: " + ", ".join(PEERS))
-    one.add_argument("--steps", type=int, default=1500)
+    one.add_argument("--steps", type=int, default=1500, help="the budget in steps (with --minutes: at most)")
+    one.add_argument("--minutes", type=float, default=None,
+                     help="the budget in minutes of training (equal wall-clock comparisons), validated at the end")
     one.add_argument("--seed", type=int, default=0)
     one.add_argument("--data", default="twemoji", choices=sorted(DATASETS))
     one.add_argument("--threads", type=int, default=None)
@@ -346,7 +386,7 @@ def main(argv=None) -> int:
                          f"{', '.join(PEERS)}")
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     result = run(args.recipe, _overrides(args.set), args.model, args.steps, args.seed, args.data, args.cache_dir,
-                 args.out_dir)
+                 args.out_dir, minutes=args.minutes)
     print(f"{result['name']}: val_loss {result['val_loss']:.4f} (raw {result['val_loss_raw']:.4f}), "
           f"{result['wall_s']:.0f} s")
     return 0

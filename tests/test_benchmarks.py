@@ -146,3 +146,9 @@ def test_the_recipe_study_trains_through_the_product_trainer_and_tables_seeds(tm
     row = next(line for line in table.splitlines() if "today lr=0.001" in line)
     mean = (runs[0]["val_loss"] + runs[1]["val_loss"]) / 2
     assert "| 2 |" in row and f"{mean:.4f}" in row  # two seeds, one row, their mean
+
+    # an equal wall-clock budget: the run ends, validated, at the first step past its minutes (steps only cap it)
+    timed = recipe.run("today", {}, "unet2d-micro", 50, 0, "twemoji", "", out, validation_images=4, minutes=1e-4)
+    assert timed["steps"] == 1 and timed["images"] == 8 and timed["curve"][-1][0] == 1
+    assert "_m0.0001_" in timed["name"] and "--minutes 0.0001" in timed["command"]
+    assert "| 0.0001 min | 8 | 1 |" in recipe.table(recipe.collect(out))
