@@ -60,7 +60,7 @@ from .config import (
     resume_position,
 )
 from .data import SEED_STRIDE, ImageBatchStream, make_dataloader
-from .errors import DiskFullError
+from .errors import DiskFullError, advice
 from .evaluate import TrainingEvaluator, update_best
 from .hub import HubPusher, check_can_push
 from .latents import FrozenVAE, LatentBatchStream, build_latent_cache, read_metadata, vae_dtype
@@ -157,7 +157,7 @@ class Trainer:
         self._saved: Path | None = None  # the checkpoint this run wrote last: never pruned
         self._divergence = DivergenceCheck()
         self._resumed_from: Path | None = None
-        self.resume_hint = "continue with --resume latest"  # what the interrupt message advises (quickstart: rerun)
+        self.resume_hint = advice("resume")  # what the interrupt message advises (quickstart: rerun)
         if config.eval_every and self.is_main:
             self.callbacks.append(TrainingEvaluator(config))
 
