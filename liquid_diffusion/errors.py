@@ -36,6 +36,10 @@ ADVICE = {
         "cli": "continue with --resume latest",
         "notebook": "run the notebook again (Runtime -> Run all) to continue",
     },
+    "resume_from": {
+        "cli": "--resume {checkpoint}",
+        "notebook": "delete the checkpoints after {checkpoint} in the run's folder, then run the notebook again",
+    },
 }
 # The notebook's form field for a train option, where it has one (the others keep the command line's flag).
 NOTEBOOK_FIELDS = {
@@ -53,9 +57,10 @@ def set_audience(audience: str) -> None:
     _audience["now"] = audience
 
 
-def advice(key: str) -> str:
-    """The advice ``key`` (a key of ``ADVICE``) in the current audience's words."""
-    return ADVICE[key][_audience["now"]]
+def advice(key: str, **values) -> str:
+    """The advice ``key`` (a key of ``ADVICE``) in the current audience's words, with ``values`` filled in."""
+    text = ADVICE[key][_audience["now"]]
+    return text.format(**values) if values else text
 
 
 def option(name: str) -> str:

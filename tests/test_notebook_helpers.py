@@ -207,6 +207,20 @@ def test_advice_and_option_names_follow_the_audience(notebook_wording):
         errors.set_audience("gui")
 
 
+def test_the_trainers_stop_and_divergence_advice_in_the_notebooks_words(notebook_wording, tmp_path,
+                                                                      clean_image_folder):
+    from liquid_diffusion.trainer import Trainer
+
+    config = TrainConfig(dataset=str(clean_image_folder), space="pixel", preset="micro", resolution=16, steps=1,
+                         batch_size=2, num_workers=0, output_dir=str(tmp_path / "run"))
+    hint = Trainer(config).resume_hint  # printed beside the notebook's "Run the notebook again" when stopped
+    assert "--" not in hint and "run the notebook again" in hint
+    advice = errors.advice("resume_from", checkpoint="checkpoint-000010")
+    assert "--" not in advice and "after checkpoint-000010" in advice
+    errors.set_audience("cli")
+    assert errors.advice("resume_from", checkpoint="x/checkpoint-000010") == "--resume x/checkpoint-000010"
+
+
 def test_setup_words_messages_for_the_notebook(displays):
     try:
         hardware = ld.setup()
