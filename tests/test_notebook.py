@@ -281,7 +281,7 @@ def test_wandb_without_a_login_stops_run_all_at_the_choices_with_one_line(monkey
                                    LD_OUTPUT_DIR=str(tmp_path))
     assert stopped and notebook.cells[3].outputs == []
     text = _text(notebook.cells[2])
-    assert "error: --report-to wandb: not logged in" in text and "wandb login" in text and "Traceback" not in text
+    assert "error: REPORT_TO wandb: not logged in" in text and "wandb login" in text and "Traceback" not in text
 
 
 def test_a_stopped_training_stops_run_all_with_one_line_and_a_resume_hint(monkeypatch):
