@@ -69,7 +69,8 @@ def env(name: str, default, cast=str):
 
 def pip_install(*args: str) -> None:
     """``pip install -q ARGS`` into this kernel's Python; a failure raises RuntimeError with pip's last words."""
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", *args], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", *args], capture_output=True, text=True,
+                            check=False)
     if result.returncode:
         raise RuntimeError(f"pip install {' '.join(args)} failed:\n{result.stderr[-3000:]}")
     importlib.invalidate_caches()
@@ -309,9 +310,9 @@ def prepare(choices: Choices, hardware: Hardware, root: Path) -> NotebookRun:
     from .latents import vae_dtype
 
     c = resolve_choices(choices, hardware.device)
-    if c.eval_every and importlib.util.find_spec("torch_fidelity") is None and not skip_install():
-        if not install_fid_support(pip_install):  # says in one line why FID is off
-            c.eval_every = 0
+    needs_fid = c.eval_every and importlib.util.find_spec("torch_fidelity") is None and not skip_install()
+    if needs_fid and not install_fid_support(pip_install):  # says in one line why FID is off
+        c.eval_every = 0
     for tracker in trackers(c.report_to):  # TensorBoard comes with Colab, wandb does not
         if importlib.util.find_spec(tracker) is None and not skip_install():
             pip_install(tracker)
