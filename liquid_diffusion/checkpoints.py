@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from .errors import DiskFullError, disk_full, first_line
+from .errors import DiskFullError, advice, disk_full, first_line
 from .model import check_format
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -164,8 +164,8 @@ def write_checkpoint(output_dir: str | os.PathLike, step: int, fill: Callable[[P
         shutil.rmtree(tmp, ignore_errors=True)
         if disk_full(error):
             raise CheckpointWriteError(
-                errno.ENOSPC, f"no space left on device while saving {final.name}; free space and resume with "
-                f"--resume latest (the earlier checkpoints in {str(output_dir)!r} are intact)"
+                errno.ENOSPC, f"no space left on device while saving {final.name}; free space and {advice('resume')} "
+                f"(the earlier checkpoints in {str(output_dir)!r} are intact)"
             ) from None
         raise
     return final

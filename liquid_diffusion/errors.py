@@ -17,6 +17,59 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 # User errors that trying again cannot fix (a lost connection may come back).
 PERMANENT_ERRORS = tuple(error for error in USER_ERRORS if error is not ConnectionError)
 
+# Who reads the advice in messages: "cli" (the command line's flags, such as --dataset PATH) or "notebook" (the guided
+# notebook's form fields and actions, such as DATASET = "custom"). The notebook's setup cell switches to "notebook".
+AUDIENCES = ("cli", "notebook")
+_audience = {"now": "cli"}
+ADVICE = {
+    "offline": {
+        "cli": "to train without the Hub use --space pixel with a local image folder (--dataset PATH), or a local VAE "
+               "folder (--vae PATH, written by AutoencoderKL.save_pretrained)",
+        "notebook": 'to train without the Hub set DATASET = "custom" with CUSTOM_DATASET = a folder of images and '
+                    'SPACE = "pixel", or VAE = a local VAE folder (written by AutoencoderKL.save_pretrained)',
+    },
+    "inception_weights": {
+        "cli": "or pass --inception-weights PATH",
+        "notebook": "or set EVAL_EVERY = 0 to train without FID/KID",
+    },
+    "resume": {
+        "cli": "continue with --resume latest",
+        "notebook": "run the notebook again (Runtime -> Run all) to continue",
+    },
+    "resume_from": {
+        "cli": "--resume {checkpoint}",
+        "notebook": "delete the checkpoints after {checkpoint} in the run's folder, then run the notebook again",
+    },
+}
+# The notebook's form field for a train option, where it has one (the others keep the command line's flag).
+NOTEBOOK_FIELDS = {
+    "dataset": "DATASET", "preset": "PRESET", "resolution": "RESOLUTION", "space": "SPACE", "steps": "STEPS",
+    "batch_size": "BATCH_SIZE", "lr": "LEARNING_RATE", "sample_every": "SAMPLE_EVERY", "eval_every": "EVAL_EVERY",
+    "cache_latents": "CACHE_LATENTS", "class_conditional": "CLASS_CONDITIONAL", "guidance_scale": "GUIDANCE_SCALE",
+    "vae": "VAE", "report_to": "REPORT_TO", "gradient_checkpointing": "GRADIENT_CHECKPOINTING",
+}
+
+
+def set_audience(audience: str) -> None:
+    """Words the advice of later messages for ``audience``: ``"cli"`` (the default) or ``"notebook"``."""
+    if audience not in AUDIENCES:
+        raise ValueError(f"audience must be one of {', '.join(AUDIENCES)}, got {audience!r}")
+    _audience["now"] = audience
+
+
+def advice(key: str, **values) -> str:
+    """The advice ``key`` (a key of ``ADVICE``) in the current audience's words, with ``values`` filled in."""
+    text = ADVICE[key][_audience["now"]]
+    return text.format(**values) if values else text
+
+
+def option(name: str) -> str:
+    """How the current audience sets the train option ``name``: the flag ``--name`` on the command line, the form
+    field (``NOTEBOOK_FIELDS``) in the notebook, or the flag where the notebook has no field for it."""
+    if _audience["now"] == "notebook" and name in NOTEBOOK_FIELDS:
+        return NOTEBOOK_FIELDS[name]
+    return f"--{name.replace('_', '-')}"
+
 
 class DiskFullError(OSError):
     """A file could not be written for want of space (``strerror``: one line saying what and what to do); nothing
@@ -51,14 +104,14 @@ def report_failure(what: str, error: BaseException) -> int:
 
 
 def check_number(options, name: str, minimum: float, inclusive: bool = True) -> None:
-    """Raises a one-line ValueError naming the flag ``--name`` when ``options.<name>`` is not a finite number
+    """Raises a one-line ValueError naming the option (``option(name)``: the flag ``--name``) when ``options.<name>`` is not a finite number
     ``>= minimum`` (``> minimum`` when not ``inclusive``). ``options``: a config dataclass or argparse namespace."""
     value = getattr(options, name)
     ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
           and (value >= minimum if inclusive else value > minimum))
     if not ok:
         relation = f"at least {minimum}" if inclusive else f"greater than {minimum}"
-        raise ValueError(f"--{name.replace('_', '-')} must be {relation}, got {value}")
+        raise ValueError(f"{option(name)} must be {relation}, got {value}")
 
 
 def check_repo_id(repo_id: str) -> str:

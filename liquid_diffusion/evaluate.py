@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import SEED_STRIDE
-from .errors import first_line
+from .errors import first_line, option
 from .features import (
     INCEPTION,
     INCEPTION_URL,
@@ -309,7 +309,7 @@ class TrainingEvaluator(TrainerCallback):
         try:
             self.extractor = load_feature_extractor(config.eval_feature_extractor)
         except (ValueError, FileNotFoundError) as error:
-            print(f"warning: --eval-every is off for this run: {error}", file=sys.stderr)
+            print(f"warning: {option('eval_every')} is off for this run: {error}", file=sys.stderr)
 
     def due(self, step: int) -> bool:
         config = self.config

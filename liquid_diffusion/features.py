@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import ImageBatchStream, make_dataloader
-from .errors import first_line
+from .errors import advice, first_line
 from .sources import dataset_key
 
 REFERENCE_FORMAT = "liquid-diffusion-reference-features"
@@ -86,7 +86,7 @@ def inception_extractor(weights: str | os.PathLike | None = None) -> nn.Module:
     except Exception as error:  # no connection, a proxy, a truncated download: one line, cause kept
         raise ValueError(
             f"could not download the Inception weights ({first_line(error)}); for offline use put {INCEPTION_URL} at "
-            f"{inception_weights_path()} (or pass --inception-weights PATH)"
+            f"{inception_weights_path()} ({advice('inception_weights')})"
         ) from error
     if downloading:
         print(f"downloaded the Inception weights to {inception_weights_path()}", file=sys.stderr)

@@ -30,9 +30,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import SEED_STRIDE, ImageBatchStream, make_dataloader, worker_share
-from .errors import DiskFullError, disk_full, first_line
+from .errors import DiskFullError, advice, disk_full, first_line
 from .sources import (
-    OFFLINE_HINT,
     canonical_name,
     dataset_key,
     folder_fingerprint,
@@ -166,7 +165,7 @@ def load_vae(name: str | os.PathLike, dtype: torch.dtype = torch.float32, *, tok
             pass
         if not hub_reachable():
             raise ConnectionError(f"the Hugging Face Hub is unreachable, so the VAE {text!r} cannot be downloaded; "
-                                  + OFFLINE_HINT)
+                                  + advice("offline"))
         return _vae_from_hub(text, token=token, **options)
     except (ConnectionError, FileNotFoundError):
         raise

@@ -14,11 +14,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
+from typing import Iterator
 
-from .errors import first_line
+from .errors import advice, first_line
 
 # ``datasets`` is imported inside the functions that use it: loading a pipeline (``import liquid_diffusion``) never
 # needs it, and it adds about half a second to every import.
@@ -105,10 +107,6 @@ def resolve_source(source: str) -> tuple[str, str]:
     return "hub", source
 
 
-OFFLINE_HINT = (
-    "to train without the Hub use --space pixel with a local image folder (--dataset PATH), or a local VAE folder "
-    "(--vae PATH, written by AutoencoderKL.save_pretrained)"
-)
 
 
 def hub_reachable(timeout: float = 5.0) -> bool:
@@ -239,15 +237,32 @@ def _stream(source: str, split: str, config_name: str | None):
                                   "Face Hub is unreachable, so it cannot be streamed as a Hub dataset either; check the "
                                   "path (or give an absolute one)")
         raise ConnectionError(f"the Hugging Face Hub is unreachable, so dataset {target!r} cannot be streamed; "
-                              + OFFLINE_HINT)
+                              + advice("offline"))
     try:
-        return load_dataset(*args, split=split, streaming=True, **kwargs)
+        with quiet_file_resolution():
+            return load_dataset(*args, split=split, streaming=True, **kwargs)
     except Exception as error:  # the Hub, the network or the files: tell the user in one line, keep the cause
         where = "the Hugging Face Hub" if kind == "hub" else "disk"
         raise ValueError(
             f"could not load dataset {target!r} (split {split!r}) from {where}: {first_line(error)} -- check the id, "
             "--split and --config-name, your connection and, for gated datasets, `huggingface-cli login`"
         ) from error
+
+
+@contextlib.contextmanager
+def quiet_file_resolution() -> Iterator[None]:
+    """Hides the progress bars of ``datasets`` (its "Resolving data files" bar, shown for more than 16 files in a
+    notebook or terminal) while the data files are listed, then puts them back as they were: the user's training
+    progress is what should show."""
+    import datasets
+
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
 
 
 def _image_column(dataset, source: str, image_column: str | None) -> str:

@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 import numpy as np
 from PIL import Image
 
+from .errors import option
 from .metrics import TrainerCallback
 
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
@@ -42,7 +43,7 @@ WANDB_RUN_ID_FILE = "wandb-run-id"
 def trackers(report_to: str) -> list[str]:
     """The trackers ``--report-to`` names: none, one, or (``all``) both."""
     if report_to not in REPORT_TO:
-        raise ValueError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {report_to!r}")
+        raise ValueError(f"{option('report_to')} must be one of {', '.join(REPORT_TO)}, got {report_to!r}")
     return list(TRACKERS) if report_to == "all" else [] if report_to == "none" else [report_to]
 
 
@@ -51,9 +52,9 @@ def check_report_to(report_to: str) -> None:
     (or offline mode): training would otherwise fail, or wait for a login prompt, only once it starts."""
     for name in trackers(report_to):
         if importlib.util.find_spec(name) is None:
-            raise ValueError(f"--report-to {report_to} needs the {name} package: {INSTALL_HINT}")
+            raise ValueError(f"{option('report_to')} {report_to} needs the {name} package: {INSTALL_HINT}")
     if "wandb" in trackers(report_to) and not _wandb_can_log():
-        raise ValueError("--report-to wandb: not logged in to Weights & Biases; run `wandb login` (or set "
+        raise ValueError(f"{option('report_to')} wandb: not logged in to Weights & Biases; run `wandb login` (or set "
                          "WANDB_API_KEY), or log offline with WANDB_MODE=offline (upload later with `wandb sync`)")
 
 

@@ -60,7 +60,7 @@ from .config import (
     resume_position,
 )
 from .data import SEED_STRIDE, ImageBatchStream, make_dataloader
-from .errors import DiskFullError
+from .errors import DiskFullError, advice, option
 from .evaluate import TrainingEvaluator, update_best
 from .hub import HubPusher, check_can_push
 from .latents import FrozenVAE, LatentBatchStream, build_latent_cache, read_metadata, vae_dtype
@@ -157,7 +157,7 @@ class Trainer:
         self._saved: Path | None = None  # the checkpoint this run wrote last: never pruned
         self._divergence = DivergenceCheck()
         self._resumed_from: Path | None = None
-        self.resume_hint = "continue with --resume latest"  # what the interrupt message advises (quickstart: rerun)
+        self.resume_hint = advice("resume")  # what the interrupt message advises (quickstart: rerun)
         if config.eval_every and self.is_main:
             self.callbacks.append(TrainingEvaluator(config))
 
@@ -448,8 +448,9 @@ class Trainer:
             raise LossExplodedError(
                 f"loss exploded to {record['loss']:.3g} at step {self.step}"
                 + (f" (median so far {median:.3g})" if median is not None else "")
-                + f"; nothing saved past it. Resume with a lower --lr (now {config.lr:g}) "
-                + (f"from the last good checkpoint: --resume {healthy}" if healthy else "from scratch")
+                + f"; nothing saved past it. Resume with a lower {option('lr')} (now {config.lr:g}) "
+                + (f"from the last good checkpoint: {advice('resume_from', checkpoint=healthy)}" if healthy
+                   else "from scratch")
             )
         if self.is_main:
             append_record(self.output_dir, record)

@@ -501,7 +501,7 @@ def test_notebook_trains_class_conditionally_and_offers_a_class_picker(class_fol
     notebook = nbformat.read(root / "LiquidDiffusion_Training.ipynb", as_version=nbformat.NO_CONVERT)
     nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(root)}}).execute()
-    cells = {cell.get("id"): cell for cell in notebook.cells if cell.cell_type == "code"}
+    cells = {cell.metadata.get("id"): cell for cell in notebook.cells if cell.cell_type == "code"}
     text = "".join(o.get("text", "") for cell in cells.values() for o in cell.outputs if o.output_type == "stream")
     assert "classes     2 (blue_square, red_disc): class-conditional, guidance 3" in text
     assert "--class-conditional" in text  # the same run from a terminal

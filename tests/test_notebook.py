@@ -1,4 +1,6 @@
-"""The guided notebook: the committed file is clean, valid and Colab-ready, and it runs top to bottom headless.
+"""The guided notebook: the committed file is clean, valid, Colab-ready and the same as its jupytext source
+``LiquidDiffusion_Training.py``, and it runs top to bottom headless. Its logic, ``liquid_diffusion.notebook``, is
+tested without a kernel in test_notebook_helpers.py.
 
 The run uses the ``LD_*`` overrides the notebook documents: a local image folder, pixel space, the micro preset at
 16 px, a handful of steps on the CPU, outputs in a temp dir and no Hub repo (so the push is skipped and the load-back
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,7 @@ nbclient = pytest.importorskip("nbclient")
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "LiquidDiffusion_Training.ipynb"
-BUILDER = ROOT / "scripts" / "build_notebook.py"
+SCRIPT = ROOT / "LiquidDiffusion_Training.py"  # the notebook's source as a jupytext percent script, paired with it
 
 FORM_FIELDS = ("DATASET", "CUSTOM_DATASET", "PRESET", "RESOLUTION", "SPACE", "STEPS", "BATCH_SIZE", "LEARNING_RATE",
                "SAMPLE_EVERY", "HUB_REPO_ID", "MOUNT_DRIVE", "PACKAGE_SPEC", "GRADIENT_CHECKPOINTING", "REPORT_TO")
@@ -34,50 +37,86 @@ def _source(notebook) -> str:
     return "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
 
 
+def _id(cell) -> str | None:
+    """A cell's name (``setup-code``, ...): its metadata id, which the jupytext script carries."""
+    return cell.metadata.get("id")
+
+
 def test_committed_notebook_is_valid_clean_and_colab_ready():
     notebook = _read()
     assert notebook.nbformat == 4
     nbformat.validate(notebook)
     for cell in notebook.cells:
         if cell.cell_type == "code":
-            assert cell.outputs == [], f"cell {cell.get('id')} has committed outputs"
-            assert cell.execution_count is None, f"cell {cell.get('id')} has an execution count"
+            assert cell.outputs == [], f"cell {_id(cell)} has committed outputs"
+            assert cell.execution_count is None, f"cell {_id(cell)} has an execution count"
     assert notebook.metadata["accelerator"] == "GPU"
     assert "colab" in notebook.metadata
     assert notebook.metadata["kernelspec"]["name"] == "python3"
     # every code cell is led by a markdown cell saying what it does
     for previous, cell in zip(notebook.cells, notebook.cells[1:]):
         if cell.cell_type == "code":
-            assert previous.cell_type == "markdown", f"code cell {cell.get('id')} has no markdown lead"
+            assert previous.cell_type == "markdown", f"code cell {_id(cell)} has no markdown lead"
+    ids = [_id(cell) for cell in notebook.cells]
+    assert None not in ids and len(set(ids)) == len(ids), ids
+    assert notebook.metadata["jupytext"]["formats"] == "ipynb,py:percent"
 
 
 def test_notebook_has_forms_env_overrides_and_no_model_code():
-    source = _source(_read())
+    from liquid_diffusion import notebook as ld
+    from liquid_diffusion.config import TrainConfig
+
+    notebook = _read()
+    source = _source(notebook)
     for name in FORM_FIELDS:
         assert any(line.startswith(f"{name} = ") and "# @param" in line for line in source.splitlines()), name
     for dataset in ("afhq", "celeba", "flowers", "pokemon", "anime", "cartoon", "custom"):
         assert f'"{dataset}"' in source
-    for variable in ENV_OVERRIDES:
-        assert f'"{variable}"' in source, f"{variable} cannot override the notebook"
-    assert "notebook_login()" in source
-    # TensorBoard inline, beside the notebook's own panel, when REPORT_TO asks for it
-    assert 'run_line_magic("load_ext", "tensorboard")' in source
-    assert 'run_line_magic("tensorboard", f\'--logdir' in source
+    overrides = {variable for variable, _ in ld.ENV_OVERRIDES.values()}
+    for variable in ENV_OVERRIDES:  # the notebook's logic reads them (ld.ENV_OVERRIDES, ld.prepare, ld.output_root)
+        assert variable in overrides or f'"{variable}"' in Path(ld.__file__).read_text(), variable
+    intro = notebook.cells[0].source
+    for variable in overrides:  # and the notebook's introduction lists them
+        assert f"`{variable}`" in intro, variable
+    # the form's learning rate is the trainer's default: one recipe
+    (line,) = [line for line in source.splitlines() if line.startswith("LEARNING_RATE = ")]
+    assert float(line.split("=")[1].split("#")[0]) == TrainConfig.__dataclass_fields__["lr"].default
+    # every form field reaches the run: each is used after its definition (passed to ld.Choices, ...)
+    fields = [line.split(" = ")[0] for line in source.splitlines() if "# @param" in line]
+    assert set(FORM_FIELDS) <= set(fields)
+    uses = "\n".join(line for line in source.splitlines() if "# @param" not in line)
+    for name in fields:
+        assert re.search(rf"\b{name}\b", uses), f"the form field {name} is never used"
+    # the cells are a few lines: fields, a guard and calls into the package, which holds the logic
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            code = [line for line in cell.source.splitlines()
+                    if line.strip() and not line.lstrip().startswith("#") and "# @param" not in line]
+            assert len(code) <= 30 if _id(cell) == "setup-code" else len(code) <= 12, (_id(cell), len(code))
+            assert "\ndef " not in cell.source and "\nclass " not in cell.source, _id(cell)
     # everything comes from the package: no network or training loop defined in the notebook
     for forbidden in ("nn.Module", "class LiquidDiffusion", "optimizer.step", ".backward(", "Conv2d("):
         assert forbidden not in source, forbidden
 
 
-@pytest.mark.skipif(not BUILDER.exists(), reason="no generator script")
-def test_generator_is_in_sync_with_the_notebook():
-    spec = importlib.util.spec_from_file_location("build_notebook", BUILDER)
-    builder = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(builder)
-    assert builder.render() == NOTEBOOK.read_text(), "run python scripts/build_notebook.py and commit the notebook"
+def test_the_notebook_is_what_jupytext_makes_of_its_script():
+    """``LiquidDiffusion_Training.py`` is the notebook's source: an edit to one without the other fails here. After
+    editing either, run ``jupytext --sync LiquidDiffusion_Training.py`` and commit both."""
+    import jupytext  # in the test extra: without it this check must fail, not skip (pip install -e ".[test]")
+
+    script = jupytext.read(SCRIPT)
+    notebook = _read()
+
+    def cells(nb):
+        return [(cell.cell_type, _id(cell), cell.metadata.get("cellView"), cell.source) for cell in nb.cells]
+
+    assert cells(script) == cells(notebook), "run jupytext --sync LiquidDiffusion_Training.py and commit both files"
+    for key in ("accelerator", "colab", "kernelspec"):
+        assert script.metadata[key] == notebook.metadata[key], key
 
 
 def _outputs_with(notebook, mime: str) -> list[str]:
-    return [cell.get("id") for cell in notebook.cells if cell.cell_type == "code"
+    return [_id(cell) for cell in notebook.cells if cell.cell_type == "code"
             for output in cell.outputs if mime in output.get("data", {})]
 
 
@@ -136,7 +175,7 @@ def test_notebook_runs_headless_on_cpu_and_resumes(tmp_path, monkeypatch, clean_
             assert (output_dir / "samples" / f"final-{sampler}-{steps}.png").exists()
     assert (output_dir / "export" / "checkpoint-000004" / "model_index.json").exists()
     # the train cell updated its panel in place: one output per display handle, not one per sample or log
-    train_cell = next(cell for cell in notebook.cells if cell.get("id") == "train-code")
+    train_cell = next(cell for cell in notebook.cells if _id(cell) == "train-code")
     assert len([o for o in train_cell.outputs if "image/png" in o.get("data", {})]) == 2  # grid + curves
 
     # Running it again with more steps resumes from the newest checkpoint in the output folder.
@@ -179,7 +218,7 @@ def test_notebook_runs_headless_in_latent_space(tmp_path, monkeypatch, clean_ima
     assert {"preview-code", "train-code", "samples-code", "load-code"} <= set(images), images
     export = output_dir / "export" / "checkpoint-000002"
     assert (export / "model_index.json").exists() and (export / "vae" / "config.json").exists()
-    choices = _text(next(cell for cell in notebook.cells if cell.get("id") == "choices-code"))
+    choices = _text(next(cell for cell in notebook.cells if _id(cell) == "choices-code"))
     assert "gradient checkpointing" in choices and "--gradient-checkpointing" in choices
     saved = json.loads((output_dir / "checkpoint-000002" / "train_config.json").read_text())
     assert saved["gradient_checkpointing"] and saved["report_to"] == overrides["LD_REPORT_TO"]
@@ -210,14 +249,18 @@ def _text(cell) -> str:
 
 
 def _cell_source(cell_id: str) -> str:
-    return next(cell.source for cell in _read().cells if cell.get("id") == cell_id)
+    return next(cell.source for cell in _read().cells if _id(cell) == cell_id)
 
 
 def test_notebook_installs_from_the_repository_named_in_pyproject():
+    """pyproject.toml's [project.urls] Repository is the one place for the address: the install cell, in the script
+    and the notebook, must name it (jupytext cannot fill it in)."""
     import tomllib
 
     url = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
-    assert f'PACKAGE_SPEC = "git+{url}.git"  # @param' in _cell_source("setup-code")
+    line = f'PACKAGE_SPEC = "git+{url}.git"  # @param'
+    assert line in _cell_source("setup-code")
+    assert line in SCRIPT.read_text(), "change PACKAGE_SPEC in LiquidDiffusion_Training.py, then jupytext --sync it"
     assert "YOUR-USER" not in NOTEBOOK.read_text()
 
 
@@ -239,11 +282,11 @@ def test_wandb_without_a_login_stops_run_all_at_the_choices_with_one_line(monkey
                                    LD_OUTPUT_DIR=str(tmp_path))
     assert stopped and notebook.cells[3].outputs == []
     text = _text(notebook.cells[2])
-    assert "error: --report-to wandb: not logged in" in text and "wandb login" in text and "Traceback" not in text
+    assert "error: REPORT_TO wandb: not logged in" in text and "wandb login" in text and "Traceback" not in text
 
 
 def test_a_stopped_training_stops_run_all_with_one_line_and_a_resume_hint(monkeypatch):
-    stop = 'raise RunStopped("training stopped at step 7 and saved checkpoint-000007. Run the notebook again")'
+    stop = 'raise ld.RunStopped("training stopped at step 7 and saved checkpoint-000007. Run the notebook again")'
     notebook, stopped = _run_cells([_cell_source("setup-code"), stop, "print('pushed')"], monkeypatch)
     assert stopped and notebook.cells[2].outputs == []
     (error,) = [o for o in notebook.cells[1].outputs if o.output_type == "error"]
@@ -266,9 +309,10 @@ def test_the_fid_install_never_replaces_the_installed_torch(monkeypatch, tmp_pat
     fake_pip = ("pip_calls = []\n"
                 "def pip_install(*args):  # pip cannot keep this torch: refuses, as a resolver conflict does\n"
                 "    pip_calls.append(args)\n"
-                "    raise RuntimeError('ResolutionImpossible')")
+                "    raise RuntimeError('ResolutionImpossible')\n"
+                "ld.pip_install = pip_install")
     cells = [_cell_source("setup-code"), fake_pip, _cell_source("outputs-code"), _cell_source("choices-code"),
-             "print('EVAL_EVERY', EVAL_EVERY, pip_calls)"]
+             "print('EVAL_EVERY', RUN.config.eval_every, pip_calls)"]
     notebook, stopped = _run_cells(cells, monkeypatch, LD_SKIP_INSTALL="0", LD_EVAL_EVERY="1000",
                                    LD_DATASET=str(clean_image_folder), LD_OUTPUT_DIR=str(tmp_path / "run"),
                                    LD_HUB_REPO="")
