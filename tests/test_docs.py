@@ -59,14 +59,16 @@ def shell_lines(lines: list[str]) -> list[str]:
     return joined
 
 
+REDIRECTION = re.compile(r"(?<!\S)\d*(?:>>?|<)&?\s*[^\s;&|]*")
+
+
 def program_calls(line: str) -> list[tuple[str, list[str]]]:
     """(module, argv) of each ``-m liquid_diffusion`` / ``-m benchmarks.NAME`` call in one shell line."""
-    lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|()<>")
+    lexer = shlex.shlex(REDIRECTION.sub(" ", line), posix=True, punctuation_chars=";&|()")
     lexer.whitespace_split = True
     lexer.commenters = "#"
-    tokens = list(lexer)
     calls, segment = [], []
-    for token in tokens + [";"]:
+    for token in list(lexer) + [";"]:
         if token in OPERATORS:
             calls += _call(segment)
             segment = []
@@ -79,14 +81,7 @@ def _call(tokens: list[str]) -> list[tuple[str, list[str]]]:
     for index, token in enumerate(tokens[:-1]):
         module = tokens[index + 1]
         if token == "-m" and (module == "liquid_diffusion" or module.startswith("benchmarks.")):
-            argv = []
-            for arg in tokens[index + 2:]:
-                if set(arg) <= set("<>&|") or re.fullmatch(r"\d?[<>].*", arg):
-                    break  # a redirection ends the arguments
-                argv.append(arg)
-            if argv and argv[-1].isdigit() and len(argv[-1]) == 1 and tokens[index + 2 + len(argv):][:1] in (["<"], [">"], [">&"], [">>"]):
-                argv.pop()  # the 2 of 2>&1
-            return [(module, argv)]
+            return [(module, tokens[index + 2:])]
     return []
 
 
@@ -158,7 +153,7 @@ def _standin_pipeline():
 
     torch.manual_seed(0)
     unet = LiquidDiffusionUNet.from_preset("micro", in_channels=3, num_classes=3, class_names=["cat", "dog", "wild"])
-    return LiquidDiffusionPipeline(unet=unet.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), resolution=16,
+    return LiquidDiffusionPipeline(unet=unet.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), resolution=8,
                                    guidance_scale=2.0)
 
 
@@ -167,7 +162,7 @@ PYTHON_BLOCKS = [(start, "\n".join(lines)) for tag, start, lines in fenced_block
 
 @pytest.mark.parametrize("start, code", PYTHON_BLOCKS, ids=[f"README.md:{start}" for start, _ in PYTHON_BLOCKS])
 def test_readme_python_block_runs(start, code, monkeypatch):
-    """Each block runs as written; a Hub id loads a micro class-conditional pipeline at 16 px, and .to() stays put."""
+    """Each block runs as written; a Hub id loads a micro class-conditional pipeline at 8 px, and .to() stays put."""
     from liquid_diffusion import LiquidDiffusionPipeline
 
     pipe = _standin_pipeline()
