@@ -12,6 +12,9 @@ Sections, in order (each one guarded: a failure is recorded with its one-line er
 measured; once ``--budget-s`` seconds have passed the remaining sections are skipped with a note):
 
 * **environment**  -- card, its dense bf16 peak (``common.PEAK_BF16_TFLOPS``), torch / diffusers / datasets versions.
+* **notebook**     -- ``LiquidDiffusion_Training.ipynb`` executed end to end by nbclient on the device through its
+  ``LD_*`` overrides: a generated image folder, latent space with the random-weight VAE, train with a mid-run grid,
+  final samples, export, load back; the executed notebook comes back as ``notebook_executed.ipynb``.
 * **memory**       -- peak VRAM (``torch.cuda.max_memory_allocated``, reset before each run) of training at 256 px,
   batch 8: tiny with cached latents and with the SD-VAE encoder in the loop, in fp16 and bf16; small and base.
   Counted: model, fp32 EMA copy, AdamW state, gradients, activations, the batch and (in the loop) the VAE -- what
@@ -34,6 +37,9 @@ measured; once ``--budget-s`` seconds have passed the remaining sections are ski
   the card's dense bf16 peak, for every speed row.
 * **tests**        -- the pytest files whose code runs on CUDA when a GPU is present (the Trainer takes the
   accelerator's device) and the explicit CUDA variants (``test_compile.py``).
+* **quality**      -- equal GPU minutes: tiny, DiT-S/2 and UNet2DModel each train for the same minutes through the
+  product's ``Trainer`` (``benchmarks/recipe.py``) on Twemoji at 32 px (carried in ``.bench_data/twemoji-32px``;
+  generated shapes when absent), one batch for all, each at its learning rate; scored by the held-out validation loss.
 
 ``--dry-run``: micro preset, a tiny VAE, 8x8 latents, a few steps; fp16/bf16 fall back to fp32 where CUDA is missing
 (the trainer does so itself, so the CLI runs get the same flags), and compile uses the ``aot_eager`` backend (dynamo's
@@ -103,6 +109,15 @@ class Plan:
     # the two-process test is left out: torchrun would put both ranks on the one GPU
     pytest_args: tuple[str, ...] = ("tests/test_compile.py", "tests/test_trainer.py", "-k", "not two_process")
     pytest_timeout_s: float = 240.0
+    # quality: equal minutes each through Trainer; learning rates at batch 8 (default: the trainer's), sqrt-scaled
+    quality_models: tuple[str, ...] = ("liquid-tiny", "dit-s2", "unet2d")
+    quality_lr: dict = dataclasses.field(default_factory=dict)
+    quality_minutes: float = 1.5
+    quality_batch: int = 64
+    quality_validation_images: int = 256
+    quality_images: int = 512  # generated, when no real images were carried
+    notebook_steps: int = 200  # the notebook's run (a grid at half way)
+    notebook_timeout_s: float = 300.0  # per cell
 
     @classmethod
     def full(cls) -> "Plan":
@@ -120,6 +135,8 @@ class Plan:
             sample_models=("liquid-micro", "dit-s2"), num_samples=2, sample_steps=2,
             profile_models=("liquid-micro", "dit-s2"), profile_latent=8, profile_top=3,
             pytest_args=("tests/test_trainer.py", "-k", "mixed_precision_auto"), pytest_timeout_s=120.0,
+            quality_models=("liquid-micro", "dit-micro"), quality_minutes=0.02, quality_batch=4,
+            quality_validation_images=8, quality_images=40, notebook_steps=4, notebook_timeout_s=300.0,
         )
 
     @property

@@ -5,7 +5,9 @@
 #
 # Prepare the wheels once, on a machine with pip access (Python 3.12 on the GPU machine; see BENCHMARKS.md):
 #   bash benchmarks/gpu_check.sh --download
-# Then, on the GPU machine, from the repo root (with .whl carried along):
+# and the real images of the quality section (Twemoji at 32 px, ~15 MB; carry .bench_data/twemoji-32px only):
+#   python -c "from benchmarks.recipe import prepare; prepare('twemoji', '.bench_data')"
+# Then, on the GPU machine, from the repo root (with .whl and .bench_data/twemoji-32px carried along):
 #   bash benchmarks/gpu_check.sh [extra gpu_check.py flags, e.g. --budget-s 420 or --sections memory cli]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +17,16 @@ cd "$(dirname "$0")/.."
 # CPU tests ran with. pyarrow (datasets needs >= 24; 52 MiB) is only added with WITH_PYARROW=1.
 WHEELS=(diffusers==0.42.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 importlib_metadata==10.2.0
         lazy-importer==0.1.0 fsspec==2026.9.0)
+# The notebook section runs the notebook in a Jupyter kernel: nbclient, ipykernel, IPython, ipywidgets and what they
+# need that the image lacks (about 17 MB).
+WHEELS+=(nbclient==0.11.0 nbformat==5.11.1 ipykernel==7.4.0 ipython==8.12.3 jupyter_client==8.10.0
+         jupyter_core==5.9.1 traitlets==5.15.0 pyzmq==27.3.0 tornado==6.6.1 comm==0.2.3 debugpy==1.8.22
+         matplotlib-inline==0.2.2 platformdirs==4.14.9 decorator==5.2.1 jedi==0.20.0 parso==0.8.7
+         prompt_toolkit==3.0.52 wcwidth==0.7.0 pexpect==4.8.0 ptyprocess==0.7.0 stack_data==0.6.3 asttokens==3.0.1
+         executing==2.2.1 pure_eval==0.2.3 fastjsonschema==2.22.3 jsonschema==4.26.0
+         jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==0.30.0 ipywidgets==8.1.9
+         widgetsnbextension==4.0.16 jupyterlab_widgets==3.0.17 backcall==0.2.0 pickleshare==0.7.5
+         nest-asyncio2==1.7.4)
 
 if [[ "${1:-}" == "--download" ]]; then
     [[ "${WITH_PYARROW:-0}" == 1 ]] && WHEELS+=(pyarrow==26.0.1)

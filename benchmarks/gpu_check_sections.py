@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import common, sampling
+from liquid_diffusion.errors import first_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -256,6 +257,82 @@ def cli(ctx: Context):
                                                                         "images/s", "wall s", "error"], rows))
     status = "ok" if all(d["passed"] for d in data) else "checks failed"
     return body, data, status
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# notebook: the Colab notebook executed end to end on this device (nbclient), as tests/test_notebook.py does on the CPU
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def notebook(ctx: Context):
+    """``LiquidDiffusion_Training.ipynb`` top to bottom in a kernel on this machine, through its ``LD_*`` overrides:
+    a generated image folder, latent space with a random-weight SD-VAE-shaped VAE saved locally (no Hub here), the
+    plan's preset and resolution; trains with a mid-run grid, final samples, export, load back. The executed
+    notebook, with its outputs, is written to the report folder."""
+    import nbclient
+    import nbformat
+
+    plan = ctx.plan
+    work = ctx.work_dir / "notebook"
+    shutil.rmtree(work, ignore_errors=True)
+    images = _write_images(work / "images", plan.num_images, plan.resolution)
+    _vae(plan).save_pretrained(work / "vae")
+    steps, output_dir = plan.notebook_steps, work / "run"
+    overrides = dict(
+        LD_DATASET=images, LD_SPACE="latent", LD_VAE=work / "vae", LD_PRESET=plan.preset,
+        LD_RESOLUTION=plan.resolution, LD_STEPS=steps, LD_BATCH_SIZE=plan.batch, LD_SAMPLE_EVERY=steps // 2,
+        LD_NUM_SAMPLES=4, LD_OUTPUT_DIR=output_dir, LD_HUB_REPO="", LD_EVAL_EVERY=0, LD_MOUNT_DRIVE=0,
+        LD_SKIP_INSTALL=1, HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1, MPLBACKEND="Agg",
+        PYTHONPATH=_subprocess_env(plan)["PYTHONPATH"])
+    saved = {name: os.environ.get(name) for name in overrides}
+    os.environ.update({name: str(value) for name, value in overrides.items()})  # the kernel inherits them
+    start = time.perf_counter()
+    executed = nbformat.read(ROOT / "LiquidDiffusion_Training.ipynb", as_version=nbformat.NO_CONVERT)
+    error = ""
+    try:
+        nbclient.NotebookClient(executed, timeout=plan.notebook_timeout_s, kernel_name="python3",
+                                resources={"metadata": {"path": str(ROOT)}}).execute()
+    except Exception as failure:  # noqa: BLE001 -- the outputs so far still go into the report
+        error = f"{type(failure).__name__}: {first_line(failure)}"[:300]
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    seconds = time.perf_counter() - start
+    nbformat.write(executed, ctx.out_dir / "notebook_executed.ipynb")
+    cells = [cell for cell in executed.cells if cell.cell_type == "code"]
+    errors = [f"{cell.metadata.get('id')}: {o.get('ename')}: {o.get('evalue', '')[:200]}" for cell in cells
+              for o in cell.outputs if o.output_type == "error"]
+    records = []
+    if (output_dir / "metrics.jsonl").exists():
+        records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line]
+    losses = [r["loss"] for r in records if "loss" in r]
+    stream = "".join(o.get("text", "") for cell in cells for o in cell.outputs if o.output_type == "stream")
+    checks = {
+        "every cell ran": not error and not errors and all(cell.get("execution_count") for cell in cells),
+        "on the GPU": ctx.device.type != "cuda" or "No GPU found" not in stream + str(executed.cells),
+        "trained to the end": bool(records) and max(r["step"] for r in records) == steps,
+        "losses finite": bool(losses) and all(math.isfinite(x) for x in losses),
+        "mid-run grid": (output_dir / "samples" / f"step-{steps // 2:06d}.png").exists(),
+        "final samples": bool(list((output_dir / "samples").glob("final-*.png"))) if output_dir.exists() else False,
+        "export": (output_dir / "export" / f"checkpoint-{steps:06d}" / "model_index.json").exists(),
+        "panel and samples shown": sum("image/png" in o.get("data", {}) for c in cells for o in c.outputs) >= 3,
+    }
+    failed = [name for name, ok in checks.items() if not ok]
+    rows = [[name, "ok" if ok else "NO"] for name, ok in checks.items()]
+    body = (f"`LiquidDiffusion_Training.ipynb` executed by nbclient on {ctx.device} in {seconds:.0f} s: preset "
+            f"{plan.preset}, {plan.num_images} generated {plan.resolution} px images, latent space with a random "
+            f"{'tiny' if plan.dry else 'SD-VAE-shaped'} VAE, batch {plan.batch}, {steps} steps (grid at "
+            f"{steps // 2}); first/last loss {losses[0] if losses else float('nan'):.4f} / "
+            f"{losses[-1] if losses else float('nan'):.4f}. The executed notebook: `notebook_executed.ipynb`.\n\n"
+            + common.markdown_table(["check", "result"], rows))
+    if error or errors:
+        body += "\n\n" + "\n".join(f"* `{line}`" for line in ([error] if error else []) + errors[:10])
+    data = dict(checks=checks, failed=failed, seconds=seconds, error=error, cell_errors=errors,
+                losses=(losses[0], losses[-1]) if losses else None)
+    return body, data, "ok" if not failed else "checks failed"
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -534,23 +611,67 @@ def tests(ctx: Context):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# quality: equal GPU minutes through the product's Trainer, scored by its validation loss (benchmarks/recipe.py)
+# ------------------------------------------------------------------------------------------------------------------
+
+QUALITY_DATA = ROOT / ".bench_data" / "twemoji-32px"  # carried to the GPU machine (it has no npm): see gpu_check.sh
+
+
+def quality(ctx: Context):
+    """Each model trains for the same minutes on the same images through ``Trainer`` (the recipe study's
+    ``run(minutes=...)``: data path, EMA, clipping, bf16, schedule as ``train``), at one batch for all and each at
+    its own learning rate scaled by the trainer's square-root rule; then the held-out validation loss."""
+    from benchmarks import recipe
+    from liquid_diffusion.config import REFERENCE_BATCH_SIZE, TrainConfig
+
+    plan = ctx.plan
+    work = ctx.work_dir / "quality"
+    shutil.rmtree(work, ignore_errors=True)
+    folder, data = QUALITY_DATA, "twemoji"
+    if plan.dry or not (folder / ".complete").is_file():
+        folder, data = _write_images(work / "images", plan.quality_images, recipe.RESOLUTION), "shapes"
+    scale = math.sqrt(plan.quality_batch / REFERENCE_BATCH_SIZE)
+    rows, data_rows = [], []
+    for model in plan.quality_models:
+        if ctx.runner.remaining() <= 0:
+            rows.append([model, "skipped: the time budget was spent"] + [""] * 6)
+            continue
+        lr = plan.quality_lr.get(model, TrainConfig().lr) * scale
+        result = recipe.run("default", dict(lr=lr, batch_size=plan.quality_batch), model, 10**7, 0, data, "",
+                            str(work), validation_images=plan.quality_validation_images,
+                            minutes=plan.quality_minutes, folder=folder)
+        data_rows.append(result)
+        rows.append([model, f"{result['params_m']:.1f}M", f"{lr:.3g}", result["steps"], result["images"],
+                     result["images_per_s"], result["val_loss"], result["val_loss_raw"]])
+        _free(ctx.device)
+    body = (f"{plan.quality_minutes:g} min of training each (validation excluded), {data} at {recipe.RESOLUTION} px "
+            f"in pixel space ({folder}), batch {plan.quality_batch}, the trainer's defaults otherwise; validation "
+            f"loss of the EMA (and raw) weights on {plan.quality_validation_images} held-out images, 8 fixed t, "
+            "fixed noise (lower is better).\n\n"
+            + common.markdown_table(["model", "params", "lr", "steps", "images", "images/s", "val (EMA)",
+                                     "val (raw)"], rows))
+    return body, data_rows, "ok"
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Order
 # ------------------------------------------------------------------------------------------------------------------
 
-SECTIONS = ("environment", "memory", "cli", "sampling", "speed", "profile", "tests", "mfu", "targets")
+SECTIONS = ("environment", "notebook", "memory", "cli", "sampling", "speed", "profile", "tests", "quality", "mfu", "targets")
 ALWAYS = ("environment", "mfu", "targets")  # cheap: run even when the budget is spent
 
 
 def steps(plan) -> list[tuple[str, str, object, tuple]]:
     """(section, title, function, args) in run order: the two most wanted speed settings (and the profile of the
     first one's models) before the CUDA tests."""
-    functions = dict(environment=environment, memory=memory, cli=cli, sampling=sampling_speed, tests=tests, mfu=mfu,
+    functions = dict(environment=environment, notebook=notebook, memory=memory, cli=cli, sampling=sampling_speed, tests=tests, mfu=mfu,
                      targets=targets)
     def title(size, kind, compiled):
         batch = "max under the T4 budget" if kind == "max" else str(plan.batch)
         return f"speed: 4x{size}x{size}, batch {batch}" + (f", compiled: {', '.join(compiled)}" if compiled else "")
 
     speed = [("speed", title(*setting), speed_setting, setting) for setting in plan.speed_settings]
-    plain = [(name, name, functions[name], ()) for name in ("environment", "memory", "cli", "sampling")]
+    plain = [(name, name, functions[name], ()) for name in ("environment", "notebook", "cli", "memory", "sampling")]
     return plain + speed[:1] + [("profile", "profile", profile_step, ())] + speed[1:2] + [
-        ("tests", "tests", tests, ())] + speed[2:] + [("mfu", "mfu", mfu, ()), ("targets", "targets", targets, ())]
+        ("tests", "tests", tests, ()), ("quality", "quality", quality, ())] + speed[2:] + [
+        ("mfu", "mfu", mfu, ()), ("targets", "targets", targets, ())]

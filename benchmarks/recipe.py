@@ -64,10 +64,16 @@ RECIPES: dict[str, dict] = {
                   timestep_sampling="uniform", logit_mean=0.0, logit_std=1.0, batch_size=8),
 }
 
-# Peers at micro's scale (the models of the old quality study's defaults), built by benchmarks/common.py.
+# The trainer's defaults now (chosen by this study), at the CPU's batch of 8.
+RECIPES["default"] = {**{name: getattr(TrainConfig(), name) for name in RECIPES["today"]}, "batch_size": 8}
+
+# Peers at micro's scale (the models of the old quality study's defaults) and at tiny's (DiT-S/2 and the matched
+# UNet2DModel of the speed benchmarks), built by benchmarks/common.py.
 PEERS = {
     "dit-micro": ("dit-s2", dict(hidden=128, depth=12, heads=2)),
     "unet2d-micro": ("unet2d", dict(block_out_channels=(32, 64, 128))),
+    "dit-s2": ("dit-s2", {}),
+    "unet2d": ("unet2d", {}),
 }
 
 
@@ -183,11 +189,13 @@ def parse_value(text: str):
 
 
 def run(recipe: str, overrides: dict, model: str, steps: int, seed: int, data: str, cache_dir: str,
-        out_dir: str, validation_images: int = 256, evaluations: int = 4, minutes: float | None = None) -> dict:
+        out_dir: str, validation_images: int = 256, evaluations: int = 4, minutes: float | None = None,
+        folder: Path | None = None) -> dict:
     """Trains one run through ``Trainer`` and returns (and writes) its result: the validation curve and the final
     EMA and raw validation losses, per t too. With ``minutes``, the budget is wall-clock training time instead of
-    ``steps`` (then at most ``steps``), validated at the end only."""
-    folder = prepare(data, cache_dir)
+    ``steps`` (then at most ``steps``), validated at the end only. ``folder``: the images of ``data``, when they
+    were prepared elsewhere (the GPU machine has no npm)."""
+    folder = folder or prepare(data, cache_dir)
     name = run_name(recipe, overrides, model, steps, seed, data, minutes)
     work = Path(out_dir) / "runs" / name
     values = {**RECIPES[recipe], **overrides}

@@ -33,13 +33,17 @@ def test_dry_run_writes_every_section_with_finite_numbers_and_passing_checks(tmp
     report = json.loads((tmp_path / "report.json").read_text())
     sections = {s["name"].split(":")[0]: s for s in report["sections"]}
     assert [s["status"] for s in report["sections"]] == ["ok"] * len(report["sections"])
-    assert set(sections) == {"environment", "memory", "cli", "sampling", "speed", "profile", "tests", "mfu",
-                             "targets"}
+    assert set(sections) == {"environment", "notebook", "memory", "cli", "sampling", "speed", "profile", "tests", "quality",
+                             "mfu", "targets"}
 
     memory = sections["memory"]["data"]
     assert len(memory) == 4 and {(r["data"], r["precision"][:4]) for r in memory} == {
         (d, p) for d in ("cached latents", "VAE in the loop") for p in ("fp16", "bf16")}
     assert all(_finite(r["mib"]) and r["mib"] > 0 and r["loss_finite"] for r in memory)
+
+    # the Colab notebook, executed end to end in a kernel (latent space, mid-run grid, export); its outputs come back
+    assert sections["notebook"]["data"]["failed"] == [] and _finite(*sections["notebook"]["data"]["losses"])
+    assert (tmp_path / "notebook_executed.ipynb").stat().st_size > 10_000
 
     (cli,) = sections["cli"]["data"]  # the dry run's one chain: bf16 + compile + cached latents
     assert cli["name"] == "bf16+compile+cache" and cli["passed"] and not cli["failed_checks"]
@@ -65,6 +69,11 @@ def test_dry_run_writes_every_section_with_finite_numbers_and_passing_checks(tmp
     assert all(op[1].startswith("aten::") and op[2] > 0 for op in profiled["top_ops"])
     assert _finite(sections["targets"]["data"]["speed_ratio"], sections["targets"]["data"]["tiny_cached_bf16_mib"])
     assert sections["tests"]["data"]["rc"] == 0 and "passed" in sections["tests"]["data"]["summary"]
+    # equal minutes through the product's Trainer, scored by its validation loss, at one batch, the rate sqrt-scaled
+    quality = sections["quality"]["data"]
+    assert [r["model"] for r in quality] == ["liquid-micro", "dit-micro"]
+    assert all(r["minutes"] == 0.02 and r["steps"] >= 1 and _finite(r["val_loss"], r["val_loss_raw"]) for r in quality)
+    assert all(r["config"]["batch_size"] == 4 and math.isclose(r["config"]["lr"], 1e-3 * 0.5 ** 0.5) for r in quality)
 
     text = (tmp_path / "report.md").read_text()
     assert "DRY RUN" in text and "| bf16+compile+cache | PASS |" in text
