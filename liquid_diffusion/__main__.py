@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from . import evaluate, export, hub, preview, quickstart, sampling, trainer
+from . import evaluate, export, preview, publish, quickstart, sampling, trainer
 from .errors import USER_ERRORS, DiskFullError
 
 # The sub-commands, in the order data flows.
@@ -19,7 +19,7 @@ COMMANDS = [
     trainer.add_train_command,
     sampling.add_sample_command,
     export.add_export_command,
-    hub.add_push_command,
+    publish.add_push_command,
     evaluate.add_evaluate_command,
     quickstart.add_quickstart_command,
 ]

@@ -62,7 +62,7 @@ from .config import (
 from .data import SEED_STRIDE, ImageBatchStream, make_dataloader
 from .errors import DiskFullError
 from .evaluate import TrainingEvaluator, update_best
-from .hub import HubPusher, check_can_push
+from .publish import HubPusher, check_can_push
 from .latents import FrozenVAE, LatentBatchStream, build_latent_cache, read_metadata, vae_dtype
 from .metrics import METRICS_FILE, IntervalStats, TrainerCallback, append_record, truncate_metrics
 from .model import LiquidDiffusionUNet

@@ -804,7 +804,7 @@ if not HUB_REPO_ID:
 else:
     from huggingface_hub import get_token, notebook_login, whoami
 
-    from liquid_diffusion.hub import push_to_hub
+    from liquid_diffusion.publish import push_to_hub
 
     if get_token() is None:
         notebook_login()
