@@ -18,6 +18,32 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 PERMANENT_ERRORS = tuple(error for error in USER_ERRORS if error is not ConnectionError)
 
 
+class HubUnreachableError(ConnectionError):
+    """The Hugging Face Hub could not be reached for what a run ``needs`` (``"dataset"`` or ``"vae"``).
+
+    ``str()`` is ``reason`` plus ``advice`` (what to do, naming no command-line flag); the command line swaps the
+    advice for its command's own (``offline_advice``), which names only flags that command has."""
+
+    def __init__(self, reason: str, needs: str, advice: str):
+        super().__init__(f"{reason}; {advice}")
+        self.reason, self.needs = reason, needs
+
+
+def offline_advice(error: BaseException, advice: dict[str, str] | None) -> str:
+    """``error``'s message, with a ``HubUnreachableError``'s advice replaced by ``advice[error.needs]`` when the
+    command gives one (``parser.set_defaults(offline_advice={"dataset": ..., "vae": ...})``)."""
+    if isinstance(error, HubUnreachableError) and advice and error.needs in advice:
+        return f"{error.reason}; {advice[error.needs]}"
+    return str(error)
+
+
+def check_not_a_file(path: str | os.PathLike, flag: str) -> None:
+    """Raises a one-line NotADirectoryError when ``path`` (given as ``flag``, a folder to write) is an existing file."""
+    if os.path.isfile(os.path.expanduser(path)):
+        raise NotADirectoryError(f"{flag} {os.fspath(path)!r} is a file, not a folder; choose a folder (a new or "
+                                 "existing directory) instead")
+
+
 class DiskFullError(OSError):
     """A file could not be written for want of space (``strerror``: one line saying what and what to do); nothing
     partial was left behind."""

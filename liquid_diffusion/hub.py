@@ -38,6 +38,7 @@ LOGIN_HINT = (
     "notebook_login()` in a notebook, or set the HF_TOKEN environment variable"
 )
 
+
 def resolve_checkpoint(
     path_or_repo_id: str | os.PathLike,
     *,
@@ -47,8 +48,11 @@ def resolve_checkpoint(
 ) -> Path:
     """Local folder for a checkpoint given as a local path or a Hub repo id.
 
-    * An existing local path is returned as is; an output dir (holding ``checkpoint-NNNNNN``) resolves to its newest
-      complete checkpoint. Any folder with ``model_index.json`` (an export) or a complete checkpoint is accepted.
+    * An existing local path (relative ones from the working directory, ``./`` or not) is local; an output dir
+      (holding ``checkpoint-NNNNNN``) resolves to its newest complete checkpoint. Any folder with
+      ``model_index.json`` (an export) or a complete checkpoint is accepted.
+    * A name only a path can have (``./x``, ``/x``, ``~/x``, ``a/b/c``) that does not exist is not found locally:
+      FileNotFoundError, nothing is downloaded.
     * Otherwise ``USER/NAME`` is downloaded with ``huggingface_hub.snapshot_download`` (only ``*.safetensors``,
       ``*.json``, ``*.png``, ``*.md``) and the snapshot folder is returned.
 
@@ -57,7 +61,9 @@ def resolve_checkpoint(
         PermissionError: missing/invalid token for a private or gated repo (with how to log in).
     """
     text = os.fspath(path_or_repo_id)
-    local = local_path(text, f"checkpoint path {text!r} does not exist")
+    where = "" if os.path.isabs(os.path.expanduser(text)) else f" (relative to {os.getcwd()})"
+    local = local_path(text, f"checkpoint path {text!r} does not exist locally{where}; check the path (a Hub id is "
+                             "USER/NAME)")
     if local is not None:
         return local if is_exported_pipeline(local) else find_checkpoint(local)
     try:

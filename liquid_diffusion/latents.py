@@ -30,9 +30,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import SEED_STRIDE, ImageBatchStream, make_dataloader, worker_share
-from .errors import DiskFullError, disk_full, first_line
+from .errors import DiskFullError, HubUnreachableError, disk_full, first_line
 from .sources import (
-    OFFLINE_HINT,
+    OFFLINE_ADVICE,
     canonical_name,
     dataset_key,
     folder_fingerprint,
@@ -165,8 +165,8 @@ def load_vae(name: str | os.PathLike, dtype: torch.dtype = torch.float32, *, tok
         except OSError:
             pass
         if not hub_reachable():
-            raise ConnectionError(f"the Hugging Face Hub is unreachable, so the VAE {text!r} cannot be downloaded; "
-                                  + OFFLINE_HINT)
+            raise HubUnreachableError(f"the Hugging Face Hub is unreachable, so the VAE {text!r} cannot be downloaded",
+                                      "vae", OFFLINE_ADVICE["vae"])
         return _vae_from_hub(text, token=token, **options)
     except (ConnectionError, FileNotFoundError):
         raise

@@ -18,7 +18,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from .errors import first_line
+from .errors import HubUnreachableError, first_line
 
 # ``datasets`` is imported inside the functions that use it: loading a pipeline (``import liquid_diffusion``) never
 # needs it, and it adds about half a second to every import.
@@ -105,10 +105,13 @@ def resolve_source(source: str) -> tuple[str, str]:
     return "hub", source
 
 
-OFFLINE_HINT = (
-    "to train without the Hub use --space pixel with a local image folder (--dataset PATH), or a local VAE folder "
-    "(--vae PATH, written by AutoencoderKL.save_pretrained)"
-)
+# What to do without the Hub, per thing a run needs from it, naming no flag (Python callers); each command names
+# its own flags instead (``parser.set_defaults(offline_advice=...)``, see ``errors.HubUnreachableError``).
+OFFLINE_ADVICE = {
+    "dataset": "use a local image folder as the dataset",
+    "vae": "a VAE downloaded once is read from the Hugging Face cache; otherwise use a local VAE folder (written by "
+           "AutoencoderKL.save_pretrained)",
+}
 
 
 def hub_reachable(timeout: float = 5.0) -> bool:
@@ -238,8 +241,8 @@ def _stream(source: str, split: str, config_name: str | None):
             raise ConnectionError(f"no such local folder {source!r} (relative to {os.getcwd()}), and the Hugging "
                                   "Face Hub is unreachable, so it cannot be streamed as a Hub dataset either; check the "
                                   "path (or give an absolute one)")
-        raise ConnectionError(f"the Hugging Face Hub is unreachable, so dataset {target!r} cannot be streamed; "
-                              + OFFLINE_HINT)
+        raise HubUnreachableError(f"the Hugging Face Hub is unreachable, so dataset {target!r} cannot be "
+                                  "streamed", "dataset", OFFLINE_ADVICE["dataset"])
     try:
         return load_dataset(*args, split=split, streaming=True, **kwargs)
     except Exception as error:  # the Hub, the network or the files: tell the user in one line, keep the cause

@@ -60,7 +60,7 @@ from .config import (
     resume_position,
 )
 from .data import SEED_STRIDE, ImageBatchStream, make_dataloader
-from .errors import DiskFullError
+from .errors import DiskFullError, check_not_a_file
 from .evaluate import TrainingEvaluator, update_best
 from .publish import HubPusher, check_can_push
 from .latents import FrozenVAE, LatentBatchStream, build_latent_cache, read_metadata, vae_dtype
@@ -109,6 +109,7 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         self.output_dir = Path(config.output_dir).expanduser()
         # The cheap checks first: a typo in a path must not wait for a VAE download.
+        check_not_a_file(self.output_dir, "--output-dir")
         if self._reads_dataset():
             resolve_source(config.dataset)
         if config.push_to_hub:
@@ -722,4 +723,6 @@ def add_train_command(subparsers) -> None:
         description="Train with rectified flow. Works the same under `accelerate launch` for several GPUs.",
     )
     add_config_flags(parser)
-    parser.set_defaults(func=_run_train)
+    offline = ("to train without the Hub use --space pixel with a local image folder (--dataset PATH), or a local "
+               "VAE folder (--vae PATH, written by AutoencoderKL.save_pretrained)")
+    parser.set_defaults(func=_run_train, offline_advice={"dataset": offline, "vae": offline})

@@ -9,6 +9,7 @@ their exports come from ``conftest.py``.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -94,6 +95,31 @@ def test_missing_paths_and_bad_ids_give_one_clear_error(tmp_path):
         hub.resolve_checkpoint("not a repo id!")
     with pytest.raises(FileNotFoundError, match="not a LiquidDiffusion checkpoint"):
         hub.resolve_checkpoint(tmp_path)
+
+
+def test_a_relative_checkpoint_path_without_dot_slash_is_local(pixel_run, pixel_export, tmp_path, monkeypatch,
+                                                                capsys):
+    import shutil
+
+    shutil.copytree(pixel_run, tmp_path / "runs" / "x")
+    shutil.copytree(pixel_export, tmp_path / "out" / "final")
+    monkeypatch.chdir(tmp_path)
+    downloads = []
+    monkeypatch.setattr(hub, "snapshot_download", lambda repo_id, **kwargs: downloads.append(repo_id) or pixel_export)
+    assert hub.resolve_checkpoint("runs/x/checkpoint-000250") == Path("runs/x/checkpoint-000250")
+    assert hub.resolve_checkpoint("out/final") == Path("out/final")  # USER/NAME-shaped, but here: local
+    for checkpoint, grid in (("runs/x/checkpoint-000250", "a.png"), ("out/final", "b.png"), ("runs/x", "c.png")):
+        assert main(["sample", "--checkpoint", checkpoint, "--num-images", "1", "--steps", "1", "--out", grid]) == 0
+        assert (tmp_path / grid).is_file()
+    assert downloads == []
+    # a path that is not here says so in one line, and nothing is downloaded
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", "runs/x/checkpoint-000100"]) == 2
+    assert capsys.readouterr().err == (f"error: checkpoint path 'runs/x/checkpoint-000100' does not exist locally "
+                                       f"(relative to {os.getcwd()}); check the path (a Hub id is USER/NAME)\n")
+    assert downloads == []
+    # only USER/NAME that is not here is a Hub id
+    assert hub.resolve_checkpoint("me/liquid-anime") == pixel_export and downloads == ["me/liquid-anime"]
 
 
 def package_imports(module: str) -> set[str]:

@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from conftest import cli_help, command_names, help_entries
 from liquid_diffusion import flow
+from liquid_diffusion.__main__ import main
 from liquid_diffusion.checkpoints import list_checkpoints
 from liquid_diffusion.config import TrainConfig, resolve_mixed_precision
 from liquid_diffusion.metrics import TrainerCallback
@@ -447,17 +449,43 @@ def test_cli_ctrl_c_saves_a_checkpoint(train_folder, tmp_path):
     assert list_checkpoints(out)
 
 
-def test_help_documents_every_flag():
-    result = run_cli("train", "--help")
-    assert result.returncode == 0
+def test_help_documents_every_flag(capsys):
+    train_help = cli_help("train", capsys)
     for flag in ("--dataset", "--preset", "--resolution", "--space", "--vae", "--batch-size", "--grad-accum",
                  "--steps", "--lr", "--timestep-sampling", "--sample-every", "--checkpoint-every", "--output-dir",
                  "--resume", "--mixed-precision", "--ema-decay", "--cache-latents", "--seed", "--compile",
                  "--gradient-checkpointing", "--report-to"):
-        assert flag in result.stdout
-    sample_help = run_cli("sample", "--help").stdout
+        assert flag in train_help
+    sample_help = cli_help("sample", capsys)
     for flag in ("--checkpoint", "--num-images", "--steps", "--sampler", "--seed", "--out"):
         assert flag in sample_help
+
+
+@pytest.mark.parametrize("command", command_names())
+def test_help_states_each_default_once(command, capsys):
+    entries = help_entries(cli_help(command, capsys))
+    assert "--help" not in entries and len(entries) > 2
+    for flags, description in entries.items():
+        assert description.count("(default") <= 1, (flags, description)
+        assert "(default: None)" not in description, (flags, description)
+    if command == "train":  # the two that were doubled, and a flag whose default argparse words itself
+        assert entries["--cache-num-images CACHE_NUM_IMAGES"].endswith("(default: all)")
+        assert entries["--cache-dir CACHE_DIR"].endswith("(default: OUTPUT_DIR/latent-cache)")
+        assert entries["--flip, --no-flip"] == "random horizontal flips (default: True)"
+
+
+@pytest.mark.parametrize("command", ["train", "quickstart"])
+def test_an_output_dir_that_is_a_file_is_one_line(train_folder, tmp_path, capsys, command):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("not a folder")
+    argv = ["--output-dir", str(blocker)]
+    if command == "train":
+        argv += ["--dataset", str(train_folder), "--space", "pixel", "--preset", "micro", "--resolution", str(RES)]
+    assert main([command, *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"error: --output-dir '{blocker}' is a file, not a folder; choose a folder (a new or "
+                            "existing directory) instead\n")
+    assert blocker.read_text() == "not a folder" and list(tmp_path.iterdir()) == [blocker]
 
 
 @pytest.mark.parametrize(
