@@ -412,22 +412,22 @@ def test_two_process_run_keeps_ema_identical_and_writes_once(train_folder, tmp_p
 # ------------------------------------------------------------------------------------------------ command line
 
 
-def test_cli_train_then_sample(train_folder, tmp_path):
+def test_cli_train_then_sample(train_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    result = run_cli("train", "--dataset", str(train_folder), "--space", "pixel", "--preset", "micro",
-                     "--resolution", str(RES), "--batch-size", "4", "--steps", "3", "--log-every", "1",
-                     "--sample-every", "2", "--checkpoint-every", "2", "--num-workers", "0",
-                     "--num-sample-images", "4", "--sample-steps", "2", "--output-dir", str(out))
-    assert result.returncode == 0, result.stderr
+    code = main(["train", "--dataset", str(train_folder), "--space", "pixel", "--preset", "micro",
+                 "--resolution", str(RES), "--batch-size", "4", "--steps", "3", "--log-every", "1",
+                 "--sample-every", "2", "--checkpoint-every", "2", "--num-workers", "0",
+                 "--num-sample-images", "4", "--sample-steps", "2", "--output-dir", str(out)])
+    assert code == 0, capsys.readouterr().err
     assert len(training_records(out)) == 3
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step-000002.png", "step-000003.png"]
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-000002", "checkpoint-000003"]
 
     grid = tmp_path / "grid.png"
     for sampler in ("euler", "heun"):
-        result = run_cli("sample", "--checkpoint", str(out), "--num-images", "4", "--steps", "3",
-                         "--sampler", sampler, "--seed", "0", "--out", str(grid))
-        assert result.returncode == 0, result.stderr
+        code = main(["sample", "--checkpoint", str(out), "--num-images", "4", "--steps", "3",
+                     "--sampler", sampler, "--seed", "0", "--out", str(grid)])
+        assert code == 0, capsys.readouterr().err
         assert Image.open(grid).size == (2 * RES, 2 * RES)
 
 
@@ -499,17 +499,17 @@ def test_an_output_dir_that_is_a_file_is_one_line(train_folder, tmp_path, capsys
     ],
     ids=["resolution", "preset", "space", "dataset", "report-to"],
 )
-def test_cli_bad_values_give_one_clean_line(train_folder, tmp_path, args, message):
+def test_cli_bad_values_give_one_clean_line(train_folder, tmp_path, capsys, args, message):
     base = ["train", "--dataset", str(train_folder), "--space", "pixel", "--preset", "micro", "--resolution",
             str(RES), "--steps", "1", "--num-workers", "0", "--output-dir", str(tmp_path)]
-    result = run_cli(*base, *args)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+    assert main([*base, *args]) != 0
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], stderr
 
 
-def test_cli_sample_from_a_missing_checkpoint_is_one_clean_line(tmp_path):
-    result = run_cli("sample", "--checkpoint", str(tmp_path / "nothing-here"))
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("error:")
+def test_cli_sample_from_a_missing_checkpoint_is_one_clean_line(tmp_path, capsys):
+    assert main(["sample", "--checkpoint", str(tmp_path / "nothing-here")]) != 0
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr and stderr.startswith("error:")
