@@ -22,10 +22,11 @@ class HubUnreachableError(ConnectionError):
     """The Hugging Face Hub could not be reached for what a run ``needs`` (``"dataset"`` or ``"vae"``).
 
     ``str()`` is ``reason`` plus ``advice`` (what to do, naming no command-line flag); the command line swaps the
-    advice for its command's own (``offline_advice``), which names only flags that command has."""
+    advice for its command's own (``offline_advice``), which names only flags that command has. Made from the
+    message alone (as a DataLoader worker's error is made again in the main process) it is a plain ConnectionError."""
 
-    def __init__(self, reason: str, needs: str, advice: str):
-        super().__init__(f"{reason}; {advice}")
+    def __init__(self, reason: str, needs: str | None = None, advice: str | None = None):
+        super().__init__(f"{reason}; {advice}" if advice else reason)
         self.reason, self.needs = reason, needs
 
 
