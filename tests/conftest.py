@@ -11,8 +11,6 @@ Everything is written once per test session to a temp dir, so any test file can 
 * ``pixel_run``, ``latent_run`` -- fake training output dirs in the trainer's exact layout (micro U-Nets; metrics,
                             sample grids, complete checkpoints 250 and 500, a half-written 750), for export and push.
 * ``pixel_export``, ``latent_export`` -- those runs exported with ``export_checkpoint``.
-
-And helpers for the command line run in-process: ``cli_help``, ``help_entries``, ``command_names``.
 """
 
 from __future__ import annotations
@@ -284,41 +282,3 @@ def latent_export(latent_run, tmp_path_factory) -> Path:
 
 def files_in(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The command line, in-process (``liquid_diffusion.__main__.main``; a subprocess only where a test needs one)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def cli_help(command: str, capsys) -> str:
-    """``python -m liquid_diffusion COMMAND --help``'s text, as wide as it likes (no line wrapped)."""
-    from unittest import mock
-
-    from liquid_diffusion.__main__ import main
-
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info, mock.patch.dict("os.environ", {"COLUMNS": "1000"}):
-        main([command, "--help"])
-    assert exit_info.value.code == 0
-    return capsys.readouterr().out
-
-
-def help_entries(text: str) -> dict[str, str]:
-    """Each option of an argparse help text (its flags, as shown) -> its description, wrapped lines joined."""
-    entries, current = {}, None
-    for line in text.split("options:", 1)[1].splitlines():
-        if line.startswith("  -"):
-            current, _, description = line.strip().partition("  ")
-            entries[current] = description.strip()
-        elif current is not None and line.startswith("    "):
-            entries[current] = f"{entries[current]} {line.strip()}".strip()
-        else:
-            current = None
-    return entries
-
-
-def command_names() -> list[str]:
-    from liquid_diffusion.__main__ import build_parser
-
-    return [name for action in build_parser()._subparsers._group_actions for name in action.choices]

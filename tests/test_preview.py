@@ -8,8 +8,9 @@ import re
 import pytest
 from PIL import Image
 
-from conftest import IMAGE_FOLDER_CORRUPT, IMAGE_FOLDER_GOOD, IMAGE_FOLDER_TINY, cli_help, help_entries
+from conftest import IMAGE_FOLDER_CORRUPT, IMAGE_FOLDER_GOOD, IMAGE_FOLDER_TINY
 from liquid_diffusion.__main__ import main
+from test_trainer import cli_help, help_entries
 
 
 def test_preview_writes_a_grid_and_prints_the_counts(image_folder, tiny_vae_dir, tmp_path, capsys):

@@ -16,9 +16,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import cli_help, command_names, help_entries
 from liquid_diffusion import flow
-from liquid_diffusion.__main__ import main
+from liquid_diffusion.__main__ import build_parser, main
 from liquid_diffusion.checkpoints import list_checkpoints
 from liquid_diffusion.config import TrainConfig, resolve_mixed_precision
 from liquid_diffusion.metrics import TrainerCallback
@@ -98,6 +97,41 @@ def run_cli(*args: str, timeout: int = 300, **kwargs) -> subprocess.CompletedPro
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "liquid_diffusion", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env=env, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line in-process (``__main__.main``; a subprocess only where a test needs one). Here, not in
+# conftest.py: processes that the fault tests start import this module, and there ``conftest`` is the root one.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cli_help(command: str, capsys) -> str:
+    """``python -m liquid_diffusion COMMAND --help``'s text, as wide as it likes (no line wrapped)."""
+    from unittest import mock
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info, mock.patch.dict("os.environ", {"COLUMNS": "1000"}):
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """Each option of an argparse help text (its flags, as shown) -> its description, wrapped lines joined."""
+    entries, current = {}, None
+    for line in text.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            current, _, description = line.strip().partition("  ")
+            entries[current] = description.strip()
+        elif current is not None and line.startswith("    "):
+            entries[current] = f"{entries[current]} {line.strip()}".strip()
+        else:
+            current = None
+    return entries
+
+
+def command_names() -> list[str]:
+    return [name for action in build_parser()._subparsers._group_actions for name in action.choices]
 
 
 # ------------------------------------------------------------------------------------------------ learning
