@@ -1,6 +1,6 @@
 """LiquidDiffusion: an attention-free, CfC-gated U-Net trained with rectified flow.
 
-Data flows one way: sources -> data -> latents -> objective (``flow``) -> model -> trainer -> hub.
+Data flows one way: sources -> data -> latents -> objective (``flow``) -> model -> trainer -> publish.
 """
 
 from . import flow

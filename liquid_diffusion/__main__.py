@@ -1,7 +1,8 @@
 """Command line: ``python -m liquid_diffusion {preview,train,sample,export,push,evaluate,quickstart} ...``.
 
-Each module owns its sub-command (``add_*_command(subparsers)`` sets ``func``); this file only dispatches and
-turns user errors into one clean line (set ``LIQUID_DIFFUSION_DEBUG=1`` for the full traceback).
+Each module owns its sub-command (``add_*_command(subparsers)`` sets ``func``, and ``offline_advice`` where the
+command may need the Hub); this file only dispatches and turns user errors into one clean line (set
+``LIQUID_DIFFUSION_DEBUG=1`` for the full traceback).
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import argparse
 import os
 import sys
 
-from . import evaluate, export, hub, preview, quickstart, sampling, trainer
-from .errors import USER_ERRORS, DiskFullError
+from . import evaluate, export, preview, publish, quickstart, sampling, trainer
+from .errors import USER_ERRORS, DiskFullError, offline_advice
 
 # The sub-commands, in the order data flows.
 COMMANDS = [
@@ -19,7 +20,7 @@ COMMANDS = [
     trainer.add_train_command,
     sampling.add_sample_command,
     export.add_export_command,
-    hub.add_push_command,
+    publish.add_push_command,
     evaluate.add_evaluate_command,
     quickstart.add_quickstart_command,
 ]
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         if os.environ.get("LIQUID_DIFFUSION_DEBUG"):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {offline_advice(error, getattr(args, 'offline_advice', None))}", file=sys.stderr)
         return 2
 
 

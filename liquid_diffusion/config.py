@@ -281,12 +281,17 @@ def resolve_mixed_precision(choice: str) -> str:
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per ``TrainConfig`` field, named and documented from the dataclass."""
+    """One flag per ``TrainConfig`` field, named and documented from the dataclass. Its help ends in the default once:
+    as the field's help text words it (``(default: all)``), else ``(default: VALUE)``; nothing for a default of
+    ``None`` whose help says what leaving the flag out does."""
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        kwargs = {"dest": f.name, "help": f"{f.metadata['help']} (default: {f.default})", "default": f.default}
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        text = f.metadata["help"]
+        if "(default:" not in text and f.default is not None:
+            text += f" (default: {f.default})"
+        kwargs = {"dest": f.name, "help": text, "default": f.default}
+        if f.type in ("bool", bool):  # its help set after: Python 3.10's action appends a default of its own
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs).help = text
         elif f.name == "resume":
             parser.add_argument(flag, nargs="?", const="latest", metavar="PATH", **kwargs)
         else:

@@ -57,6 +57,11 @@ def set_audience(audience: str) -> None:
     _audience["now"] = audience
 
 
+def audience() -> str:
+    """Who reads the advice now: ``"cli"`` or ``"notebook"`` (``set_audience``)."""
+    return _audience["now"]
+
+
 def advice(key: str, **values) -> str:
     """The advice ``key`` (a key of ``ADVICE``) in the current audience's words, with ``values`` filled in."""
     text = ADVICE[key][_audience["now"]]
@@ -69,6 +74,33 @@ def option(name: str) -> str:
     if _audience["now"] == "notebook" and name in NOTEBOOK_FIELDS:
         return NOTEBOOK_FIELDS[name]
     return f"--{name.replace('_', '-')}"
+
+
+class HubUnreachableError(ConnectionError):
+    """The Hugging Face Hub could not be reached for what a run ``needs`` (``"dataset"`` or ``"vae"``).
+
+    ``str()`` is ``reason`` plus ``advice`` (what to do, naming no command-line flag); the command line swaps the
+    advice for its command's own (``offline_advice``), which names only flags that command has. Made from the
+    message alone (as a DataLoader worker's error is made again in the main process) it is a plain ConnectionError."""
+
+    def __init__(self, reason: str, needs: str | None = None, advice: str | None = None):
+        super().__init__(f"{reason}; {advice}" if advice else reason)
+        self.reason, self.needs = reason, needs
+
+
+def offline_advice(error: BaseException, advice: dict[str, str] | None) -> str:
+    """``error``'s message, with a ``HubUnreachableError``'s advice replaced by ``advice[error.needs]`` when the
+    command gives one (``parser.set_defaults(offline_advice={"dataset": ..., "vae": ...})``)."""
+    if isinstance(error, HubUnreachableError) and advice and error.needs in advice:
+        return f"{error.reason}; {advice[error.needs]}"
+    return str(error)
+
+
+def check_not_a_file(path: str | os.PathLike, flag: str) -> None:
+    """Raises a one-line NotADirectoryError when ``path`` (given as ``flag``, a folder to write) is an existing file."""
+    if os.path.isfile(os.path.expanduser(path)):
+        raise NotADirectoryError(f"{flag} {os.fspath(path)!r} is a file, not a folder; choose a folder (a new or "
+                                 "existing directory) instead")
 
 
 class DiskFullError(OSError):

@@ -50,7 +50,7 @@ from .features import (
 from .flow import DEFAULT_GUIDANCE_SCALE, check_sampler
 from .hub import resolve_checkpoint
 from .metrics import TrainerCallback, append_record
-from .sampling import generate, load_for_sampling
+from .sampling import CHECKPOINT_OFFLINE_ADVICE, generate, load_for_sampling
 from .sources import NoClassLabelsError
 from .stopping import StopRequested
 
@@ -469,4 +469,7 @@ def add_evaluate_command(subparsers) -> None:
     parser.add_argument("--out", default=None, help="also write the JSON result to this file")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(func=_run_evaluate)
+    parser.set_defaults(func=_run_evaluate, offline_advice={
+        **CHECKPOINT_OFFLINE_ADVICE,
+        "dataset": "to evaluate without the Hub pass a local folder of real images (--dataset PATH)",
+    })

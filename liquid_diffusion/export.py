@@ -1,6 +1,6 @@
 """Export: a training checkpoint as the folder a Hub repo holds -- a diffusers pipeline with a model card -- and
 loading a pipeline back from a local checkpoint or export. Nothing here touches the network except diffusers'
-own download of a VAE named by a Hub id; uploading is ``hub.py``'s job.
+own download of a VAE named by a Hub id; uploading is ``publish.py``'s job.
 
 The exported folder::
 

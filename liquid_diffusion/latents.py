@@ -30,13 +30,14 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import SEED_STRIDE, ImageBatchStream, make_dataloader, worker_share
-from .errors import DiskFullError, advice, disk_full, first_line
+from .errors import DiskFullError, HubUnreachableError, disk_full, first_line
 from .sources import (
     canonical_name,
     dataset_key,
     folder_fingerprint,
     hub_reachable,
     local_path,
+    offline_advice_for,
     resolve_source,
 )
 
@@ -164,8 +165,8 @@ def load_vae(name: str | os.PathLike, dtype: torch.dtype = torch.float32, *, tok
         except OSError:
             pass
         if not hub_reachable():
-            raise ConnectionError(f"the Hugging Face Hub is unreachable, so the VAE {text!r} cannot be downloaded; "
-                                  + advice("offline"))
+            raise HubUnreachableError(f"the Hugging Face Hub is unreachable, so the VAE {text!r} cannot be downloaded",
+                                      "vae", offline_advice_for("vae"))
         return _vae_from_hub(text, token=token, **options)
     except (ConnectionError, FileNotFoundError):
         raise

@@ -752,7 +752,7 @@ def push(run: NotebookRun) -> bool:
         return False
     from huggingface_hub import get_token, notebook_login, whoami
 
-    from .hub import push_to_hub
+    from .publish import push_to_hub
 
     if get_token() is None:
         notebook_login()

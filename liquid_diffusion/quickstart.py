@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from .checkpoints import CorruptCheckpointError, list_checkpoints, read_json
 from .config import TrainConfig
-from .errors import check_number
+from .errors import check_not_a_file, check_number
 from .metrics import TrainerCallback
 from .model import FORMAT_VERSION
 from .trainer import Trainer
@@ -116,6 +116,7 @@ def set_aside_older_run(output_dir: str | Path) -> Path | None:
 def _run_quickstart(args: argparse.Namespace) -> int:
     check_number(args, "steps", 1)
     check_number(args, "batch_size", 1)
+    check_not_a_file(args.output_dir, "--output-dir")
     moved = set_aside_older_run(args.output_dir)
     if moved is not None:
         print(f"{args.output_dir} held a quickstart of an older LiquidDiffusion architecture, which this release "

@@ -98,6 +98,13 @@ def _write_error(path: Path, error: OSError) -> OSError:
                            "can write to (e.g. --out DIR/grid.png)")
 
 
+# What `sample` and `evaluate` advise when the Hub is unreachable for a latent checkpoint's VAE.
+CHECKPOINT_OFFLINE_ADVICE = {
+    "vae": "export the checkpoint where the Hub is reachable (the exported folder holds the VAE) and pass that folder "
+           "as --checkpoint",
+}
+
+
 def load_for_sampling(checkpoint: str, use_ema: bool = True, device: str | torch.device = "cpu", *,
                       with_guidance: bool = False):
     """``(unet, FrozenVAE or None, resolution)`` from a training checkpoint, an output dir (its newest checkpoint),
@@ -167,4 +174,4 @@ def add_sample_command(subparsers) -> None:
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="classifier-free guidance scale w for class-conditional models; 1 = no guidance "
                              f"(default: the model's recommended scale, else {flow.DEFAULT_GUIDANCE_SCALE})")
-    parser.set_defaults(func=_run_sample)
+    parser.set_defaults(func=_run_sample, offline_advice=CHECKPOINT_OFFLINE_ADVICE)

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from .errors import advice, first_line
+from .errors import HubUnreachableError, advice, audience, first_line
 
 # ``datasets`` is imported inside the functions that use it: loading a pipeline (``import liquid_diffusion``) never
 # needs it, and it adds about half a second to every import.
@@ -107,6 +107,19 @@ def resolve_source(source: str) -> tuple[str, str]:
     return "hub", source
 
 
+# What to do without the Hub, per thing a run needs from it, naming no flag (Python callers); each command names
+# its own flags instead (``parser.set_defaults(offline_advice=...)``, see ``errors.HubUnreachableError``).
+OFFLINE_ADVICE = {
+    "dataset": "use a local image folder as the dataset",
+    "vae": "a VAE downloaded once is read from the Hugging Face cache; otherwise use a local VAE folder (written by "
+           "AutoencoderKL.save_pretrained)",
+}
+
+
+def offline_advice_for(needs: str) -> str:
+    """What to do without the Hub for what a run ``needs`` (``"dataset"`` or ``"vae"``): the notebook's fields in the
+    notebook, else words naming no flag (each command of the command line puts its own flags in their place)."""
+    return advice("offline") if audience() == "notebook" else OFFLINE_ADVICE[needs]
 
 
 def hub_reachable(timeout: float = 5.0) -> bool:
@@ -236,8 +249,8 @@ def _stream(source: str, split: str, config_name: str | None):
             raise ConnectionError(f"no such local folder {source!r} (relative to {os.getcwd()}), and the Hugging "
                                   "Face Hub is unreachable, so it cannot be streamed as a Hub dataset either; check the "
                                   "path (or give an absolute one)")
-        raise ConnectionError(f"the Hugging Face Hub is unreachable, so dataset {target!r} cannot be streamed; "
-                              + advice("offline"))
+        raise HubUnreachableError(f"the Hugging Face Hub is unreachable, so dataset {target!r} cannot be "
+                                  "streamed", "dataset", offline_advice_for("dataset"))
     try:
         with quiet_file_resolution():
             return load_dataset(*args, split=split, streaming=True, **kwargs)

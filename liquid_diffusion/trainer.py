@@ -60,12 +60,24 @@ from .config import (
     resume_position,
 )
 from .data import SEED_STRIDE, ImageBatchStream, make_dataloader
-from .errors import DiskFullError, advice, option
+from .errors import ADVICE, DiskFullError, advice, check_not_a_file, option
 from .evaluate import TrainingEvaluator, update_best
-from .hub import HubPusher, check_can_push
-from .latents import FrozenVAE, LatentBatchStream, build_latent_cache, read_metadata, vae_dtype
-from .metrics import METRICS_FILE, IntervalStats, TrainerCallback, append_record, truncate_metrics
+from .latents import (
+    FrozenVAE,
+    LatentBatchStream,
+    build_latent_cache,
+    read_metadata,
+    vae_dtype,
+)
+from .metrics import (
+    METRICS_FILE,
+    IntervalStats,
+    TrainerCallback,
+    append_record,
+    truncate_metrics,
+)
 from .model import LiquidDiffusionUNet
+from .publish import HubPusher, check_can_push
 from .resume import apply_optimizer_flags, find_resume_checkpoint, resume_notes
 from .run_lock import RunLock, claim_output_dir
 from .sampling import class_grid_labels, generate, save_grid
@@ -79,8 +91,8 @@ from .stopping import (
     any_process,
     exit_status,
 )
-from .validation import Validator, choose_holdout
 from .tracking import ExperimentTracker, accelerator_kwargs, check_report_to
+from .validation import Validator, choose_holdout
 
 
 def _check_writable(folder: Path) -> None:
@@ -109,6 +121,7 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         self.output_dir = Path(config.output_dir).expanduser()
         # The cheap checks first: a typo in a path must not wait for a VAE download.
+        check_not_a_file(self.output_dir, "--output-dir")
         if self._reads_dataset():
             resolve_source(config.dataset)
         if config.push_to_hub:
@@ -723,4 +736,5 @@ def add_train_command(subparsers) -> None:
         description="Train with rectified flow. Works the same under `accelerate launch` for several GPUs.",
     )
     add_config_flags(parser)
-    parser.set_defaults(func=_run_train)
+    offline = ADVICE["offline"]["cli"]
+    parser.set_defaults(func=_run_train, offline_advice={"dataset": offline, "vae": offline})

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from liquid_diffusion import checkpoints, hub
+from liquid_diffusion import checkpoints, publish
 from liquid_diffusion.__main__ import main
 from liquid_diffusion.checkpoints import CheckpointWriteError, list_checkpoints, read_checkpoint
 from liquid_diffusion.metrics import IntervalStats
@@ -340,8 +340,8 @@ def test_sample_shows_progress_and_corrupt_ema_weights_are_one_line(pixel_checkp
 def test_push_without_a_token_says_not_logged_in_before_any_upload(pixel_checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token either
-    monkeypatch.setattr(hub, "get_token", lambda: None)
-    monkeypatch.setattr(hub, "HfApi", lambda *a, **k: pytest.fail("nothing may be uploaded without a token"))
+    monkeypatch.setattr(publish, "get_token", lambda: None)
+    monkeypatch.setattr(publish, "HfApi", lambda *a, **k: pytest.fail("nothing may be uploaded without a token"))
     assert main(["push", "--checkpoint", str(pixel_checkpoint), "--repo-id", "me/liquid"]) == 2
     (line,) = error_lines(capsys.readouterr().err)
     assert "not logged in" in line and "hf auth login" in line

@@ -22,7 +22,7 @@ from liquid_diffusion.stopping import GracefulStop, NonFiniteLossError
 from liquid_diffusion.trainer import Trainer
 from test_evaluate import STAND_IN, StandInFeatures
 from test_faults import cli_train, error_lines, logged_steps, truncate, wait_for
-from test_trainer import REPO, RES, pixel_config, run_cli, synthetic_folder
+from test_trainer import REPO, RES, pixel_config, synthetic_folder
 
 
 @pytest.fixture(scope="module")
@@ -436,7 +436,7 @@ def test_sample_export_and_evaluate_fall_back_past_a_damaged_newest_checkpoint(d
     assert err.count("warning: skipping damaged checkpoint-000002") == 3 and "unet_ema" in err
 
 
-def test_sample_into_a_read_only_folder_is_one_line(finished_run, tmp_path):
+def test_sample_into_a_read_only_folder_is_one_line(finished_run, tmp_path, monkeypatch, capsys):
     readonly = tmp_path / "readonly"
     readonly.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(readonly)],
@@ -445,13 +445,14 @@ def test_sample_into_a_read_only_folder_is_one_line(finished_run, tmp_path):
             pytest.skip("cannot mount a read-only tmpfs here")
         readonly.chmod(0o555)  # not root: the permission bits are enough
     try:
-        result = subprocess.run([sys.executable, "-m", "liquid_diffusion", "sample", "--checkpoint", str(finished_run),
-                                 "--num-images", "1", "--steps", "1"], cwd=readonly, capture_output=True, text=True,
-                                timeout=300, env=child_env())
+        monkeypatch.chdir(readonly)
+        code = main(["sample", "--checkpoint", str(finished_run), "--num-images", "1", "--steps", "1"])
     finally:
+        monkeypatch.chdir(tmp_path)
         subprocess.run(["umount", str(readonly)], capture_output=True)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    (line,) = error_lines(result.stderr)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    (line,) = error_lines(err)
     assert "cannot write grid.png" in line and "--out" in line
 
 
@@ -492,14 +493,17 @@ def test_export_removes_the_staging_folders_of_interrupted_exports(finished_run,
 # ------------------------------------------------------------------------------------------------ flags
 
 
-def test_a_relative_dataset_path_from_another_working_dir_says_it_does_not_exist(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "liquid_diffusion", "train", "--dataset", "data/photos", "--space",
-                             "pixel", "--preset", "micro", "--resolution", str(RES), "--output-dir", "run"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env=child_env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home")))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    (line,) = error_lines(result.stderr)
-    assert f"no such local folder 'data/photos' (relative to {tmp_path})" in line
+def test_a_relative_dataset_path_from_another_working_dir_says_it_does_not_exist(tmp_path, monkeypatch, capsys):
+    from liquid_diffusion import sources
+
+    monkeypatch.setattr(sources, "hub_reachable", lambda *args, **kwargs: False)  # offline: never touch the network
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--dataset", "data/photos", "--space", "pixel", "--preset", "micro", "--resolution",
+                 str(RES), "--output-dir", "run"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = error_lines(err)
+    assert f"no such local folder 'data/photos' (relative to {os.getcwd()})" in line
 
 
 def test_a_nan_guidance_scale_is_refused_in_one_line(images, finished_run, tmp_path, capsys):

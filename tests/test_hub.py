@@ -9,6 +9,7 @@ their exports come from ``conftest.py``.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 from conftest import FAKE_TOKEN, REQUIRED_EXPORT_FILES, files_in
-from liquid_diffusion import LiquidDiffusionPipeline, LiquidDiffusionUNet, hub
+from liquid_diffusion import LiquidDiffusionPipeline, LiquidDiffusionUNet, hub, publish
 from liquid_diffusion.__main__ import main
 from liquid_diffusion.checkpoints import find_checkpoint
 
@@ -64,7 +65,7 @@ class FakeHfApi:
 def fake_hub(monkeypatch):
     FakeHfApi.instances, FakeHfApi.upload_errors, FakeHfApi.create_error = [], [], None
     FakeHfApi.gate = FakeHfApi.entered = None
-    monkeypatch.setattr(hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(publish, "HfApi", FakeHfApi)
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)  # "logged in"
     return FakeHfApi
 
@@ -94,6 +95,60 @@ def test_missing_paths_and_bad_ids_give_one_clear_error(tmp_path):
         hub.resolve_checkpoint("not a repo id!")
     with pytest.raises(FileNotFoundError, match="not a LiquidDiffusion checkpoint"):
         hub.resolve_checkpoint(tmp_path)
+
+
+def test_a_relative_checkpoint_path_without_dot_slash_is_local(pixel_run, pixel_export, tmp_path, monkeypatch,
+                                                                capsys):
+    import shutil
+
+    shutil.copytree(pixel_run, tmp_path / "runs" / "x")
+    shutil.copytree(pixel_export, tmp_path / "out" / "final")
+    monkeypatch.chdir(tmp_path)
+    downloads = []
+    monkeypatch.setattr(hub, "snapshot_download", lambda repo_id, **kwargs: downloads.append(repo_id) or pixel_export)
+    assert hub.resolve_checkpoint("runs/x/checkpoint-000250") == Path("runs/x/checkpoint-000250")
+    assert hub.resolve_checkpoint("out/final") == Path("out/final")  # USER/NAME-shaped, but here: local
+    for checkpoint, grid in (("runs/x/checkpoint-000250", "a.png"), ("out/final", "b.png"), ("runs/x", "c.png")):
+        assert main(["sample", "--checkpoint", checkpoint, "--num-images", "1", "--steps", "1", "--out", grid]) == 0
+        assert (tmp_path / grid).is_file()
+    assert downloads == []
+    # a path that is not here says so in one line, and nothing is downloaded
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", "runs/x/checkpoint-000100"]) == 2
+    assert capsys.readouterr().err == (f"error: checkpoint path 'runs/x/checkpoint-000100' does not exist locally "
+                                       f"(relative to {os.getcwd()}); check the path (a Hub id is USER/NAME)\n")
+    assert downloads == []
+    # only USER/NAME that is not here is a Hub id
+    assert hub.resolve_checkpoint("me/liquid-anime") == pixel_export and downloads == ["me/liquid-anime"]
+
+
+def package_imports(module: str) -> set[str]:
+    """The ``liquid_diffusion`` modules ``module`` imports when run, directly or through others (read from the
+    source; ``if TYPE_CHECKING:`` imports left out)."""
+    import ast
+
+    package = Path(hub.__file__).parent
+    seen, todo = set(), [module]
+    while todo:
+        tree = ast.parse((package / f"{todo.pop()}.py").read_text())
+        typing_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and "TYPE_CHECKING" in ast.unparse(block.test) for node in ast.walk(block)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [alias.name for alias in node.names]
+                for name in names:
+                    if name not in seen and (package / f"{name}.py").is_file():
+                        seen.add(name)
+                        todo.append(name)
+    return seen
+
+
+def test_loading_never_imports_the_publisher():
+    for module in ("hub", "sampling", "evaluate", "export", "pipeline"):
+        assert "publish" not in package_imports(module), module
+    assert "publish" in package_imports("trainer") and "publish" in package_imports("__main__")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,7 +217,7 @@ def test_hub_download_errors_are_one_clear_line(monkeypatch, error, expected_typ
 
 
 def test_push_exports_then_uploads_that_folder_without_the_token(fake_hub, pixel_run, pixel_export):
-    url = hub.push_to_hub(pixel_run, "me/liquid-anime", private=True, token=FAKE_TOKEN)
+    url = publish.push_to_hub(pixel_run, "me/liquid-anime", private=True, token=FAKE_TOKEN)
     assert url == "https://huggingface.co/me/liquid-anime"
     (api,) = fake_hub.instances
     assert api.token == FAKE_TOKEN  # handed to HfApi, and nowhere else
@@ -185,14 +240,14 @@ def test_push_exports_then_uploads_that_folder_without_the_token(fake_hub, pixel
 def test_push_auth_errors_say_how_to_fix_them(fake_hub, pixel_run, status, expected_text):
     fake_hub.create_error = http_error(HfHubHTTPError, status)
     with pytest.raises(PermissionError, match=expected_text) as info:
-        hub.push_to_hub(pixel_run, "me/liquid-anime", token=FAKE_TOKEN)
+        publish.push_to_hub(pixel_run, "me/liquid-anime", token=FAKE_TOKEN)
     assert FAKE_TOKEN not in str(info.value) and "\n" not in str(info.value)
 
 
 def test_push_rejects_bad_repo_ids_before_any_work(fake_hub, pixel_run):
     for bad in ("no-namespace", "a/b/c", "me/bad--name"):
         with pytest.raises(ValueError, match="USER/NAME"):
-            hub.push_to_hub(pixel_run, bad)
+            publish.push_to_hub(pixel_run, bad)
     assert fake_hub.instances == []
 
 
@@ -204,7 +259,7 @@ def test_push_rejects_bad_repo_ids_before_any_work(fake_hub, pixel_run):
 def test_hub_pusher_retries_with_backoff_and_then_succeeds(fake_hub, pixel_run):
     fake_hub.upload_errors = [ConnectionError("network down"), ConnectionError("still down")]
     successes = []
-    pusher = hub.HubPusher(
+    pusher = publish.HubPusher(
         "me/liquid",
         token=FAKE_TOKEN,
         max_attempts=3,
@@ -222,7 +277,7 @@ def test_hub_pusher_retries_with_backoff_and_then_succeeds(fake_hub, pixel_run):
 def test_hub_pusher_reports_a_failure_and_never_raises(fake_hub, pixel_run, caplog):
     fake_hub.upload_errors = [ConnectionError("down")] * 5
     failures = []
-    pusher = hub.HubPusher(
+    pusher = publish.HubPusher(
         "me/liquid", max_attempts=3, backoff_s=0.01, on_failure=lambda ckpt, error: failures.append((ckpt, error))
     )
     pusher.push(pixel_run / "does-not-exist")  # a bad path is reported, not raised
@@ -247,7 +302,7 @@ def test_hub_pusher_does_not_block_and_survives_checkpoint_pruning(fake_hub, pix
     run = tmp_path / "run"
     shutil.copytree(pixel_run, run)
     fake_hub.gate = threading.Event()
-    pusher = hub.HubPusher("me/liquid", backoff_s=0)
+    pusher = publish.HubPusher("me/liquid", backoff_s=0)
     start = time.perf_counter()
     pusher.push(run / "checkpoint-000250")
     pusher.push(run / "checkpoint-000500")  # queued behind the blocked upload (or superseding it)
@@ -268,7 +323,7 @@ def test_hub_pusher_pushes_only_the_newest_of_the_checkpoints_that_queued_meanwh
     newest = shutil.copytree(run / "checkpoint-000500", run / "checkpoint-000600")
     (newest / "state.json").write_text(json.dumps({"step": 600, "batches_consumed": 600}))
     fake_hub.gate, fake_hub.entered = threading.Event(), threading.Event()
-    pusher = hub.HubPusher("me/liquid", backoff_s=0)
+    pusher = publish.HubPusher("me/liquid", backoff_s=0)
     pusher.push(run / "checkpoint-000250")
     assert fake_hub.entered.wait(60)  # 250 is uploading (held at the gate)
     pusher.push(run / "checkpoint-000500")  # waits ...

@@ -185,12 +185,16 @@ def test_the_notebooks_offline_error_names_its_fields_not_flags(notebook_wording
     assert "--" not in message
 
 
-def test_the_command_line_keeps_its_flags(monkeypatch):
+def test_the_command_line_keeps_its_flags_and_python_callers_get_no_flags(monkeypatch, tmp_path, capsys):
     from liquid_diffusion import sources
+    from liquid_diffusion.__main__ import main
 
     monkeypatch.setattr(sources, "hub_reachable", lambda timeout=5.0: False)
-    with pytest.raises(ConnectionError, match=r"--space pixel with a local image folder \(--dataset PATH\)"):
+    with pytest.raises(ConnectionError, match="use a local image folder as the dataset$"):
         sources.open_source("afhq")
+    assert main(["train", "--dataset", "afhq", "--output-dir", str(tmp_path / "run")]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert "--space pixel with a local image folder (--dataset PATH)" in line
 
 
 def test_advice_and_option_names_follow_the_audience(notebook_wording):

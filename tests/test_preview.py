@@ -3,17 +3,14 @@ one-line errors."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
+import re
 
 import pytest
 from PIL import Image
 
 from conftest import IMAGE_FOLDER_CORRUPT, IMAGE_FOLDER_GOOD, IMAGE_FOLDER_TINY
 from liquid_diffusion.__main__ import main
-
-REPO = Path(__file__).resolve().parents[1]
+from test_trainer import cli_help, help_entries
 
 
 def test_preview_writes_a_grid_and_prints_the_counts(image_folder, tiny_vae_dir, tmp_path, capsys):
@@ -33,9 +30,30 @@ def test_preview_errors_are_one_line_without_traceback(dataset, message, capsys)
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-def test_preview_cli_in_a_subprocess(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "liquid_diffusion", "preview", "--dataset", str(tmp_path / "x")],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"error: no such file or folder: '{tmp_path / 'x'}'; check the "
-                                                  "path (or pass a Hub id namespace/name)"]
+def test_preview_of_a_missing_folder_is_exactly_one_line(tmp_path, capsys):
+    assert main(["preview", "--dataset", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: no such file or folder: '{tmp_path / 'x'}'; "
+                                                            "check the path (or pass a Hub id namespace/name)"]
+
+
+def test_every_preview_flag_has_help(capsys):
+    entries = help_entries(cli_help("preview", capsys))
+    assert {"--split SPLIT", "--resolution RESOLUTION", "--random-crop", "--no-flip", "--shuffle-buffer SHUFFLE_BUFFER",
+            "--seed SEED"} <= set(entries)
+    for flags, description in entries.items():
+        assert len(description) > 10, flags
+
+
+@pytest.mark.parametrize("needs", ["dataset", "vae"])
+def test_preview_offline_advice_names_only_flags_preview_has(image_folder, tmp_path, monkeypatch, capsys, needs):
+    from liquid_diffusion import latents, sources
+
+    for module in (sources, latents):
+        monkeypatch.setattr(module, "hub_reachable", lambda *args, **kwargs: False)
+    source = ["--dataset", "afhq"] if needs == "dataset" else ["--dataset", str(image_folder), "--vae", "me/no-vae"]
+    assert main(["preview", *source, "--resolution", "32", "--out", str(tmp_path / "grid.png")]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert "Hub is unreachable" in line and "to preview without the Hub" in line
+    named = set(re.findall(r"--[a-z][a-z-]*", line))
+    assert named and named <= set(re.findall(r"--[a-z][a-z-]*", cli_help("preview", capsys))), line
+    assert not (tmp_path / "grid.png").exists()

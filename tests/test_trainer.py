@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from liquid_diffusion import flow
+from liquid_diffusion.__main__ import build_parser, main
 from liquid_diffusion.checkpoints import list_checkpoints
 from liquid_diffusion.config import TrainConfig, resolve_mixed_precision
 from liquid_diffusion.metrics import TrainerCallback
@@ -95,6 +96,41 @@ def run_cli(*args: str, timeout: int = 300, **kwargs) -> subprocess.CompletedPro
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "liquid_diffusion", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env=env, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line in-process (``__main__.main``; a subprocess only where a test needs one). Here, not in
+# conftest.py: processes that the fault tests start import this module, and there ``conftest`` is the root one.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cli_help(command: str, capsys) -> str:
+    """``python -m liquid_diffusion COMMAND --help``'s text, as wide as it likes (no line wrapped)."""
+    from unittest import mock
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info, mock.patch.dict("os.environ", {"COLUMNS": "1000"}):
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """Each option of an argparse help text (its flags, as shown) -> its description, wrapped lines joined."""
+    entries, current = {}, None
+    for line in text.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            current, _, description = line.strip().partition("  ")
+            entries[current] = description.strip()
+        elif current is not None and line.startswith("    "):
+            entries[current] = f"{entries[current]} {line.strip()}".strip()
+        else:
+            current = None
+    return entries
+
+
+def command_names() -> list[str]:
+    return [name for action in build_parser()._subparsers._group_actions for name in action.choices]
 
 
 # ------------------------------------------------------------------------------------------------ learning
@@ -357,22 +393,22 @@ def test_two_process_run_keeps_ema_identical_and_writes_once(train_folder, tmp_p
 # ------------------------------------------------------------------------------------------------ command line
 
 
-def test_cli_train_then_sample(train_folder, tmp_path):
+def test_cli_train_then_sample(train_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    result = run_cli("train", "--dataset", str(train_folder), "--space", "pixel", "--preset", "micro",
-                     "--resolution", str(RES), "--batch-size", "4", "--steps", "3", "--log-every", "1",
-                     "--sample-every", "2", "--checkpoint-every", "2", "--num-workers", "0",
-                     "--num-sample-images", "4", "--sample-steps", "2", "--output-dir", str(out))
-    assert result.returncode == 0, result.stderr
+    code = main(["train", "--dataset", str(train_folder), "--space", "pixel", "--preset", "micro",
+                 "--resolution", str(RES), "--batch-size", "4", "--steps", "3", "--log-every", "1",
+                 "--sample-every", "2", "--checkpoint-every", "2", "--num-workers", "0",
+                 "--num-sample-images", "4", "--sample-steps", "2", "--output-dir", str(out)])
+    assert code == 0, capsys.readouterr().err
     assert len(training_records(out)) == 3
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step-000002.png", "step-000003.png"]
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-000002", "checkpoint-000003"]
 
     grid = tmp_path / "grid.png"
     for sampler in ("euler", "heun"):
-        result = run_cli("sample", "--checkpoint", str(out), "--num-images", "4", "--steps", "3",
-                         "--sampler", sampler, "--seed", "0", "--out", str(grid))
-        assert result.returncode == 0, result.stderr
+        code = main(["sample", "--checkpoint", str(out), "--num-images", "4", "--steps", "3",
+                     "--sampler", sampler, "--seed", "0", "--out", str(grid)])
+        assert code == 0, capsys.readouterr().err
         assert Image.open(grid).size == (2 * RES, 2 * RES)
 
 
@@ -394,17 +430,43 @@ def test_cli_ctrl_c_saves_a_checkpoint(train_folder, tmp_path):
     assert list_checkpoints(out)
 
 
-def test_help_documents_every_flag():
-    result = run_cli("train", "--help")
-    assert result.returncode == 0
+def test_help_documents_every_flag(capsys):
+    train_help = cli_help("train", capsys)
     for flag in ("--dataset", "--preset", "--resolution", "--space", "--vae", "--batch-size", "--grad-accum",
                  "--steps", "--lr", "--timestep-sampling", "--sample-every", "--checkpoint-every", "--output-dir",
                  "--resume", "--mixed-precision", "--ema-decay", "--cache-latents", "--seed", "--compile",
                  "--gradient-checkpointing", "--report-to"):
-        assert flag in result.stdout
-    sample_help = run_cli("sample", "--help").stdout
+        assert flag in train_help
+    sample_help = cli_help("sample", capsys)
     for flag in ("--checkpoint", "--num-images", "--steps", "--sampler", "--seed", "--out"):
         assert flag in sample_help
+
+
+@pytest.mark.parametrize("command", command_names())
+def test_help_states_each_default_once(command, capsys):
+    entries = help_entries(cli_help(command, capsys))
+    assert "--help" not in entries and len(entries) > 2
+    for flags, description in entries.items():
+        assert description.count("(default") <= 1, (flags, description)
+        assert "(default: None)" not in description, (flags, description)
+    if command == "train":  # the two that were doubled, and a flag whose default argparse words itself
+        assert entries["--cache-num-images CACHE_NUM_IMAGES"].endswith("(default: all)")
+        assert entries["--cache-dir CACHE_DIR"].endswith("(default: OUTPUT_DIR/latent-cache)")
+        assert entries["--flip, --no-flip"] == "random horizontal flips (default: True)"
+
+
+@pytest.mark.parametrize("command", ["train", "quickstart"])
+def test_an_output_dir_that_is_a_file_is_one_line(train_folder, tmp_path, capsys, command):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("not a folder")
+    argv = ["--output-dir", str(blocker)]
+    if command == "train":
+        argv += ["--dataset", str(train_folder), "--space", "pixel", "--preset", "micro", "--resolution", str(RES)]
+    assert main([command, *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"error: --output-dir '{blocker}' is a file, not a folder; choose a folder (a new or "
+                            "existing directory) instead\n")
+    assert blocker.read_text() == "not a folder" and list(tmp_path.iterdir()) == [blocker]
 
 
 @pytest.mark.parametrize(
@@ -418,17 +480,17 @@ def test_help_documents_every_flag():
     ],
     ids=["resolution", "preset", "space", "dataset", "report-to"],
 )
-def test_cli_bad_values_give_one_clean_line(train_folder, tmp_path, args, message):
+def test_cli_bad_values_give_one_clean_line(train_folder, tmp_path, capsys, args, message):
     base = ["train", "--dataset", str(train_folder), "--space", "pixel", "--preset", "micro", "--resolution",
             str(RES), "--steps", "1", "--num-workers", "0", "--output-dir", str(tmp_path)]
-    result = run_cli(*base, *args)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+    assert main([*base, *args]) != 0
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], stderr
 
 
-def test_cli_sample_from_a_missing_checkpoint_is_one_clean_line(tmp_path):
-    result = run_cli("sample", "--checkpoint", str(tmp_path / "nothing-here"))
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("error:")
+def test_cli_sample_from_a_missing_checkpoint_is_one_clean_line(tmp_path, capsys):
+    assert main(["sample", "--checkpoint", str(tmp_path / "nothing-here")]) != 0
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr and stderr.startswith("error:")
