@@ -293,6 +293,44 @@ def study(plan: list[list[str]], jobs: int, out_dir: str, cache_dir: str) -> Non
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# Speed: co-timed training images/s, for the equal wall-clock comparison
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def speed(models: list[str], batch: int = 8, rounds: int = 5, steps: int = 5) -> dict[str, float]:
+    """Training images/s of each model at the study's size (pixel space, 32 px, ``batch``), timed in interleaved
+    rounds in one process so that a busy machine slows all alike (the study's own runs share cores, so their img/s
+    do not compare). Median over rounds."""
+    device = torch.device("cpu")
+    x0 = torch.randn(batch, 3, RESOLUTION, RESOLUTION)
+    jobs = {}
+    for name in models:
+        torch.manual_seed(0)
+        if name in PEERS:
+            kind, overrides = PEERS[name]
+            model = common.build_model(kind, in_channels=3, sample_size=RESOLUTION, **overrides)
+        else:
+            model = common.build_model(name, in_channels=3, sample_size=RESOLUTION)
+            model = model.to(memory_format=torch.channels_last)  # as the trainer holds the U-Net
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        step = common.make_train_step(model.train(), x0)
+        step()  # warm-up
+        jobs[name] = lambda step=step: batch * steps / common.timed(lambda: [step() for _ in range(steps)], device)
+    return {name: statistics.median(rates) for name, rates in common.interleaved(jobs, rounds).items()}
+
+
+def val_at_step(result: dict, step: float) -> float | None:
+    """The EMA validation loss of ``result``'s curve at ``step``, linear between its points; None before the first."""
+    curve = [(s, v) for s, v, _ in result["curve"]]
+    if step < curve[0][0]:
+        return None
+    for (s0, v0), (s1, v1) in zip(curve, curve[1:]):
+        if s0 <= step <= s1:
+            return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+    return curve[-1][1]
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Table
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -373,6 +411,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/liquid-diffusion-bench"))
     sub.choices["study"].add_argument("--plan", required=True)
     sub.choices["study"].add_argument("--jobs", type=int, default=2)
+    fast = sub.add_parser("speed", help="co-timed training images/s of models at the study's size")
+    fast.add_argument("--models", nargs="+", default=["liquid-micro", "dit-micro", "unet2d-micro"])
+    fast.add_argument("--rounds", type=int, default=5)
+    fast.add_argument("--threads", type=int, default=1)
+    fast.add_argument("--output", help="also write the rates here as JSON")
     tab = sub.add_parser("table", help="print the table of a study's results")
     tab.add_argument("out_dir")
     return parser.parse_args(argv)
@@ -382,6 +425,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.command == "table":
         print(table(collect(args.out_dir)))
+        return 0
+    if args.command == "speed":
+        torch.set_num_threads(args.threads)
+        rates = speed(args.models, rounds=args.rounds)
+        print(common.markdown_table(["model", "images/s"], [[m, f"{r:.1f}"] for m, r in rates.items()]))
+        if args.output:
+            Path(args.output).write_text(json.dumps(dict(rates=rates, threads=args.threads, batch=8,
+                                                         machine=common.describe_machine(torch.device("cpu")))))
         return 0
     if args.command == "study":
         study(read_plan(args.plan), args.jobs, args.out_dir, args.cache_dir)

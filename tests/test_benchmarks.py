@@ -152,3 +152,15 @@ def test_the_recipe_study_trains_through_the_product_trainer_and_tables_seeds(tm
     assert timed["steps"] == 1 and timed["images"] == 8 and timed["curve"][-1][0] == 1
     assert "_m0.0001_" in timed["name"] and "--minutes 0.0001" in timed["command"]
     assert "| 0.0001 min | 8 | 1 |" in recipe.table(recipe.collect(out))
+
+
+def test_the_recipe_studys_equal_wall_clock_reads_its_curves_at_co_timed_speeds(monkeypatch):
+    from benchmarks import recipe
+
+    monkeypatch.setattr(recipe, "RESOLUTION", 16)
+    rates = recipe.speed(["liquid-micro", "unet2d-micro"], batch=2, rounds=1, steps=1)
+    assert set(rates) == {"liquid-micro", "unet2d-micro"} and all(r > 0 for r in rates.values())
+    result = {"curve": [(250, 0.4, 0.5), (500, 0.3, 0.35), (1000, 0.2, 0.25)]}
+    assert recipe.val_at_step(result, 100) is None  # before the first evaluation: unknown
+    assert recipe.val_at_step(result, 750) == pytest.approx(0.25) and recipe.val_at_step(result, 250) == 0.4
+    assert recipe.val_at_step(result, 5000) == 0.2
