@@ -280,11 +280,17 @@ def resolve_mixed_precision(choice: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per ``TrainConfig`` field, named and documented from the dataclass."""
-    for f in dataclasses.fields(TrainConfig):
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type = None, exclude: tuple[str, ...] = (),
+                     defaults: dict | None = None) -> None:
+    """One flag per field of ``config_class`` (default ``TrainConfig``), named and documented from the dataclass;
+    ``exclude``: fields without a flag; ``defaults``: other defaults than the dataclass's (reflow's)."""
+    defaults = defaults or {}
+    for f in dataclasses.fields(config_class or TrainConfig):
+        if f.name in exclude:
+            continue
         flag = "--" + f.name.replace("_", "-")
-        kwargs = {"dest": f.name, "help": f"{f.metadata['help']} (default: {f.default})", "default": f.default}
+        default = defaults.get(f.name, f.default)
+        kwargs = {"dest": f.name, "help": f"{f.metadata['help']} (default: {default})", "default": default}
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name == "resume":
