@@ -90,6 +90,10 @@ class ReflowConfig(TrainConfig):
                                        "(keeps unconditional sampling)", default=0.1)
     pair_batch_size: int = _help("teacher samples per forward pass while generating pairs", default=64)
     shard_size: int = _help("pairs per safetensors shard of the pair cache", default=256)
+    pair_cache_dir: str | None = _help("the pair cache's folder (default: OUTPUT_DIR/pair-cache); another run's cache "
+                                       "of the same teacher and settings is reused", default=None)
+    init: str | None = _help("start the student from this model's weights instead of the teacher's (e.g. a reflow "
+                             "run's result, for a --distill-t stage on the same pairs)", default=None)
     distill_t: float | None = _help("train at this one t only (1: a 1-step distillation stage) instead of t drawn as "
                                     "--timestep-sampling says", default=None)
     recommended_steps: int = _help("the number of Euler steps the result is made for: the pipeline's default "
@@ -371,7 +375,14 @@ class ReflowTrainer(Trainer):
         if teacher.vae is not None:
             self.vae = FrozenVAE(teacher.vae, device=self.device, dtype=vae_dtype(self.device), chunk_size=4)
         model = LiquidDiffusionUNet.from_config(teacher.unet.config)
-        model.load_state_dict(teacher.unet.state_dict())
+        start = teacher.unet
+        if self.config.init:
+            start = load_teacher(self.config.init).unet
+            shapes = {k: v.shape for k, v in start.state_dict().items()}
+            if shapes != {k: v.shape for k, v in teacher.unet.state_dict().items()}:
+                raise ValueError(f"--init {self.config.init!r} is another architecture than the teacher's; give a "
+                                 "model made from this teacher (a reflow run's result)")
+        model.load_state_dict(start.state_dict())
         model.train()
         if self.config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
@@ -390,7 +401,8 @@ class ReflowTrainer(Trainer):
         """Generates the missing shards of the pair cache (main process; a stop signal saves what is done and exits
         like train), then loads all pairs."""
         config = self.config
-        cache = PairCache(self.output_dir / PAIR_CACHE, cache_metadata(config, self.teacher))
+        folder = Path(config.pair_cache_dir).expanduser() if config.pair_cache_dir else self.output_dir / PAIR_CACHE
+        cache = PairCache(folder, cache_metadata(config, self.teacher))
         if self.is_main:
             cache.check(config.overwrite)
             missing = cache.missing()
