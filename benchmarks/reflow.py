@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -65,8 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_stage(args, output_dir: Path, **overrides) -> tuple[Path, float]:
-    """A reflow run (resumed where it stopped); returns its pipeline folder and the seconds this call took."""
+def run_stage(args, output_dir: Path, **overrides) -> tuple[Path, float, float]:
+    """A reflow run (resumed where it stopped); returns its pipeline folder, the seconds this call took and the
+    seconds of them spent generating pairs."""
     start = time.perf_counter()
     values = dict(
         teacher=args.teacher, teacher_name=args.teacher, output_dir=str(output_dir), pairs=args.pairs,
@@ -76,7 +78,7 @@ def run_stage(args, output_dir: Path, **overrides) -> tuple[Path, float]:
     config = ReflowConfig(**{**values, **overrides})
     trainer = ReflowTrainer(config)
     trainer.train()
-    return trainer.pipeline_dir, time.perf_counter() - start
+    return trainer.pipeline_dir, time.perf_counter() - start, trainer.pair_seconds
 
 
 @torch.no_grad()
@@ -98,16 +100,9 @@ def main(argv=None) -> int:
     work, out = Path(args.work_dir), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    timings = {}
+    timings: dict = {}
     try:
-        student_dir, timings["reflow_s"] = run_stage(args, work / "reflow")
-        students = {"reflow": student_dir}
-        if args.distill_steps:
-            distill_dir, timings["distill_s"] = run_stage(
-                args, work / "distill", init=str(student_dir), distill_t=1.0, pair_cache_dir=str(work / "reflow" /
-                                                                                              "pair-cache"),
-                steps=args.distill_steps)
-            students["distill"] = distill_dir
+        student_dir, timings["reflow_run_s"], timings["pairs_s"] = run_stage(args, work / "reflow")
     except TrainingInterrupted:
         return 143
 
@@ -124,7 +119,7 @@ def main(argv=None) -> int:
         timings["reference_s_per_image"] = per_image
         save_file({"images": reference, "s_per_image": torch.tensor(per_image)}, str(reference_path))
 
-    rows, grid_rows = [], {}
+    rows, grid_rows, recommended = [], {}, {}
     n = args.grid_images
 
     def add(model: str, sampler: str, steps: int, images: torch.Tensor, per_image: float) -> None:
@@ -135,6 +130,39 @@ def main(argv=None) -> int:
               f"+- {rows[-1]['mse_stderr']:.5f}, {per_image * 1000:.1f} ms/image", flush=True)
         grid_rows[(model, sampler, steps)] = images[:n]
 
+    def evaluate(name: str, folder: Path) -> None:
+        pipe = load_pipeline(folder)
+        for calls in CALLS:
+            add(name, "euler", calls, *sample(pipe.unet.eval(), noise, calls, "euler"))
+        recommended[name] = pipe.config.get("recommended_steps")
+        # the pipeline itself, 1 step, from the same noise: the numbers above are what users get
+        images = pipe(latents=noise[:n], num_inference_steps=1, output_type="pt").images * 2 - 1
+        assert torch.allclose(images, grid_rows[(name, "euler", 1)], atol=1e-4), "pipeline != evaluated sampler"
+        grids = sorted((folder.parent / "samples").glob("step-*.png"))
+        if grids:
+            shutil.copyfile(grids[-1], out / f"{name}-training-grid-{grids[-1].name}")
+
+    def write() -> None:
+        order = [("teacher", "euler", 25)] + [("reflow", "euler", c) for c in CALLS] + \
+            [("distill", "euler", 1)] * (("distill", "euler", 1) in grid_rows) + [("teacher", "euler", 4)]
+        save_grid(torch.cat([grid_rows[key] for key in order]), out / "teacher25_vs_student.png", n)
+        result = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python -m benchmarks.reflow " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                        "torch": torch.__version__},
+            "teacher": {"path": args.teacher, "sha256": teacher.sha256, "step": teacher.step,
+                        "preset": teacher.train_config.get("preset"), "dataset": teacher.train_config.get("dataset"),
+                        "resolution": teacher.train_config.get("resolution")},
+            "settings": {k: v for k, v in vars(args).items() if k not in ("teacher", "work_dir", "out")},
+            "reference": f"teacher, heun x {args.reference_steps} steps ({2 * args.reference_steps} model calls)",
+            "eval_noises": args.eval_noises, "eval_seed": EVAL_SEED, "recommended_steps": recommended,
+            "grid_rows": [" ".join(map(str, key)) for key in order],
+            "timings": timings, "rows": rows,
+        }
+        (out / "reflow.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out / 'reflow.json'}", flush=True)
+
     for calls in CALLS:
         add("teacher", "euler", calls, *sample(unet, noise, calls, "euler"))
         if calls % 2 == 0:
@@ -142,38 +170,17 @@ def main(argv=None) -> int:
     add("teacher", "euler", 25, *sample(unet, noise, 25, "euler"))
     add("teacher", args.teacher_sampler, args.teacher_steps,
         *sample(unet, noise, args.teacher_steps, args.teacher_sampler))  # the pairs' own sampler: the floor
-    for name, folder in students.items():
-        pipe = load_pipeline(folder)
-        for calls in CALLS:
-            add(name, "euler", calls, *sample(pipe.unet.eval(), noise, calls, "euler"))
-        recommended = pipe.config.get("recommended_steps")
-        # the pipeline itself, 1 step, from the same noise: the numbers above are what users get
-        images = pipe(latents=noise[:n], num_inference_steps=1, output_type="pt").images * 2 - 1
-        assert torch.allclose(images, grid_rows[(name, "euler", 1)], atol=1e-4), "pipeline != evaluated sampler"
-    order = [("teacher", "euler", 25)] + [("reflow", "euler", c) for c in CALLS] + \
-        [("distill", "euler", 1)] * ("distill" in students) + [("teacher", "euler", 4)]
-    save_grid(torch.cat([grid_rows[key] for key in order]), out / "teacher25_vs_student.png", n)
-    for name, folder in students.items():
-        grids = sorted((folder.parent / "samples").glob("step-*.png"))
-        if grids:
-            shutil.copyfile(grids[-1], out / f"{name}-training-grid-{grids[-1].name}")
-
-    result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.reflow " + " ".join(argv or os.sys.argv[1:]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                    "torch": torch.__version__},
-        "teacher": {"path": args.teacher, "sha256": teacher.sha256, "step": teacher.step,
-                    "preset": teacher.train_config.get("preset"), "dataset": teacher.train_config.get("dataset"),
-                    "resolution": teacher.train_config.get("resolution")},
-        "settings": {k: v for k, v in vars(args).items() if k not in ("teacher", "work_dir", "out")},
-        "reference": f"teacher, heun x {args.reference_steps} steps ({2 * args.reference_steps} model calls)",
-        "eval_noises": args.eval_noises, "eval_seed": EVAL_SEED, "recommended_steps": recommended,
-        "grid_rows": [" ".join(map(str, key)) for key in order],
-        "timings": timings, "rows": rows,
-    }
-    (out / "reflow.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out / 'reflow.json'}")
+    evaluate("reflow", student_dir)
+    write()
+    if args.distill_steps:  # a second stage: the reflow result trained at t = 1 only, on the same pairs
+        try:
+            distill_dir, timings["distill_run_s"], _ = run_stage(
+                args, work / "distill", init=str(student_dir), distill_t=1.0,
+                pair_cache_dir=str(work / "reflow" / "pair-cache"), steps=args.distill_steps)
+        except TrainingInterrupted:
+            return 143
+        evaluate("distill", distill_dir)
+        write()
     return 0
 
 

@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -346,6 +347,7 @@ class ReflowTrainer(Trainer):
         config = config_for_teacher(config, self.teacher)
         self._check_output_dir(config)
         self.pairs: dict[str, torch.Tensor] | None = None
+        self.pair_seconds = 0.0  # spent generating pairs in this run
         self.pipeline_dir = Path(config.output_dir).expanduser() / PIPELINE_DIR
         super().__init__(config, callbacks)
 
@@ -408,7 +410,9 @@ class ReflowTrainer(Trainer):
             missing = cache.missing()
             if missing:
                 cache.write_metadata()
+                start = time.perf_counter()
                 self._generate(cache, missing)
+                self.pair_seconds = time.perf_counter() - start
             else:
                 print(f"pairs: reusing the {cache.metadata['num_pairs']} pairs in {cache.folder}")
         self.accelerator.wait_for_everyone()
