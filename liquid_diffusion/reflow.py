@@ -288,6 +288,7 @@ class PairCache:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
