@@ -271,8 +271,8 @@ def _few_step_text(train_config: dict, steps: int) -> str:
     """The card's few-step paragraph: what a reflow student was made for, and from which teacher."""
     teacher = train_config.get("teacher_name") or train_config.get("teacher")
     at = f" (step {train_config['teacher_step']:,})" if isinstance(train_config.get("teacher_step"), int) else ""
-    distill = (f", then distilled at t = {train_config['distill_t']:g} only" if train_config.get("distill_t") is not None
-               else "")
+    distill_t = train_config.get("distill_t")
+    distill = f", then distilled at t = {distill_t:g} only" if distill_t is not None else ""
     guidance = ("" if train_config.get("pair_guidance_scale") is None else
                 f" The teacher's classifier-free guidance (w = {train_config['pair_guidance_scale']:g}) is baked in: "
                 "sample at guidance scale 1 (the pipeline's default for this model).")

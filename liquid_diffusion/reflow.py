@@ -574,5 +574,5 @@ def add_reflow_command(subparsers) -> None:
     )
     parser.add_argument("--checkpoint", required=True, metavar="RUN_OR_CHECKPOINT",
                         help="the teacher: a training run or checkpoint, an exported pipeline folder or a Hub id")
-    add_config_flags(parser, ReflowConfig, exclude=FROM_TEACHER + RECORDED + ("teacher",))
+    add_config_flags(parser, ReflowConfig, exclude=FROM_TEACHER + RECORDED + ("teacher", "num_workers", "sample_steps"))
     parser.set_defaults(func=_run_reflow)

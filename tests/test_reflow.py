@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from liquid_diffusion import LiquidDiffusionPipeline, hub
+from liquid_diffusion import LiquidDiffusionPipeline
 from liquid_diffusion.__main__ import main
 from liquid_diffusion.checkpoints import list_checkpoints, read_checkpoint
 from liquid_diffusion.reflow import PAIR_CACHE, ReflowConfig, ReflowTrainer
@@ -46,7 +46,7 @@ def reflow_config(teacher: Path, out: Path, **overrides) -> ReflowConfig:
 def cli_reflow(teacher: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "liquid_diffusion", "reflow", "--checkpoint", str(teacher), "--output-dir", str(out),
             "--pairs", "24", "--shard-size", "8", "--teacher-steps", "2", "--batch-size", "4", "--log-every", "1",
-            "--sample-every", "0", "--num-workers", "0", "--warmup-steps", "1", *extra]
+            "--sample-every", "0", "--warmup-steps", "1", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_a_pair_cache_of_other_settings_is_refused_in_one_line_or_regenerated_wi
     ReflowTrainer(reflow_config(teacher, out, steps=1)).train()
     capsys.readouterr()
     code = main(["reflow", "--checkpoint", str(teacher), "--output-dir", str(out), "--pairs", "24", "--shard-size",
-                 "8", "--teacher-steps", "3", "--batch-size", "8", "--num-workers", "0", "--resume", "--steps", "2",
+                 "8", "--teacher-steps", "3", "--batch-size", "8", "--resume", "--steps", "2",
                  "--no-progress-bar"])
     err = capsys.readouterr().err
     assert code == 2 and len(error_lines(err)) == 1 and "differs in teacher_steps" in err and "--overwrite" in err
