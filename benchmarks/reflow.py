@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from liquid_diffusion import flow
+from liquid_diffusion.checkpoints import checkpoint_step
 from liquid_diffusion.hub import load_pipeline
 from liquid_diffusion.reflow import ReflowConfig, ReflowTrainer, load_teacher
 from liquid_diffusion.sampling import save_grid
@@ -56,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher-steps", type=int, default=8)
     p.add_argument("--reflow-steps", type=int, default=800)
     p.add_argument("--distill-steps", type=int, default=0, help="a second, t = 1 only stage (0: none)")
+    p.add_argument("--control", action="store_true",
+                   help="also train the reflow run on for --distill-steps more steps at t as usual (uniform), from "
+                        "a copy of its final checkpoint: what the distillation stage is to be compared with")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--eval-noises", type=int, default=128)
@@ -77,6 +81,9 @@ def run_stage(args, output_dir: Path, **overrides) -> tuple[Path, float, float]:
     config = ReflowConfig(**{**values, **overrides})
     trainer = ReflowTrainer(config)
     trainer.train()
+    resumed = trainer._resumed_from
+    if resumed is not None and checkpoint_step(resumed) >= config.steps:  # done before: no time of this call's
+        return trainer.pipeline_dir, None, None
     return trainer.pipeline_dir, time.perf_counter() - start, trainer.pair_seconds
 
 
@@ -100,8 +107,17 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict = {}
+    if (out / "reflow.json").is_file():  # a rerun: the stages done before keep the times they took then
+        timings = json.loads((out / "reflow.json").read_text()).get("timings", {})
+
+    def timed(key: str, seconds: float | None) -> None:
+        if seconds is not None:
+            timings[key] = seconds
+
     try:
-        student_dir, timings["reflow_run_s"], timings["pairs_s"] = run_stage(args, work / "reflow")
+        student_dir, run_s, pairs_s = run_stage(args, work / "reflow")
+        timed("reflow_run_s", run_s)
+        timed("pairs_s", pairs_s)
     except TrainingInterrupted:
         return 143
 
@@ -143,7 +159,8 @@ def main(argv=None) -> int:
 
     def write() -> None:
         order = [("teacher", "euler", 25)] + [("reflow", "euler", c) for c in CALLS] + \
-            [("distill", "euler", 1)] * (("distill", "euler", 1) in grid_rows) + [("teacher", "euler", 4)]
+            [(name, "euler", 1) for name in ("control", "distill") if (name, "euler", 1) in grid_rows] + \
+            [("teacher", "euler", 4)]
         save_grid(torch.cat([grid_rows[key] for key in order]), out / "teacher25_vs_student.png", n)
         result = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -173,12 +190,27 @@ def main(argv=None) -> int:
     write()
     if args.distill_steps:  # a second stage: the reflow result trained at t = 1 only, on the same pairs
         try:
-            distill_dir, timings["distill_run_s"], _ = run_stage(
+            distill_dir, run_s, _ = run_stage(
                 args, work / "distill", init=str(student_dir), distill_t=1.0,
                 pair_cache_dir=str(work / "reflow" / "pair-cache"), steps=args.distill_steps)
+            timed("distill_run_s", run_s)
         except TrainingInterrupted:
             return 143
         evaluate("distill", distill_dir)
+        write()
+    if args.distill_steps and args.control:
+        control = work / "control"
+        start = work / "reflow" / f"checkpoint-{args.reflow_steps:06d}"
+        if not control.is_dir():
+            shutil.copytree(start, control / start.name)
+        try:
+            control_dir, run_s, _ = run_stage(
+                args, control, pair_cache_dir=str(work / "reflow" / "pair-cache"),
+                steps=args.reflow_steps + args.distill_steps)
+            timed("control_run_s", run_s)
+        except TrainingInterrupted:
+            return 143
+        evaluate("control", control_dir)
         write()
     return 0
 
