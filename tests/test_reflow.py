@@ -215,3 +215,26 @@ def test_bad_inputs_are_one_line(teacher, tmp_path, capsys):
         assert len(error_lines(err)) == 1 and message in err, (args, err)
         assert "Traceback" not in err
     assert not (tmp_path / "out").exists() or not list_checkpoints(tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------------ conditional teachers
+
+
+def test_a_conditional_teacher_gives_labelled_pairs_with_guidance_baked_in(tmp_path):
+    from test_conditional import config as conditional_config
+    from test_conditional import write_class_folder
+
+    folder = write_class_folder(tmp_path / "classes", per_class=4)
+    Trainer(conditional_config(folder, tmp_path / "teacher", steps=6, validation_images=0)).train()
+    trainer = ReflowTrainer(reflow_config(tmp_path / "teacher", tmp_path / "student", pairs=64, shard_size=64,
+                                          steps=2, lr=1e-4, unconditional_pairs=0.25))
+    trainer.train()
+    metadata = json.loads((trainer.output_dir / PAIR_CACHE / "metadata.json").read_text())
+    assert metadata["num_classes"] == 2 and metadata["pair_guidance_scale"] == 2.0  # the teacher's recommended
+    labels = load_file(trainer.output_dir / PAIR_CACHE / "pairs-00000.safetensors")["labels"]
+    assert set(labels.tolist()) == {0, 1, 2} and 4 <= int((labels == 2).sum()) <= 28  # 2: the null class
+    pipe = LiquidDiffusionPipeline.from_pretrained(trainer.pipeline_dir)
+    assert pipe.config.guidance_scale == 1.0 and pipe.unet.config.class_names == ["blue_square", "red_disc"]
+    images = pipe(class_labels="red_disc", batch_size=2, num_inference_steps=1, output_type="pt").images
+    assert images.shape == (2, 3, pipe.config.resolution, pipe.config.resolution)
+    assert "guidance (w = 2) is baked in" in (trainer.pipeline_dir / "README.md").read_text()
