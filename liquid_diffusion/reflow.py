@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import flow
-from .checkpoints import CheckpointWriteError, WEIGHTS_NAME, list_checkpoints, read_json
+from .checkpoints import WEIGHTS_NAME, list_checkpoints, read_json
 from .config import TrainConfig, _help, add_config_flags
 from .data import SEED_STRIDE
 from .errors import check_number, first_line
@@ -46,8 +46,8 @@ from .export import export_checkpoint, is_exported_pipeline
 from .latents import FrozenVAE, vae_downsample_factor, vae_dtype
 from .model import LiquidDiffusionUNet
 from .sampling import class_grid_labels, save_grid
-from .stopping import GracefulStop, NonFiniteLossError, StopRequested, TrainingInterrupted, exit_status
-from .trainer import Trainer
+from .stopping import GracefulStop, StopRequested, TrainingInterrupted
+from .trainer import Trainer, train_to_exit_status
 
 PAIR_CACHE = "pair-cache"
 PIPELINE_DIR = "pipeline"
@@ -548,21 +548,7 @@ def reflow_config_from_args(args: argparse.Namespace) -> ReflowConfig:
 
 
 def _run_reflow(args: argparse.Namespace) -> int:
-    try:
-        trainer = ReflowTrainer(reflow_config_from_args(args))
-        checkpoint = trainer.train()
-    except TrainingInterrupted as stop:
-        return exit_status(stop)
-    except KeyboardInterrupt:
-        return 130
-    except CheckpointWriteError as error:
-        print(f"error: {error.strerror}", file=sys.stderr)
-        return 1
-    except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 3
-    print(f"done: {checkpoint}")
-    return 0
+    return train_to_exit_status(lambda: ReflowTrainer(reflow_config_from_args(args)))
 
 
 def add_reflow_command(subparsers) -> None:

@@ -32,7 +32,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, NoReturn
+from typing import Callable, Iterator, NoReturn
 
 import torch
 from accelerate import Accelerator
@@ -716,8 +716,14 @@ def lr_factor(step: int, schedule: str = "constant", warmup: int = 0, total: int
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    return train_to_exit_status(lambda: Trainer(config_from_args(args)))
+
+
+def train_to_exit_status(make_trainer: Callable[[], Trainer]) -> int:
+    """Builds a trainer and trains it for a command (``train``, ``reflow``); returns the exit status: 0 done, 128 +
+    the signal after a graceful stop, 1 a full disk, 3 a diverged loss (each said in one line)."""
     try:
-        checkpoint = Trainer(config_from_args(args)).train()
+        checkpoint = make_trainer().train()
     except TrainingInterrupted as stop:  # saved; the exit status says which signal
         return exit_status(stop)
     except KeyboardInterrupt:
