@@ -238,3 +238,16 @@ def test_a_conditional_teacher_gives_labelled_pairs_with_guidance_baked_in(tmp_p
     images = pipe(class_labels="red_disc", batch_size=2, num_inference_steps=1, output_type="pt").images
     assert images.shape == (2, 3, pipe.config.resolution, pipe.config.resolution)
     assert "guidance (w = 2) is baked in" in (trainer.pipeline_dir / "README.md").read_text()
+
+
+def test_a_latent_space_teacher_given_as_an_export_makes_latent_pairs_and_a_latent_pipeline(latent_export, tmp_path):
+    trainer = ReflowTrainer(reflow_config(latent_export, tmp_path / "student", pairs=8, shard_size=8, batch_size=4,
+                                          steps=2, sample_every=2))
+    trainer.train()
+    metadata = json.loads((trainer.output_dir / PAIR_CACHE / "metadata.json").read_text())
+    pipe = LiquidDiffusionPipeline.from_pretrained(trainer.pipeline_dir)
+    factor = pipe.vae_scale_factor
+    assert metadata["shape"] == [4, 32 // factor, 32 // factor] and pipe.vae is not None
+    images = pipe(batch_size=1, num_inference_steps=1, output_type="pt").images
+    assert images.shape == (1, 3, 32, 32)
+    assert (trainer.output_dir / "samples" / "step-000002.png").is_file()
