@@ -1,4 +1,4 @@
-"""Command line: ``python -m liquid_diffusion {preview,train,sample,export,push,evaluate,quickstart} ...``.
+"""Command line: ``python -m liquid_diffusion {preview,train,reflow,sample,export,push,evaluate,quickstart} ...``.
 
 Each module owns its sub-command (``add_*_command(subparsers)`` sets ``func``, and ``offline_advice`` where the
 command may need the Hub); this file only dispatches and turns user errors into one clean line (set
@@ -11,13 +11,14 @@ import argparse
 import os
 import sys
 
-from . import evaluate, export, preview, publish, quickstart, sampling, trainer
+from . import evaluate, export, preview, publish, quickstart, reflow, sampling, trainer
 from .errors import USER_ERRORS, DiskFullError, offline_advice
 
 # The sub-commands, in the order data flows.
 COMMANDS = [
     preview.add_preview_command,
     trainer.add_train_command,
+    reflow.add_reflow_command,
     sampling.add_sample_command,
     export.add_export_command,
     publish.add_push_command,

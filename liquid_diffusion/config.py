@@ -280,16 +280,22 @@ def resolve_mixed_precision(choice: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per ``TrainConfig`` field, named and documented from the dataclass. Its help ends in the default once:
-    as the field's help text words it (``(default: all)``), else ``(default: VALUE)``; nothing for a default of
-    ``None`` whose help says what leaving the flag out does."""
-    for f in dataclasses.fields(TrainConfig):
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type = None, exclude: tuple[str, ...] = (),
+                     defaults: dict | None = None) -> None:
+    """One flag per field of ``config_class`` (default ``TrainConfig``), named and documented from the dataclass;
+    ``exclude``: fields without a flag; ``defaults``: other defaults than the dataclass's (reflow's). Its help ends in
+    the default once: as the field's help text words it (``(default: all)``), else ``(default: VALUE)``; nothing for a
+    default of ``None`` whose help says what leaving the flag out does."""
+    defaults = defaults or {}
+    for f in dataclasses.fields(config_class or TrainConfig):
+        if f.name in exclude:
+            continue
         flag = "--" + f.name.replace("_", "-")
+        default = defaults.get(f.name, f.default)
         text = f.metadata["help"]
-        if "(default:" not in text and f.default is not None:
-            text += f" (default: {f.default})"
-        kwargs = {"dest": f.name, "help": text, "default": f.default}
+        if "(default:" not in text and default is not None:
+            text += f" (default: {default})"
+        kwargs = {"dest": f.name, "help": text, "default": default}
         if f.type in ("bool", bool):  # its help set after: Python 3.10's action appends a default of its own
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs).help = text
         elif f.name == "resume":

@@ -87,6 +87,7 @@ def build_pipeline(checkpoint: str | os.PathLike, *, use_ema: bool = True, vae=N
     return LiquidDiffusionPipeline(
         unet=unet, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, resolution=config.get("resolution"),
         guidance_scale=config.get("guidance_scale") if unet.config.num_classes else None,
+        recommended_steps=config.get("recommended_steps") if config.get("teacher") else None,  # reflow.py's
     )
 
 

@@ -165,7 +165,7 @@ _CARD_BODY = """
 
 An **attention-free** {kind} image generator: a LiquidDiffusion U-Net (closed-form continuous-time, CfC,
 gated "liquid" blocks; no attention anywhere) trained with **rectified flow** on {dataset_text}.
-
+{few_step}
 {samples}
 ## Model
 
@@ -183,13 +183,13 @@ from liquid_diffusion import LiquidDiffusionPipeline
 
 pipe = LiquidDiffusionPipeline.from_pretrained("{load_id}")
 pipe = pipe.to("cuda" if torch.cuda.is_available() else "cpu")
-images = pipe(batch_size=4, num_inference_steps=25, generator=torch.Generator().manual_seed(0)).images
+images = pipe(batch_size=4, num_inference_steps={steps}, generator=torch.Generator().manual_seed(0)).images
 images[0].save("sample.png")
 # second-order sampling: pipe(..., sampler="heun")
 # raw (non-EMA) weights: liquid_diffusion.hub.load_pipeline("{load_id}", use_ema=False)
 ```
 
-or from the command line: `python -m liquid_diffusion sample --checkpoint {load_id}`.
+or from the command line: `python -m liquid_diffusion sample --checkpoint {load_id}{steps_flag}`.
 {classes}
 ## Training
 
@@ -228,11 +228,14 @@ def build_model_card(
     (and, for a class-conditional model, its class list and recommended guidance scale)."""
     dataset_id = dataset_hub_id(train_config.get("dataset"))
     preset = train_config.get("preset", "custom")
+    few_step = bool(train_config.get("teacher"))  # made by `python -m liquid_diffusion reflow` (reflow.py)
+    steps = int(train_config.get("recommended_steps") or 1) if few_step else 25
     card_data = ModelCardData(
         license="mit",
         library_name="diffusers",
         pipeline_tag=PIPELINE_TAG,
-        tags=list(MODEL_CARD_TAGS) + (["class-conditional", "classifier-free-guidance"] if class_names else []),
+        tags=list(MODEL_CARD_TAGS) + (["class-conditional", "classifier-free-guidance"] if class_names else [])
+        + (["few-step", "reflow"] if few_step else []),
         datasets=[dataset_id] if dataset_id else None,
     )
     load_id = repo_id or "USER/NAME"
@@ -249,15 +252,36 @@ def build_model_card(
         kind="class-conditional" if class_names else "unconditional",
         dataset_text=dataset_text,
         samples=(f"![Samples after {step:,} steps](samples.png)\n\n*EMA samples after {step:,} steps (Euler, "
-                 f"{train_config.get('sample_steps', 25)} steps).*\n" if has_samples
+                 + ("rows: 1, 2 and 4 steps from the same noise" if few_step
+                    else f"{train_config.get('sample_steps', 25)} steps") + ").*\n" if has_samples
                  else "*No sample grid was written for this checkpoint.*\n"),
         table=_model_table(train_config, step, num_parameters, records, has_raw_weights, ema),
         load_id=load_id,
+        steps=steps,
+        steps_flag=f" --steps {steps}" if few_step else "",
+        few_step=_few_step_text(train_config, steps) if few_step else "",
         classes=_classes_section(class_names, train_config, load_id),
         loss_curve="![Training loss](loss_curve.png)\n" if has_loss_curve else "*No training metrics were logged.*\n",
         files="\n".join(files),
     )
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
+
+
+def _few_step_text(train_config: dict, steps: int) -> str:
+    """The card's few-step paragraph: what a reflow student was made for, and from which teacher."""
+    teacher = train_config.get("teacher_name") or train_config.get("teacher")
+    at = f" (step {train_config['teacher_step']:,})" if isinstance(train_config.get("teacher_step"), int) else ""
+    distill_t = train_config.get("distill_t")
+    distill = f", then distilled at t = {distill_t:g} only" if distill_t is not None else ""
+    guidance = ("" if train_config.get("pair_guidance_scale") is None else
+                f" The teacher's classifier-free guidance (w = {train_config['pair_guidance_scale']:g}) is baked in: "
+                "sample at guidance scale 1 (the pipeline's default for this model).")
+    return f"""
+**Few-step model: made for 1-4 steps by reflow from {teacher}{at}** (Liu et al., "Flow Straight and Fast", ICLR
+2023): trained on {train_config.get("pairs", "?"):,} (noise, teacher sample) pairs, the teacher's
+{train_config.get("teacher_sampler", "?")} ODE with {train_config.get("teacher_steps", "?")} steps{distill}. Sample
+with {steps} Euler step{"s" if steps != 1 else ""} (the pipeline's default `num_inference_steps`); 1-4 work.{guidance}
+"""
 
 
 def _model_table(train_config: dict, step: int, num_parameters: int, records: list[dict] | None,

@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_AND_CONFIGS = ("*.safetensors", "*.json")  # what from_pretrained fetches from a Hub repo: no pickles
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+DEFAULT_STEPS = 25  # num_inference_steps of a model that records no recommended_steps
 
 
 class LiquidDiffusionPipeline(DiffusionPipeline):
@@ -60,6 +61,8 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
             64 pixels for pixel-space models and 256 for latent-space ones.
         guidance_scale: the recommended classifier-free guidance scale of a class-conditional model (the one its
             training grids used), the default of ``__call__``; ``None`` falls back to ``DEFAULT_GUIDANCE_SCALE``.
+        recommended_steps: the number of steps the model was made for (a few-step model made by reflow: 1-4), the
+            default ``num_inference_steps`` of ``__call__``; ``None`` (an ordinary model): ``DEFAULT_STEPS``.
     """
 
     model_cpu_offload_seq = "unet->vae"
@@ -72,10 +75,12 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
         vae: AutoencoderKL | None = None,
         resolution: int | None = None,
         guidance_scale: float | None = None,
+        recommended_steps: int | None = None,
     ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
-        self.register_to_config(resolution=resolution, guidance_scale=guidance_scale)
+        self.register_to_config(resolution=resolution, guidance_scale=guidance_scale,
+                                recommended_steps=recommended_steps)
         self._velocity_fn = self._model_velocity
 
     @classmethod
@@ -169,7 +174,7 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
     def __call__(
         self,
         batch_size: int = 4,
-        num_inference_steps: int = 25,
+        num_inference_steps: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         sampler: str = "euler",
@@ -185,6 +190,7 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
         Args:
             batch_size: number of images (ignored when ``latents`` is given).
             num_inference_steps: N, the number of integration steps (Heun makes two model calls per step).
+                Default: the model's ``config.recommended_steps`` (few-step models), else ``DEFAULT_STEPS`` (25).
             generator: torch generator(s) for the initial noise, for reproducible samples.
             latents: the initial noise x_1 itself, shape [B, C, h, w] (latent-space models: h = height / 8).
             sampler: ``"euler"`` or ``"heun"``, integrated on the grid t_i = 1 - i / N. Applies to
@@ -203,6 +209,8 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
         check_sampler(sampler)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
+        if num_inference_steps is None:
+            num_inference_steps = self.config.get("recommended_steps") or DEFAULT_STEPS
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         device = self._execution_device

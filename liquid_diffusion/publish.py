@@ -28,7 +28,7 @@ from huggingface_hub import HfApi, get_token
 
 from .checkpoints import find_checkpoint, read_json
 from .errors import PERMANENT_ERRORS, check_repo_id, first_line, report_failure
-from .export import export_checkpoint
+from .export import export_checkpoint, is_exported_pipeline
 from .hub import LOGIN_HINT, friendly_hub_error
 from .model_card import latest_sample_grid
 
@@ -90,12 +90,19 @@ def push_to_hub(
     token: str | None = None,
     commit_message: str | None = None,
 ) -> str:
-    """Exports ``checkpoint`` (a checkpoint or output dir) to a temporary folder and uploads it to ``repo_id``.
+    """Exports ``checkpoint`` (a checkpoint or output dir) to a temporary folder and uploads it to ``repo_id``; an
+    exported pipeline folder (``export``'s, or reflow's ``OUTPUT_DIR/pipeline``) is uploaded as it is.
 
     Returns the repo URL. Raises PermissionError with how to log in for a missing/invalid token or a repo without
     write access, ValueError for a bad repo id, FileNotFoundError for a missing checkpoint.
     """
     check_can_push(repo_id, token)
+    if is_exported_pipeline(checkpoint):  # already the folder a Hub repo holds: published unchanged
+        folder = Path(checkpoint).expanduser()
+        url = upload_folder(folder, repo_id, private=private, token=token,
+                            commit_message=commit_message or f"LiquidDiffusion pipeline {folder.name}")
+        logger.info("pushed %s to %s", folder, url)
+        return url
     checkpoint = find_checkpoint(checkpoint)
     if commit_message is None:
         step = read_json(checkpoint / "state.json").get("step", "?")
@@ -290,7 +297,7 @@ def _remove(staged: Path | None) -> None:
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    checkpoint = find_checkpoint(args.checkpoint)
+    checkpoint = Path(args.checkpoint) if is_exported_pipeline(args.checkpoint) else find_checkpoint(args.checkpoint)
     try:
         url = push_to_hub(
             checkpoint, args.repo_id, private=args.private, token=args.token or None, commit_message=args.commit_message
@@ -308,7 +315,8 @@ def add_push_command(subparsers) -> None:
         description="Exports a checkpoint (see `export`) to a temporary folder and uploads it to USER/NAME, creating "
         f"the repo if needed. Authentication: {LOGIN_HINT}.",
     )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint-NNNNNN folder or training output dir")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint-NNNNNN folder or training output dir (exported "
+                        "then), or an exported pipeline folder (uploaded as it is, e.g. reflow's OUTPUT_DIR/pipeline)")
     parser.add_argument("--repo-id", required=True, help="Hub model repo USER/NAME")
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.add_argument(

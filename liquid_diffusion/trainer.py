@@ -32,7 +32,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, NoReturn
+from typing import Callable, Iterator, NoReturn
 
 import torch
 from accelerate import Accelerator
@@ -395,16 +395,14 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches, with no host-device synchronisation."""
         config, accelerator = self.config, self.accelerator
         for micro in range(config.grad_accum):
-            x0, labels = next(batches), None
-            if isinstance(x0, tuple):
-                x0, labels = x0
+            x0, labels, paired_noise = _unpack_batch(next(batches))
             # Noise and t depend only on (seed, process, step, micro-batch): resume needs no generator state.
             mixed = ((config.seed * SEED_STRIDE + accelerator.process_index) * SEED_STRIDE + self.step) * 256 + micro
             self.generator.manual_seed(mixed % 2**63)  # torch seeds are 64-bit; any --seed must work
             noise = torch.randn(x0.shape, generator=self.generator, device=self.device, dtype=x0.dtype)
-            t = flow.sample_timesteps(x0.shape[0], config.timestep_sampling, device=self.device,
-                                      generator=self.generator, logit_mean=config.logit_mean,
-                                      logit_std=config.logit_std)
+            if paired_noise is not None:  # reflow: the noise the teacher sampled x0 from (drawn above all the same)
+                noise = paired_noise
+            t = self._sample_timesteps(x0.shape[0])
             velocity_fn = self.model
             if labels is not None:  # drawn after noise and t, so unconditional runs see the very same draws
                 velocity_fn = functools.partial(self.model, class_labels=self._drop_labels(labels))
@@ -423,6 +421,14 @@ class Trainer:
             self.lr_scheduler.step()
         self.ema.step(accelerator.unwrap_model(self.model).parameters())
         stats.steps += 1
+
+    def _sample_timesteps(self, batch_size: int) -> torch.Tensor:
+        """The training times t [B] of a micro-batch, drawn from the step's seeded generator (reflow.py's trainer
+        may fix them)."""
+        config = self.config
+        return flow.sample_timesteps(batch_size, config.timestep_sampling, device=self.device,
+                                     generator=self.generator, logit_mean=config.logit_mean,
+                                     logit_std=config.logit_std)
 
     def _drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Classifier-free guidance training: each label becomes the null class with probability ``class_dropout``,
@@ -693,6 +699,16 @@ class Trainer:
         report(f"resumed from {checkpoint.path} at step {self.step}")
 
 
+def _unpack_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(x0, class ids or None, noise or None)`` of a batch from ``Trainer._batches``: a tensor, an ``(x0, labels)``
+    pair, or a dict with ``x0``, ``noise`` and ``labels`` (reflow.py's (teacher sample, its noise) pairs)."""
+    if isinstance(batch, dict):
+        return batch["x0"], batch.get("labels"), batch.get("noise")
+    if isinstance(batch, tuple):
+        return batch[0], batch[1], None
+    return batch, None, None
+
+
 def lr_factor(step: int, schedule: str = "constant", warmup: int = 0, total: int = 1) -> float:
     """The learning rate's multiplier at optimizer step ``step`` (0-based): a linear warmup over ``warmup`` steps,
     then ``constant`` (1), ``cosine`` (``(1 + cos(pi p)) / 2``) or ``linear`` (``1 - p``) decay to 0 at ``total``
@@ -714,8 +730,14 @@ def lr_factor(step: int, schedule: str = "constant", warmup: int = 0, total: int
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    return train_to_exit_status(lambda: Trainer(config_from_args(args)))
+
+
+def train_to_exit_status(make_trainer: Callable[[], Trainer]) -> int:
+    """Builds a trainer and trains it for a command (``train``, ``reflow``); returns the exit status: 0 done, 128 +
+    the signal after a graceful stop, 1 a full disk, 3 a diverged loss (each said in one line)."""
     try:
-        checkpoint = Trainer(config_from_args(args)).train()
+        checkpoint = make_trainer().train()
     except TrainingInterrupted as stop:  # saved; the exit status says which signal
         return exit_status(stop)
     except KeyboardInterrupt:
