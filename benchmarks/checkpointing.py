@@ -60,9 +60,13 @@ def measure(preset: str, latent_size: int, batch: int, rounds: int) -> dict:
         step()  # warm-up
         with common.peak_memory(torch.device("cpu")) as peak:
             step()
-        result[mode] = dict(kept_mib=kept / MIB, recomputed_mib=recomputed / MIB,
-                            peak_mib=(kept + recomputed) / MIB, rss_mib=peak["mib"],
-                            gflop=common.train_step_flops(model, sample) / 1e9)
+        result[mode] = dict(
+            kept_mib=kept / MIB,
+            recomputed_mib=recomputed / MIB,
+            peak_mib=(kept + recomputed) / MIB,
+            rss_mib=peak["mib"],
+            gflop=common.train_step_flops(model, sample) / 1e9,
+        )
         steps[mode] = lambda step=step: common.timed(step, torch.device("cpu"))
     times = common.interleaved(steps, rounds, log=lambda line: print(line, file=sys.stderr))
     for mode, values in times.items():
@@ -88,17 +92,48 @@ def main(argv=None) -> int:
         for size in args.latent_sizes:
             r = measure(preset, size, args.batch, args.rounds)
             results.append(r)
-            Path(args.out).write_text(json.dumps(dict(machine=common.machine_cpu(), torch=torch.__version__,
-                                                      results=results), indent=1))  # kept if a later size is killed
+            Path(args.out).write_text(
+                json.dumps(dict(machine=common.machine_cpu(), torch=torch.__version__, results=results), indent=1)
+            )  # kept if a later size is killed
             plain, ckpt = r["plain"], r["checkpointed"]
-            rows.append([preset, f"{r['resolution']} px ({size}x{size})", plain["peak_mib"], ckpt["kept_mib"],
-                         ckpt["recomputed_mib"], ckpt["peak_mib"], 100 * (1 - ckpt["peak_mib"] / plain["peak_mib"]),
-                         plain["rss_mib"], ckpt["rss_mib"], plain["step_s"], ckpt["step_s"],
-                         100 * (ckpt["step_s"] / plain["step_s"] - 1), 100 * (ckpt["gflop"] / plain["gflop"] - 1)])
+            rows.append(
+                [
+                    preset,
+                    f"{r['resolution']} px ({size}x{size})",
+                    plain["peak_mib"],
+                    ckpt["kept_mib"],
+                    ckpt["recomputed_mib"],
+                    ckpt["peak_mib"],
+                    100 * (1 - ckpt["peak_mib"] / plain["peak_mib"]),
+                    plain["rss_mib"],
+                    ckpt["rss_mib"],
+                    plain["step_s"],
+                    ckpt["step_s"],
+                    100 * (ckpt["step_s"] / plain["step_s"] - 1),
+                    100 * (ckpt["gflop"] / plain["gflop"] - 1),
+                ]
+            )
     print(f"batch {args.batch}, fp32, {common.machine_cpu()}")
-    print(common.markdown_table(
-        ["preset", "resolution", "activations (MiB)", "checkpointed: kept", "+ recomputed", "= peak", "saved (%)",
-         "RSS (MiB)", "checkpointed RSS", "fwd+bwd (s)", "checkpointed (s)", "slower (%)", "more GFLOP (%)"], rows))
+    print(
+        common.markdown_table(
+            [
+                "preset",
+                "resolution",
+                "activations (MiB)",
+                "checkpointed: kept",
+                "+ recomputed",
+                "= peak",
+                "saved (%)",
+                "RSS (MiB)",
+                "checkpointed RSS",
+                "fwd+bwd (s)",
+                "checkpointed (s)",
+                "slower (%)",
+                "more GFLOP (%)",
+            ],
+            rows,
+        )
+    )
     print(f"wrote {args.out}")
     return 0
 

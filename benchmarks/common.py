@@ -35,14 +35,14 @@ import shutil
 import statistics
 import subprocess
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from liquid_diffusion.model import PRESETS, LiquidDiffusionUNet
 from liquid_diffusion import flow
+from liquid_diffusion.model import PRESETS, LiquidDiffusionUNet
 
 # Peak dense bf16 tensor throughput in TFLOP/s, matched by substring of torch.cuda.get_device_name() (first hit).
 PEAK_BF16_TFLOPS = {
@@ -290,7 +290,9 @@ def peak_memory(device: torch.device):
     if base is None:
         base, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss delta (lower bound)"
     yield result
-    peak = _proc_status_kb("VmHWM") if how.startswith("peak RSS") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = (
+        _proc_status_kb("VmHWM") if how.startswith("peak RSS") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    )
     result["mib"], result["how"] = (peak - base) / 1024, how
 
 
@@ -330,8 +332,21 @@ def make_train_step(
     return step
 
 
-def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
-                         _output_padding, _groups, output_mask, out_shape, **kwargs) -> int:
+def _conv_backward_flops(
+    grad_out_shape,
+    x_shape,
+    w_shape,
+    _bias,
+    _stride,
+    _padding,
+    _dilation,
+    transposed,
+    _output_padding,
+    _groups,
+    output_mask,
+    out_shape,
+    **kwargs,
+) -> int:
     """``aten.convolution_backward``'s FLOPs with groups counted: torch's formula counts the weight gradient of a
     grouped (depthwise) convolution as if it were dense, C times too many (torch 2.13). The input gradient is a
     transposed convolution with the same weight; the weight gradient takes as many multiply-adds as the forward."""

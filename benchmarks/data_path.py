@@ -29,12 +29,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.common import SD_VAE_CONFIG  # stabilityai/sd-vae-ft-mse's shape, random weights
 from liquid_diffusion import flow
 from liquid_diffusion.data import ImageBatchStream, make_dataloader
 from liquid_diffusion.latents import FrozenVAE, LatentBatchStream, build_latent_cache, load_latent_cache
 from liquid_diffusion.model import LiquidDiffusionUNet
-
-from benchmarks.common import SD_VAE_CONFIG  # stabilityai/sd-vae-ft-mse's shape, random weights
 
 TINY_VAE_CONFIG = dict(SD_VAE_CONFIG, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
 
@@ -117,8 +116,9 @@ def sync(device: torch.device) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--quick", action="store_true", help="fewer images, batches and rounds (about a minute)")
     parser.add_argument("--device", default="auto", help="device for the VAE and the training step")
     parser.add_argument("--resolution", type=int, default=256)
@@ -131,8 +131,10 @@ def main(argv=None) -> int:
     vae_batch, cache_batches, train_steps = (2, 200, 2) if args.quick else (8, 2000, 10)
     median = lambda fn: statistics.median(fn() for _ in range(rounds))  # noqa: E731
 
-    print(f"device {device} | torch {torch.__version__} | {os.cpu_count()} CPU cores | "
-          f"{torch.get_num_threads()} torch threads | {rounds} round(s)")
+    print(
+        f"device {device} | torch {torch.__version__} | {os.cpu_count()} CPU cores | "
+        f"{torch.get_num_threads()} torch threads | {rounds} round(s)"
+    )
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
@@ -140,7 +142,8 @@ def main(argv=None) -> int:
         write_jpegs(folder, num_images)
         for workers in args.workers:
             results[f"decode + transform {args.resolution}px, {workers} workers"] = median(
-                lambda: decode_rate(folder, args.resolution, workers, decode_batches))
+                lambda: decode_rate(folder, args.resolution, workers, decode_batches)
+            )
             print(list(results.items())[-1])
 
         from diffusers import AutoencoderKL
@@ -149,9 +152,10 @@ def main(argv=None) -> int:
         sd_vae = FrozenVAE(AutoencoderKL(**SD_VAE_CONFIG), device=device, chunk_size=vae_batch)
         params = sum(p.numel() for p in sd_vae.vae.parameters()) / 1e6
         results[f"SD-VAE encode {args.resolution}px (random weights, {params:.1f}M params)"] = median(
-            lambda: vae_encode_rate(sd_vae, args.resolution, vae_batch, device))
+            lambda: vae_encode_rate(sd_vae, args.resolution, vae_batch, device)
+        )
         print(list(results.items())[-1])
-        del sd_vae
+        sd_vae = None  # freed before the next model is built
 
         tiny_vae = FrozenVAE(AutoencoderKL(**TINY_VAE_CONFIG))
         cache = build_latent_cache(str(folder), tiny_vae, Path(tmp) / "cache", args.resolution, progress=False)

@@ -120,23 +120,47 @@ class Plan:
     notebook_timeout_s: float = 300.0  # per cell
 
     @classmethod
-    def full(cls) -> "Plan":
+    def full(cls) -> Plan:
         return cls(dry=False)
 
     @classmethod
-    def dry_run(cls) -> "Plan":
+    def dry_run(cls) -> Plan:
         return cls(
-            dry=True, preset="micro", resolution=64, num_images=8, batch=2, cli_steps=(2, 1), cli_jobs=1,
-            cli_configs=(("bf16", True, True),), cli_timeout_s=120.0, memory_presets=("micro",),
-            models=("liquid-micro", "dit-s2"), model_overrides={"dit-s2": dict(hidden=64, depth=1, heads=1)},
+            dry=True,
+            preset="micro",
+            resolution=64,
+            num_images=8,
+            batch=2,
+            cli_steps=(2, 1),
+            cli_jobs=1,
+            cli_configs=(("bf16", True, True),),
+            cli_timeout_s=120.0,
+            memory_presets=("micro",),
+            models=("liquid-micro", "dit-s2"),
+            model_overrides={"dit-s2": dict(hidden=64, depth=1, heads=1)},
             speed_settings=((8, "8", ("liquid-micro", "dit-s2")), (8, "max", ()), (8, "8+", ("dit-s2",))),
             dtype_name="fp32",
-            compile_backend="aot_eager", rounds=2, steps=1, warmup=1, mem_budget_mib=256.0, max_batch_cap=8,
-            sample_models=("liquid-micro", "dit-s2"), num_samples=2, sample_steps=2,
-            profile_models=("liquid-micro", "dit-s2"), profile_latent=8, profile_top=3,
-            pytest_args=("tests/test_trainer.py", "-k", "mixed_precision_auto"), pytest_timeout_s=120.0,
-            quality_models=("liquid-micro", "dit-micro"), quality_minutes=0.02, quality_batch=4,
-            quality_validation_images=8, quality_images=40, notebook_steps=4, notebook_timeout_s=300.0,
+            compile_backend="aot_eager",
+            rounds=2,
+            steps=1,
+            warmup=1,
+            mem_budget_mib=256.0,
+            max_batch_cap=8,
+            sample_models=("liquid-micro", "dit-s2"),
+            num_samples=2,
+            sample_steps=2,
+            profile_models=("liquid-micro", "dit-s2"),
+            profile_latent=8,
+            profile_top=3,
+            pytest_args=("tests/test_trainer.py", "-k", "mixed_precision_auto"),
+            pytest_timeout_s=120.0,
+            quality_models=("liquid-micro", "dit-micro"),
+            quality_minutes=0.02,
+            quality_batch=4,
+            quality_validation_images=8,
+            quality_images=40,
+            notebook_steps=4,
+            notebook_timeout_s=300.0,
         )
 
     @property
@@ -158,8 +182,9 @@ class Report:
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def add(self, name: str, status: str, seconds: float, body: str = "", data=None, error: str | None = None):
-        self.sections.append(dict(name=name, status=status, seconds=round(seconds, 2), body=body, data=data,
-                                  error=error))
+        self.sections.append(
+            dict(name=name, status=status, seconds=round(seconds, 2), body=body, data=data, error=error)
+        )
         self.write()
 
     def write(self) -> None:
@@ -222,8 +247,13 @@ class Runner:
             body, data, status = fn(*args)
         except Exception as error:  # noqa: BLE001 -- one failing section must not stop the others
             self.log(traceback.format_exc())
-            self.report.add(name, "failed", time.perf_counter() - start, error=one_line(error),
-                            data=dict(traceback=traceback.format_exc()[-4000:]))
+            self.report.add(
+                name,
+                "failed",
+                time.perf_counter() - start,
+                error=one_line(error),
+                data=dict(traceback=traceback.format_exc()[-4000:]),
+            )
             return None
         self.report.add(name, status, time.perf_counter() - start, body=body, data=data)
         self.log(body)
@@ -236,29 +266,52 @@ class Runner:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out-dir", required=True, help="report.md, report.json and the CLI runs' folders go here")
     p.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, seconds: checks the script itself")
-    p.add_argument("--budget-s", type=float, default=480.0,
-                   help="skip the remaining sections (with a note) once this many seconds have passed (default 480); "
-                        "it also caps each CLI command and the pytest run at what is left of it plus a minute, so a "
-                        "small budget cuts the CLI chains short (give cli about 300 s)")
-    p.add_argument("--sections", nargs="+", choices=sections.SECTIONS, default=list(sections.SECTIONS),
-                   help="run only these sections (default: all, in the documented order)")
-    p.add_argument("--work-dir", help="where the CLI runs and logs go (default: OUT_DIR/work); keep it out of a "
-                                      "folder that must stay small, such as the GPU machine's $OUT")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=480.0,
+        help="skip the remaining sections (with a note) once this many seconds have passed (default 480); "
+        "it also caps each CLI command and the pytest run at what is left of it plus a minute, so a "
+        "small budget cuts the CLI chains short (give cli about 300 s)",
+    )
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        choices=sections.SECTIONS,
+        default=list(sections.SECTIONS),
+        help="run only these sections (default: all, in the documented order)",
+    )
+    p.add_argument(
+        "--work-dir",
+        help="where the CLI runs and logs go (default: OUT_DIR/work); keep it out of a "
+        "folder that must stay small, such as the GPU machine's $OUT",
+    )
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch CPU threads (the dry run uses 1 unless told)")
-    p.add_argument("--models", nargs="+", metavar="NAME",
-                   help="time and sample only these models (common.build_model names, e.g. liquid-tiny-ablation; "
-                        "the first is the one the targets judge); default: the plan's")
-    p.add_argument("--compile-models", nargs="*", metavar="NAME",
-                   help="the models the first speed setting also compiles (default: the plan's, kept to --models)")
-    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune",
-                                              "max-autotune-no-cudagraphs"),
-                   help="torch.compile's mode for the compiled rows (reduce-overhead records CUDA graphs, which "
-                        "removes the per-kernel launch cost; with inductor on CUDA only); default: torch's default")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        metavar="NAME",
+        help="time and sample only these models (common.build_model names, e.g. liquid-tiny-ablation; "
+        "the first is the one the targets judge); default: the plan's",
+    )
+    p.add_argument(
+        "--compile-models",
+        nargs="*",
+        metavar="NAME",
+        help="the models the first speed setting also compiles (default: the plan's, kept to --models)",
+    )
+    p.add_argument(
+        "--compile-mode",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        help="torch.compile's mode for the compiled rows (reduce-overhead records CUDA graphs, which "
+        "removes the per-kernel launch cost; with inductor on CUDA only); default: torch's default",
+    )
     return p.parse_args(argv)
 
 
@@ -270,8 +323,13 @@ def select_models(plan: Plan, models: list[str] | None, compile_models: list[str
     kept = lambda names: tuple(m for m in names if m in models)
     first, *rest = plan.speed_settings
     first = (*first[:2], tuple(compile_models) if compile_models is not None else kept(first[2]))
-    return dataclasses.replace(plan, models=models, sample_models=models, profile_models=models,
-                               speed_settings=(first, *[(*s[:2], kept(s[2])) for s in rest]))
+    return dataclasses.replace(
+        plan,
+        models=models,
+        sample_models=models,
+        profile_models=models,
+        speed_settings=(first, *[(*s[:2], kept(s[2])) for s in rest]),
+    )
 
 
 def describe(device: torch.device) -> dict:
@@ -284,13 +342,22 @@ def describe(device: torch.device) -> dict:
             versions[package] = version(package)
         except Exception:  # noqa: BLE001
             versions[package] = None
-    info = dict(device=str(device), name=name, peak_bf16_tflops=peak, python=platform.python_version(),
-                versions=versions, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    info = dict(
+        device=str(device),
+        name=name,
+        peak_bf16_tflops=peak,
+        python=platform.python_version(),
+        versions=versions,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1),
-                    multiprocessors=props.multi_processor_count,
-                    native_bf16=torch.cuda.is_bf16_supported(including_emulation=False))
+        info.update(
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            multiprocessors=props.multi_processor_count,
+            native_bf16=torch.cuda.is_bf16_supported(including_emulation=False),
+        )
     return info
 
 
@@ -311,8 +378,10 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir).resolve()
     info = describe(device)
     command = "python -m benchmarks.gpu_check " + " ".join(argv if argv is not None else sys.argv[1:])
-    header = (f"# GPU check{' (DRY RUN: toy sizes on the CPU, numbers mean nothing)' if plan.dry else ''}\n\n"
-              f"machine: {common.describe_machine(device)}  \ncommand: `{command}`  \ndate: {info['date']}")
+    header = (
+        f"# GPU check{' (DRY RUN: toy sizes on the CPU, numbers mean nothing)' if plan.dry else ''}\n\n"
+        f"machine: {common.describe_machine(device)}  \ncommand: `{command}`  \ndate: {info['date']}"
+    )
     report = Report(out_dir, header, dict(info=info, plan=plan.__dict__, command=command))
 
     def log(message=""):
@@ -321,14 +390,17 @@ def main(argv=None) -> int:
     runner = Runner(report, args.budget_s, log)
     work_dir = Path(args.work_dir).resolve() if args.work_dir else out_dir / "work"
     work_dir.mkdir(parents=True, exist_ok=True)
-    context = sections.Context(plan=plan, device=device, out_dir=out_dir, work_dir=work_dir, runner=runner,
-                               info=info, log=log)
+    context = sections.Context(
+        plan=plan, device=device, out_dir=out_dir, work_dir=work_dir, runner=runner, info=info, log=log
+    )
     for section, title, function, function_args in sections.steps(plan):
         if section in args.sections:
             runner.run(title, function, context, *function_args, always=section in sections.ALWAYS)
     failed = [s["name"] for s in report.sections if s["status"] in ("failed", "checks failed")]
-    log(f"\nwrote {out_dir / 'report.md'} and report.json in {runner.elapsed():.0f} s"
-        + (f"; failed: {', '.join(failed)}" if failed else ""))
+    log(
+        f"\nwrote {out_dir / 'report.md'} and report.json in {runner.elapsed():.0f} s"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

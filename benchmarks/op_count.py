@@ -24,14 +24,38 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import common
 
-COMPUTE_OPS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward", "_convolution",
-               "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-               "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
-               "_scaled_dot_product_efficient_attention_backward", "_scaled_dot_product_flash_attention_backward")
+COMPUTE_OPS = (
+    "mm",
+    "addmm",
+    "bmm",
+    "baddbmm",
+    "convolution",
+    "convolution_backward",
+    "_convolution",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention_for_cpu_backward",
+    "_scaled_dot_product_efficient_attention_backward",
+    "_scaled_dot_product_flash_attention_backward",
+)
 NORM_OPS = ("native_layer_norm", "native_layer_norm_backward", "native_group_norm", "native_group_norm_backward")
 # ops that move no data: shape and metadata only
-FREE_OPS = ("detach", "alias", "lift_fresh", "empty", "empty_strided", "empty_like", "zeros_like", "new_empty",
-            "new_empty_strided", "_local_scalar_dense", "sym_size", "sym_stride", "is_same_size")
+FREE_OPS = (
+    "detach",
+    "alias",
+    "lift_fresh",
+    "empty",
+    "empty_strided",
+    "empty_like",
+    "zeros_like",
+    "new_empty",
+    "new_empty_strided",
+    "_local_scalar_dense",
+    "sym_size",
+    "sym_stride",
+    "is_same_size",
+)
 
 
 class OpCounter(TorchDispatchMode):
@@ -63,9 +87,12 @@ def count_step(model: torch.nn.Module, batch: torch.Tensor) -> dict:
         value = loss()
     with OpCounter() as backward:
         value.backward()
-    return dict(forward=dict(forward.kinds), backward=dict(backward.kinds),
-                total=sum(forward.kinds.values()) + sum(backward.kinds.values()),
-                top_other=dict((forward.names + backward.names).most_common(8)))
+    return dict(
+        forward=dict(forward.kinds),
+        backward=dict(backward.kinds),
+        total=sum(forward.kinds.values()) + sum(backward.kinds.values()),
+        top_other=dict((forward.names + backward.names).most_common(8)),
+    )
 
 
 def main(argv=None) -> int:
@@ -88,12 +115,34 @@ def main(argv=None) -> int:
         model = common.build_model(name, 4, args.latent_size, **overrides.get(name, {}))
         counts = count_step(model, torch.randn(args.batch, 4, args.latent_size, args.latent_size))
         kinds = lambda k: counts["forward"].get(k, 0) + counts["backward"].get(k, 0)  # noqa: E731
-        rows.append([name, common.count_params(model), sum(counts["forward"].values()),
-                     sum(counts["backward"].values()), counts["total"], kinds("matmul/conv"), kinds("norm"),
-                     kinds("other")])
+        rows.append(
+            [
+                name,
+                common.count_params(model),
+                sum(counts["forward"].values()),
+                sum(counts["backward"].values()),
+                counts["total"],
+                kinds("matmul/conv"),
+                kinds("norm"),
+                kinds("other"),
+            ]
+        )
         print(f"{name}: most frequent ops {counts['top_other']}", file=sys.stderr)
-    print(common.markdown_table(["model", "params (M)", "forward ops", "backward ops", "total", "matmul/conv", "norm",
-                                 "other (memory-bound)"], rows))
+    print(
+        common.markdown_table(
+            [
+                "model",
+                "params (M)",
+                "forward ops",
+                "backward ops",
+                "total",
+                "matmul/conv",
+                "norm",
+                "other (memory-bound)",
+            ],
+            rows,
+        )
+    )
     return 0
 
 

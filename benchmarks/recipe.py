@@ -55,13 +55,37 @@ DATASETS = {
 
 # Recipes: TrainConfig values. ``today`` is the trainer's defaults before the study (issue 27).
 RECIPES: dict[str, dict] = {
-    "today": dict(lr=1e-4, adam_beta1=0.9, adam_beta2=0.999, warmup_steps=500, lr_schedule="constant",
-                  weight_decay=0.0, max_grad_norm=1.0, ema_decay=0.9999, ema_power=2 / 3,
-                  timestep_sampling="uniform", logit_mean=0.0, logit_std=1.0, batch_size=8),
+    "today": dict(
+        lr=1e-4,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        warmup_steps=500,
+        lr_schedule="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        ema_decay=0.9999,
+        ema_power=2 / 3,
+        timestep_sampling="uniform",
+        logit_mean=0.0,
+        logit_std=1.0,
+        batch_size=8,
+    ),
     # the old benchmark loop's recipe (benchmarks/quality.py): AdamW 0.9/0.99, lr 5e-4, cosine to zero
-    "bench": dict(lr=5e-4, adam_beta1=0.9, adam_beta2=0.99, warmup_steps=100, lr_schedule="cosine",
-                  weight_decay=0.0, max_grad_norm=1.0, ema_decay=0.9999, ema_power=2 / 3,
-                  timestep_sampling="uniform", logit_mean=0.0, logit_std=1.0, batch_size=8),
+    "bench": dict(
+        lr=5e-4,
+        adam_beta1=0.9,
+        adam_beta2=0.99,
+        warmup_steps=100,
+        lr_schedule="cosine",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        ema_decay=0.9999,
+        ema_power=2 / 3,
+        timestep_sampling="uniform",
+        logit_mean=0.0,
+        logit_std=1.0,
+        batch_size=8,
+    ),
 }
 
 # The trainer's defaults now (chosen by this study), at the CPU's batch of 8.
@@ -94,6 +118,7 @@ def prepare(name: str, cache_dir: str) -> Path:
         return folder
     spec, prefix, suffix = DATASETS[name]
     folder.mkdir(parents=True, exist_ok=True)
+    skipped = []
     with tarfile.open(common.npm_pack(spec, cache_dir)) as tar:
         for member in tar.getmembers():
             if not (member.name.startswith(prefix) and member.name.endswith(suffix)):
@@ -102,12 +127,18 @@ def prepare(name: str, cache_dir: str) -> Path:
             if suffix == ".svg":
                 import cairosvg  # only for openmoji
 
-                data = cairosvg.svg2png(bytestring=data, output_width=4 * RESOLUTION, output_height=4 * RESOLUTION)
+                try:
+                    data = cairosvg.svg2png(bytestring=data, output_width=4 * RESOLUTION, output_height=4 * RESOLUTION)
+                except Exception:  # noqa: BLE001 -- an SVG feature cairosvg lacks (e.g. a marker it cannot resolve)
+                    skipped.append(member.name)
+                    continue
             rgba = Image.open(io.BytesIO(data)).convert("RGBA")
             rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
             stem = Path(member.name).stem.lower()
             rgb.resize((RESOLUTION, RESOLUTION), Image.Resampling.BOX).save(folder / f"{stem}.png")
-    done.write_text("ok")
+    if skipped:
+        print(f"{name}: {len(skipped)} images that cairosvg cannot render left out (e.g. {Path(skipped[0]).name})")
+    done.write_text(f"ok; left out: {len(skipped)}")
     return folder
 
 
@@ -172,8 +203,9 @@ class AblationTrainer(Trainer):
         return model.to(memory_format=torch.channels_last)
 
 
-def run_name(recipe: str, overrides: dict, model: str, steps: int, seed: int, data: str,
-             minutes: float | None = None) -> str:
+def run_name(
+    recipe: str, overrides: dict, model: str, steps: int, seed: int, data: str, minutes: float | None = None
+) -> str:
     extra = "".join(f"_{k}={v}" for k, v in sorted(overrides.items()))
     budget = f"m{minutes:g}" if minutes else f"s{steps}"
     return f"{data}_{model}_{recipe}{extra}_{budget}_seed{seed}".replace("/", "-")
@@ -188,9 +220,20 @@ def parse_value(text: str):
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def run(recipe: str, overrides: dict, model: str, steps: int, seed: int, data: str, cache_dir: str,
-        out_dir: str, validation_images: int = 256, evaluations: int = 4, minutes: float | None = None,
-        folder: Path | None = None) -> dict:
+def run(
+    recipe: str,
+    overrides: dict,
+    model: str,
+    steps: int,
+    seed: int,
+    data: str,
+    cache_dir: str,
+    out_dir: str,
+    validation_images: int = 256,
+    evaluations: int = 4,
+    minutes: float | None = None,
+    folder: Path | None = None,
+) -> dict:
     """Trains one run through ``Trainer`` and returns (and writes) its result: the validation curve and the final
     EMA and raw validation losses, per t too. With ``minutes``, the budget is wall-clock training time instead of
     ``steps`` (then at most ``steps``), validated at the end only. ``folder``: the images of ``data``, when they
@@ -201,11 +244,24 @@ def run(recipe: str, overrides: dict, model: str, steps: int, seed: int, data: s
     values = {**RECIPES[recipe], **overrides}
     preset = model.removeprefix("liquid-").removesuffix("-ablation") if model.startswith("liquid-") else "micro"
     settings = dict(
-        dataset=str(folder), space="pixel", resolution=RESOLUTION, preset=preset, steps=steps, seed=seed,
-        output_dir=str(work), validation_images=validation_images,
+        dataset=str(folder),
+        space="pixel",
+        resolution=RESOLUTION,
+        preset=preset,
+        steps=steps,
+        seed=seed,
+        output_dir=str(work),
+        validation_images=validation_images,
         validation_every=0 if minutes else max(1, steps // evaluations),
-        log_every=50, sample_every=0, num_sample_images=4, sample_steps=2, checkpoint_every=10**9, keep_checkpoints=1,
-        num_workers=0, progress_bar=False)
+        log_every=50,
+        sample_every=0,
+        num_sample_images=4,
+        sample_steps=2,
+        checkpoint_every=10**9,
+        keep_checkpoints=1,
+        num_workers=0,
+        progress_bar=False,
+    )
     config = TrainConfig(**{**settings, **values})
     if work.exists():  # a run cut short starts again from scratch
         import shutil
@@ -224,17 +280,31 @@ def run(recipe: str, overrides: dict, model: str, steps: int, seed: int, data: s
     train_logs = [r for r in records if "images_per_s" in r]
     final = validations[-1]
     result = dict(
-        name=name, data=data, model=model, recipe=recipe, overrides=overrides, config=values, steps=trainer.step,
-        seed=seed, minutes=minutes, images=trainer.step * config.batch_size,
+        name=name,
+        data=data,
+        model=model,
+        recipe=recipe,
+        overrides=overrides,
+        config=values,
+        steps=trainer.step,
+        seed=seed,
+        minutes=minutes,
+        images=trainer.step * config.batch_size,
         params_m=common.count_params(trainer.unwrapped_model),
-        val_loss=final["val_loss"], val_loss_raw=final["val_loss_raw"], val_loss_t=final["val_loss_t"],
-        val_loss_raw_t=final["val_loss_raw_t"], val_images=final["val_images"],
+        val_loss=final["val_loss"],
+        val_loss_raw=final["val_loss_raw"],
+        val_loss_t=final["val_loss_t"],
+        val_loss_raw_t=final["val_loss_raw_t"],
+        val_images=final["val_images"],
         curve=[(r["step"], r["val_loss"], r["val_loss_raw"]) for r in validations],
-        val_time_s=sum(r["val_time_s"] for r in validations), wall_s=wall,
+        val_time_s=sum(r["val_time_s"] for r in validations),
+        wall_s=wall,
         images_per_s=statistics.median(r["images_per_s"] for r in train_logs) if train_logs else None,
-        machine=common.describe_machine(trainer.device), threads=torch.get_num_threads(),
-        command=" ".join(["python -m benchmarks.recipe run"]
-                         + _run_flags(recipe, overrides, model, steps, seed, data, minutes)),
+        machine=common.describe_machine(trainer.device),
+        threads=torch.get_num_threads(),
+        command=" ".join(
+            ["python -m benchmarks.recipe run"] + _run_flags(recipe, overrides, model, steps, seed, data, minutes)
+        ),
     )
     (Path(out_dir) / f"{name}.json").write_text(json.dumps(result, indent=1))
     import shutil
@@ -279,8 +349,19 @@ def study(plan: list[list[str]], jobs: int, out_dir: str, cache_dir: str) -> Non
     while pending or running:
         while pending and len(running) < jobs:
             name, flags = pending.pop(0)
-            command = [sys.executable, "-m", "benchmarks.recipe", "run", *flags, "--out-dir", out_dir, "--cache-dir",
-                       cache_dir, "--threads", "1"]
+            command = [
+                sys.executable,
+                "-m",
+                "benchmarks.recipe",
+                "run",
+                *flags,
+                "--out-dir",
+                out_dir,
+                "--cache-dir",
+                cache_dir,
+                "--threads",
+                "1",
+            ]
             log = open(log_dir / f"{name}.log", "w")
             running.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)))
             print(f"started {name}", flush=True)
@@ -353,19 +434,47 @@ def table(results: list[dict]) -> str:
         budget = f"{r['minutes']:g} min" if r.get("minutes") else r["steps"]
         groups.setdefault((r["data"], r["model"], describe(r), budget), []).append(r)
     rows = []
-    for (data, model, recipe, budget), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][3]),
-                                                                                     _mean(kv[1], "val_loss"))):
+    for (data, model, recipe, budget), runs in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], str(kv[0][3]), _mean(kv[1], "val_loss"))
+    ):
         losses = [r["val_loss"] for r in runs]
         spread = f"{min(losses):.4f}-{max(losses):.4f}" if len(runs) > 1 else ""
 
         def at(t):
             return _fmt(statistics.mean(r["val_loss_t"].get(t, float("nan")) for r in runs))
 
-        rows.append([data, model, recipe, budget, round(_mean(runs, "images")), len(runs),
-                     f"{statistics.mean(losses):.4f}", spread, _fmt(_mean(runs, "val_loss_raw")), at("0.05"),
-                     at("0.5"), at("0.95"), _fmt(statistics.median(r["images_per_s"] or 0 for r in runs), 1)])
-    header = ["data", "model", "recipe", "budget", "images", "seeds", "val (EMA)", "range", "val (raw)", "t=0.05",
-              "t=0.5", "t=0.95", "img/s"]
+        rows.append(
+            [
+                data,
+                model,
+                recipe,
+                budget,
+                round(_mean(runs, "images")),
+                len(runs),
+                f"{statistics.mean(losses):.4f}",
+                spread,
+                _fmt(_mean(runs, "val_loss_raw")),
+                at("0.05"),
+                at("0.5"),
+                at("0.95"),
+                _fmt(statistics.median(r["images_per_s"] or 0 for r in runs), 1),
+            ]
+        )
+    header = [
+        "data",
+        "model",
+        "recipe",
+        "budget",
+        "images",
+        "seeds",
+        "val (EMA)",
+        "range",
+        "val (raw)",
+        "t=0.05",
+        "t=0.5",
+        "t=0.95",
+        "img/s",
+    ]
     return common.markdown_table(header, rows)
 
 
@@ -399,10 +508,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     one = sub.add_parser("run", help="train one run through Trainer and write its JSON")
     one.add_argument("--recipe", default="today", choices=sorted(RECIPES))
     one.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="TrainConfig overrides")
-    one.add_argument("--model", default="liquid-micro", help="liquid-<preset>, liquid-<preset>-ablation or a peer: " + ", ".join(PEERS))
+    one.add_argument(
+        "--model",
+        default="liquid-micro",
+        help="liquid-<preset>, liquid-<preset>-ablation or a peer: " + ", ".join(PEERS),
+    )
     one.add_argument("--steps", type=int, default=1500, help="the budget in steps (with --minutes: at most)")
-    one.add_argument("--minutes", type=float, default=None,
-                     help="the budget in minutes of training (equal wall-clock comparisons), validated at the end")
+    one.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="the budget in minutes of training (equal wall-clock comparisons), validated at the end",
+    )
     one.add_argument("--seed", type=int, default=0)
     one.add_argument("--data", default="twemoji", choices=sorted(DATASETS))
     one.add_argument("--threads", type=int, default=None)
@@ -431,8 +548,13 @@ def main(argv=None) -> int:
         rates = speed(args.models, rounds=args.rounds)
         print(common.markdown_table(["model", "images/s"], [[m, f"{r:.1f}"] for m, r in rates.items()]))
         if args.output:
-            Path(args.output).write_text(json.dumps(dict(rates=rates, threads=args.threads, batch=8,
-                                                         machine=common.describe_machine(torch.device("cpu")))))
+            Path(args.output).write_text(
+                json.dumps(
+                    dict(
+                        rates=rates, threads=args.threads, batch=8, machine=common.describe_machine(torch.device("cpu"))
+                    )
+                )
+            )
         return 0
     if args.command == "study":
         study(read_plan(args.plan), args.jobs, args.out_dir, args.cache_dir)
@@ -441,13 +563,25 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model not in PEERS and not args.model.startswith("liquid-"):
-        raise SystemExit(f"error: unknown model {args.model!r}; use liquid-<preset>[-ablation] or one of "
-                         f"{', '.join(PEERS)}")
+        raise SystemExit(
+            f"error: unknown model {args.model!r}; use liquid-<preset>[-ablation] or one of {', '.join(PEERS)}"
+        )
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    result = run(args.recipe, _overrides(args.set), args.model, args.steps, args.seed, args.data, args.cache_dir,
-                 args.out_dir, minutes=args.minutes)
-    print(f"{result['name']}: val_loss {result['val_loss']:.4f} (raw {result['val_loss_raw']:.4f}), "
-          f"{result['wall_s']:.0f} s")
+    result = run(
+        args.recipe,
+        _overrides(args.set),
+        args.model,
+        args.steps,
+        args.seed,
+        args.data,
+        args.cache_dir,
+        args.out_dir,
+        minutes=args.minutes,
+    )
+    print(
+        f"{result['name']}: val_loss {result['val_loss']:.4f} (raw {result['val_loss_raw']:.4f}), "
+        f"{result['wall_s']:.0f} s"
+    )
     return 0
 
 

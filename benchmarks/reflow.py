@@ -57,9 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher-steps", type=int, default=8)
     p.add_argument("--reflow-steps", type=int, default=800)
     p.add_argument("--distill-steps", type=int, default=0, help="a second, t = 1 only stage (0: none)")
-    p.add_argument("--control", action="store_true",
-                   help="also train the reflow run on for --distill-steps more steps at t as usual (uniform), from "
-                        "a copy of its final checkpoint: what the distillation stage is to be compared with")
+    p.add_argument(
+        "--control",
+        action="store_true",
+        help="also train the reflow run on for --distill-steps more steps at t as usual (uniform), from "
+        "a copy of its final checkpoint: what the distillation stage is to be compared with",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--eval-noises", type=int, default=128)
@@ -74,10 +77,24 @@ def run_stage(args, output_dir: Path, **overrides) -> tuple[Path, float, float]:
     seconds of them spent generating pairs."""
     start = time.perf_counter()
     values = dict(
-        teacher=args.teacher, teacher_name=args.teacher, output_dir=str(output_dir), pairs=args.pairs,
-        teacher_sampler=args.teacher_sampler, teacher_steps=args.teacher_steps, batch_size=args.batch_size,
-        lr=args.lr, warmup_steps=50, steps=args.reflow_steps, log_every=50, sample_every=0, num_sample_images=8,
-        checkpoint_every=200, resume="latest", num_workers=0, progress_bar=False)
+        teacher=args.teacher,
+        teacher_name=args.teacher,
+        output_dir=str(output_dir),
+        pairs=args.pairs,
+        teacher_sampler=args.teacher_sampler,
+        teacher_steps=args.teacher_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=50,
+        steps=args.reflow_steps,
+        log_every=50,
+        sample_every=0,
+        num_sample_images=8,
+        checkpoint_every=200,
+        resume="latest",
+        num_workers=0,
+        progress_bar=False,
+    )
     config = ReflowConfig(**{**values, **overrides})
     trainer = ReflowTrainer(config)
     trainer.train()
@@ -139,10 +156,21 @@ def main(argv=None) -> int:
 
     def add(model: str, sampler: str, steps: int, images: torch.Tensor, per_image: float) -> None:
         calls = steps * flow.MODEL_CALLS_PER_STEP[sampler]
-        rows.append({"model": model, "sampler": sampler, "steps": steps, "model_calls": calls,
-                     "s_per_image": per_image, **distance(images, reference)})
-        print(f"{model:8s} {sampler:5s} {steps:3d} steps ({calls:3d} calls): mse {rows[-1]['mse']:.5f} "
-              f"+- {rows[-1]['mse_stderr']:.5f}, {per_image * 1000:.1f} ms/image", flush=True)
+        rows.append(
+            {
+                "model": model,
+                "sampler": sampler,
+                "steps": steps,
+                "model_calls": calls,
+                "s_per_image": per_image,
+                **distance(images, reference),
+            }
+        )
+        print(
+            f"{model:8s} {sampler:5s} {steps:3d} steps ({calls:3d} calls): mse {rows[-1]['mse']:.5f} "
+            f"+- {rows[-1]['mse_stderr']:.5f}, {per_image * 1000:.1f} ms/image",
+            flush=True,
+        )
         grid_rows[(model, sampler, steps)] = images[:n]
 
     def evaluate(name: str, folder: Path) -> None:
@@ -158,23 +186,37 @@ def main(argv=None) -> int:
             shutil.copyfile(grids[-1], out / f"{name}-training-grid-{grids[-1].name}")
 
     def write() -> None:
-        order = [("teacher", "euler", 25)] + [("reflow", "euler", c) for c in CALLS] + \
-            [(name, "euler", 1) for name in ("control", "distill") if (name, "euler", 1) in grid_rows] + \
-            [("teacher", "euler", 4)]
+        order = (
+            [("teacher", "euler", 25)]
+            + [("reflow", "euler", c) for c in CALLS]
+            + [(name, "euler", 1) for name in ("control", "distill") if (name, "euler", 1) in grid_rows]
+            + [("teacher", "euler", 4)]
+        )
         save_grid(torch.cat([grid_rows[key] for key in order]), out / "teacher25_vs_student.png", n)
         result = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": "python -m benchmarks.reflow " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                        "torch": torch.__version__},
-            "teacher": {"path": args.teacher, "sha256": teacher.sha256, "step": teacher.step,
-                        "preset": teacher.train_config.get("preset"), "dataset": teacher.train_config.get("dataset"),
-                        "resolution": teacher.train_config.get("resolution")},
+            "machine": {
+                "cpu": platform.processor() or platform.machine(),
+                "threads": args.threads,
+                "torch": torch.__version__,
+            },
+            "teacher": {
+                "path": args.teacher,
+                "sha256": teacher.sha256,
+                "step": teacher.step,
+                "preset": teacher.train_config.get("preset"),
+                "dataset": teacher.train_config.get("dataset"),
+                "resolution": teacher.train_config.get("resolution"),
+            },
             "settings": {k: v for k, v in vars(args).items() if k not in ("teacher", "work_dir", "out")},
             "reference": f"teacher, heun x {args.reference_steps} steps ({2 * args.reference_steps} model calls)",
-            "eval_noises": args.eval_noises, "eval_seed": EVAL_SEED, "recommended_steps": recommended,
+            "eval_noises": args.eval_noises,
+            "eval_seed": EVAL_SEED,
+            "recommended_steps": recommended,
             "grid_rows": [" ".join(map(str, key)) for key in order],
-            "timings": timings, "rows": rows,
+            "timings": timings,
+            "rows": rows,
         }
         (out / "reflow.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out / 'reflow.json'}", flush=True)
@@ -184,15 +226,24 @@ def main(argv=None) -> int:
         if calls % 2 == 0:
             add("teacher", "heun", calls // 2, *sample(unet, noise, calls // 2, "heun"))
     add("teacher", "euler", 25, *sample(unet, noise, 25, "euler"))
-    add("teacher", args.teacher_sampler, args.teacher_steps,
-        *sample(unet, noise, args.teacher_steps, args.teacher_sampler))  # the pairs' own sampler: the floor
+    add(
+        "teacher",
+        args.teacher_sampler,
+        args.teacher_steps,
+        *sample(unet, noise, args.teacher_steps, args.teacher_sampler),
+    )  # the pairs' own sampler: the floor
     evaluate("reflow", student_dir)
     write()
     if args.distill_steps:  # a second stage: the reflow result trained at t = 1 only, on the same pairs
         try:
             distill_dir, run_s, _ = run_stage(
-                args, work / "distill", init=str(student_dir), distill_t=1.0,
-                pair_cache_dir=str(work / "reflow" / "pair-cache"), steps=args.distill_steps)
+                args,
+                work / "distill",
+                init=str(student_dir),
+                distill_t=1.0,
+                pair_cache_dir=str(work / "reflow" / "pair-cache"),
+                steps=args.distill_steps,
+            )
             timed("distill_run_s", run_s)
         except TrainingInterrupted:
             return 143
@@ -205,8 +256,11 @@ def main(argv=None) -> int:
             shutil.copytree(start, control / start.name)
         try:
             control_dir, run_s, _ = run_stage(
-                args, control, pair_cache_dir=str(work / "reflow" / "pair-cache"),
-                steps=args.reflow_steps + args.distill_steps)
+                args,
+                control,
+                pair_cache_dir=str(work / "reflow" / "pair-cache"),
+                steps=args.reflow_steps + args.distill_steps,
+            )
             timed("control_run_s", run_s)
         except TrainingInterrupted:
             return 143

@@ -47,7 +47,9 @@ VARIANTS = {  # name -> (autocast dtype, channels_last, compile)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="liquid-<preset>, dit-s2, dit-b2, unet2d")
     p.add_argument("--latent-sizes", nargs="+", type=int, default=[32, 64], help="latent H=W (32 = 256px, 64 = 512px)")
     p.add_argument("--batch", type=int, default=8)
@@ -55,9 +57,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2, help="timed training steps per model per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before the rounds")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all on CUDA, fp32 on the CPU")
-    p.add_argument("--vae", action=argparse.BooleanOptionalAction, default=None,
-                   help="also measure memory and images/s with the SD-VAE encoder in the loop (default: on for CUDA)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 on an oversubscribed CPU")
+    p.add_argument(
+        "--vae",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also measure memory and images/s with the SD-VAE encoder in the loop (default: on for CUDA)",
+    )
+    p.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: torch's choice); 1 on an oversubscribed CPU"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="micro/tiny/DiT-S/2/UNet2DModel at 16x16, batch 2: seconds")
@@ -111,8 +119,10 @@ def run_setting(size, variant, args, device, log):
     for name in args.models:
         model, step, flops, mem = build_job(name, size, args, device, variant)
         built[name] = dict(model=model, step=step, flops=flops, mem=mem, params=common.count_params(model))
-        log(f"  built {name}: {built[name]['params']:.1f}M params, {flops / args.batch / 1e9:.2f} GFLOP/img fwd+bwd, "
-            f"peak mem +{mem['mib']:.0f} MiB")
+        log(
+            f"  built {name}: {built[name]['params']:.1f}M params, {flops / args.batch / 1e9:.2f} GFLOP/img fwd+bwd, "
+            f"peak mem +{mem['mib']:.0f} MiB"
+        )
 
     def job(name):
         step = built[name]["step"]
@@ -124,17 +134,28 @@ def run_setting(size, variant, args, device, log):
     for name in args.models:
         b, ips = built[name], common.median(rates[name])
         achieved = b["flops"] / args.batch * ips / 1e12
-        rows.append(dict(
-            model=name, latent=size, variant=variant, batch=args.batch, params_m=b["params"],
-            gflop_per_img=b["flops"] / args.batch / 1e9, images_per_s=ips, spread_pct=common.spread(rates[name]),
-            rounds=rates[name], tflops=achieved, mfu_pct=100 * achieved / peak if peak else float("nan"),
-            peak_mem_mib=b["mem"]["mib"], mem_how=b["mem"]["how"],
-        ))
+        rows.append(
+            dict(
+                model=name,
+                latent=size,
+                variant=variant,
+                batch=args.batch,
+                params_m=b["params"],
+                gflop_per_img=b["flops"] / args.batch / 1e9,
+                images_per_s=ips,
+                spread_pct=common.spread(rates[name]),
+                rounds=rates[name],
+                tflops=achieved,
+                mfu_pct=100 * achieved / peak if peak else float("nan"),
+                peak_mem_mib=b["mem"]["mib"],
+                mem_how=b["mem"]["how"],
+            )
+        )
     for row in rows:
         for peer in PEERS:
             if peer in rates:
                 row[f"x_{peer}"] = row["images_per_s"] / common.median(rates[peer])
-    del built
+    built.clear()  # the models go before the next setting is built
     return rows
 
 
@@ -150,9 +171,11 @@ def main(argv=None) -> int:
     def log(msg=""):
         print(msg, flush=True)
 
-    header_info = (f"# Training throughput ({datetime.date.today().isoformat()})\n\nmachine: "
-                   f"{common.describe_machine(device)}\ncommand: python -m benchmarks.throughput "
-                   f"{' '.join(argv if argv is not None else sys.argv[1:])}\n")
+    header_info = (
+        f"# Training throughput ({datetime.date.today().isoformat()})\n\nmachine: "
+        f"{common.describe_machine(device)}\ncommand: python -m benchmarks.throughput "
+        f"{' '.join(argv if argv is not None else sys.argv[1:])}\n"
+    )
     log(header_info)
     rows = []
     for size in args.latent_sizes:
@@ -160,14 +183,43 @@ def main(argv=None) -> int:
             rows += run_setting(size, variant, args, device, log)
 
     peers = [p for p in PEERS if p in args.models]
-    header = ["model", "latent", "variant", "params (M)", "GFLOP/img", "images/s", "spread %", "TFLOP/s", "MFU %",
-              "peak mem (MiB)"] + [f"x {p}" for p in peers]
-    table = common.markdown_table(header, [[
-        r["model"], f"4x{r['latent']}x{r['latent']}", r["variant"], r["params_m"], r["gflop_per_img"], r["images_per_s"],
-        r["spread_pct"], r["tflops"], r["mfu_pct"], r["peak_mem_mib"]] + [r.get(f"x_{p}", float("nan")) for p in peers]
-        for r in rows])
-    lines += [header_info, f"batch {args.batch}, {args.rounds} interleaved rounds x {args.steps} steps, median; "
-              f"memory: {rows[0]['mem_how']}\n", table]
+    header = [
+        "model",
+        "latent",
+        "variant",
+        "params (M)",
+        "GFLOP/img",
+        "images/s",
+        "spread %",
+        "TFLOP/s",
+        "MFU %",
+        "peak mem (MiB)",
+    ] + [f"x {p}" for p in peers]
+    table = common.markdown_table(
+        header,
+        [
+            [
+                r["model"],
+                f"4x{r['latent']}x{r['latent']}",
+                r["variant"],
+                r["params_m"],
+                r["gflop_per_img"],
+                r["images_per_s"],
+                r["spread_pct"],
+                r["tflops"],
+                r["mfu_pct"],
+                r["peak_mem_mib"],
+            ]
+            + [r.get(f"x_{p}", float("nan")) for p in peers]
+            for r in rows
+        ],
+    )
+    lines += [
+        header_info,
+        f"batch {args.batch}, {args.rounds} interleaved rounds x {args.steps} steps, median; "
+        f"memory: {rows[0]['mem_how']}\n",
+        table,
+    ]
 
     vae_rows = []
     if use_vae:
@@ -179,11 +231,17 @@ def main(argv=None) -> int:
                 mib, ips = vae_in_loop(name, size, args, device)
                 vae_rows.append(dict(model=name, latent=size, cached_mib=cached, vae_mib=mib, vae_images_per_s=ips))
                 log(f"  {name} 4x{size}x{size}: cached {cached:.0f} MiB, VAE in loop {mib:.0f} MiB, {ips:.3g} img/s")
-        lines += ["\nPeak memory at batch %d: cached latents (the bf16 row above where measured, else the first "
-                  "variant) vs SD-VAE encoder in the loop (VAE weights included; bf16 autocast on CUDA)\n" % args.batch, common.markdown_table(
-                      ["model", "latent", "cached latents (MiB)", "VAE in loop (MiB)", "VAE in loop images/s"],
-                      [[r["model"], f"4x{r['latent']}x{r['latent']}", r["cached_mib"], r["vae_mib"],
-                        r["vae_images_per_s"]] for r in vae_rows])]
+        lines += [
+            f"\nPeak memory at batch {args.batch}: cached latents (the bf16 row above where measured, else the "
+            "first variant) vs SD-VAE encoder in the loop (VAE weights included; bf16 autocast on CUDA)\n",
+            common.markdown_table(
+                ["model", "latent", "cached latents (MiB)", "VAE in loop (MiB)", "VAE in loop images/s"],
+                [
+                    [r["model"], f"4x{r['latent']}x{r['latent']}", r["cached_mib"], r["vae_mib"], r["vae_images_per_s"]]
+                    for r in vae_rows
+                ],
+            ),
+        ]
 
     text = "\n".join(lines)
     log("\n" + text)

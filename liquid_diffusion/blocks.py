@@ -202,8 +202,9 @@ class ParallelCfC(nn.Module):
         gate = torch.sigmoid(time_a * f - time_b)
         return h + gate * (g - h)
 
-    def forward(self, x: torch.Tensor, u: torch.Tensor, time_a: torch.Tensor, time_b: torch.Tensor,
-                update: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, u: torch.Tensor, time_a: torch.Tensor, time_b: torch.Tensor, update: torch.Tensor
+    ) -> torch.Tensor:
         """``x + update * out`` with ``update = 1 - alpha``: the vectors are [B, C, 1, 1]."""
         return x + update * self.interpolation(u, time_a, time_b)  # = alpha x + (1 - alpha) (x + out)
 
@@ -332,7 +333,7 @@ class BlockModulation(nn.Module):
             update = 1 - liquid_relaxation(self.rho, m[:, i])
             # under autocast 1 - alpha is float32 (softplus runs in float32), and so is the slab: the residual stream
             # it scales then stays float32 (a bfloat16 slab makes the velocity's error larger; docs/design.md)
-            m = torch.cat([m[:, :i], update[:, None], m[:, i + 1:]], dim=1)
+            m = torch.cat([m[:, :i], update[:, None], m[:, i + 1 :]], dim=1)
         return m.split(self.widths, dim=2)
 
 

@@ -24,9 +24,9 @@ import random
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -66,8 +66,11 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [(step, p) for p in output_dir.iterdir()
-             if (step := checkpoint_step(p)) is not None and (p / "state.json").is_file()]
+    found = [
+        (step, p)
+        for p in output_dir.iterdir()
+        if (step := checkpoint_step(p)) is not None and (p / "state.json").is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -80,8 +83,9 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     """A checkpoint the trainer finished writing: ``state.json``, ``train_config.json`` and ``unet/`` (and
     ``unet_ema/`` when present) with their weights. Cheap (nothing is read): ``read_checkpoint`` verifies the files."""
     path = Path(path)
-    if not ((path / "state.json").is_file() and (path / "train_config.json").is_file()
-            and has_unet_weights(path / "unet")):
+    if not (
+        (path / "state.json").is_file() and (path / "train_config.json").is_file() and has_unet_weights(path / "unet")
+    ):
         return False
     return not (path / "unet_ema").exists() or has_unet_weights(path / "unet_ema")
 
@@ -102,8 +106,9 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         raise NotADirectoryError(f"checkpoint path {str(path)!r} is a file, not a checkpoint directory")
     if is_complete_checkpoint(path):
         return path
-    candidates = sorted(((step, p) for p in path.iterdir() if (step := checkpoint_step(p)) is not None and p.is_dir()),
-                        reverse=True)
+    candidates = sorted(
+        ((step, p) for p in path.iterdir() if (step := checkpoint_step(p)) is not None and p.is_dir()), reverse=True
+    )
     damaged = []
     for _, candidate in candidates:  # the newest whose files read back, as `train --resume` takes
         if is_complete_checkpoint(candidate):
@@ -164,8 +169,9 @@ def write_checkpoint(output_dir: str | os.PathLike, step: int, fill: Callable[[P
         shutil.rmtree(tmp, ignore_errors=True)
         if disk_full(error):
             raise CheckpointWriteError(
-                errno.ENOSPC, f"no space left on device while saving {final.name}; free space and {advice('resume')} "
-                f"(the earlier checkpoints in {str(output_dir)!r} are intact)"
+                errno.ENOSPC,
+                f"no space left on device while saving {final.name}; free space and {advice('resume')} "
+                f"(the earlier checkpoints in {str(output_dir)!r} are intact)",
             ) from None
         raise
     return final
@@ -192,8 +198,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def fill_checkpoint(folder: Path, *, model, ema, optimizer, lr_scheduler, scaler, train_config: dict,
-                    state: dict) -> None:
+def fill_checkpoint(
+    folder: Path, *, model, ema, optimizer, lr_scheduler, scaler, train_config: dict, state: dict
+) -> None:
     """Writes every file of the layout above into ``folder`` (the ``fill`` of ``write_checkpoint``).
 
     ``model``: the bare ``LiquidDiffusionUNet``; ``ema``: its ``diffusers.training_utils.EMAModel``. The EMA weights
@@ -279,8 +286,9 @@ def read_checkpoint(path: str | os.PathLike, with_training_state: bool = True) -
     """
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass a checkpoint-NNNNNN folder or "
-                                "--resume latest")
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} does not exist; pass a checkpoint-NNNNNN folder or --resume latest"
+        )
     state = read_json(path / "state.json")
     train_config = read_json(path / "train_config.json")
     unet = read_unet_folder(path / "unet")
@@ -299,8 +307,9 @@ def read_checkpoint(path: str | os.PathLike, with_training_state: bool = True) -
     return Checkpoint(path, int(state["step"]), state, train_config, unet, unet_ema, training)
 
 
-def newest_intact(output_dir: str | os.PathLike, report: Callable[[str], None] = print,
-                  with_training_state: bool = True) -> Checkpoint | None:
+def newest_intact(
+    output_dir: str | os.PathLike, report: Callable[[str], None] = print, with_training_state: bool = True
+) -> Checkpoint | None:
     """The newest checkpoint in ``output_dir`` whose files all read back; each damaged newer one is reported in one
     line (``report``) naming the bad file. ``None`` when there is no checkpoint at all.
 
@@ -316,8 +325,10 @@ def newest_intact(output_dir: str | os.PathLike, report: Callable[[str], None] =
             problems.append(str(error))
             report(f"warning: skipping damaged {path.name}: {error}")
     if problems:
-        raise CorruptCheckpointError(f"no intact checkpoint in {str(output_dir)!r}: {problems[0]} (and "
-                                     f"{len(problems) - 1} more); start a new run with another --output-dir")
+        raise CorruptCheckpointError(
+            f"no intact checkpoint in {str(output_dir)!r}: {problems[0]} (and "
+            f"{len(problems) - 1} more); start a new run with another --output-dir"
+        )
     return None
 
 
@@ -334,17 +345,20 @@ def restore_training_state(checkpoint: Checkpoint, *, model, ema, optimizer, lr_
     try:
         check_format(checkpoint.unet[0])
     except ValueError as error:
-        raise ValueError(f"cannot resume {checkpoint.path}: {error}; or start a new run with another "
-                         "--output-dir") from None
+        raise ValueError(
+            f"cannot resume {checkpoint.path}: {error}; or start a new run with another --output-dir"
+        ) from None
     training = checkpoint.training
     try:
         model.load_state_dict(checkpoint.unet[1])
         ema_weights = (checkpoint.unet_ema or checkpoint.unet)[1]
         shadow = [ema_weights[name].to(device) for name, _ in model.named_parameters()]
     except (RuntimeError, KeyError, ValueError) as error:
-        raise ValueError(f"cannot resume {checkpoint.path}: its weights do not fit this version of LiquidDiffusion's "
-                         f"{checkpoint.train_config.get('preset')} model (the format changed: "
-                         f"{first_line(error)}); start a new run with another --output-dir") from None
+        raise ValueError(
+            f"cannot resume {checkpoint.path}: its weights do not fit this version of LiquidDiffusion's "
+            f"{checkpoint.train_config.get('preset')} model (the format changed: "
+            f"{first_line(error)}); start a new run with another --output-dir"
+        ) from None
     ema.load_state_dict({**training["ema"], "shadow_params": shadow})
     optimizer.load_state_dict(training["optimizer"])
     lr_scheduler.load_state_dict(training["lr_scheduler"])

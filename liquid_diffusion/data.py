@@ -23,9 +23,9 @@ import math
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -193,8 +193,10 @@ class ImageBatchStream(torch.utils.data.IterableDataset):
     ):
         super().__init__()
         if resolution < 1 or batch_size < 1 or start_batch < 0:
-            raise ValueError(f"need resolution >= 1, batch_size >= 1, start_batch >= 0 (got {resolution}, "
-                             f"{batch_size}, {start_batch})")
+            raise ValueError(
+                f"need resolution >= 1, batch_size >= 1, start_batch >= 0 (got {resolution}, "
+                f"{batch_size}, {start_batch})"
+            )
         if not 0 <= process_index < num_processes:
             raise ValueError(f"process_index {process_index} must lie in [0, num_processes={num_processes})")
         self.source, self.split, self.resolution, self.batch_size = source, split, resolution, batch_size
@@ -202,8 +204,16 @@ class ImageBatchStream(torch.utils.data.IterableDataset):
         self.process_index, self.num_processes = process_index, num_processes
         self.start_batch, self.num_epochs = start_batch, num_epochs
 
-        dataset, self.image_column = open_source(source, split, config_name, image_column, with_labels=with_labels,
-                                                 label_column=label_column, holdout=holdout, part=part)
+        dataset, self.image_column = open_source(
+            source,
+            split,
+            config_name,
+            image_column,
+            with_labels=with_labels,
+            label_column=label_column,
+            holdout=holdout,
+            part=part,
+        )
         self.with_labels = with_labels
         self.class_names = class_names(dataset) if with_labels else None
         if shuffle_buffer > 1:  # same seed on every process, so the node split below stays disjoint
@@ -291,8 +301,11 @@ class ImageBatchStream(torch.utils.data.IterableDataset):
                 elif not usable_seen:  # other workers' items: probe them only until one good image is seen
                     usable_seen = _decodable(value)
             if mine:  # empty when every image of the batch was undecodable: keeps batch indices exact for resume
-                batch = (torch.from_numpy(np.stack([p.numpy() for p in pixels])) if pixels
-                         else torch.empty(0, 3, self.resolution, self.resolution))
+                batch = (
+                    torch.from_numpy(np.stack([p.numpy() for p in pixels]))
+                    if pixels
+                    else torch.empty(0, 3, self.resolution, self.resolution)
+                )
                 yield (batch, torch.tensor(labels, dtype=torch.long)) if self.with_labels else batch
         if whole_epoch and not usable_seen:
             self._no_usable_image()

@@ -12,8 +12,15 @@ from huggingface_hub.utils import validate_repo_id
 
 # Exceptions that mean "the user asked for something that cannot be done", not "the program is broken": the command
 # line prints them as one line (``error: ...``, exit status 2) instead of a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError,
-               ConnectionError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    FileExistsError,
+    PermissionError,
+    ConnectionError,
+)
 # User errors that trying again cannot fix (a lost connection may come back).
 PERMANENT_ERRORS = tuple(error for error in USER_ERRORS if error is not ConnectionError)
 
@@ -24,9 +31,9 @@ _audience = {"now": "cli"}
 ADVICE = {
     "offline": {
         "cli": "to train without the Hub use --space pixel with a local image folder (--dataset PATH), or a local VAE "
-               "folder (--vae PATH, written by AutoencoderKL.save_pretrained)",
+        "folder (--vae PATH, written by AutoencoderKL.save_pretrained)",
         "notebook": 'to train without the Hub set DATASET = "custom" with CUSTOM_DATASET = a folder of images and '
-                    'SPACE = "pixel", or VAE = a local VAE folder (written by AutoencoderKL.save_pretrained)',
+        'SPACE = "pixel", or VAE = a local VAE folder (written by AutoencoderKL.save_pretrained)',
     },
     "inception_weights": {
         "cli": "or pass --inception-weights PATH",
@@ -43,10 +50,21 @@ ADVICE = {
 }
 # The notebook's form field for a train option, where it has one (the others keep the command line's flag).
 NOTEBOOK_FIELDS = {
-    "dataset": "DATASET", "preset": "PRESET", "resolution": "RESOLUTION", "space": "SPACE", "steps": "STEPS",
-    "batch_size": "BATCH_SIZE", "lr": "LEARNING_RATE", "sample_every": "SAMPLE_EVERY", "eval_every": "EVAL_EVERY",
-    "cache_latents": "CACHE_LATENTS", "class_conditional": "CLASS_CONDITIONAL", "guidance_scale": "GUIDANCE_SCALE",
-    "vae": "VAE", "report_to": "REPORT_TO", "gradient_checkpointing": "GRADIENT_CHECKPOINTING",
+    "dataset": "DATASET",
+    "preset": "PRESET",
+    "resolution": "RESOLUTION",
+    "space": "SPACE",
+    "steps": "STEPS",
+    "batch_size": "BATCH_SIZE",
+    "lr": "LEARNING_RATE",
+    "sample_every": "SAMPLE_EVERY",
+    "eval_every": "EVAL_EVERY",
+    "cache_latents": "CACHE_LATENTS",
+    "class_conditional": "CLASS_CONDITIONAL",
+    "guidance_scale": "GUIDANCE_SCALE",
+    "vae": "VAE",
+    "report_to": "REPORT_TO",
+    "gradient_checkpointing": "GRADIENT_CHECKPOINTING",
 }
 
 
@@ -99,8 +117,9 @@ def offline_advice(error: BaseException, advice: dict[str, str] | None) -> str:
 def check_not_a_file(path: str | os.PathLike, flag: str) -> None:
     """Raises a one-line NotADirectoryError when ``path`` (given as ``flag``, a folder to write) is an existing file."""
     if os.path.isfile(os.path.expanduser(path)):
-        raise NotADirectoryError(f"{flag} {os.fspath(path)!r} is a file, not a folder; choose a folder (a new or "
-                                 "existing directory) instead")
+        raise NotADirectoryError(
+            f"{flag} {os.fspath(path)!r} is a file, not a folder; choose a folder (a new or existing directory) instead"
+        )
 
 
 class DiskFullError(OSError):
@@ -139,8 +158,12 @@ def check_number(options, name: str, minimum: float, inclusive: bool = True) -> 
     """Raises a one-line ValueError naming the option (``option(name)``: the flag ``--name``) when ``options.<name>`` is not a finite number
     ``>= minimum`` (``> minimum`` when not ``inclusive``). ``options``: a config dataclass or argparse namespace."""
     value = getattr(options, name)
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-          and (value >= minimum if inclusive else value > minimum))
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value >= minimum if inclusive else value > minimum)
+    )
     if not ok:
         relation = f"at least {minimum}" if inclusive else f"greater than {minimum}"
         raise ValueError(f"{option(name)} must be {relation}, got {value}")

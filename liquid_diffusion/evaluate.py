@@ -77,8 +77,14 @@ class _Precomputed(nn.Module):
         return features
 
 
-def fid_kid(real: torch.Tensor, fake: torch.Tensor, *, kid_subsets: int = KID_SUBSETS,
-            kid_subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> dict:
+def fid_kid(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    *,
+    kid_subsets: int = KID_SUBSETS,
+    kid_subset_size: int = KID_SUBSET_SIZE,
+    seed: int = 0,
+) -> dict:
     """``{"fid", "kid", "kid_std"}`` of two feature sets [N, D] and [M, D] (torchmetrics, in float64).
 
     KID averages the unbiased MMD^2 over ``kid_subsets`` random subsets of ``min(kid_subset_size, N/2, M/2)``
@@ -97,15 +103,17 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, *, kid_subsets: int = KID_SU
     fid.update(fake, real=False)
     with warnings.catch_warnings():  # "KID will save all extracted features": they are already in memory
         warnings.simplefilter("ignore", UserWarning)
-        kid = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=kid_subsets,
-                                      subset_size=max(2, min(kid_subset_size, len(real) // 2, len(fake) // 2)))
+        kid = KernelInceptionDistance(
+            feature=_Precomputed(real.shape[1]),
+            subsets=kid_subsets,
+            subset_size=max(2, min(kid_subset_size, len(real) // 2, len(fake) // 2)),
+        )
     kid.update(real, real=True)
     kid.update(fake, real=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         kid_mean, kid_std = kid.compute()
     return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,8 +135,9 @@ def sample_labels(num_classes: int, num_samples: int, seed: int = 0) -> torch.Te
     return torch.randint(num_classes, (num_samples,), generator=_label_generator(seed))
 
 
-def labels_like_reference(reference_ids: torch.Tensor, reference_names: list[str], model_names, num_classes: int,
-                          seed: int = 0) -> torch.Tensor | None:
+def labels_like_reference(
+    reference_ids: torch.Tensor, reference_names: list[str], model_names, num_classes: int, seed: int = 0
+) -> torch.Tensor | None:
     """The classes for the generated images: those of the reference images, in the model's ids and shuffled from
     ``seed``, so both sets hold each class equally often (FID compares distributions: on an imbalanced dataset
     uniform labels would be scored against a set they do not match). ``None`` when the reference's classes are not
@@ -145,10 +154,22 @@ def labels_like_reference(reference_ids: torch.Tensor, reference_names: list[str
 
 
 @torch.no_grad()
-def generated_features(unet, vae, extractor: nn.Module, num_samples: int, *, resolution: int, steps: int = 25,
-                       sampler: str = "euler", seed: int = 0, batch_size: int = 50,
-                       guidance_scale: float | None = None, labels: torch.Tensor | None = None,
-                       device: torch.device | str = "cpu", progress: bool = True) -> torch.Tensor:
+def generated_features(
+    unet,
+    vae,
+    extractor: nn.Module,
+    num_samples: int,
+    *,
+    resolution: int,
+    steps: int = 25,
+    sampler: str = "euler",
+    seed: int = 0,
+    batch_size: int = 50,
+    guidance_scale: float | None = None,
+    labels: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> torch.Tensor:
     """Features [num_samples, D] of images drawn with ``sampling.generate`` in batches (VAE decode in the VAE's
     chunks); batch ``b`` draws its noise from seed ``seed * SEED_STRIDE + b``, so a run is reproducible.
 
@@ -167,21 +188,46 @@ def generated_features(unet, vae, extractor: nn.Module, num_samples: int, *, res
     with tqdm(total=num_samples, unit="img", desc=f"samples ({sampler}, {steps} steps)", disable=not progress) as bar:
         for index, start in enumerate(range(0, num_samples, batch_size)):
             count = min(batch_size, num_samples - start)
-            images = generate(unet, vae, count, steps, sampler, seed=(seed * SEED_STRIDE + index) % 2**63,
-                              resolution=resolution,
-                              class_labels=None if labels is None else labels[start:start + count],
-                              guidance_scale=1.0 if guidance_scale is None else guidance_scale)
+            images = generate(
+                unet,
+                vae,
+                count,
+                steps,
+                sampler,
+                seed=(seed * SEED_STRIDE + index) % 2**63,
+                resolution=resolution,
+                class_labels=None if labels is None else labels[start : start + count],
+                guidance_scale=1.0 if guidance_scale is None else guidance_scale,
+            )
             chunks.append(extract_features(extractor, images, device))
             bar.update(count)
     return torch.cat(chunks)
 
 
-def evaluate_model(unet, vae, resolution: int, dataset: str, extractor: nn.Module, *,
-                   num_samples: int = DEFAULT_NUM_SAMPLES, steps: int = 25, sampler: str = "euler", seed: int = 0,
-                   split: str = "train", config_name: str | None = None, image_column: str | None = None,
-                   random_crop: bool = False, reference_dir=None, reference_root=None, batch_size: int = 50,
-                   guidance_scale: float | None = None, label_column: str | None = None, num_workers: int = 0,
-                   device: torch.device | str = "cpu", progress: bool = True) -> dict:
+def evaluate_model(
+    unet,
+    vae,
+    resolution: int,
+    dataset: str,
+    extractor: nn.Module,
+    *,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    steps: int = 25,
+    sampler: str = "euler",
+    seed: int = 0,
+    split: str = "train",
+    config_name: str | None = None,
+    image_column: str | None = None,
+    random_crop: bool = False,
+    reference_dir=None,
+    reference_root=None,
+    batch_size: int = 50,
+    guidance_scale: float | None = None,
+    label_column: str | None = None,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict:
     """FID and KID of ``unet`` (+ ``vae``) sampled at ``resolution`` against ``dataset`` at the same resolution.
 
     Draws ``num_samples`` images, or as many as the dataset has real images (with a warning) when it is smaller; a
@@ -196,31 +242,48 @@ def evaluate_model(unet, vae, resolution: int, dataset: str, extractor: nn.Modul
     feature_extractor, reference_dir, wall_time_s and sample_time_s.
     """
     if num_samples < 1:
-        raise ValueError(f"the number of samples must be at least 1, got {num_samples} (the default is "
-                         f"{DEFAULT_NUM_SAMPLES})")
+        raise ValueError(
+            f"the number of samples must be at least 1, got {num_samples} (the default is {DEFAULT_NUM_SAMPLES})"
+        )
     check_sampler(sampler)
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch size must be at least 1, got {steps} and {batch_size}")
     start = time.perf_counter()
-    key = reference_key(dataset, resolution, extractor.name, split=split, config_name=config_name,
-                        random_crop=random_crop)
+    key = reference_key(
+        dataset, resolution, extractor.name, split=split, config_name=config_name, random_crop=random_crop
+    )
     reference_dir = Path(reference_dir or default_reference_dir(reference_root or default_cache_root(), key))
     conditional = bool(unet.config.num_classes)
 
     def reference(with_labels: bool):
-        return reference_features(dataset, resolution, extractor, num_samples, reference_dir, split=split,
-                                  config_name=config_name, image_column=image_column, random_crop=random_crop,
-                                  batch_size=batch_size, num_workers=num_workers, with_labels=with_labels,
-                                  label_column=label_column, device=device, progress=progress)
+        return reference_features(
+            dataset,
+            resolution,
+            extractor,
+            num_samples,
+            reference_dir,
+            split=split,
+            config_name=config_name,
+            image_column=image_column,
+            random_crop=random_crop,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            with_labels=with_labels,
+            label_column=label_column,
+            device=device,
+            progress=progress,
+        )
 
     try:
         real, metadata = reference(conditional)
     except NoClassLabelsError:
         real, metadata = reference(False)
     if len(real) < num_samples:
-        print(f"warning: {dataset} has only {len(real)} images, so {len(real)} samples are drawn instead of "
-              f"{num_samples}: FID is biased upward at small N (compare FIDs only at equal N); KID is unbiased",
-              file=sys.stderr)
+        print(
+            f"warning: {dataset} has only {len(real)} images, so {len(real)} samples are drawn instead of "
+            f"{num_samples}: FID is biased upward at small N (compare FIDs only at equal N); KID is unbiased",
+            file=sys.stderr,
+        )
         num_samples = len(real)
     if num_samples < 2:
         raise ValueError(f"FID and KID need at least 2 images; {dataset!r} gave {len(real)}")
@@ -233,33 +296,66 @@ def evaluate_model(unet, vae, resolution: int, dataset: str, extractor: nn.Modul
     labels = classes = None
     if conditional:
         if metadata.get("class_names"):
-            labels = labels_like_reference(*reference_labels(reference_dir, num_samples), unet.config.class_names,
-                                           unet.config.num_classes, seed)
+            labels = labels_like_reference(
+                *reference_labels(reference_dir, num_samples), unet.config.class_names, unet.config.num_classes, seed
+            )
         classes = "as the reference" if labels is not None else "uniform"
         if labels is None:
-            print(f"warning: the images of {dataset} carry no classes of this model, so the samples ask for its "
-                  f"{unet.config.num_classes} classes uniformly", file=sys.stderr)
+            print(
+                f"warning: the images of {dataset} carry no classes of this model, so the samples ask for its "
+                f"{unet.config.num_classes} classes uniformly",
+                file=sys.stderr,
+            )
     sample_start = time.perf_counter()
-    fake = generated_features(unet, vae, extractor, num_samples, resolution=resolution, steps=steps, sampler=sampler,
-                              seed=seed, batch_size=batch_size, guidance_scale=guidance_scale, labels=labels,
-                              device=device, progress=progress)
+    fake = generated_features(
+        unet,
+        vae,
+        extractor,
+        num_samples,
+        resolution=resolution,
+        steps=steps,
+        sampler=sampler,
+        seed=seed,
+        batch_size=batch_size,
+        guidance_scale=guidance_scale,
+        labels=labels,
+        device=device,
+        progress=progress,
+    )
     sample_time = time.perf_counter() - sample_start
     scores = fid_kid(real, fake, seed=seed)
-    return dict(**scores, num_samples=num_samples, num_real=len(real), sampler=sampler, steps=steps, seed=seed,
-                guidance_scale=guidance_scale, classes=classes, resolution=resolution,
-                dataset=metadata["key"]["dataset"], split=split, feature_extractor=extractor.name,
-                reference_dir=str(reference_dir), wall_time_s=round(time.perf_counter() - start, 3),
-                sample_time_s=round(sample_time, 3))
+    return dict(
+        **scores,
+        num_samples=num_samples,
+        num_real=len(real),
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        guidance_scale=guidance_scale,
+        classes=classes,
+        resolution=resolution,
+        dataset=metadata["key"]["dataset"],
+        split=split,
+        feature_extractor=extractor.name,
+        reference_dir=str(reference_dir),
+        wall_time_s=round(time.perf_counter() - start, 3),
+        sample_time_s=round(sample_time, 3),
+    )
 
 
 def summary_line(result: dict) -> str:
     """One human line: ``FID 12.3 · KID 0.0123 ± 0.0008 · 10000 samples vs 10000 real ... · 312.4 s``."""
-    return (f"FID {result['fid']:.2f} · KID {result['kid']:.5f} ± {result['kid_std']:.5f} · "
-            f"{result['num_samples']} samples vs {result['num_real']} real images of {result['dataset']} "
-            f"({result['split']}, {result['resolution']}px) · {result['sampler']} {result['steps']} steps · "
-            + (f"classes {result.get('classes') or 'uniform'}, guidance {result['guidance_scale']:g} · "
-               if result.get("guidance_scale") is not None else "")
-            + f"seed {result['seed']} · {result['feature_extractor'].split(' (')[0]} · {result['wall_time_s']:.1f} s")
+    return (
+        f"FID {result['fid']:.2f} · KID {result['kid']:.5f} ± {result['kid_std']:.5f} · "
+        f"{result['num_samples']} samples vs {result['num_real']} real images of {result['dataset']} "
+        f"({result['split']}, {result['resolution']}px) · {result['sampler']} {result['steps']} steps · "
+        + (
+            f"classes {result.get('classes') or 'uniform'}, guidance {result['guidance_scale']:g} · "
+            if result.get("guidance_scale") is not None
+            else ""
+        )
+        + f"seed {result['seed']} · {result['feature_extractor'].split(' (')[0]} · {result['wall_time_s']:.1f} s"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,23 +421,44 @@ class TrainingEvaluator(TrainerCallback):
         try:  # a metric never stops training; a stop signal cuts it short, not the save after it
             with trainer.interruptible(), trainer.ema_weights() as model:
                 result = evaluate_model(
-                    model, trainer.vae, config.resolution, config.dataset, self.extractor,
-                    num_samples=config.eval_samples, steps=config.sample_steps, seed=config.seed, split=config.split,
-                    config_name=config.config_name, image_column=config.image_column, random_crop=config.random_crop,
-                    reference_root=trainer.output_dir / "fid-reference", guidance_scale=config.guidance_scale,
-                    label_column=config.label_column, batch_size=max(config.batch_size, 16), device=trainer.device,
+                    model,
+                    trainer.vae,
+                    config.resolution,
+                    config.dataset,
+                    self.extractor,
+                    num_samples=config.eval_samples,
+                    steps=config.sample_steps,
+                    seed=config.seed,
+                    split=config.split,
+                    config_name=config.config_name,
+                    image_column=config.image_column,
+                    random_crop=config.random_crop,
+                    reference_root=trainer.output_dir / "fid-reference",
+                    guidance_scale=config.guidance_scale,
+                    label_column=config.label_column,
+                    batch_size=max(config.batch_size, 16),
+                    device=trainer.device,
                     progress=False,
                 )
         except StopRequested as stop:
             print(f"\n{stop.args[0]}: the evaluation at step {step} was cut short", file=sys.stderr)
             return
         except Exception as error:  # noqa: BLE001 -- whatever broke, the run trains on
-            print(f"warning: the evaluation at step {step} failed and was skipped ({type(error).__name__}: "
-                  f"{first_line(error)}); training goes on", file=sys.stderr)
+            print(
+                f"warning: the evaluation at step {step} failed and was skipped ({type(error).__name__}: "
+                f"{first_line(error)}); training goes on",
+                file=sys.stderr,
+            )
             return
-        record = {"step": step, "kid": result["kid"], "kid_std": result["kid_std"], "fid": result["fid"],
-                  "eval_samples": result["num_samples"], "eval_time_s": result["wall_time_s"],
-                  "checkpoint": Path(path).name}
+        record = {
+            "step": step,
+            "kid": result["kid"],
+            "kid_std": result["kid_std"],
+            "fid": result["fid"],
+            "eval_samples": result["num_samples"],
+            "eval_time_s": result["wall_time_s"],
+            "checkpoint": Path(path).name,
+        }
         record["best"] = update_best(trainer.output_dir, record)
         if record["best"]:
             trainer._prune_checkpoints()  # the previous best is no longer kept for being the best
@@ -356,12 +473,23 @@ class TrainingEvaluator(TrainerCallback):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, *, num_samples: int = DEFAULT_NUM_SAMPLES,
-                        dataset: str | None = None, split: str | None = None, config_name: str | None = None,
-                        image_column: str | None = None, resolution: int | None = None, use_ema: bool = True,
-                        guidance_scale: float | None = None, feature_extractor: str | nn.Module = INCEPTION,
-                        inception_weights=None, device: str | None = None, num_workers: int | None = None,
-                        **options) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    *,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    dataset: str | None = None,
+    split: str | None = None,
+    config_name: str | None = None,
+    image_column: str | None = None,
+    resolution: int | None = None,
+    use_ema: bool = True,
+    guidance_scale: float | None = None,
+    feature_extractor: str | nn.Module = INCEPTION,
+    inception_weights=None,
+    device: str | None = None,
+    num_workers: int | None = None,
+    **options,
+) -> dict:
     """``evaluate_model`` for a checkpoint, an output dir (its newest checkpoint), an export folder or a Hub id,
     against its training dataset, split and crop (from its ``train_config.json``) unless told otherwise.
 
@@ -378,13 +506,16 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, num_samples: int = DEF
     trained = json.loads(config_path.read_text()) if config_path.is_file() else {}
     dataset = dataset or trained.get("dataset")
     if not dataset:
-        raise ValueError(f"no dataset to compare with: {checkpoint} does not record its training dataset; pass "
-                         "--dataset (a short name, Hub id or folder of images)")
+        raise ValueError(
+            f"no dataset to compare with: {checkpoint} does not record its training dataset; pass "
+            "--dataset (a short name, Hub id or folder of images)"
+        )
     extractor = load_feature_extractor(feature_extractor, inception_weights)  # fails fast when offline
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_resolution(resolution, trained.get("resolution"))  # before loading anything
-    unet, vae, trained_at, recommended = load_for_sampling(str(folder), use_ema=use_ema, device=device,
-                                                           with_guidance=True)
+    unet, vae, trained_at, recommended = load_for_sampling(
+        str(folder), use_ema=use_ema, device=device, with_guidance=True
+    )
     if guidance_scale is None:
         guidance_scale = recommended
     _check_resolution(resolution, trained_at)
@@ -393,12 +524,21 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, num_samples: int = DEF
         raise ValueError("the checkpoint does not record its resolution; pass --resolution")
     num_workers = num_workers if num_workers is not None else (2 if torch.cuda.is_available() else 0)
     result = evaluate_model(
-        unet, vae, resolution, dataset, extractor, num_samples=num_samples,
-        split=split or trained.get("split", "train"), config_name=config_name or trained.get("config_name"),
+        unet,
+        vae,
+        resolution,
+        dataset,
+        extractor,
+        num_samples=num_samples,
+        split=split or trained.get("split", "train"),
+        config_name=config_name or trained.get("config_name"),
         image_column=image_column or trained.get("image_column"),
-        random_crop=trained.get("random_crop", False), guidance_scale=guidance_scale, num_workers=num_workers,
+        random_crop=trained.get("random_crop", False),
+        guidance_scale=guidance_scale,
+        num_workers=num_workers,
         label_column=trained.get("label_column") if dataset == trained.get("dataset") else None,
-        device=device, **options,
+        device=device,
+        **options,
     )
     state = folder / "state.json"
     step = json.loads(state.read_text()).get("step") if state.is_file() else trained.get("steps")
@@ -407,18 +547,33 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, num_samples: int = DEF
 
 def _check_resolution(asked: int | None, trained_at: int | None) -> None:
     if asked and trained_at and asked != trained_at:
-        raise ValueError(f"the model was trained at {trained_at}px, not {asked}px: FID compares at the training "
-                         "resolution (drop --resolution)")
+        raise ValueError(
+            f"the model was trained at {trained_at}px, not {asked}px: FID compares at the training "
+            "resolution (drop --resolution)"
+        )
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(
-        args.checkpoint, num_samples=args.num_samples, dataset=args.dataset, split=args.split,
-        config_name=args.config_name, image_column=args.image_column, resolution=args.resolution,
-        use_ema=not args.raw, guidance_scale=args.guidance_scale, feature_extractor=args.feature_extractor,
-        inception_weights=args.inception_weights, device=args.device, num_workers=args.num_workers,
-        steps=args.steps, sampler=args.sampler, seed=args.seed, batch_size=args.batch_size,
-        reference_dir=args.reference_dir, progress=not args.no_progress,
+        args.checkpoint,
+        num_samples=args.num_samples,
+        dataset=args.dataset,
+        split=args.split,
+        config_name=args.config_name,
+        image_column=args.image_column,
+        resolution=args.resolution,
+        use_ema=not args.raw,
+        guidance_scale=args.guidance_scale,
+        feature_extractor=args.feature_extractor,
+        inception_weights=args.inception_weights,
+        device=args.device,
+        num_workers=args.num_workers,
+        steps=args.steps,
+        sampler=args.sampler,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        reference_dir=args.reference_dir,
+        progress=not args.no_progress,
     )
     print(summary_line(result))
     print(json.dumps(result))
@@ -430,17 +585,25 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def add_evaluate_command(subparsers) -> None:
     parser = subparsers.add_parser(
-        "evaluate", help="FID and KID of a checkpoint against its training data",
+        "evaluate",
+        help="FID and KID of a checkpoint against its training data",
         description="Draws N samples (EMA weights) and reports FID and KID (mean and std) against the training "
         "dataset at the training resolution, with the sampler, steps, N, seed and wall time: one human line, then "
         "one JSON line. Real-image features are cached per dataset, split, resolution, crop and feature extractor.",
     )
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint-NNNNNN dir, a training output dir (newest checkpoint), an exported folder "
-                             "or a Hub id USER/NAME")
-    parser.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES,
-                        help=f"N generated images, and as many real ones (default: {DEFAULT_NUM_SAMPLES}; fewer, with "
-                             "a warning, when the dataset is smaller)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint-NNNNNN dir, a training output dir (newest checkpoint), an exported folder "
+        "or a Hub id USER/NAME",
+    )
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        default=DEFAULT_NUM_SAMPLES,
+        help=f"N generated images, and as many real ones (default: {DEFAULT_NUM_SAMPLES}; fewer, with "
+        "a warning, when the dataset is smaller)",
+    )
     parser.add_argument("--steps", type=int, default=25, help="ODE integration steps (default: 25)")
     parser.add_argument("--sampler", default="euler", help="euler or heun (default: euler)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
@@ -449,27 +612,50 @@ def add_evaluate_command(subparsers) -> None:
     parser.add_argument("--split", default=None, help="dataset split (default: the training split)")
     parser.add_argument("--config-name", default=None, help="dataset configuration (default: the training one)")
     parser.add_argument("--image-column", default=None, help="image column (default: the training one)")
-    parser.add_argument("--resolution", type=int, default=None,
-                        help="must be the training resolution (default: read from the checkpoint)")
-    parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="class-conditional models, which are sampled class by class (uniform over the "
-                             "classes): the classifier-free guidance scale (default: the model's recommended one)")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="must be the training resolution (default: read from the checkpoint)",
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="class-conditional models, which are sampled class by class (uniform over the "
+        "classes): the classifier-free guidance scale (default: the model's recommended one)",
+    )
     parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
-    parser.add_argument("--feature-extractor", default=INCEPTION,
-                        help="'inception' (default: FID Inception v3 via torchmetrics/torch-fidelity) or "
-                             "module.path:callable returning an nn.Module (uint8 [B,3,H,W] -> [B,D])")
-    parser.add_argument("--inception-weights", default=None,
-                        help=f"local copy of {INCEPTION_URL.rsplit('/', 1)[1]} (default: downloaded once to "
-                             "the torch hub cache)")
-    parser.add_argument("--reference-dir", default=None,
-                        help="folder of the cached real features (default: one per setting under "
-                             "$LD_CACHE/fid-reference or ~/.cache/liquid_diffusion/fid-reference)")
-    parser.add_argument("--num-workers", type=int, default=None,
-                        help="DataLoader workers decoding real images (default: 2 on a GPU, 0 on a CPU)")
+    parser.add_argument(
+        "--feature-extractor",
+        default=INCEPTION,
+        help="'inception' (default: FID Inception v3 via torchmetrics/torch-fidelity) or "
+        "module.path:callable returning an nn.Module (uint8 [B,3,H,W] -> [B,D])",
+    )
+    parser.add_argument(
+        "--inception-weights",
+        default=None,
+        help=f"local copy of {INCEPTION_URL.rsplit('/', 1)[1]} (default: downloaded once to the torch hub cache)",
+    )
+    parser.add_argument(
+        "--reference-dir",
+        default=None,
+        help="folder of the cached real features (default: one per setting under "
+        "$LD_CACHE/fid-reference or ~/.cache/liquid_diffusion/fid-reference)",
+    )
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="DataLoader workers decoding real images (default: 2 on a GPU, 0 on a CPU)",
+    )
     parser.add_argument("--out", default=None, help="also write the JSON result to this file")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(func=_run_evaluate, offline_advice={
-        **CHECKPOINT_OFFLINE_ADVICE,
-        "dataset": "to evaluate without the Hub pass a local folder of real images (--dataset PATH)",
-    })
+    parser.set_defaults(
+        func=_run_evaluate,
+        offline_advice={
+            **CHECKPOINT_OFFLINE_ADVICE,
+            "dataset": "to evaluate without the Hub pass a local folder of real images (--dataset PATH)",
+        },
+    )

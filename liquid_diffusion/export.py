@@ -85,7 +85,10 @@ def build_pipeline(checkpoint: str | os.PathLike, *, use_ema: bool = True, vae=N
     else:
         raise ValueError(f"train_config.json has space {space!r}; expected 'latent' or 'pixel'")
     return LiquidDiffusionPipeline(
-        unet=unet, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, resolution=config.get("resolution"),
+        unet=unet,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        resolution=config.get("resolution"),
         guidance_scale=config.get("guidance_scale") if unet.config.num_classes else None,
         recommended_steps=config.get("recommended_steps") if config.get("teacher") else None,  # reflow.py's
     )
@@ -99,8 +102,9 @@ def _unet_from_folder(folder: Path):
     try:
         unet.load_state_dict(weights)
     except RuntimeError as error:
-        raise ValueError(f"{folder} holds weights of another LiquidDiffusion architecture (the format changed: "
-                         f"{first_line(error)})") from None
+        raise ValueError(
+            f"{folder} holds weights of another LiquidDiffusion architecture (the format changed: {first_line(error)})"
+        ) from None
     return unet.eval()
 
 
@@ -192,7 +196,7 @@ def _remove_stale_staging(out: Path) -> None:
     """Removes the ``.NAME.partial-PID-*`` (and ``.replaced-``) folders that interrupted exports to ``out`` left,
     unless their process still runs."""
     for path in out.parent.glob(f".{glob.escape(out.name)}.*"):
-        kind, _, rest = path.name[len(out.name) + 2:].partition("-")
+        kind, _, rest = path.name[len(out.name) + 2 :].partition("-")
         if kind not in ("partial", "replaced") or not path.is_dir():
             continue
         pid = rest.split("-")[0]

@@ -49,8 +49,9 @@ REFERENCE_SHUFFLE_BUFFER = 10_000
 REFERENCE_SEED = 0
 INCEPTION = "inception"
 INCEPTION_NAME = "inception-v3-compat-2048 (torch-fidelity weights, TF1-compatible bilinear resize to 299)"
-INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-                 "weights-inception-2015-12-05-6726825d.pth")
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -71,8 +72,10 @@ def inception_extractor(weights: str | os.PathLike | None = None) -> nn.Module:
     from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
     if not _TORCH_FIDELITY_AVAILABLE:
-        raise ValueError("the Inception feature extractor needs torch-fidelity: pip install 'liquid-diffusion[eval]' "
-                         "(or pip install torch-fidelity)")
+        raise ValueError(
+            "the Inception feature extractor needs torch-fidelity: pip install 'liquid-diffusion[eval]' "
+            "(or pip install torch-fidelity)"
+        )
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     if weights is not None and not Path(weights).is_file():
@@ -80,9 +83,12 @@ def inception_extractor(weights: str | os.PathLike | None = None) -> nn.Module:
     downloading = weights is None and not inception_weights_path().is_file()
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # torch.hub's "Downloading ..." and progress bar
-            module = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                        feature_extractor_weights_path=None if weights is None else str(weights),
-                                        antialias=False)
+            module = NoTrainInceptionV3(
+                name="inception-v3-compat",
+                features_list=["2048"],
+                feature_extractor_weights_path=None if weights is None else str(weights),
+                antialias=False,
+            )
     except Exception as error:  # no connection, a proxy, a truncated download: one line, cause kept
         raise ValueError(
             f"could not download the Inception weights ({first_line(error)}); for offline use put {INCEPTION_URL} at "
@@ -119,9 +125,11 @@ def install_fid_support(pip_install) -> bool:
         pip_install(*args)
     except Exception:  # noqa: BLE001 -- any pip failure: FID is optional, the run is not
         command = " ".join(f"'{a}'" if "=" in a else a for a in args)
-        print(f"FID is off for this run: torch-fidelity could not be installed without replacing torch "
-              f"{importlib.metadata.version('torch')}; to measure FID, run `pip install {command}` and run this cell "
-              "again")
+        print(
+            f"FID is off for this run: torch-fidelity could not be installed without replacing torch "
+            f"{importlib.metadata.version('torch')}; to measure FID, run `pip install {command}` and run this cell "
+            "again"
+        )
         return False
     return True
 
@@ -175,13 +183,28 @@ def extract_features(extractor: nn.Module, images: torch.Tensor, device: torch.d
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def reference_key(dataset: str, resolution: int, extractor_name: str, *, split: str = "train",
-                  config_name: str | None = None, random_crop: bool = False) -> dict:
+def reference_key(
+    dataset: str,
+    resolution: int,
+    extractor_name: str,
+    *,
+    split: str = "train",
+    config_name: str | None = None,
+    random_crop: bool = False,
+) -> dict:
     """What fixes a reference set: the dataset (canonical id or absolute path), split, configuration, resolution,
     crop, the fixed shuffle and the feature extractor."""
-    return dict(dataset=dataset_key(dataset), split=split, config_name=config_name, resolution=resolution,
-                random_crop=random_crop, flip=False, shuffle_buffer=REFERENCE_SHUFFLE_BUFFER, seed=REFERENCE_SEED,
-                feature_extractor=extractor_name)
+    return dict(
+        dataset=dataset_key(dataset),
+        split=split,
+        config_name=config_name,
+        resolution=resolution,
+        random_crop=random_crop,
+        flip=False,
+        shuffle_buffer=REFERENCE_SHUFFLE_BUFFER,
+        seed=REFERENCE_SEED,
+        feature_extractor=extractor_name,
+    )
 
 
 def default_reference_dir(root: str | os.PathLike, key: dict) -> Path:
@@ -218,16 +241,31 @@ def _read_reference(cache_dir: Path, key: dict) -> tuple[dict | None, torch.Tens
 
 def _damaged(path: Path, error: BaseException) -> tuple[None, None]:
     """A damaged reference cache is only a cache: say which file, and let the caller compute it again."""
-    print(f"note: the reference cache file {path} is damaged ({first_line(error)}): computing the real features "
-          "again", file=sys.stderr)
+    print(
+        f"note: the reference cache file {path} is damaged ({first_line(error)}): computing the real features again",
+        file=sys.stderr,
+    )
     return None, None
 
 
-def reference_features(dataset: str, resolution: int, extractor: nn.Module, num_images: int, cache_dir, *,
-                       split: str = "train", config_name: str | None = None, image_column: str | None = None,
-                       random_crop: bool = False, batch_size: int = 50, num_workers: int = 0,
-                       with_labels: bool = False, label_column: str | None = None,
-                       device: torch.device | str = "cpu", progress: bool = True) -> tuple[torch.Tensor, dict]:
+def reference_features(
+    dataset: str,
+    resolution: int,
+    extractor: nn.Module,
+    num_images: int,
+    cache_dir,
+    *,
+    split: str = "train",
+    config_name: str | None = None,
+    image_column: str | None = None,
+    random_crop: bool = False,
+    batch_size: int = 50,
+    num_workers: int = 0,
+    with_labels: bool = False,
+    label_column: str | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> tuple[torch.Tensor, dict]:
     """Real features [n, D] (``n = min(num_images, dataset size)``) and the cache metadata.
 
     Read from ``cache_dir`` when it holds at least ``num_images`` (or the whole dataset) for the same settings (and,
@@ -236,17 +274,32 @@ def reference_features(dataset: str, resolution: int, extractor: nn.Module, num_
     (``ValueError``); so is a dataset without a ``ClassLabel`` column when ``with_labels`` asks for one.
     """
     cache_dir = Path(cache_dir)
-    key = reference_key(dataset, resolution, extractor.name, split=split, config_name=config_name,
-                        random_crop=random_crop)
+    key = reference_key(
+        dataset, resolution, extractor.name, split=split, config_name=config_name, random_crop=random_crop
+    )
     metadata, features = _read_reference(cache_dir, key)
-    if (metadata is not None and (metadata["num_images"] >= num_images or metadata["whole_dataset"])
-            and (not with_labels or metadata.get("class_names"))):
+    if (
+        metadata is not None
+        and (metadata["num_images"] >= num_images or metadata["whole_dataset"])
+        and (not with_labels or metadata.get("class_names"))
+    ):
         return features[:num_images], metadata
 
-    stream = ImageBatchStream(dataset, resolution, batch_size, split=split, config_name=config_name,
-                              image_column=image_column, random_crop=random_crop, flip=False,
-                              shuffle_buffer=REFERENCE_SHUFFLE_BUFFER, seed=REFERENCE_SEED, num_epochs=1,
-                              with_labels=with_labels, label_column=label_column)
+    stream = ImageBatchStream(
+        dataset,
+        resolution,
+        batch_size,
+        split=split,
+        config_name=config_name,
+        image_column=image_column,
+        random_crop=random_crop,
+        flip=False,
+        shuffle_buffer=REFERENCE_SHUFFLE_BUFFER,
+        seed=REFERENCE_SEED,
+        num_epochs=1,
+        with_labels=with_labels,
+        label_column=label_column,
+    )
     chunks, labels, count = [], [], 0
     with tqdm(total=num_images, unit="img", desc="real features", disable=not progress) as bar:
         for batch in make_dataloader(stream, num_workers):
@@ -266,10 +319,18 @@ def reference_features(dataset: str, resolution: int, extractor: nn.Module, num_
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / METADATA_FILE).unlink(missing_ok=True)  # incomplete until the new metadata is written
     save_file(tensors, str(cache_dir / FEATURES_FILE))
-    metadata = dict(format=REFERENCE_FORMAT, version=REFERENCE_VERSION, key=key, source=dataset,
-                    image_column=stream.image_column, num_images=count, whole_dataset=count < num_images,
-                    num_features=features.shape[1], class_names=stream.class_names,
-                    stats=None if num_workers else dataclasses.asdict(stream.stats))
+    metadata = dict(
+        format=REFERENCE_FORMAT,
+        version=REFERENCE_VERSION,
+        key=key,
+        source=dataset,
+        image_column=stream.image_column,
+        num_images=count,
+        whole_dataset=count < num_images,
+        num_features=features.shape[1],
+        class_names=stream.class_names,
+        stats=None if num_workers else dataclasses.asdict(stream.stats),
+    )
     tmp = cache_dir / f".{METADATA_FILE}.tmp"
     tmp.write_text(json.dumps(metadata, indent=2))
     os.replace(tmp, cache_dir / METADATA_FILE)

@@ -18,7 +18,7 @@ velocity function with classifier-free guidance; the samplers themselves stay la
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +123,7 @@ def heun_sample(
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Heun (2nd-order, trapezoidal) integration from t = 1 to t = 0, two model calls per step::
 
-        v1 = v(x, t);  x' = x + (t_next - t) * v1;  v2 = v(x', t_next);  x <- x + (t_next - t) * (v1 + v2) / 2
+    v1 = v(x, t);  x' = x + (t_next - t) * v1;  v2 = v(x', t_next);  x <- x + (t_next - t) * (v1 + v2) / 2
     """
     x, trajectory = noise, [noise]
     grid = timestep_grid(num_steps, noise.device)

@@ -16,8 +16,8 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
-    HFValidationError,
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     LocalTokenNotFoundError,
     RepositoryNotFoundError,
@@ -62,8 +62,9 @@ def resolve_checkpoint(
     """
     text = os.fspath(path_or_repo_id)
     where = "" if os.path.isabs(os.path.expanduser(text)) else f" (relative to {os.getcwd()})"
-    local = local_path(text, f"checkpoint path {text!r} does not exist locally{where}; check the path (a Hub id is "
-                             "USER/NAME)")
+    local = local_path(
+        text, f"checkpoint path {text!r} does not exist locally{where}; check the path (a Hub id is USER/NAME)"
+    )
     if local is not None:
         return local if is_exported_pipeline(local) else find_checkpoint(local)
     try:
@@ -84,8 +85,16 @@ def resolve_checkpoint(
 def _download(repo_id: str, *, token: str | None, revision: str | None, cache_dir) -> Path:
     """``snapshot_download`` of ``HUB_ALLOW_PATTERNS``, its errors as one line that says what to do."""
     try:
-        return Path(snapshot_download(repo_id, repo_type="model", revision=revision, token=token,
-                                      cache_dir=cache_dir, allow_patterns=HUB_ALLOW_PATTERNS))
+        return Path(
+            snapshot_download(
+                repo_id,
+                repo_type="model",
+                revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                allow_patterns=HUB_ALLOW_PATTERNS,
+            )
+        )
     except RevisionNotFoundError:
         raise FileNotFoundError(f"Hub repo {repo_id!r} has no revision {revision!r}") from None
     except GatedRepoError:

@@ -20,8 +20,8 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from diffusers import AutoencoderKL
@@ -119,10 +119,15 @@ class FrozenVAE:
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] -> float32 latents [B, C, H/f, W/f] (posterior mean, shifted and scaled)."""
-        if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[-1] % self.downsample_factor or \
-                pixels.shape[-2] % self.downsample_factor:
-            raise ValueError(f"encode takes [B, 3, H, W] with H, W divisible by {self.downsample_factor}, "
-                             f"got {tuple(pixels.shape)}")
+        if (
+            pixels.ndim != 4
+            or pixels.shape[1] != 3
+            or pixels.shape[-1] % self.downsample_factor
+            or pixels.shape[-2] % self.downsample_factor
+        ):
+            raise ValueError(
+                f"encode takes [B, 3, H, W] with H, W divisible by {self.downsample_factor}, got {tuple(pixels.shape)}"
+            )
         out = []
         with torch.autocast(self.device.type, enabled=False):  # never fp16, even inside a caller's autocast
             for chunk in self._chunks(pixels):
@@ -141,8 +146,13 @@ class FrozenVAE:
         return torch.cat(out)
 
 
-def load_vae(name: str | os.PathLike, dtype: torch.dtype = torch.float32, *, token: str | None = None,
-             use_safetensors: bool | None = None) -> AutoencoderKL:
+def load_vae(
+    name: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    *,
+    token: str | None = None,
+    use_safetensors: bool | None = None,
+) -> AutoencoderKL:
     """``AutoencoderKL`` from a local folder or a Hub id: the VAE's own folder or repo, or a pipeline's ``vae/``.
 
     A Hub id is read from the local cache first (no network needed), then downloaded if the Hub is reachable
@@ -165,8 +175,11 @@ def load_vae(name: str | os.PathLike, dtype: torch.dtype = torch.float32, *, tok
         except OSError:
             pass
         if not hub_reachable():
-            raise HubUnreachableError(f"the Hugging Face Hub is unreachable, so the VAE {text!r} cannot be downloaded",
-                                      "vae", offline_advice_for("vae"))
+            raise HubUnreachableError(
+                f"the Hugging Face Hub is unreachable, so the VAE {text!r} cannot be downloaded",
+                "vae",
+                offline_advice_for("vae"),
+            )
         return _vae_from_hub(text, token=token, **options)
     except (ConnectionError, FileNotFoundError):
         raise
@@ -200,8 +213,10 @@ class DamagedCacheError(ValueError):
 
 
 def _damaged(path: Path, reason: str) -> DamagedCacheError:
-    return DamagedCacheError(f"latent cache file {path} is unreadable ({reason}); delete {str(path.parent)!r} and the "
-                             "next run builds the cache again")
+    return DamagedCacheError(
+        f"latent cache file {path} is unreadable ({reason}); delete {str(path.parent)!r} and the "
+        "next run builds the cache again"
+    )
 
 
 def read_metadata(cache_dir) -> dict:
@@ -278,9 +293,17 @@ def build_latent_cache(
     different one in ``cache_dir`` is refused (pick another directory or delete it).
     """
     cache_dir = Path(cache_dir)
-    settings = dict(source=source, dataset=dataset_key(source), split=split, config_name=config_name, vae=vae.name,
-                    resolution=resolution,
-                    requested_images=num_images, flipped=flip, random_crop=random_crop)
+    settings = dict(
+        source=source,
+        dataset=dataset_key(source),
+        split=split,
+        config_name=config_name,
+        vae=vae.name,
+        resolution=resolution,
+        requested_images=num_images,
+        flipped=flip,
+        random_crop=random_crop,
+    )
     if with_labels:  # only then, so caches built before labels existed stay valid for unconditional training
         settings.update(labels=True, label_column=label_column)
     if holdout is not None:  # only then, so caches of runs without validation stay valid
@@ -290,9 +313,21 @@ def build_latent_cache(
         settings["files"] = folder_fingerprint(folder)  # a folder that changed since is encoded again
     if _reusable(cache_dir, settings):
         return cache_dir
-    stream = ImageBatchStream(source, resolution, batch_size, split=split, config_name=config_name,
-                              image_column=image_column, random_crop=random_crop, flip=False, shuffle_buffer=0,
-                              num_epochs=1, with_labels=with_labels, label_column=label_column, holdout=holdout)
+    stream = ImageBatchStream(
+        source,
+        resolution,
+        batch_size,
+        split=split,
+        config_name=config_name,
+        image_column=image_column,
+        random_crop=random_crop,
+        flip=False,
+        shuffle_buffer=0,
+        num_epochs=1,
+        with_labels=with_labels,
+        label_column=label_column,
+        holdout=holdout,
+    )
     shards = _ShardWriter(cache_dir, dtype, shard_size)
     with tqdm(total=num_images, unit="img", desc="encoding latents", disable=not progress) as bar:
         count = _encode_stream(stream, vae, shards, num_images, flip, num_workers, bar)
@@ -301,10 +336,17 @@ def build_latent_cache(
 
     latent_size = resolution // vae.downsample_factor
     metadata = dict(
-        format=CACHE_FORMAT, version=CACHE_VERSION, **settings, image_column=stream.image_column,
-        num_images=count, num_latents=count * (2 if flip else 1),
-        latent_shape=[vae.latent_channels, latent_size, latent_size], scaling_factor=vae.scaling_factor,
-        shift_factor=vae.shift_factor, dtype=str(dtype).removeprefix("torch."), shards=shards.shards,
+        format=CACHE_FORMAT,
+        version=CACHE_VERSION,
+        **settings,
+        image_column=stream.image_column,
+        num_images=count,
+        num_latents=count * (2 if flip else 1),
+        latent_shape=[vae.latent_channels, latent_size, latent_size],
+        scaling_factor=vae.scaling_factor,
+        shift_factor=vae.shift_factor,
+        dtype=str(dtype).removeprefix("torch."),
+        shards=shards.shards,
         class_names=stream.class_names,
         # Decode counts live in the process that decodes: only known here without DataLoader workers.
         stats=None if num_workers else dataclasses.asdict(stream.stats),
@@ -323,14 +365,17 @@ def _reusable(cache_dir: Path, settings: dict) -> bool:
         except DamagedCacheError as error:  # only a cache: build it again
             print(f"note: {str(error).split('; delete')[0]}: building the latent cache again", file=sys.stderr)
             existing = None
-        if existing is not None and all(existing.get(key) == value for key, value in settings.items()
-                                        if key != "files"):
+        if existing is not None and all(
+            existing.get(key) == value for key, value in settings.items() if key != "files"
+        ):
             if "files" not in settings or existing.get("files") == settings["files"]:  # (a folder gone: no check)
                 return True
             then = existing.get("files", {}).get("num_files", "an unrecorded number of")
-            print(f"note: the dataset folder {settings['source']} changed since its latent cache was built ({then} "
-                  f"image files then, {settings['files']['num_files']} now): building the cache again",
-                  file=sys.stderr)
+            print(
+                f"note: the dataset folder {settings['source']} changed since its latent cache was built ({then} "
+                f"image files then, {settings['files']['num_files']} now): building the cache again",
+                file=sys.stderr,
+            )
         elif existing is not None:
             raise ValueError(
                 f"{str(cache_dir)!r} already holds a different latent cache ({existing['source']!r}, VAE "
@@ -358,8 +403,15 @@ def _verify_shards(cache_dir: Path, metadata: dict) -> None:
             raise _damaged(path, f"{rows} rows, not {shard['count']}")
 
 
-def _encode_stream(stream: ImageBatchStream, vae: FrozenVAE, shards: "_ShardWriter", num_images: int | None,
-                   flip: bool, num_workers: int, bar) -> int:
+def _encode_stream(
+    stream: ImageBatchStream,
+    vae: FrozenVAE,
+    shards: _ShardWriter,
+    num_images: int | None,
+    flip: bool,
+    num_workers: int,
+    bar,
+) -> int:
     """Encodes the stream's first ``num_images`` good images (all when ``None``; mirrored copies too with ``flip``)
     into ``shards``, flushing the last shard; returns how many images were encoded."""
     count = 0
@@ -371,9 +423,11 @@ def _encode_stream(stream: ImageBatchStream, vae: FrozenVAE, shards: "_ShardWrit
             continue
         if num_images is not None:
             pixels = pixels[: num_images - count]
-        shards.add(latents=vae.encode(pixels).cpu(),
-                   latents_flipped=vae.encode(pixels.flip(-1)).cpu() if flip else None,
-                   labels=None if labels is None else labels[: len(pixels)])
+        shards.add(
+            latents=vae.encode(pixels).cpu(),
+            latents_flipped=vae.encode(pixels.flip(-1)).cpu() if flip else None,
+            labels=None if labels is None else labels[: len(pixels)],
+        )
         count += len(pixels)
         bar.update(len(pixels))
         if num_images is not None and count >= num_images:
@@ -401,25 +455,32 @@ class _ShardWriter:
     def flush(self) -> None:
         if not self.pending["latents"]:
             return
-        tensors = {key: torch.cat(value).to(torch.long if key == "labels" else self.dtype).contiguous()
-                   for key, value in self.pending.items() if value}
+        tensors = {
+            key: torch.cat(value).to(torch.long if key == "labels" else self.dtype).contiguous()
+            for key, value in self.pending.items()
+            if value
+        }
         name = f"shard-{len(self.shards):05d}.safetensors"
         try:
             save_file(tensors, str(self.cache_dir / name))
         except Exception as error:
             (self.cache_dir / name).unlink(missing_ok=True)
             if disk_full(error):
-                raise DiskFullError(errno.ENOSPC, f"no space left on device while writing the latent cache in "
-                                    f"{self.cache_dir}; free space (or pass --cache-dir on a larger disk) and run "
-                                    "again") from None
+                raise DiskFullError(
+                    errno.ENOSPC,
+                    f"no space left on device while writing the latent cache in "
+                    f"{self.cache_dir}; free space (or pass --cache-dir on a larger disk) and run "
+                    "again",
+                ) from None
             raise
         self.shards.append({"file": name, "count": len(tensors["latents"])})
         for value in self.pending.values():
             value.clear()
 
 
-def load_latent_cache(cache_dir, *, vae_id: str | None = None, resolution: int | None = None,
-                      source: str | None = None):
+def load_latent_cache(
+    cache_dir, *, vae_id: str | None = None, resolution: int | None = None, source: str | None = None
+):
     """Reads a cache: ``(latents [N, C, h, w] in the stored dtype, metadata)``.
 
     Rows ``0..num_images-1`` are the images in source order; with flipped copies, row ``i + num_images`` is the
@@ -447,8 +508,10 @@ def load_latent_labels(cache_dir, metadata: dict | None = None) -> torch.Tensor:
     (a flipped copy has its original's label); ``ValueError`` for a cache without labels."""
     metadata = metadata or read_metadata(cache_dir)
     if not metadata.get("labels"):
-        raise ValueError(f"latent cache {str(cache_dir)!r} holds no class labels; rebuild it for class-conditional "
-                         "training (another --cache-dir, or delete it)")
+        raise ValueError(
+            f"latent cache {str(cache_dir)!r} holds no class labels; rebuild it for class-conditional "
+            "training (another --cache-dir, or delete it)"
+        )
     labels = torch.cat([load_file(str(Path(cache_dir) / shard["file"]))["labels"] for shard in metadata["shards"]])
     return torch.cat([labels, labels]) if metadata["flipped"] else labels
 
@@ -469,9 +532,21 @@ class LatentBatchStream(torch.utils.data.IterableDataset):
         labels: the class ids [N] when ``cache`` is a tensor and ``with_labels``.
     """
 
-    def __init__(self, cache, batch_size: int, *, seed: int = 0, process_index: int = 0, num_processes: int = 1,
-                 start_batch: int = 0, vae_id: str | None = None, resolution: int | None = None,
-                 source: str | None = None, with_labels: bool = False, labels: torch.Tensor | None = None):
+    def __init__(
+        self,
+        cache,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        process_index: int = 0,
+        num_processes: int = 1,
+        start_batch: int = 0,
+        vae_id: str | None = None,
+        resolution: int | None = None,
+        source: str | None = None,
+        with_labels: bool = False,
+        labels: torch.Tensor | None = None,
+    ):
         super().__init__()
         if torch.is_tensor(cache):
             self.latents, self.metadata = cache, {}
@@ -483,8 +558,10 @@ class LatentBatchStream(torch.utils.data.IterableDataset):
         self.labels = labels if with_labels else None
         self.class_names = self.metadata.get("class_names")
         if batch_size < 1 or start_batch < 0 or not 0 <= process_index < num_processes:
-            raise ValueError(f"need batch_size >= 1, start_batch >= 0 and 0 <= process_index < num_processes "
-                             f"(got {batch_size}, {start_batch}, {process_index}, {num_processes})")
+            raise ValueError(
+                f"need batch_size >= 1, start_batch >= 0 and 0 <= process_index < num_processes "
+                f"(got {batch_size}, {start_batch}, {process_index}, {num_processes})"
+            )
         if len(self.latents) < num_processes:
             raise ValueError(f"{len(self.latents)} cached latents cannot feed {num_processes} processes")
         self.batch_size, self.seed, self.start_batch = batch_size, seed, start_batch

@@ -46,6 +46,7 @@ def saved_activation_bytes(model: LiquidDiffusionUNet, sample: torch.Tensor, tim
             if key not in weights:
                 saved[key] = max(saved.get(key, 0), tensor.untyped_storage().nbytes())
             return tensor
+
         return keep
 
     kept, largest_block = {}, [0]
@@ -71,7 +72,7 @@ def saved_activation_bytes(model: LiquidDiffusionUNet, sample: torch.Tensor, tim
     return sum(kept.values()), largest_block[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def activation_bytes(preset: str, in_channels: int, gradient_checkpointing: bool = False) -> tuple[float, int]:
     """``(fp32 bytes of activations per input cell for one image, parameter count)`` of a preset, from one small CPU
     forward pass (``saved_activation_bytes``: what autograd keeps, plus under gradient checkpointing the largest
@@ -84,9 +85,17 @@ def activation_bytes(preset: str, in_channels: int, gradient_checkpointing: bool
     return (kept + recomputed) / size**2, sum(p.numel() for p in model.parameters())
 
 
-def estimate_training_memory_gib(preset: str, space: str, resolution: int, batch_size: int, *,
-                                 mixed_precision: str = "no", vae_dtype: torch.dtype = torch.float32,
-                                 cache_latents: bool = False, gradient_checkpointing: bool = False) -> float:
+def estimate_training_memory_gib(
+    preset: str,
+    space: str,
+    resolution: int,
+    batch_size: int,
+    *,
+    mixed_precision: str = "no",
+    vae_dtype: torch.dtype = torch.float32,
+    cache_latents: bool = False,
+    gradient_checkpointing: bool = False,
+) -> float:
     """Rough peak GPU memory (GiB) of training ``preset`` at ``resolution`` with ``batch_size`` images per step.
 
     Mixed precision (``fp16``/``bf16``) keeps activations at about 0.6 of their fp32 size; ``vae_dtype`` is the
@@ -102,8 +111,11 @@ def estimate_training_memory_gib(preset: str, space: str, resolution: int, batch
     vae_bytes = vae_dtype.itemsize
     vae_weights = SD_VAE_PARAMETERS * vae_bytes if latent else 0
     # the VAE encoder's full-resolution 128-channel stage, at most 16 images at a time
-    vae_work = (min(batch_size, 16) * resolution**2 * 128 * vae_bytes * VAE_ENCODE_FEATURE_COPIES
-                if latent and not cache_latents else 0)
+    vae_work = (
+        min(batch_size, 16) * resolution**2 * 128 * vae_bytes * VAE_ENCODE_FEATURE_COPIES
+        if latent and not cache_latents
+        else 0
+    )
     total = CUDA_CONTEXT_BYTES + TRAINING_BYTES_PER_PARAMETER * parameters + vae_weights + max(activations, vae_work)
     return total / 2**30
 
@@ -116,16 +128,21 @@ def suggest_batch_size(gpu_memory_gib: float, preset: str, space: str, resolutio
     if gpu_memory_gib == 0:
         return 4
     cap = 8 if gpu_memory_gib < 24 else 16 if gpu_memory_gib < 48 else 32
-    fitting = [b for b in BATCH_SIZES if b <= cap and
-               estimate_training_memory_gib(preset, space, resolution, b, **estimate) <= 0.75 * gpu_memory_gib]
+    fitting = [
+        b
+        for b in BATCH_SIZES
+        if b <= cap and estimate_training_memory_gib(preset, space, resolution, b, **estimate) <= 0.75 * gpu_memory_gib
+    ]
     return fitting[-1] if fitting else 1
 
 
-def needs_gradient_checkpointing(gpu_memory_gib: float, preset: str, space: str, resolution: int, batch_size: int,
-                                 **estimate) -> bool:
+def needs_gradient_checkpointing(
+    gpu_memory_gib: float, preset: str, space: str, resolution: int, batch_size: int, **estimate
+) -> bool:
     """Whether ``batch_size`` does not fit in 75% of the GPU (the margin ``suggest_batch_size`` keeps) without
     gradient checkpointing, by ``estimate_training_memory_gib`` (``estimate``: its keywords); ``False`` without a
     GPU (``gpu_memory_gib`` 0), where memory is not what limits a run."""
     estimate.pop("gradient_checkpointing", None)
-    return bool(gpu_memory_gib) and (estimate_training_memory_gib(preset, space, resolution, batch_size, **estimate)
-                                     > 0.75 * gpu_memory_gib)
+    return bool(gpu_memory_gib) and (
+        estimate_training_memory_gib(preset, space, resolution, batch_size, **estimate) > 0.75 * gpu_memory_gib
+    )

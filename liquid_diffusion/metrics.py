@@ -33,19 +33,19 @@ NUM_T_BINS = 10
 class TrainerCallback:
     """Hooks for the notebook (or any caller); every method is optional."""
 
-    def on_log(self, trainer: "Trainer", record: dict) -> None:
+    def on_log(self, trainer: Trainer, record: dict) -> None:
         """Called on the main process after each metrics record is written."""
 
-    def on_sample(self, trainer: "Trainer", step: int, path: Path) -> None:
+    def on_sample(self, trainer: Trainer, step: int, path: Path) -> None:
         """Called on the main process after a sample grid is written."""
 
-    def on_checkpoint(self, trainer: "Trainer", step: int, path: Path) -> None:
+    def on_checkpoint(self, trainer: Trainer, step: int, path: Path) -> None:
         """Called on the main process after a checkpoint is complete."""
 
-    def on_validation(self, trainer: "Trainer", record: dict) -> None:
+    def on_validation(self, trainer: Trainer, record: dict) -> None:
         """Called on the main process after each validation (``record``: step, val_loss, val_loss_raw, ...)."""
 
-    def on_eval(self, trainer: "Trainer", record: dict) -> None:
+    def on_eval(self, trainer: Trainer, record: dict) -> None:
         """Called on the main process after an ``--eval-every`` evaluation (``record``: step, kid, fid, ...)."""
 
 
@@ -113,19 +113,23 @@ class IntervalStats:
         """This process's accumulators, each of shape [1, n] (one row per process once gathered)."""
         device = self.count.device
         fields = {
-            "loss_sum": self.loss_sum, "count": self.count, "grad_norm_sum": self.grad_norm_sum,
-            "grad_norm_count": self.grad_norm_count, "nonfinite": self.nonfinite,
+            "loss_sum": self.loss_sum,
+            "count": self.count,
+            "grad_norm_sum": self.grad_norm_sum,
+            "grad_norm_count": self.grad_norm_count,
+            "nonfinite": self.nonfinite,
             "micro_batches": torch.tensor(float(self.micro_batches), device=device),
             "images_skipped": torch.tensor(float(images_skipped), device=device),
-            "bin_sum": self.bin_sum, "bin_count": self.bin_count, "first_bad_step": self.first_bad_step,
+            "bin_sum": self.bin_sum,
+            "bin_count": self.bin_count,
+            "first_bad_step": self.first_bad_step,
         }
         return {k: v.reshape(1, -1) for k, v in fields.items()}
 
     def reduce(self, accelerator: Accelerator, images_skipped: int) -> dict[str, list[float]]:
         """Every accumulator over all processes: sums, except ``first_bad_step`` (the earliest); host values."""
         gathered = accelerator.gather(self.fields(images_skipped))  # [processes, n] each
-        return {k: (v.min(0).values if k == "first_bad_step" else v.sum(0)).cpu().tolist()
-                for k, v in gathered.items()}
+        return {k: (v.min(0).values if k == "first_bad_step" else v.sum(0)).cpu().tolist() for k, v in gathered.items()}
 
     @staticmethod
     def record(totals: dict[str, list[float]], step: int, lr: float, images_per_s: float) -> dict:

@@ -24,8 +24,18 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
-from .blocks import (BlockModulation, Downsample, FilterSkip, LiquidDiffusionBlock, OutputHead, PositionEmbedder,
-                     SkipFusion, TimestepEmbedder, Upsample)
+from .blocks import (
+    BlockModulation,
+    Downsample,
+    FilterSkip,
+    LiquidDiffusionBlock,
+    OutputHead,
+    PositionEmbedder,
+    SkipFusion,
+    TimestepEmbedder,
+    Upsample,
+)
+
 # The architecture version, saved in every config: a model of another version has other parts and weights, so loading
 # one is refused in a single line (``check_format``) instead of failing on a list of mismatched tensors.
 FORMAT_VERSION = 7
@@ -123,8 +133,10 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
         widths, depths = tuple(widths), tuple(depths)
         decoder_widths = tuple(decoder_widths or (2 * widths[0], *widths[1:]))
         if len(widths) != len(depths) or len(decoder_widths) != len(widths) or not widths:
-            raise ValueError(f"widths {widths}, depths {depths} and decoder_widths {decoder_widths} must be non-empty "
-                             "and of equal length")
+            raise ValueError(
+                f"widths {widths}, depths {depths} and decoder_widths {decoder_widths} must be non-empty "
+                "and of equal length"
+            )
         out_channels = out_channels or in_channels
         embed_dim = time_embed_dim or 4 * widths[0]
 
@@ -145,10 +157,14 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
 
         self.head = OutputHead(decoder_widths[0], embed_dim, out_channels)
         self.input_skip = FilterSkip(in_channels, out_channels, embed_dim)
-        stage_widths = {"bottleneck": widths[-1], **{f"encoder.{i}": w for i, w in enumerate(widths)},
-                        **{f"decoder.{i}": w for i, w in enumerate(decoder_widths)}}
-        self.modulation = BlockModulation(embed_dim, [stage_widths[name.rsplit(".", 1)[0]]
-                                                      for name in self.block_names()], liquid)
+        stage_widths = {
+            "bottleneck": widths[-1],
+            **{f"encoder.{i}": w for i, w in enumerate(widths)},
+            **{f"decoder.{i}": w for i, w in enumerate(decoder_widths)},
+        }
+        self.modulation = BlockModulation(
+            embed_dim, [stage_widths[name.rsplit(".", 1)[0]] for name in self.block_names()], liquid
+        )
         if position_frequencies < 0:
             raise ValueError(f"position_frequencies must be 0 or positive, got {position_frequencies}")
         # built last, so that every other weight draws the same random numbers as in a model without it
@@ -285,12 +301,16 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
             return torch.full((batch,), self.config.num_classes, dtype=torch.long, device=sample.device)
         class_labels = torch.as_tensor(class_labels, device=sample.device)
         if class_labels.is_floating_point() or class_labels.shape not in ((batch,), ()):
-            raise ValueError(f"class_labels must be integer ids of shape [{batch}], got {class_labels.dtype} of "
-                             f"shape {tuple(class_labels.shape)}")
+            raise ValueError(
+                f"class_labels must be integer ids of shape [{batch}], got {class_labels.dtype} of "
+                f"shape {tuple(class_labels.shape)}"
+            )
         class_labels = class_labels.long().expand(batch)
         if class_labels.device.type == "cpu" and bool(((class_labels < 0) | (class_labels > self.null_class)).any()):
-            raise ValueError(f"class_labels must lie in [0, {self.null_class}] ({self.null_class} = unconditional), "
-                             f"got {class_labels.min().item()} to {class_labels.max().item()}")
+            raise ValueError(
+                f"class_labels must lie in [0, {self.null_class}] ({self.null_class} = unconditional), "
+                f"got {class_labels.min().item()} to {class_labels.max().item()}"
+            )
         return class_labels
 
     def class_ids(self, labels) -> torch.Tensor:
@@ -304,7 +324,7 @@ class LiquidDiffusionUNet(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "LiquidDiffusionUNet":
+    def from_preset(cls, name: str, **overrides) -> LiquidDiffusionUNet:
         """Builds a model of a named size (see ``PRESETS``); keyword overrides win over the preset's values.
 
         Example: ``LiquidDiffusionUNet.from_preset("micro", in_channels=3)`` for pixel space.
@@ -319,8 +339,9 @@ def _class_embedder(num_classes: int, class_names, embed_dim: int) -> nn.Embeddi
     if not num_classes:
         return None
     if num_classes < 0 or (class_names is not None and len(class_names) != num_classes):
-        raise ValueError(f"num_classes={num_classes} must be positive and match the {len(class_names or [])} "
-                         "class_names")
+        raise ValueError(
+            f"num_classes={num_classes} must be positive and match the {len(class_names or [])} class_names"
+        )
     embedder = nn.Embedding(num_classes + 1, embed_dim)
     nn.init.normal_(embedder.weight, std=0.02)  # as DiT's LabelEmbedder: small next to t_emb at init
     return embedder

@@ -67,8 +67,9 @@ def _finite(value) -> bool:
 
 def validation_points(records: list[dict]) -> list[tuple[int, float, float]]:
     """``(step, val_loss, val_loss_raw)`` of the validation records, in step order."""
-    return sorted((r["step"], r["val_loss"], r.get("val_loss_raw", float("nan"))) for r in records
-                  if _finite(r.get("val_loss")))
+    return sorted(
+        (r["step"], r["val_loss"], r.get("val_loss_raw", float("nan"))) for r in records if _finite(r.get("val_loss"))
+    )
 
 
 def plot_loss_curve(records: list[dict], path: str | os.PathLike) -> Path | None:
@@ -103,8 +104,16 @@ def plot_loss_curve(records: list[dict], path: str | os.PathLike) -> Path | None
     if validation:
         val_steps, val_ema, val_raw = zip(*validation, strict=True)
         axis.plot(val_steps, val_ema, color="tab:green", marker="o", linewidth=2, label="validation (EMA)")
-        axis.plot(val_steps, val_raw, color="tab:green", marker="o", linewidth=1, alpha=0.5, linestyle="--",
-                  label="validation (raw)")
+        axis.plot(
+            val_steps,
+            val_raw,
+            color="tab:green",
+            marker="o",
+            linewidth=1,
+            alpha=0.5,
+            linestyle="--",
+            label="validation (raw)",
+        )
         axis.legend()
     if min(losses) > 0:
         axis.set_yscale("log")
@@ -234,7 +243,8 @@ def build_model_card(
         license="mit",
         library_name="diffusers",
         pipeline_tag=PIPELINE_TAG,
-        tags=list(MODEL_CARD_TAGS) + (["class-conditional", "classifier-free-guidance"] if class_names else [])
+        tags=list(MODEL_CARD_TAGS)
+        + (["class-conditional", "classifier-free-guidance"] if class_names else [])
         + (["few-step", "reflow"] if few_step else []),
         datasets=[dataset_id] if dataset_id else None,
     )
@@ -251,10 +261,17 @@ def build_model_card(
         name=repo_id.split("/")[-1] if repo_id else f"liquid-diffusion-{preset}",
         kind="class-conditional" if class_names else "unconditional",
         dataset_text=dataset_text,
-        samples=(f"![Samples after {step:,} steps](samples.png)\n\n*EMA samples after {step:,} steps (Euler, "
-                 + ("rows: 1, 2 and 4 steps from the same noise" if few_step
-                    else f"{train_config.get('sample_steps', 25)} steps") + ").*\n" if has_samples
-                 else "*No sample grid was written for this checkpoint.*\n"),
+        samples=(
+            f"![Samples after {step:,} steps](samples.png)\n\n*EMA samples after {step:,} steps (Euler, "
+            + (
+                "rows: 1, 2 and 4 steps from the same noise"
+                if few_step
+                else f"{train_config.get('sample_steps', 25)} steps"
+            )
+            + ").*\n"
+            if has_samples
+            else "*No sample grid was written for this checkpoint.*\n"
+        ),
         table=_model_table(train_config, step, num_parameters, records, has_raw_weights, ema),
         load_id=load_id,
         steps=steps,
@@ -273,9 +290,12 @@ def _few_step_text(train_config: dict, steps: int) -> str:
     at = f" (step {train_config['teacher_step']:,})" if isinstance(train_config.get("teacher_step"), int) else ""
     distill_t = train_config.get("distill_t")
     distill = f", then distilled at t = {distill_t:g} only" if distill_t is not None else ""
-    guidance = ("" if train_config.get("pair_guidance_scale") is None else
-                f" The teacher's classifier-free guidance (w = {train_config['pair_guidance_scale']:g}) is baked in: "
-                "sample at guidance scale 1 (the pipeline's default for this model).")
+    guidance = (
+        ""
+        if train_config.get("pair_guidance_scale") is None
+        else f" The teacher's classifier-free guidance (w = {train_config['pair_guidance_scale']:g}) is baked in: "
+        "sample at guidance scale 1 (the pipeline's default for this model)."
+    )
     return f"""
 **Few-step model: made for 1-4 steps by reflow from {teacher}{at}** (Liu et al., "Flow Straight and Fast", ICLR
 2023): trained on {train_config.get("pairs", "?"):,} (noise, teacher sample) pairs, the teacher's
@@ -284,8 +304,9 @@ with {steps} Euler step{"s" if steps != 1 else ""} (the pipeline's default `num_
 """
 
 
-def _model_table(train_config: dict, step: int, num_parameters: int, records: list[dict] | None,
-                 has_raw_weights: bool, ema: bool) -> str:
+def _model_table(
+    train_config: dict, step: int, num_parameters: int, records: list[dict] | None, has_raw_weights: bool, ema: bool
+) -> str:
     """The model card's table rows: architecture, size, data space and the training run."""
     losses = [r["loss"] for r in (records or []) if _finite(r.get("loss"))]
     final_loss = (
@@ -317,9 +338,11 @@ def _validation_text(records: list[dict] | None, step: int, train_config: dict) 
     if latest is None:
         return "n/a (no validation was run)"
     conditional = ", conditional on the class" if train_config.get("class_conditional") else ""
-    return (f"{latest['val_loss']:.4f} with the EMA weights, {latest['val_loss_raw']:.4f} raw, at step "
-            f"{latest['step']:,}: the flow loss on {latest.get('val_images', '?')} held-out images never trained on, "
-            f"each at one t of {{{', '.join(f'{t:g}' for t in VALIDATION_T)}}} with fixed noise{conditional}")
+    return (
+        f"{latest['val_loss']:.4f} with the EMA weights, {latest['val_loss_raw']:.4f} raw, at step "
+        f"{latest['step']:,}: the flow loss on {latest.get('val_images', '?')} held-out images never trained on, "
+        f"each at one t of {{{', '.join(f'{t:g}' for t in VALIDATION_T)}}} with fixed noise{conditional}"
+    )
 
 
 def _classes_section(class_names: list[str] | None, train_config: dict, load_id: str) -> str:
@@ -328,8 +351,10 @@ def _classes_section(class_names: list[str] | None, train_config: dict, load_id:
         return ""
     scale = train_config.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
     names = "\n".join(f"| {i} | {name} |" for i, name in enumerate(class_names))
-    command = (f"python -m liquid_diffusion sample --checkpoint {load_id} --class {shlex.quote(class_names[0])} "
-               f"--guidance-scale {scale:g}")
+    command = (
+        f"python -m liquid_diffusion sample --checkpoint {load_id} --class {shlex.quote(class_names[0])} "
+        f"--guidance-scale {scale:g}"
+    )
     return f"""
 ## Classes and guidance
 

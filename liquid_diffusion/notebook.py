@@ -69,8 +69,9 @@ def env(name: str, default, cast=str):
 
 def pip_install(*args: str) -> None:
     """``pip install -q ARGS`` into this kernel's Python; a failure raises RuntimeError with pip's last words."""
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", *args], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", *args], capture_output=True, text=True, check=False
+    )
     if result.returncode:
         raise RuntimeError(f"pip install {' '.join(args)} failed:\n{result.stderr[-3000:]}")
     importlib.invalidate_caches()
@@ -115,8 +116,10 @@ class Hardware:
     mixed_precision: str = "no"
 
 
-NO_GPU_WARNING = ("No GPU found: section 3 switches to CPU-sized settings (the micro model, 32 px pixels). For the "
-                  "real thing in Colab: Runtime -> Change runtime type -> T4 GPU, then run all cells again.")
+NO_GPU_WARNING = (
+    "No GPU found: section 3 switches to CPU-sized settings (the micro model, 32 px pixels). For the "
+    "real thing in Colab: Runtime -> Change runtime type -> T4 GPU, then run all cells again."
+)
 
 
 def setup() -> Hardware:
@@ -132,14 +135,17 @@ def setup() -> Hardware:
     print(f"liquid_diffusion {liquid_diffusion.__version__} from {Path(liquid_diffusion.__file__).parent}")
     print(f"torch {torch.__version__}")
     if not torch.cuda.is_available():
-        display(HTML(f'<div style="padding:8px;border:2px solid #d33;color:#d33;font-weight:bold">{NO_GPU_WARNING}'
-                     "</div>"))
+        display(
+            HTML(f'<div style="padding:8px;border:2px solid #d33;color:#d33;font-weight:bold">{NO_GPU_WARNING}</div>')
+        )
         return Hardware("cpu")
     properties = torch.cuda.get_device_properties(0)
     hardware = Hardware("cuda", properties.total_memory / 2**30, resolve_mixed_precision("auto"))
     # not a T4's slow emulated bf16: a T4 trains in fp16 with loss scaling instead
-    print(f"GPU: {properties.name} · {hardware.gpu_memory_gib:.1f} GiB · bf16: {'yes' if native_bf16() else 'no'} · "
-          f"mixed precision: {hardware.mixed_precision}")
+    print(
+        f"GPU: {properties.name} · {hardware.gpu_memory_gib:.1f} GiB · bf16: {'yes' if native_bf16() else 'no'} · "
+        f"mixed precision: {hardware.mixed_precision}"
+    )
     return hardware
 
 
@@ -197,12 +203,22 @@ class Choices:
 
 # field -> (environment variable, cast): the variable wins over the form
 ENV_OVERRIDES = {
-    "dataset": ("LD_DATASET", str), "preset": ("LD_PRESET", str), "resolution": ("LD_RESOLUTION", str),
-    "space": ("LD_SPACE", str), "vae": ("LD_VAE", str), "steps": ("LD_STEPS", int),
-    "batch_size": ("LD_BATCH_SIZE", int), "learning_rate": ("LD_LR", float), "sample_every": ("LD_SAMPLE_EVERY", int),
-    "eval_every": ("LD_EVAL_EVERY", int), "cache_latents": ("LD_CACHE_LATENTS", bool),
-    "hub_repo_id": ("LD_HUB_REPO", str), "report_to": ("LD_REPORT_TO", str), "num_samples": ("LD_NUM_SAMPLES", int),
-    "guidance_scale": ("LD_GUIDANCE_SCALE", float), "class_conditional": ("LD_CLASS_CONDITIONAL", bool),
+    "dataset": ("LD_DATASET", str),
+    "preset": ("LD_PRESET", str),
+    "resolution": ("LD_RESOLUTION", str),
+    "space": ("LD_SPACE", str),
+    "vae": ("LD_VAE", str),
+    "steps": ("LD_STEPS", int),
+    "batch_size": ("LD_BATCH_SIZE", int),
+    "learning_rate": ("LD_LR", float),
+    "sample_every": ("LD_SAMPLE_EVERY", int),
+    "eval_every": ("LD_EVAL_EVERY", int),
+    "cache_latents": ("LD_CACHE_LATENTS", bool),
+    "hub_repo_id": ("LD_HUB_REPO", str),
+    "report_to": ("LD_REPORT_TO", str),
+    "num_samples": ("LD_NUM_SAMPLES", int),
+    "guidance_scale": ("LD_GUIDANCE_SCALE", float),
+    "class_conditional": ("LD_CLASS_CONDITIONAL", bool),
     "gradient_checkpointing": ("LD_GRADIENT_CHECKPOINTING", str),
 }
 
@@ -243,8 +259,10 @@ def dataset_classes(dataset: str, wanted: bool) -> list[str]:
             print(f"class labels: none usable ({str(error).split(';')[0]}): training an unconditional model")
         return []
     if len(names) >= 2 and not wanted:
-        print(f"tip: this dataset has {len(names)} classes ({shown(names, 6)}): tick CLASS_CONDITIONAL to train a "
-              "model you can ask for a class")
+        print(
+            f"tip: this dataset has {len(names)} classes ({shown(names, 6)}): tick CLASS_CONDITIONAL to train a "
+            "model you can ask for a class"
+        )
     return names
 
 
@@ -292,9 +310,16 @@ class NotebookRun:
 
 def _batch_and_lr(c: Choices, hardware: Hardware, saved_config: dict | None, checkpointing: bool) -> tuple[int, float]:
     """BATCH_SIZE 0: the trainer's --batch-size auto for this GPU; a resumed run keeps its batch size and rate."""
-    probe = TrainConfig(preset=c.preset, space=c.space, resolution=c.resolution, cache_latents=c.cache_latents,
-                        mixed_precision=hardware.mixed_precision, gradient_checkpointing=checkpointing,
-                        lr=c.learning_rate, batch_size=c.batch_size if c.batch_size > 0 else "auto")
+    probe = TrainConfig(
+        preset=c.preset,
+        space=c.space,
+        resolution=c.resolution,
+        cache_latents=c.cache_latents,
+        mixed_precision=hardware.mixed_precision,
+        gradient_checkpointing=checkpointing,
+        lr=c.learning_rate,
+        batch_size=c.batch_size if c.batch_size > 0 else "auto",
+    )
     resolve_batch_size(probe, torch.device(hardware.device), saved_config, report=lambda line: None)
     return probe.batch_size, probe.lr
 
@@ -321,33 +346,59 @@ def prepare(choices: Choices, hardware: Hardware, root: Path) -> NotebookRun:
     c.class_conditional = c.class_conditional and len(names) >= 2
 
     slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(c.dataset.rstrip("/")).name).strip("-").lower() or "data"
-    c.run_name = c.run_name.strip() or (f"{slug}-{c.preset}-{c.space}-{c.resolution}px"
-                                        + ("-cond" if c.class_conditional else ""))
+    c.run_name = c.run_name.strip() or (
+        f"{slug}-{c.preset}-{c.space}-{c.resolution}px" + ("-cond" if c.class_conditional else "")
+    )
     output_dir = Path(env("LD_OUTPUT_DIR", str(root / c.run_name))).expanduser()
     checkpoints = list_checkpoints(output_dir)
     saved_config = json.loads((checkpoints[-1] / "train_config.json").read_text()) if checkpoints else None
     suggested = c.batch_size <= 0 and not saved_config
 
     # the expected GPU memory is an estimate, not a measurement (the measured peak is printed after training)
-    memory_options = dict(mixed_precision=hardware.mixed_precision, vae_dtype=vae_dtype(torch.device(hardware.device)),
-                          cache_latents=c.cache_latents)
+    memory_options = dict(
+        mixed_precision=hardware.mixed_precision,
+        vae_dtype=vae_dtype(torch.device(hardware.device)),
+        cache_latents=c.cache_latents,
+    )
     checkpointing_choice = c.gradient_checkpointing
     asked = dataclasses.replace(c)  # the form's batch size and rate, before the automatic choice
     c.batch_size, c.learning_rate = _batch_and_lr(asked, hardware, saved_config, False)
-    checkpointing = checkpointing_choice == "on" or checkpointing_choice == "auto" and needs_gradient_checkpointing(
-        hardware.gpu_memory_gib, c.preset, c.space, c.resolution, c.batch_size, **memory_options)
+    checkpointing = (
+        checkpointing_choice == "on"
+        or checkpointing_choice == "auto"
+        and needs_gradient_checkpointing(
+            hardware.gpu_memory_gib, c.preset, c.space, c.resolution, c.batch_size, **memory_options
+        )
+    )
     memory_options["gradient_checkpointing"] = checkpointing
     if checkpointing and suggested:  # with checkpointing a larger batch may fit
         c.batch_size, c.learning_rate = _batch_and_lr(asked, hardware, saved_config, True)
 
     config = TrainConfig(
-        dataset=c.dataset, resolution=c.resolution, preset=c.preset, space=c.space, vae=c.vae,
-        cache_latents=c.cache_latents, batch_size=c.batch_size, steps=c.steps, lr=c.learning_rate,
-        sample_every=c.sample_every, num_sample_images=c.num_samples, log_every=max(1, min(50, c.steps // 20)),
-        eval_every=c.eval_every, checkpoint_every=min(1000, c.steps), keep_checkpoints=2, output_dir=str(output_dir),
-        resume="latest", num_workers=2 if hardware.device == "cuda" else 0, mixed_precision=hardware.mixed_precision,
-        progress_bar=False, class_conditional=c.class_conditional, guidance_scale=c.guidance_scale,
-        gradient_checkpointing=checkpointing, report_to=c.report_to,
+        dataset=c.dataset,
+        resolution=c.resolution,
+        preset=c.preset,
+        space=c.space,
+        vae=c.vae,
+        cache_latents=c.cache_latents,
+        batch_size=c.batch_size,
+        steps=c.steps,
+        lr=c.learning_rate,
+        sample_every=c.sample_every,
+        num_sample_images=c.num_samples,
+        log_every=max(1, min(50, c.steps // 20)),
+        eval_every=c.eval_every,
+        checkpoint_every=min(1000, c.steps),
+        keep_checkpoints=2,
+        output_dir=str(output_dir),
+        resume="latest",
+        num_workers=2 if hardware.device == "cuda" else 0,
+        mixed_precision=hardware.mixed_precision,
+        progress_bar=False,
+        class_conditional=c.class_conditional,
+        guidance_scale=c.guidance_scale,
+        gradient_checkpointing=checkpointing,
+        report_to=c.report_to,
     )
     config.validate()  # a one-line error with the fix for values that cannot work
     run = NotebookRun(c, config, hardware, names, memory_options, saved_config, checkpointing_choice)
@@ -360,38 +411,61 @@ def print_summary(run: NotebookRun, cpu_sized: bool = False) -> None:
     """The run in a few aligned lines, with warnings about a checkpoint that will not resume and tips."""
     c, config = run.choices, run.config
     if cpu_sized:
-        print(f"CPU runtime: CPU-sized settings ({c.preset} model, {c.space} space, {c.resolution} px, {c.steps} "
-              "steps); expect blurry shapes after about 10 minutes. Untick CPU_SETTINGS to keep your own choices.")
+        print(
+            f"CPU runtime: CPU-sized settings ({c.preset} model, {c.space} space, {c.resolution} px, {c.steps} "
+            "steps); expect blurry shapes after about 10 minutes. Untick CPU_SETTINGS to keep your own choices."
+        )
     precision = config.mixed_precision if config.mixed_precision != "no" else "fp32"
-    checkpointing = (" · gradient checkpointing" + (" (auto: the batch does not fit without it)"
-                                                    if run.checkpointing_choice == "auto" else "")
-                     if config.gradient_checkpointing else "")
+    checkpointing = (
+        " · gradient checkpointing"
+        + (" (auto: the batch does not fit without it)" if run.checkpointing_choice == "auto" else "")
+        if config.gradient_checkpointing
+        else ""
+    )
     print(f"dataset     {c.dataset}")
-    print(f"model       {c.preset} in {c.space} space at {c.resolution}px"
-          + (f" (VAE {c.vae})" if c.space == "latent" else ""))
-    print(f"training    {c.steps} steps · batch {c.batch_size} · lr {c.learning_rate:g} · {precision}"
-          + (" · cached latents" if c.cache_latents else "") + checkpointing)
-    print(f"samples     {f'every {c.sample_every} steps' if c.sample_every else 'at the end only'} "
-          f"({c.num_samples} images)")
+    print(
+        f"model       {c.preset} in {c.space} space at {c.resolution}px"
+        + (f" (VAE {c.vae})" if c.space == "latent" else "")
+    )
+    print(
+        f"training    {c.steps} steps · batch {c.batch_size} · lr {c.learning_rate:g} · {precision}"
+        + (" · cached latents" if c.cache_latents else "")
+        + checkpointing
+    )
+    print(
+        f"samples     {f'every {c.sample_every} steps' if c.sample_every else 'at the end only'} "
+        f"({c.num_samples} images)"
+    )
     if c.class_conditional:
-        print(f"classes     {len(run.class_names)} ({shown(run.class_names, 12)}): class-conditional, guidance "
-              f"{c.guidance_scale:g}, one grid row per class (up to 8)")
+        print(
+            f"classes     {len(run.class_names)} ({shown(run.class_names, 12)}): class-conditional, guidance "
+            f"{c.guidance_scale:g}, one grid row per class (up to 8)"
+        )
     print(f"outputs     {run.output_dir}")
     print(f"hub         {c.hub_repo_id or '(none: the push is skipped)'}")
     if c.report_to != "none":
-        print(f"tracking    {' and '.join(trackers(c.report_to))}" + (
-            f" (TensorBoard logs in {run.output_dir / 'logs'})" if "tensorboard" in trackers(c.report_to) else ""))
+        print(
+            f"tracking    {' and '.join(trackers(c.report_to))}"
+            + (f" (TensorBoard logs in {run.output_dir / 'logs'})" if "tensorboard" in trackers(c.report_to) else "")
+        )
     saved = run.saved_config
     if saved is not None:
-        print(f"resume      from {list_checkpoints(run.output_dir)[-1].name} (delete it or change RUN_NAME to start "
-              "over)")
+        print(
+            f"resume      from {list_checkpoints(run.output_dir)[-1].name} (delete it or change RUN_NAME to start over)"
+        )
         conflicts = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(config, k)]
         if conflicts:
-            print("WARNING: that checkpoint was trained with " + ", ".join(f"{k}={saved.get(k)!r}" for k in conflicts)
-                  + ": use the same values or another RUN_NAME, or training will refuse to resume")
+            print(
+                "WARNING: that checkpoint was trained with "
+                + ", ".join(f"{k}={saved.get(k)!r}" for k in conflicts)
+                + ": use the same values or another RUN_NAME, or training will refuse to resume"
+            )
         if saved.get("class_conditional", False) != c.class_conditional:
-            print("WARNING: that checkpoint was trained " + ("without" if c.class_conditional else "with")
-                  + " class labels: change CLASS_CONDITIONAL or RUN_NAME, or training will refuse to resume")
+            print(
+                "WARNING: that checkpoint was trained "
+                + ("without" if c.class_conditional else "with")
+                + " class labels: change CLASS_CONDITIONAL or RUN_NAME, or training will refuse to resume"
+            )
     if c.dataset in ("anime", "huggan/anime-faces") and (c.space, c.resolution) != ("pixel", 64):
         print("tip: the anime faces are 64x64 images; SPACE='pixel' with RESOLUTION=64 suits them best")
     if run.device == "cpu" and c.preset != "micro":
@@ -401,17 +475,36 @@ def print_summary(run: NotebookRun, cpu_sized: bool = False) -> None:
 def terminal_command(run: NotebookRun) -> str:
     """``python -m liquid_diffusion train ...`` with the flags that give the same run from a terminal."""
     c, config = run.choices, run.config
-    flags = [("dataset", c.dataset), ("preset", c.preset), ("space", c.space), ("resolution", c.resolution),
-             ("batch_size", c.batch_size), ("steps", c.steps), ("lr", c.learning_rate),
-             ("sample_every", c.sample_every), ("mixed_precision", config.mixed_precision),
-             ("output_dir", run.output_dir)]
+    flags = [
+        ("dataset", c.dataset),
+        ("preset", c.preset),
+        ("space", c.space),
+        ("resolution", c.resolution),
+        ("batch_size", c.batch_size),
+        ("steps", c.steps),
+        ("lr", c.learning_rate),
+        ("sample_every", c.sample_every),
+        ("mixed_precision", config.mixed_precision),
+        ("output_dir", run.output_dir),
+    ]
     flags += [("vae", c.vae)] if c.space == "latent" else []
     flags += [("guidance_scale", c.guidance_scale)] if c.class_conditional else []
     flags += [("report_to", c.report_to)] if c.report_to != "none" else []
-    switches = [name for name, on in (("cache-latents", c.cache_latents), ("class-conditional", c.class_conditional),
-                                      ("gradient-checkpointing", config.gradient_checkpointing)) if on]
-    return ("python -m liquid_diffusion train " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags)
-            + "".join(f" --{name}" for name in switches) + " --resume latest")
+    switches = [
+        name
+        for name, on in (
+            ("cache-latents", c.cache_latents),
+            ("class-conditional", c.class_conditional),
+            ("gradient-checkpointing", config.gradient_checkpointing),
+        )
+        if on
+    ]
+    return (
+        "python -m liquid_diffusion train "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags)
+        + "".join(f" --{name}" for name in switches)
+        + " --resume latest"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- 4 · preview
@@ -439,8 +532,16 @@ def preview(run: NotebookRun) -> None:
     from .latents import FrozenVAE, vae_dtype
 
     c, config = run.choices, run.config
-    stream = ImageBatchStream(c.dataset, c.resolution, c.num_samples, flip=config.flip, random_crop=config.random_crop,
-                              shuffle_buffer=0, seed=config.seed, num_epochs=1)  # no shuffle buffer to fill first
+    stream = ImageBatchStream(
+        c.dataset,
+        c.resolution,
+        c.num_samples,
+        flip=config.flip,
+        random_crop=config.random_crop,
+        shuffle_buffer=0,
+        seed=config.seed,
+        num_epochs=1,
+    )  # no shuffle buffer to fill first
     pixels = next(iter(stream))
     if c.space == "latent":
         vae = FrozenVAE(c.vae, device=run.device, dtype=vae_dtype(torch.device(run.device)))
@@ -450,8 +551,10 @@ def preview(run: NotebookRun) -> None:
     run.output_dir.mkdir(parents=True, exist_ok=True)
     grid.save(run.output_dir / "preview.png")
     show_image(grid, width=768)
-    print(f"{c.dataset}: {stream.stats} · {len(pixels)} images at {c.resolution}px"
-          + (" after the VAE round trip" if c.space == "latent" else ""))
+    print(
+        f"{c.dataset}: {stream.stats} · {len(pixels)} images at {c.resolution}px"
+        + (" after the VAE round trip" if c.space == "latent" else "")
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- 5 · model
@@ -465,24 +568,34 @@ def describe_model(run: NotebookRun) -> float:
     from .latents import VAE_DOWNSAMPLE_FACTOR
 
     c, options = run.choices, run.memory_options
-    model = LiquidDiffusionUNet.from_preset(c.preset, in_channels=4 if c.space == "latent" else 3,
-                                            num_classes=len(run.class_names) if c.class_conditional else 0)
+    model = LiquidDiffusionUNet.from_preset(
+        c.preset,
+        in_channels=4 if c.space == "latent" else 3,
+        num_classes=len(run.class_names) if c.class_conditional else 0,
+    )
 
     def count(*modules) -> int:
         return sum(p.numel() for module in modules for p in module.parameters())
 
-    parts = {"encoder": count(model.encoder, model.downsamples, model.stem), "bottleneck": count(model.bottleneck),
-             "decoder": count(model.decoder, model.upsamples, model.fusions, model.head),
-             "time embedding": count(model.time_embedder)}
+    parts = {
+        "encoder": count(model.encoder, model.downsamples, model.stem),
+        "bottleneck": count(model.bottleneck),
+        "decoder": count(model.decoder, model.upsamples, model.fusions, model.head),
+        "time embedding": count(model.time_embedder),
+    }
     if c.class_conditional:
         parts["label embedding"] = count(model.class_embedder)
-    print(f"LiquidDiffusionUNet '{c.preset}': {count(model) / 1e6:.1f}M parameters, widths {tuple(model.config.widths)}"
-          f", depths {tuple(model.config.depths)}, decoder widths {model.decoder_widths}, no attention")
+    print(
+        f"LiquidDiffusionUNet '{c.preset}': {count(model) / 1e6:.1f}M parameters, widths {tuple(model.config.widths)}"
+        f", depths {tuple(model.config.depths)}, decoder widths {model.decoder_widths}, no attention"
+    )
     for name, n in parts.items():
         print(f"  {name:<15} {n / 1e6:6.2f}M")
     side = c.resolution // (VAE_DOWNSAMPLE_FACTOR if c.space == "latent" else 1)
-    print(f"input: {model.config.in_channels} x {side} x {side}"
-          + (f" latents of {c.resolution}px images" if c.space == "latent" else " pixels"))
+    print(
+        f"input: {model.config.in_channels} x {side} x {side}"
+        + (f" latents of {c.resolution}px images" if c.space == "latent" else " pixels")
+    )
 
     def estimate(batch: int, **changes) -> float:
         return estimate_training_memory_gib(c.preset, c.space, c.resolution, batch, **{**options, **changes})
@@ -493,13 +606,18 @@ def describe_model(run: NotebookRun) -> float:
     run.expected_gib = expected = estimate(c.batch_size)
     checkpointing = options["gradient_checkpointing"]
     if checkpointing:
-        print(f"  (with gradient checkpointing; ~{estimate(c.batch_size, gradient_checkpointing=False):.1f} GiB "
-              "without it)")
+        print(
+            f"  (with gradient checkpointing; ~{estimate(c.batch_size, gradient_checkpointing=False):.1f} GiB "
+            "without it)"
+        )
     gpu = run.hardware.gpu_memory_gib
     if gpu and expected > 0.9 * gpu:
-        print(f"WARNING: ~{expected:.1f} GiB is close to or above this GPU's {gpu:.1f} GiB: lower BATCH_SIZE or "
-              "RESOLUTION" + ("" if checkpointing else ", or set GRADIENT_CHECKPOINTING on,")
-              + " if training runs out of memory")
+        print(
+            f"WARNING: ~{expected:.1f} GiB is close to or above this GPU's {gpu:.1f} GiB: lower BATCH_SIZE or "
+            "RESOLUTION"
+            + ("" if checkpointing else ", or set GRADIENT_CHECKPOINTING on,")
+            + " if training runs out of memory"
+        )
     elif not gpu:
         print("(no GPU here: the figures are what a GPU would need)")
     return expected
@@ -528,13 +646,22 @@ class LiveDashboard(TrainerCallback):
                 self.evals[record["step"]] = record
             if "val_loss" in record:
                 self.validation[record["step"]] = (record["val_loss"], record["val_loss_raw"])
-        self.status = display(HTML("<b>starting ...</b> (streaming the first images" + (
-            "; encoding the whole dataset into the latent cache first" if config.cache_latents else "") + ")"),
-            display_id=True)
+        self.status = display(
+            HTML(
+                "<b>starting ...</b> (streaming the first images"
+                + ("; encoding the whole dataset into the latent cache first" if config.cache_latents else "")
+                + ")"
+            ),
+            display_id=True,
+        )
         samples = sorted((Path(config.output_dir) / "samples").glob("step-*.png"))
         first = f"at step {config.sample_every}" if config.sample_every else "at the end of training"
-        self.grid = display(ImageDisplay(filename=str(samples[-1]), width=512) if samples else
-                            HTML(f"<i>the first sample grid appears {first}</i>"), display_id=True)
+        self.grid = display(
+            ImageDisplay(filename=str(samples[-1]), width=512)
+            if samples
+            else HTML(f"<i>the first sample grid appears {first}</i>"),
+            display_id=True,
+        )
         self.curves = display(HTML(""), display_id=True)
         if self.losses:  # also when the run is already finished and no new step will be logged
             self.draw_curves()
@@ -555,11 +682,17 @@ class LiveDashboard(TrainerCallback):
         pace = (time.time() - self.first_seen[1]) / max(step - self.first_seen[0], 1)
         minutes = (steps - step) * pace / 60
         left = f"~{minutes:.0f} min left" if minutes >= 1 else "less than a minute left"
-        validation = (f"validation loss {self.validation[max(self.validation)][0]:.4f} · " if self.validation else "")
-        self.status.update(self.progress(step, (
-            f"<b>step {step}/{steps}</b> · loss {record['loss']:.4f} · lr {record['lr']:.2e} · "
-            f"grad norm {record['grad_norm']:.2f} · {record['images_per_s']:.1f} img/s · {validation}{left} · "
-            f"skipped images: {record.get('images_skipped', 0)} · last checkpoint: {self.checkpoint}")))
+        validation = f"validation loss {self.validation[max(self.validation)][0]:.4f} · " if self.validation else ""
+        self.status.update(
+            self.progress(
+                step,
+                (
+                    f"<b>step {step}/{steps}</b> · loss {record['loss']:.4f} · lr {record['lr']:.2e} · "
+                    f"grad norm {record['grad_norm']:.2f} · {record['images_per_s']:.1f} img/s · {validation}{left} · "
+                    f"skipped images: {record.get('images_skipped', 0)} · last checkpoint: {self.checkpoint}"
+                ),
+            )
+        )
         self.draw_curves()
 
     def on_sample(self, trainer, step, path):
@@ -581,9 +714,15 @@ class LiveDashboard(TrainerCallback):
     def finish(self, step: int, stopped: bool = False) -> None:
         """The progress line's last state: finished or stopped, minutes in this session, where the checkpoint is."""
         minutes = (time.time() - self.started) / 60
-        self.status.update(self.progress(step, (
-            f"<b>{'stopped' if stopped else 'finished'} at step {step}</b> · {minutes:.1f} min in this session · "
-            f"last checkpoint: {self.checkpoint} in {html.escape(str(self.config.output_dir))}")))
+        self.status.update(
+            self.progress(
+                step,
+                (
+                    f"<b>{'stopped' if stopped else 'finished'} at step {step}</b> · {minutes:.1f} min in this session · "
+                    f"last checkpoint: {self.checkpoint} in {html.escape(str(self.config.output_dir))}"
+                ),
+            )
+        )
 
     def figure(self) -> Figure:
         """The curves: loss over steps (log scale when it spans more than 10x) with the validation loss, the loss per
@@ -595,10 +734,22 @@ class LiveDashboard(TrainerCallback):
         ax_loss.plot(steps, [self.losses[s] for s in steps], color="tab:blue", label="training")
         if self.validation:  # held-out images at fixed t and noise: it moves only when the model does
             val_steps = sorted(self.validation)
-            ax_loss.plot(val_steps, [self.validation[s][0] for s in val_steps], color="tab:green", marker="o",
-                         label="validation (EMA)")
-            ax_loss.plot(val_steps, [self.validation[s][1] for s in val_steps], color="tab:green", marker="o",
-                         alpha=0.5, linestyle="--", label="validation (raw)")
+            ax_loss.plot(
+                val_steps,
+                [self.validation[s][0] for s in val_steps],
+                color="tab:green",
+                marker="o",
+                label="validation (EMA)",
+            )
+            ax_loss.plot(
+                val_steps,
+                [self.validation[s][1] for s in val_steps],
+                color="tab:green",
+                marker="o",
+                alpha=0.5,
+                linestyle="--",
+                label="validation (raw)",
+            )
             ax_loss.legend()
         ax_loss.set(xlabel="step", ylabel="loss (MSE on velocity)", title="training and validation loss")
         values = [self.losses[s] for s in steps if self.losses[s] == self.losses[s]]  # finite ones
@@ -611,8 +762,13 @@ class LiveDashboard(TrainerCallback):
         ax_t.set(xlabel="t (0 = data, 1 = noise)", ylabel="loss", title="loss per noise level (last interval)")
         if self.evals:
             steps = sorted(self.evals)
-            axes[1, 0].errorbar(steps, [self.evals[s]["kid"] for s in steps],
-                                yerr=[self.evals[s]["kid_std"] for s in steps], marker="o", color="tab:green")
+            axes[1, 0].errorbar(
+                steps,
+                [self.evals[s]["kid"] for s in steps],
+                yerr=[self.evals[s]["kid_std"] for s in steps],
+                marker="o",
+                color="tab:green",
+            )
             axes[1, 0].set(xlabel="step", ylabel="KID", title=f"KID ({self.evals[steps[-1]]['eval_samples']} samples)")
             axes[1, 1].plot(steps, [self.evals[s]["fid"] for s in steps], marker="o", color="tab:red")
             axes[1, 1].set(xlabel="step", ylabel="FID", title="FID (biased at this N: compare at equal N only)")
@@ -653,22 +809,27 @@ def train(run: NotebookRun) -> Trained:
         dashboard.finish(trainer.step, stopped=True)
         saved = list_checkpoints(run.output_dir)
         run.trained = Trained(saved[-1], complete=False) if saved else None
-        raise RunStopped(f"training stopped at step {trainer.step} and saved "
-                         f"{saved[-1].name if saved else 'no checkpoint'}. Run the notebook again (Runtime -> Run "
-                         "all) to resume; nothing below ran or was pushed.") from None
+        raise RunStopped(
+            f"training stopped at step {trainer.step} and saved "
+            f"{saved[-1].name if saved else 'no checkpoint'}. Run the notebook again (Runtime -> Run "
+            "all) to resume; nothing below ran or was pushed."
+        ) from None
     dashboard.finish(trainer.step)
     print(f"done: {checkpoint}")
     if cuda:
         estimated = run.expected_gib
-        print(f"measured peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated by PyTorch"
-              + ("" if estimated is None else f" (estimated ~{estimated:.1f} GiB including the CUDA context)"))
+        print(
+            f"measured peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated by PyTorch"
+            + ("" if estimated is None else f" (estimated ~{estimated:.1f} GiB including the CUDA context)")
+        )
     del trainer
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     if checkpoint is None:
-        raise RuntimeError("no checkpoint was saved, so there is nothing to sample from yet: run the training cell "
-                           "again")
+        raise RuntimeError(
+            "no checkpoint was saved, so there is nothing to sample from yet: run the training cell again"
+        )
     run.trained = Trained(Path(checkpoint), complete=True)
     return run.trained
 
@@ -695,8 +856,17 @@ def compare_samplers(run: NotebookRun) -> None:
         for column, steps in enumerate((25, 50)):
             start = time.time()
             labels, columns = class_grid_labels(unet, count)  # one row per class (None: unconditional)
-            images = generate(unet, vae, count if labels is None else len(labels), steps, sampler, seed=0,
-                              resolution=resolution, class_labels=labels, guidance_scale=run.choices.guidance_scale)
+            images = generate(
+                unet,
+                vae,
+                count if labels is None else len(labels),
+                steps,
+                sampler,
+                seed=0,
+                resolution=resolution,
+                class_labels=labels,
+                guidance_scale=run.choices.guidance_scale,
+            )
             seconds = time.time() - start
             path = save_grid(images, run.output_dir / "samples" / f"final-{sampler}-{steps}.png", columns)
             axes[row, column].imshow(np.asarray(Image.open(path)), interpolation="nearest")
@@ -717,16 +887,27 @@ def class_picker(run: NotebookRun) -> None:
 
     trained = run.trained_checkpoint()
     if not run.choices.class_conditional:
-        print("this model is unconditional (the dataset has no class labels, or CLASS_CONDITIONAL is off): "
-              "no class to pick")
+        print(
+            "this model is unconditional (the dataset has no class labels, or CLASS_CONDITIONAL is off): "
+            "no class to pick"
+        )
         return
     unet, vae, resolution = load_for_sampling(str(trained.checkpoint), use_ema=True, device=run.device)
     count, names, guidance = min(8, run.choices.num_samples), run.class_names, run.choices.guidance_scale
 
     def show_class(class_name: str, guidance_scale: float, seed: int = 0) -> None:
         labels = unet.class_ids(class_name).expand(count)
-        images = generate(unet, vae, count, 25, "euler", seed=seed, resolution=resolution, class_labels=labels,
-                          guidance_scale=guidance_scale)
+        images = generate(
+            unet,
+            vae,
+            count,
+            25,
+            "euler",
+            seed=seed,
+            resolution=resolution,
+            class_labels=labels,
+            guidance_scale=guidance_scale,
+        )
         show_image(image_grid(images, columns=count))
         print(f"{class_name} · guidance {guidance_scale:g} · seed {seed}")
 
@@ -790,8 +971,13 @@ def load_back(run: NotebookRun, pushed: bool) -> None:
     pipe = LiquidDiffusionPipeline.from_pretrained(source).to(run.device)
     count, names = min(8, run.choices.num_samples), run.class_names
     labels = [names[i % len(names)] for i in range(count)] if run.choices.class_conditional else None  # names work
-    images = pipe(batch_size=count, num_inference_steps=25, generator=torch.Generator().manual_seed(1),
-                  class_labels=labels, output_type="pt").images  # the default output_type="pil" gives PIL images
+    images = pipe(
+        batch_size=count,
+        num_inference_steps=25,
+        generator=torch.Generator().manual_seed(1),
+        class_labels=labels,
+        output_type="pt",
+    ).images  # the default output_type="pil" gives PIL images
     show_image(image_grid(images.cpu() * 2 - 1, columns=count))
     print(f"loaded {source}: {count} images at {images.shape[-1]}px")
 
@@ -811,8 +997,9 @@ def evaluate(run: NotebookRun, num_samples: int) -> dict | None:
     if best and (run.output_dir / best["checkpoint"]).is_dir():
         checkpoint = run.output_dir / best["checkpoint"]
     try:
-        evaluation = evaluate_checkpoint(checkpoint, num_samples=num_samples, device=run.device,
-                                         reference_root=run.output_dir / "fid-reference")
+        evaluation = evaluate_checkpoint(
+            checkpoint, num_samples=num_samples, device=run.device, reference_root=run.output_dir / "fid-reference"
+        )
     except ValueError as error:  # e.g. offline: the Inception weights cannot be downloaded
         print(f"skipping FID/KID: {error}")
         return None

@@ -79,12 +79,13 @@ class LiquidDiffusionPipeline(DiffusionPipeline):
     ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
-        self.register_to_config(resolution=resolution, guidance_scale=guidance_scale,
-                                recommended_steps=recommended_steps)
+        self.register_to_config(
+            resolution=resolution, guidance_scale=guidance_scale, recommended_steps=recommended_steps
+        )
         self._velocity_fn = self._model_velocity
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "LiquidDiffusionPipeline":
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> LiquidDiffusionPipeline:
         """Loads a saved pipeline from a local folder or a Hub repo id (``USER/NAME``).
 
         A Hub repo is first fetched with ``huggingface_hub.snapshot_download`` (``*.safetensors`` and ``*.json``

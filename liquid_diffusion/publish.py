@@ -20,9 +20,9 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
-from typing import Callable
 
 from huggingface_hub import HfApi, get_token
 
@@ -46,8 +46,9 @@ def check_can_push(repo_id: str, token: str | None = None) -> str:
     """
     check_repo_id(repo_id)
     if not (token or get_token()):
-        raise PermissionError(f"not logged in to the Hugging Face Hub, so nothing can be pushed to {repo_id!r}: "
-                              f"{LOGIN_HINT}")
+        raise PermissionError(
+            f"not logged in to the Hugging Face Hub, so nothing can be pushed to {repo_id!r}: {LOGIN_HINT}"
+        )
     return repo_id
 
 
@@ -99,8 +100,13 @@ def push_to_hub(
     check_can_push(repo_id, token)
     if is_exported_pipeline(checkpoint):  # already the folder a Hub repo holds: published unchanged
         folder = Path(checkpoint).expanduser()
-        url = upload_folder(folder, repo_id, private=private, token=token,
-                            commit_message=commit_message or f"LiquidDiffusion pipeline {folder.name}")
+        url = upload_folder(
+            folder,
+            repo_id,
+            private=private,
+            token=token,
+            commit_message=commit_message or f"LiquidDiffusion pipeline {folder.name}",
+        )
         logger.info("pushed %s to %s", folder, url)
         return url
     checkpoint = find_checkpoint(checkpoint)
@@ -205,7 +211,7 @@ class HubPusher:
         self._executor.shutdown(wait=done)
         return done
 
-    def __enter__(self) -> "HubPusher":
+    def __enter__(self) -> HubPusher:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -234,12 +240,19 @@ class HubPusher:
             except Exception as error:  # noqa: BLE001 -- network, server: retry
                 reason = f"{type(error).__name__}: {first_line(error)}"
                 if attempt == self.max_attempts:
-                    logger.error("Hub push of %s to %s failed after %d attempts: %s", name, self.repo_id, attempt,
-                                 reason)
+                    logger.error(
+                        "Hub push of %s to %s failed after %d attempts: %s", name, self.repo_id, attempt, reason
+                    )
                     raise
                 delay = self.backoff_s * 2 ** (attempt - 1)
-                logger.warning("Hub push of %s failed (attempt %d/%d: %s); retrying in %.0f s", name, attempt,
-                               self.max_attempts, reason, delay)
+                logger.warning(
+                    "Hub push of %s failed (attempt %d/%d: %s); retrying in %.0f s",
+                    name,
+                    attempt,
+                    self.max_attempts,
+                    reason,
+                    delay,
+                )
                 time.sleep(delay)
 
     @staticmethod
@@ -315,8 +328,12 @@ def add_push_command(subparsers) -> None:
         description="Exports a checkpoint (see `export`) to a temporary folder and uploads it to USER/NAME, creating "
         f"the repo if needed. Authentication: {LOGIN_HINT}.",
     )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint-NNNNNN folder or training output dir (exported "
-                        "then), or an exported pipeline folder (uploaded as it is, e.g. reflow's OUTPUT_DIR/pipeline)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint-NNNNNN folder or training output dir (exported "
+        "then), or an exported pipeline folder (uploaded as it is, e.g. reflow's OUTPUT_DIR/pipeline)",
+    )
     parser.add_argument("--repo-id", required=True, help="Hub model repo USER/NAME")
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.add_argument(

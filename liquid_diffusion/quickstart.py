@@ -81,10 +81,26 @@ def quickstart_config(output_dir: str | Path, steps: int = 1000, batch_size: int
     """The quickstart's training settings: micro model, pixel space, 32 px, CPU-sized."""
     output_dir = Path(output_dir)
     return TrainConfig(
-        dataset=str(output_dir / "shapes"), space="pixel", preset="micro", resolution=32, flip=False,
-        batch_size=batch_size, steps=steps, lr=2e-3, warmup_steps=50, ema_decay=0.999, shuffle_buffer=1024,
-        num_workers=0, log_every=25, sample_every=max(1, steps // 5), num_sample_images=16, sample_steps=25,
-        checkpoint_every=max(1, steps // 3), keep_checkpoints=1, output_dir=str(output_dir), resume="latest",
+        dataset=str(output_dir / "shapes"),
+        space="pixel",
+        preset="micro",
+        resolution=32,
+        flip=False,
+        batch_size=batch_size,
+        steps=steps,
+        lr=2e-3,
+        warmup_steps=50,
+        ema_decay=0.999,
+        shuffle_buffer=1024,
+        num_workers=0,
+        log_every=25,
+        sample_every=max(1, steps // 5),
+        num_sample_images=16,
+        sample_steps=25,
+        checkpoint_every=max(1, steps // 3),
+        keep_checkpoints=1,
+        output_dir=str(output_dir),
+        resume="latest",
     )
 
 
@@ -119,12 +135,16 @@ def _run_quickstart(args: argparse.Namespace) -> int:
     check_not_a_file(args.output_dir, "--output-dir")
     moved = set_aside_older_run(args.output_dir)
     if moved is not None:
-        print(f"{args.output_dir} held a quickstart of an older LiquidDiffusion architecture, which this release "
-              f"cannot resume: kept it as {moved} and starting a new one")
+        print(
+            f"{args.output_dir} held a quickstart of an older LiquidDiffusion architecture, which this release "
+            f"cannot resume: kept it as {moved} and starting a new one"
+        )
     config = quickstart_config(args.output_dir, args.steps, args.batch_size)
     make_shapes_folder(config.dataset)
-    print(f"built-in dataset: 1024 shapes (32x32) in {config.dataset}; training the micro model for {config.steps} "
-          f"steps in {config.output_dir} (Ctrl-C saves; the same command resumes)")
+    print(
+        f"built-in dataset: 1024 shapes (32x32) in {config.dataset}; training the micro model for {config.steps} "
+        f"steps in {config.output_dir} (Ctrl-C saves; the same command resumes)"
+    )
     try:
         trainer = Trainer(config, callbacks=[_Progress()])
         trainer.resume_hint = "run the same quickstart command again to continue"
@@ -133,14 +153,17 @@ def _run_quickstart(args: argparse.Namespace) -> int:
         return 130
     grids = sorted((Path(config.output_dir) / "samples").glob("step-*.png"))
     strip = progress_strip(grids, Path(config.output_dir) / "samples" / "progress.png")
-    print(f"done: {strip} shows the samples from step {grids[0].stem[5:].lstrip('0')} to {config.steps}, "
-          "left to right (same noise in every grid)")
+    print(
+        f"done: {strip} shows the samples from step {grids[0].stem[5:].lstrip('0')} to {config.steps}, "
+        "left to right (same noise in every grid)"
+    )
     return 0
 
 
 def add_quickstart_command(subparsers) -> None:
     parser = subparsers.add_parser(
-        "quickstart", help="train a tiny model on built-in shapes, offline, in ~5 minutes on a CPU",
+        "quickstart",
+        help="train a tiny model on built-in shapes, offline, in ~5 minutes on a CPU",
         description=__doc__.splitlines()[0] + " Trains the micro model on a generated dataset of shapes and writes "
         "samples/progress.png.",
     )

@@ -30,9 +30,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -54,14 +54,48 @@ PIPELINE_DIR = "pipeline"
 CACHE_FORMAT = 1
 GRID_STEPS = (1, 2, 4)  # the sample grids: one row per number of Euler steps, from the same noise
 # Settings a pair cache is made with: another value of any of them is another cache.
-CACHE_KEYS = ("format", "teacher_sha256", "teacher_sampler", "teacher_steps", "pair_guidance_scale",
-              "unconditional_pairs", "num_pairs", "shard_size", "shape", "seed", "num_classes")
+CACHE_KEYS = (
+    "format",
+    "teacher_sha256",
+    "teacher_sampler",
+    "teacher_steps",
+    "pair_guidance_scale",
+    "unconditional_pairs",
+    "num_pairs",
+    "shard_size",
+    "shape",
+    "seed",
+    "num_classes",
+)
 # TrainConfig fields a reflow run takes from its teacher (no flags).
-FROM_TEACHER = ("dataset", "split", "config_name", "image_column", "resolution", "flip", "random_crop",
-                "shuffle_buffer", "class_conditional", "label_column", "preset", "space", "vae", "cache_latents",
-                "cache_dir", "cache_num_images", "validation_images", "validation_every", "eval_every",
-                "eval_samples", "eval_feature_extractor", "class_dropout", "guidance_scale", "timestep_sampling",
-                "logit_mean", "logit_std")
+FROM_TEACHER = (
+    "dataset",
+    "split",
+    "config_name",
+    "image_column",
+    "resolution",
+    "flip",
+    "random_crop",
+    "shuffle_buffer",
+    "class_conditional",
+    "label_column",
+    "preset",
+    "space",
+    "vae",
+    "cache_latents",
+    "cache_dir",
+    "cache_num_images",
+    "validation_images",
+    "validation_every",
+    "eval_every",
+    "eval_samples",
+    "eval_feature_extractor",
+    "class_dropout",
+    "guidance_scale",
+    "timestep_sampling",
+    "logit_mean",
+    "logit_std",
+)
 # Filled in by the run itself (no flags): who the teacher is.
 RECORDED = ("teacher_sha256", "teacher_step", "teacher_name")
 _TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -77,28 +111,46 @@ class ReflowConfig(TrainConfig):
     warmup_steps: int = dataclasses.field(default=100, metadata=_TRAIN_FIELDS["warmup_steps"].metadata)
     sample_every: int = dataclasses.field(default=500, metadata=_TRAIN_FIELDS["sample_every"].metadata)
     checkpoint_every: int = dataclasses.field(default=500, metadata=_TRAIN_FIELDS["checkpoint_every"].metadata)
-    output_dir: str = dataclasses.field(default="outputs/liquid-diffusion-reflow",
-                                        metadata=_TRAIN_FIELDS["output_dir"].metadata)
-    teacher: str = _help("the teacher: a training run or checkpoint, an exported pipeline folder or a Hub id",
-                         default="")
+    output_dir: str = dataclasses.field(
+        default="outputs/liquid-diffusion-reflow", metadata=_TRAIN_FIELDS["output_dir"].metadata
+    )
+    teacher: str = _help(
+        "the teacher: a training run or checkpoint, an exported pipeline folder or a Hub id", default=""
+    )
     pairs: int = _help("(noise, teacher sample) pairs to generate and train on", default=4000)
     teacher_sampler: str = _help("the teacher's ODE sampler for the pairs: euler or heun", default="heun")
     teacher_steps: int = _help("the teacher's integration steps per pair (heun: two model calls each)", default=50)
-    pair_guidance_scale: float | None = _help("class-conditional teachers: the guidance scale of the stored teacher "
-                                              "samples, baked into the student (default: the teacher's recommended "
-                                              "scale)", default=None)
-    unconditional_pairs: float = _help("class-conditional teachers: the share of pairs sampled for the null class "
-                                       "(keeps unconditional sampling)", default=0.1)
+    pair_guidance_scale: float | None = _help(
+        "class-conditional teachers: the guidance scale of the stored teacher "
+        "samples, baked into the student (default: the teacher's recommended "
+        "scale)",
+        default=None,
+    )
+    unconditional_pairs: float = _help(
+        "class-conditional teachers: the share of pairs sampled for the null class (keeps unconditional sampling)",
+        default=0.1,
+    )
     pair_batch_size: int = _help("teacher samples per forward pass while generating pairs", default=64)
     shard_size: int = _help("pairs per safetensors shard of the pair cache", default=256)
-    pair_cache_dir: str | None = _help("the pair cache's folder (default: OUTPUT_DIR/pair-cache); another run's cache "
-                                       "of the same teacher and settings is reused", default=None)
-    init: str | None = _help("start the student from this model's weights instead of the teacher's (e.g. a reflow "
-                             "run's result, for a --distill-t stage on the same pairs)", default=None)
-    distill_t: float | None = _help("train at this one t only (1: a 1-step distillation stage) instead of t drawn as "
-                                    "--timestep-sampling says", default=None)
-    recommended_steps: int = _help("the number of Euler steps the result is made for: the pipeline's default "
-                                   "num_inference_steps, named in the model card", default=2)
+    pair_cache_dir: str | None = _help(
+        "the pair cache's folder (default: OUTPUT_DIR/pair-cache); another run's cache "
+        "of the same teacher and settings is reused",
+        default=None,
+    )
+    init: str | None = _help(
+        "start the student from this model's weights instead of the teacher's (e.g. a reflow "
+        "run's result, for a --distill-t stage on the same pairs)",
+        default=None,
+    )
+    distill_t: float | None = _help(
+        "train at this one t only (1: a 1-step distillation stage) instead of t drawn as --timestep-sampling says",
+        default=None,
+    )
+    recommended_steps: int = _help(
+        "the number of Euler steps the result is made for: the pipeline's default "
+        "num_inference_steps, named in the model card",
+        default=2,
+    )
     teacher_sha256: str = _help("SHA-256 of the teacher's weights (recorded)", default="")
     teacher_step: int | None = _help("the teacher's training step (recorded)", default=None)
     teacher_name: str = _help("the teacher as given (recorded)", default="")
@@ -144,8 +196,10 @@ def load_teacher(name: str) -> Teacher:
         weights = folder / "unet" / WEIGHTS_NAME
     config_path = folder / "train_config.json"
     if not config_path.is_file():
-        raise ValueError(f"{name!r} has no train_config.json: reflow needs a LiquidDiffusion training run, checkpoint "
-                         "or export as its teacher")
+        raise ValueError(
+            f"{name!r} has no train_config.json: reflow needs a LiquidDiffusion training run, checkpoint "
+            "or export as its teacher"
+        )
     train_config = read_json(config_path)
     pipe = load_pipeline(folder, use_ema=True)
     step = None
@@ -164,8 +218,9 @@ def config_for_teacher(config: ReflowConfig, teacher: Teacher) -> ReflowConfig:
     """``config`` with the fields that come from the teacher filled in (``FROM_TEACHER``, ``RECORDED``)."""
     saved = teacher.train_config
     values = {name: saved[name] for name in FROM_TEACHER if name in saved}
-    values.update(validation_images=0, validation_every=0, eval_every=0, cache_latents=False, cache_dir=None,
-                  class_dropout=0.0)
+    values.update(
+        validation_images=0, validation_every=0, eval_every=0, cache_latents=False, cache_dir=None, class_dropout=0.0
+    )
     if teacher.unet.config.num_classes:
         values["guidance_scale"] = 1.0  # guidance is baked into the pairs
         if config.pair_guidance_scale is None:
@@ -174,8 +229,9 @@ def config_for_teacher(config: ReflowConfig, teacher: Teacher) -> ReflowConfig:
         values["pair_guidance_scale"] = None
     if config.distill_t is not None:
         values["recommended_steps"] = 1
-    values.update(teacher_sha256=teacher.sha256, teacher_step=teacher.step,
-                  teacher_name=config.teacher_name or config.teacher)
+    values.update(
+        teacher_sha256=teacher.sha256, teacher_step=teacher.step, teacher_name=config.teacher_name or config.teacher
+    )
     return dataclasses.replace(config, **values)
 
 
@@ -193,21 +249,30 @@ def cache_metadata(config: ReflowConfig, teacher: Teacher) -> dict:
     unet = teacher.unet
     size = config.resolution // (vae_downsample_factor(teacher.vae) if teacher.vae is not None else 1)
     return {
-        "format": CACHE_FORMAT, "teacher_sha256": teacher.sha256, "teacher_sampler": config.teacher_sampler,
-        "teacher_steps": config.teacher_steps, "pair_guidance_scale": config.pair_guidance_scale,
+        "format": CACHE_FORMAT,
+        "teacher_sha256": teacher.sha256,
+        "teacher_sampler": config.teacher_sampler,
+        "teacher_steps": config.teacher_steps,
+        "pair_guidance_scale": config.pair_guidance_scale,
         "unconditional_pairs": config.unconditional_pairs if unet.config.num_classes else 0.0,
-        "num_pairs": config.pairs, "shard_size": config.shard_size, "shape": [unet.config.in_channels, size, size],
-        "seed": config.seed, "num_classes": unet.config.num_classes or 0,
-        "teacher": config.teacher_name, "teacher_step": teacher.step,
+        "num_pairs": config.pairs,
+        "shard_size": config.shard_size,
+        "shape": [unet.config.in_channels, size, size],
+        "seed": config.seed,
+        "num_classes": unet.config.num_classes or 0,
+        "teacher": config.teacher_name,
+        "teacher_step": teacher.step,
     }
 
 
 def _describe(metadata: dict) -> str:
     guidance = metadata.get("pair_guidance_scale")
-    return (f"teacher {str(metadata.get('teacher_sha256'))[:12]} ({metadata.get('teacher')}), "
-            f"{metadata.get('teacher_sampler')} x {metadata.get('teacher_steps')} steps, "
-            f"{metadata.get('num_pairs')} pairs of {metadata.get('shape')}, seed {metadata.get('seed')}"
-            + (f", guidance {guidance:g}" if guidance is not None else ""))
+    return (
+        f"teacher {str(metadata.get('teacher_sha256'))[:12]} ({metadata.get('teacher')}), "
+        f"{metadata.get('teacher_sampler')} x {metadata.get('teacher_steps')} steps, "
+        f"{metadata.get('num_pairs')} pairs of {metadata.get('shape')}, seed {metadata.get('seed')}"
+        + (f", guidance {guidance:g}" if guidance is not None else "")
+    )
 
 
 class PairCache:
@@ -246,7 +311,8 @@ class PairCache:
             raise PairCacheMismatch(
                 f"the pair cache in {str(self.folder)!r} was made with {_describe(saved)}; this run asks for "
                 f"{_describe(self.metadata)} (differs in {', '.join(differ)}): pass --overwrite to regenerate it, or "
-                "pick another --output-dir")
+                "pick another --output-dir"
+            )
         report(f"note: --overwrite: deleting the pair cache of {_describe(saved)}")
         shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -309,17 +375,26 @@ class PairCache:
 
 
 @torch.no_grad()
-def teacher_samples(teacher: Teacher, noise: torch.Tensor, labels: torch.Tensor | None, *, sampler: str, steps: int,
-                    guidance_scale: float | None, batch_size: int, device: torch.device) -> torch.Tensor:
+def teacher_samples(
+    teacher: Teacher,
+    noise: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    sampler: str,
+    steps: int,
+    guidance_scale: float | None,
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
     """The teacher's ODE samples x = ODE(noise) (guided at ``guidance_scale`` for labels other than the null class;
     the null class's samples are unguided), in batches of ``batch_size``; float32 on the CPU."""
     unet = teacher.unet
     out = []
     for start in range(0, len(noise), batch_size):
-        z = noise[start:start + batch_size].to(device).contiguous(memory_format=torch.channels_last)
+        z = noise[start : start + batch_size].to(device).contiguous(memory_format=torch.channels_last)
         velocity = unet
         if labels is not None:
-            ids = labels[start:start + batch_size].to(device)
+            ids = labels[start : start + batch_size].to(device)
             guided = flow.guided_velocity(unet, ids, guidance_scale, unet.null_class)
             plain = flow.guided_velocity(unet, ids, 1.0)
             null = ids == unet.null_class
@@ -361,11 +436,15 @@ class ReflowTrainer(Trainer):
             except ValueError:
                 continue
             if not saved.get("teacher"):
-                raise FileExistsError(f"--output-dir {config.output_dir!r} holds a training run, not a reflow run; "
-                                      "pick another --output-dir")
+                raise FileExistsError(
+                    f"--output-dir {config.output_dir!r} holds a training run, not a reflow run; "
+                    "pick another --output-dir"
+                )
             if saved.get("teacher_sha256") != config.teacher_sha256 and config.resume:
-                raise FileExistsError(f"--output-dir {config.output_dir!r} holds a reflow run of another teacher "
-                                      f"({saved.get('teacher_name')}); pick another --output-dir")
+                raise FileExistsError(
+                    f"--output-dir {config.output_dir!r} holds a reflow run of another teacher "
+                    f"({saved.get('teacher_name')}); pick another --output-dir"
+                )
             return
 
     def _reads_dataset(self) -> bool:
@@ -383,8 +462,10 @@ class ReflowTrainer(Trainer):
             start = load_teacher(self.config.init).unet
             shapes = {k: v.shape for k, v in start.state_dict().items()}
             if shapes != {k: v.shape for k, v in teacher.unet.state_dict().items()}:
-                raise ValueError(f"--init {self.config.init!r} is another architecture than the teacher's; give a "
-                                 "model made from this teacher (a reflow run's result)")
+                raise ValueError(
+                    f"--init {self.config.init!r} is another architecture than the teacher's; give a "
+                    "model made from this teacher (a reflow run's result)"
+                )
         model.load_state_dict(start.state_dict())
         model.train()
         if self.config.gradient_checkpointing:
@@ -425,9 +506,11 @@ class ReflowTrainer(Trainer):
         have = cache.num_shards - len(missing)
         pairs = sum(cache.shard_len(i) for i in missing)
         calls = config.teacher_steps * flow.MODEL_CALLS_PER_STEP[config.teacher_sampler]
-        print(f"pairs: generating {pairs} (noise, teacher sample) pairs in {len(missing)} shard(s) "
-              f"({have} cached) with the teacher's {config.teacher_sampler} x {config.teacher_steps} steps "
-              f"({calls} model calls each) into {cache.folder}")
+        print(
+            f"pairs: generating {pairs} (noise, teacher sample) pairs in {len(missing)} shard(s) "
+            f"({have} cached) with the teacher's {config.teacher_sampler} x {config.teacher_steps} steps "
+            f"({calls} model calls each) into {cache.folder}"
+        )
         from tqdm.auto import tqdm
 
         bar = tqdm(total=pairs, desc="pairs", disable=not config.progress_bar, dynamic_ncols=True)
@@ -438,9 +521,15 @@ class ReflowTrainer(Trainer):
                     try:  # a stop signal interrupts the shard at once: it is generated again on --resume
                         with stop.interruptible():
                             sample = teacher_samples(
-                                self.teacher, noise, labels, sampler=config.teacher_sampler,
-                                steps=config.teacher_steps, guidance_scale=config.pair_guidance_scale,
-                                batch_size=config.pair_batch_size, device=self.device)
+                                self.teacher,
+                                noise,
+                                labels,
+                                sampler=config.teacher_sampler,
+                                steps=config.teacher_steps,
+                                guidance_scale=config.pair_guidance_scale,
+                                batch_size=config.pair_batch_size,
+                                device=self.device,
+                            )
                     except StopRequested:
                         break
                     tensors = {"noise": noise, "sample": sample}
@@ -454,8 +543,11 @@ class ReflowTrainer(Trainer):
             bar.close()
         if stop.requested is not None:
             done = cache.num_shards - len(cache.missing())
-            print(f"\n{stop.requested} while generating pairs: {done} of {cache.num_shards} shard(s) saved in "
-                  f"{cache.folder}; {self.resume_hint}", file=sys.stderr)
+            print(
+                f"\n{stop.requested} while generating pairs: {done} of {cache.num_shards} shard(s) saved in "
+                f"{cache.folder}; {self.resume_hint}",
+                file=sys.stderr,
+            )
             raise TrainingInterrupted(stop.requested)
 
     def _batches(self) -> Iterator[dict]:
@@ -467,15 +559,18 @@ class ReflowTrainer(Trainer):
         batch, processes = config.batch_size, state.num_processes
         per_epoch = total // (batch * processes)
         if per_epoch == 0:
-            raise ValueError(f"--pairs {total} is fewer than one batch ({batch} x {processes} process(es)); use more "
-                             "--pairs or a smaller --batch-size")
+            raise ValueError(
+                f"--pairs {total} is fewer than one batch ({batch} x {processes} process(es)); use more "
+                "--pairs or a smaller --batch-size"
+            )
         position = self.batches_consumed
         while True:
             epoch, k = divmod(position, per_epoch)
-            order = torch.randperm(total, generator=torch.Generator().manual_seed(
-                (config.seed * SEED_STRIDE + epoch) % 2**63))
+            order = torch.randperm(
+                total, generator=torch.Generator().manual_seed((config.seed * SEED_STRIDE + epoch) % 2**63)
+            )
             start = (k * processes + state.process_index) * batch
-            index = order[start:start + batch]
+            index = order[start : start + batch]
             item = {"x0": self.pairs["sample"][index], "noise": self.pairs["noise"][index]}
             if "labels" in self.pairs:
                 item["labels"] = self.pairs["labels"][index].to(self.device)
@@ -503,8 +598,12 @@ class ReflowTrainer(Trainer):
         with self.ema_weights() as model:
             labels, _ = class_grid_labels(model, config.num_sample_images)
             n = len(labels) if labels is not None else config.num_sample_images
-            rows = [few_step_images(model, self.vae, n, steps, seed=config.seed, resolution=config.resolution,
-                                    class_labels=labels) for steps in GRID_STEPS]
+            rows = [
+                few_step_images(
+                    model, self.vae, n, steps, seed=config.seed, resolution=config.resolution, class_labels=labels
+                )
+                for steps in GRID_STEPS
+            ]
         path = self.output_dir / "samples" / f"step-{self.step:06d}.png"
         try:
             save_grid(torch.cat(rows), path, n)
@@ -519,20 +618,39 @@ class ReflowTrainer(Trainer):
         final = super().train()
         if self.is_main:
             export_checkpoint(final, self.pipeline_dir, overwrite=True)
-            print(f"pipeline: {self.pipeline_dir} (made for {self.config.recommended_steps} step(s); "
-                  f"LiquidDiffusionPipeline.from_pretrained({str(self.pipeline_dir)!r}))")
+            print(
+                f"pipeline: {self.pipeline_dir} (made for {self.config.recommended_steps} step(s); "
+                f"LiquidDiffusionPipeline.from_pretrained({str(self.pipeline_dir)!r}))"
+            )
         self.accelerator.wait_for_everyone()
         return final
 
 
 @torch.no_grad()
-def few_step_images(model: LiquidDiffusionUNet, vae, num_images: int, steps: int, *, seed: int, resolution: int,
-                    class_labels: torch.Tensor | None = None) -> torch.Tensor:
+def few_step_images(
+    model: LiquidDiffusionUNet,
+    vae,
+    num_images: int,
+    steps: int,
+    *,
+    seed: int,
+    resolution: int,
+    class_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``sampling.generate`` with Euler at ``steps`` and guidance 1 (a reflow student's guidance is baked in)."""
     from .sampling import generate
 
-    return generate(model, vae, num_images, steps, "euler", seed=seed, resolution=resolution,
-                    class_labels=class_labels, guidance_scale=1.0)
+    return generate(
+        model,
+        vae,
+        num_images,
+        steps,
+        "euler",
+        seed=seed,
+        resolution=resolution,
+        class_labels=class_labels,
+        guidance_scale=1.0,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -553,12 +671,17 @@ def _run_reflow(args: argparse.Namespace) -> int:
 
 def add_reflow_command(subparsers) -> None:
     parser = subparsers.add_parser(
-        "reflow", help="make a trained model a few-step (1-4 Euler steps) model by reflow",
+        "reflow",
+        help="make a trained model a few-step (1-4 Euler steps) model by reflow",
         description="Generates (noise, teacher sample) pairs with a trained model, cached in OUTPUT_DIR/pair-cache, "
         "then trains a student initialised from the teacher on them (a training run: --resume, checkpoints, "
         "SIGTERM saves); the result is the pipeline folder OUTPUT_DIR/pipeline. See docs/reflow.md.",
     )
-    parser.add_argument("--checkpoint", required=True, metavar="RUN_OR_CHECKPOINT",
-                        help="the teacher: a training run or checkpoint, an exported pipeline folder or a Hub id")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN_OR_CHECKPOINT",
+        help="the teacher: a training run or checkpoint, an exported pipeline folder or a Hub id",
+    )
     add_config_flags(parser, ReflowConfig, exclude=FROM_TEACHER + RECORDED + ("teacher", "num_workers", "sample_steps"))
     parser.set_defaults(func=_run_reflow)

@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .checkpoints import Checkpoint, checkpoint_step, newest_intact, read_checkpoint
 
@@ -23,19 +23,27 @@ def find_resume_checkpoint(resume: str, output_dir: Path, report: Callable[[str]
     if resume == "latest":
         return newest_intact(output_dir, report=report)
     path = Path(resume).expanduser()
-    if path.is_dir() and not (path / "state.json").exists() and any(
-            checkpoint_step(p) is not None for p in path.iterdir()):
+    if (
+        path.is_dir()
+        and not (path / "state.json").exists()
+        and any(checkpoint_step(p) is not None for p in path.iterdir())
+    ):
         checkpoint = newest_intact(path, report=report)
         if checkpoint is None:
-            raise FileNotFoundError(f"--resume {resume}: the run folder holds no finished checkpoint-NNNNNN "
-                                    "(a save was cut off); start without --resume")
-        report(f"note: --resume {resume} is a run folder: resuming its newest intact checkpoint, {checkpoint.path.name}")
+            raise FileNotFoundError(
+                f"--resume {resume}: the run folder holds no finished checkpoint-NNNNNN "
+                "(a save was cut off); start without --resume"
+            )
+        report(
+            f"note: --resume {resume} is a run folder: resuming its newest intact checkpoint, {checkpoint.path.name}"
+        )
         return checkpoint
     return read_checkpoint(resume)
 
 
-def apply_optimizer_flags(checkpoint: Checkpoint, config, *, optimizer, lr_scheduler, ema,
-                          report: Callable[[str], None]) -> None:
+def apply_optimizer_flags(
+    checkpoint: Checkpoint, config, *, optimizer, lr_scheduler, ema, report: Callable[[str], None]
+) -> None:
     """Puts this run's ``--lr``, ``--weight-decay``, ``--adam-beta1/2``, ``--ema-decay`` and ``--ema-power`` into the
     restored optimizer, learning-rate schedule and EMA, where they differ from the checkpoint's (a new
     ``--lr-schedule`` applies by itself: the schedule is a function of the step). The schedule keeps its position: the learning rate
@@ -70,8 +78,10 @@ def apply_optimizer_flags(checkpoint: Checkpoint, config, *, optimizer, lr_sched
     if saved_schedule != config.lr_schedule:  # the schedule is a function of the step: the new one applies from here
         changes.append(f"--lr-schedule {saved_schedule} -> {config.lr_schedule}")
     if changes:
-        report(f"note: resuming {checkpoint.path.name} with {', '.join(changes)} (this run's flags win over the "
-               "checkpoint's)")
+        report(
+            f"note: resuming {checkpoint.path.name} with {', '.join(changes)} (this run's flags win over the "
+            "checkpoint's)"
+        )
 
 
 def resume_notes(checkpoint: Checkpoint, config, report: Callable[[str], None]) -> None:
@@ -79,13 +89,20 @@ def resume_notes(checkpoint: Checkpoint, config, report: Callable[[str], None]) 
     checkpoint has already reached (nothing is trained or re-saved then)."""
     saved, name = checkpoint.train_config, checkpoint.path.name
     if saved.get("flip", True) != config.flip:
-        report(f"note: {name} was trained {'with' if saved.get('flip', True) else 'without'} random flips; this run "
-               f"goes on {'with' if config.flip else 'without'} them (--{'' if config.flip else 'no-'}flip)")
+        report(
+            f"note: {name} was trained {'with' if saved.get('flip', True) else 'without'} random flips; this run "
+            f"goes on {'with' if config.flip else 'without'} them (--{'' if config.flip else 'no-'}flip)"
+        )
     if saved.get("cache_latents", False) != config.cache_latents:
-        report(f"note: {name} was trained on cached latents; this run encodes the images with the VAE as it reads "
-               "them (the same data, more slowly; add --cache-latents to use the cache)" if saved.get("cache_latents")
-               else f"note: {name} was trained without a latent cache; this run goes on from cached latents "
-               "(--cache-latents)")
+        report(
+            f"note: {name} was trained on cached latents; this run encodes the images with the VAE as it reads "
+            "them (the same data, more slowly; add --cache-latents to use the cache)"
+            if saved.get("cache_latents")
+            else f"note: {name} was trained without a latent cache; this run goes on from cached latents "
+            "(--cache-latents)"
+        )
     if checkpoint.step >= config.steps:
-        report(f"note: {name} is at step {checkpoint.step} and --steps is {config.steps}: nothing to train, nothing "
-               "re-saved; raise --steps to train on")
+        report(
+            f"note: {name} is at step {checkpoint.step} and --steps is {config.steps}: nothing to train, nothing "
+            "re-saved; raise --steps to train on"
+        )

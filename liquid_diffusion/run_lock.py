@@ -15,8 +15,8 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .checkpoints import CHECKPOINT_PATTERN, list_checkpoints
 
@@ -49,7 +49,7 @@ class RunLock:
         self._fd: int | None = None
         self._fallback = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         if fcntl is None:
             from filelock import FileLock, Timeout
 
@@ -68,8 +68,11 @@ class RunLock:
             raise self._busy(_holder(text)) from None
         except OSError as error:  # no flock here (some network / FUSE file systems): run, but say so
             os.close(fd)
-            print(f"note: cannot lock {self.output_dir} ({error.strerror or error}): nothing stops a second run "
-                  "from writing into it at the same time", file=sys.stderr)
+            print(
+                f"note: cannot lock {self.output_dir} ({error.strerror or error}): nothing stops a second run "
+                "from writing into it at the same time",
+                file=sys.stderr,
+            )
             return self
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
         os.ftruncate(fd, 0)
@@ -78,8 +81,10 @@ class RunLock:
         return self
 
     def _busy(self, holder: str) -> OutputDirInUseError:
-        return OutputDirInUseError(f"--output-dir {str(self.output_dir)!r} is in use by another training run "
-                                   f"({holder}); wait for it to end or stop it, or pick another --output-dir")
+        return OutputDirInUseError(
+            f"--output-dir {str(self.output_dir)!r} is in use by another training run "
+            f"({holder}); wait for it to end or stop it, or pick another --output-dir"
+        )
 
     def release(self) -> None:
         if self._fd is not None:
@@ -90,15 +95,21 @@ class RunLock:
             self._fallback.release()
             self._fallback = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
 
 
-def claim_output_dir(output_dir: str | os.PathLike, *, resume: str | None, overwrite: bool, delete: bool,
-                     report: Callable[[str], None] = print) -> None:
+def claim_output_dir(
+    output_dir: str | os.PathLike,
+    *,
+    resume: str | None,
+    overwrite: bool,
+    delete: bool,
+    report: Callable[[str], None] = print,
+) -> None:
     """A fresh run (no ``resume``) in a folder that already holds a run's checkpoints is refused in one line
     (``FileExistsError``) unless ``overwrite``; with it, ``delete`` (the main process) removes that run's
     checkpoints, metrics, sample grids and ``best.json`` first, so nothing of it is taken for this run's."""
@@ -107,9 +118,11 @@ def claim_output_dir(output_dir: str | os.PathLike, *, resume: str | None, overw
         return
     if not overwrite:
         newest = list_checkpoints(output_dir)[-1].name
-        raise FileExistsError(f"--output-dir {str(output_dir)!r} already holds a run (newest: {newest}); continue it "
-                              "with --resume, start over there with --overwrite (deletes that run), or pick another "
-                              "--output-dir")
+        raise FileExistsError(
+            f"--output-dir {str(output_dir)!r} already holds a run (newest: {newest}); continue it "
+            "with --resume, start over there with --overwrite (deletes that run), or pick another "
+            "--output-dir"
+        )
     if not delete:
         return
     old = [p for p in output_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name) and p.is_dir()]
@@ -118,5 +131,7 @@ def claim_output_dir(output_dir: str | os.PathLike, *, resume: str | None, overw
     shutil.rmtree(output_dir / "samples", ignore_errors=True)
     for name in ("metrics.jsonl", "best.json"):
         (output_dir / name).unlink(missing_ok=True)
-    report(f"note: --overwrite: deleted the earlier run in {output_dir} ({len(old)} checkpoint(s), its metrics, "
-           "sample grids and best.json)")
+    report(
+        f"note: --overwrite: deleted the earlier run in {output_dir} ({len(old)} checkpoint(s), its metrics, "
+        "sample grids and best.json)"
+    )

@@ -26,9 +26,19 @@ from .model import LiquidDiffusionUNet
 
 
 @torch.no_grad()
-def generate(model: LiquidDiffusionUNet, vae, num_images: int, steps: int = 25, sampler: str = "euler", *,
-             seed: int = 0, resolution: int | None = None, progress: bool = False,
-             class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
+def generate(
+    model: LiquidDiffusionUNet,
+    vae,
+    num_images: int,
+    steps: int = 25,
+    sampler: str = "euler",
+    *,
+    seed: int = 0,
+    resolution: int | None = None,
+    progress: bool = False,
+    class_labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
     """Samples ``num_images`` images in [-1, 1] (decoded through ``vae`` when given) from seeded noise.
 
     ``progress`` shows a bar over the model calls (``steps`` for Euler, ``2 * steps`` for Heun). ``class_labels``
@@ -44,6 +54,7 @@ def generate(model: LiquidDiffusionUNet, vae, num_images: int, steps: int = 25, 
         velocity_fn = flow.guided_velocity(model, class_labels.to(device), guidance_scale, model.null_class)
     calls = steps * flow.MODEL_CALLS_PER_STEP[flow.check_sampler(sampler)]
     with tqdm(total=calls, desc="sampling", unit="step", disable=not progress) as bar:
+
         def velocity(x, t):
             out = velocity_fn(x, t)
             bar.update(1)
@@ -69,7 +80,9 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path
     """Writes images in [-1, 1] of shape [N, 3, H, W] as one PNG grid, atomically (a viewer never sees half a file)."""
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"{str(path)!r} is a folder; give the grid a file name, e.g. {str(path / 'grid.png')!r}")
+        raise IsADirectoryError(
+            f"{str(path)!r} is a folder; give the grid a file name, e.g. {str(path / 'grid.png')!r}"
+        )
     try:  # a temporary name of its own: several runs writing one --out never collide
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -94,19 +107,22 @@ def _write_error(path: Path, error: OSError) -> OSError:
     not ours (``PermissionError``)."""
     if disk_full(error):
         return DiskFullError(errno.ENOSPC, f"no space left on device while writing {path}; free some space")
-    return PermissionError(f"cannot write {path} ({error.strerror or first_line(error)}); write it to a folder you "
-                           "can write to (e.g. --out DIR/grid.png)")
+    return PermissionError(
+        f"cannot write {path} ({error.strerror or first_line(error)}); write it to a folder you "
+        "can write to (e.g. --out DIR/grid.png)"
+    )
 
 
 # What `sample` and `evaluate` advise when the Hub is unreachable for a latent checkpoint's VAE.
 CHECKPOINT_OFFLINE_ADVICE = {
     "vae": "export the checkpoint where the Hub is reachable (the exported folder holds the VAE) and pass that folder "
-           "as --checkpoint",
+    "as --checkpoint",
 }
 
 
-def load_for_sampling(checkpoint: str, use_ema: bool = True, device: str | torch.device = "cpu", *,
-                      with_guidance: bool = False):
+def load_for_sampling(
+    checkpoint: str, use_ema: bool = True, device: str | torch.device = "cpu", *, with_guidance: bool = False
+):
     """``(unet, FrozenVAE or None, resolution)`` from a training checkpoint, an output dir (its newest checkpoint),
     an exported pipeline folder or a Hub id -- whatever ``hub.load_pipeline`` accepts. ``with_guidance`` appends the
     model's recommended guidance scale (``None`` when none is recorded).
@@ -133,11 +149,13 @@ def _run_sample(args: argparse.Namespace) -> int:
         check_number(args, "guidance_scale", 0)  # NaN and inf too
     out = Path(args.out)
     if out.is_dir():
-        raise IsADirectoryError(f"--out {str(out)!r} is a folder; give the grid a file name, e.g. "
-                                f"{str(out / 'grid.png')!r}")
+        raise IsADirectoryError(
+            f"--out {str(out)!r} is a folder; give the grid a file name, e.g. {str(out / 'grid.png')!r}"
+        )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    unet, vae, resolution, recommended = load_for_sampling(args.checkpoint, use_ema=not args.raw, device=device,
-                                                           with_guidance=True)
+    unet, vae, resolution, recommended = load_for_sampling(
+        args.checkpoint, use_ema=not args.raw, device=device, with_guidance=True
+    )
     if args.guidance_scale is None:
         args.guidance_scale = recommended if recommended is not None else flow.DEFAULT_GUIDANCE_SCALE
     resolution = args.resolution or resolution
@@ -149,18 +167,30 @@ def _run_sample(args: argparse.Namespace) -> int:
     labels, columns = class_grid_labels(unet, args.num_images, max_rows=args.num_images)
     if args.class_label is not None:  # names or ids; refused with one line for an unconditional model
         labels, columns = unet.class_ids(args.class_label).expand(args.num_images), None
-    images = generate(unet, vae, len(labels) if labels is not None else args.num_images, args.steps, args.sampler,
-                      seed=args.seed, resolution=resolution, progress=True, class_labels=labels,
-                      guidance_scale=args.guidance_scale)
+    images = generate(
+        unet,
+        vae,
+        len(labels) if labels is not None else args.num_images,
+        args.steps,
+        args.sampler,
+        seed=args.seed,
+        resolution=resolution,
+        progress=True,
+        class_labels=labels,
+        guidance_scale=args.guidance_scale,
+    )
     print(f"wrote {save_grid(images, out, columns)}")
     return 0
 
 
 def add_sample_command(subparsers) -> None:
     parser = subparsers.add_parser("sample", help="sample an image grid from a checkpoint (EMA weights)")
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint-NNNNNN dir, a training output dir (newest checkpoint), an exported folder "
-                             "or a Hub id USER/NAME")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint-NNNNNN dir, a training output dir (newest checkpoint), an exported folder "
+        "or a Hub id USER/NAME",
+    )
     parser.add_argument("--num-images", type=int, default=16, help="images in the grid (default: 16)")
     parser.add_argument("--steps", type=int, default=25, help="ODE integration steps (default: 25)")
     parser.add_argument("--sampler", default="euler", help="euler or heun (default: euler)")
@@ -169,9 +199,18 @@ def add_sample_command(subparsers) -> None:
     parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument("--resolution", type=int, default=None, help="override the checkpoint's resolution")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--class", dest="class_label", default=None, metavar="NAME|ID",
-                        help="class-conditional models: sample this class (default: one row per class)")
-    parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="classifier-free guidance scale w for class-conditional models; 1 = no guidance "
-                             f"(default: the model's recommended scale, else {flow.DEFAULT_GUIDANCE_SCALE})")
+    parser.add_argument(
+        "--class",
+        dest="class_label",
+        default=None,
+        metavar="NAME|ID",
+        help="class-conditional models: sample this class (default: one row per class)",
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale w for class-conditional models; 1 = no guidance "
+        f"(default: the model's recommended scale, else {flow.DEFAULT_GUIDANCE_SCALE})",
+    )
     parser.set_defaults(func=_run_sample, offline_advice=CHECKPOINT_OFFLINE_ADVICE)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import HubUnreachableError, advice, audience, first_line
 
@@ -51,8 +51,9 @@ LABEL_KEY = "label"
 
 def looks_like_local_path(text: str) -> bool:
     """``./x``, ``/x``, ``~/x``, ``a/b/c`` or a Windows path: never a Hub id (which is ``name`` or ``namespace/name``)."""
-    return (text.startswith((".", "/", "~")) or text.count("/") >= 2 or "\\" in text
-            or (len(text) > 1 and text[1] == ":"))
+    return (
+        text.startswith((".", "/", "~")) or text.count("/") >= 2 or "\\" in text or (len(text) > 1 and text[1] == ":")
+    )
 
 
 def local_path(name: str | os.PathLike, missing: str | None = None) -> Path | None:
@@ -112,7 +113,7 @@ def resolve_source(source: str) -> tuple[str, str]:
 OFFLINE_ADVICE = {
     "dataset": "use a local image folder as the dataset",
     "vae": "a VAE downloaded once is read from the Hugging Face cache; otherwise use a local VAE folder (written by "
-           "AutoencoderKL.save_pretrained)",
+    "AutoencoderKL.save_pretrained)",
 }
 
 
@@ -177,9 +178,11 @@ def image_files(folder: str | os.PathLike) -> tuple[list[str], int, list[str]]:
 def describe_image_folder(folder: str | os.PathLike) -> str:
     """One line saying what training reads from an image folder."""
     images, others, runs = image_files(folder)
-    return (f"dataset: {len(images)} image files in {folder} (all of them, recursively)"
-            + (f"; {others} other file(s) ignored" if others else "")
-            + (f"; skipped the training output folder(s) {', '.join(runs)}" if runs else ""))
+    return (
+        f"dataset: {len(images)} image files in {folder} (all of them, recursively)"
+        + (f"; {others} other file(s) ignored" if others else "")
+        + (f"; skipped the training output folder(s) {', '.join(runs)}" if runs else "")
+    )
 
 
 def folder_fingerprint(folder: str | os.PathLike) -> dict:
@@ -193,8 +196,17 @@ def folder_fingerprint(folder: str | os.PathLike) -> dict:
     return {"num_files": len(images), "digest": digest.hexdigest()}
 
 
-def open_source(source: str, split: str = "train", config_name: str | None = None, image_column: str | None = None,
-                *, with_labels: bool = False, label_column: str | None = None, holdout=None, part: str = "train"):
+def open_source(
+    source: str,
+    split: str = "train",
+    config_name: str | None = None,
+    image_column: str | None = None,
+    *,
+    with_labels: bool = False,
+    label_column: str | None = None,
+    holdout=None,
+    part: str = "train",
+):
     """Opens ``source`` as a streaming ``datasets.IterableDataset`` holding only its image column, undecoded.
 
     Returns ``(dataset, image_column)``; each row is ``{image_column: {"bytes": ..., "path": ...}}``. The column is
@@ -246,11 +258,16 @@ def _stream(source: str, split: str, config_name: str | None):
         args, kwargs = (target,), dict(name=config_name)
     if kind == "hub" and not hub_reachable():
         if source not in DATASETS and target not in DATASETS.values():  # perhaps a path from another working dir
-            raise ConnectionError(f"no such local folder {source!r} (relative to {os.getcwd()}), and the Hugging "
-                                  "Face Hub is unreachable, so it cannot be streamed as a Hub dataset either; check the "
-                                  "path (or give an absolute one)")
-        raise HubUnreachableError(f"the Hugging Face Hub is unreachable, so dataset {target!r} cannot be "
-                                  "streamed", "dataset", offline_advice_for("dataset"))
+            raise ConnectionError(
+                f"no such local folder {source!r} (relative to {os.getcwd()}), and the Hugging "
+                "Face Hub is unreachable, so it cannot be streamed as a Hub dataset either; check the "
+                "path (or give an absolute one)"
+            )
+        raise HubUnreachableError(
+            f"the Hugging Face Hub is unreachable, so dataset {target!r} cannot be streamed",
+            "dataset",
+            offline_advice_for("dataset"),
+        )
     try:
         with quiet_file_resolution():
             return load_dataset(*args, split=split, streaming=True, **kwargs)
@@ -315,11 +332,15 @@ def find_label_column(features, source: str, label_column: str | None = None) ->
     labels = [name for name, feature in features.items() if isinstance(feature, ClassLabel)]
     if label_column is not None:
         if label_column not in features:
-            raise ValueError(f"dataset {source!r} has no column {label_column!r} (columns: "
-                             f"{', '.join(features) or 'unknown'}); fix --label-column")
+            raise ValueError(
+                f"dataset {source!r} has no column {label_column!r} (columns: "
+                f"{', '.join(features) or 'unknown'}); fix --label-column"
+            )
         if label_column not in labels:
-            raise ValueError(f"column {label_column!r} of dataset {source!r} is not a ClassLabel column (it has no "
-                             "class names); pick a ClassLabel column with --label-column")
+            raise ValueError(
+                f"column {label_column!r} of dataset {source!r} is not a ClassLabel column (it has no "
+                "class names); pick a ClassLabel column with --label-column"
+            )
         return label_column
     if not labels:
         raise NoClassLabelsError(

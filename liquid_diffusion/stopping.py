@@ -9,8 +9,8 @@ import json
 import math
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from accelerate import Accelerator
@@ -83,7 +83,7 @@ class GracefulStop:
 
     SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
-    def __enter__(self) -> "GracefulStop":
+    def __enter__(self) -> GracefulStop:
         self.requested: str | None = None
         self._interruptible = False
         self._previous = {}

@@ -54,8 +54,10 @@ def check_report_to(report_to: str) -> None:
         if importlib.util.find_spec(name) is None:
             raise ValueError(f"{option('report_to')} {report_to} needs the {name} package: {INSTALL_HINT}")
     if "wandb" in trackers(report_to) and not _wandb_can_log():
-        raise ValueError(f"{option('report_to')} wandb: not logged in to Weights & Biases; run `wandb login` (or set "
-                         "WANDB_API_KEY), or log offline with WANDB_MODE=offline (upload later with `wandb sync`)")
+        raise ValueError(
+            f"{option('report_to')} wandb: not logged in to Weights & Biases; run `wandb login` (or set "
+            "WANDB_API_KEY), or log offline with WANDB_MODE=offline (upload later with `wandb sync`)"
+        )
 
 
 def _wandb_can_log() -> bool:
@@ -102,8 +104,10 @@ def scalars(record: dict) -> dict[str, float]:
 
 def hyperparameters(config) -> dict:
     """A ``TrainConfig`` as tracker hyper-parameters: bools, numbers and strings, ``None`` as ``"none"``."""
-    return {k: "none" if v is None else v if isinstance(v, (bool, int, float, str)) else str(v)
-            for k, v in dataclasses.asdict(config).items()}
+    return {
+        k: "none" if v is None else v if isinstance(v, (bool, int, float, str)) else str(v)
+        for k, v in dataclasses.asdict(config).items()
+    }
 
 
 class ExperimentTracker(TrainerCallback):
@@ -119,8 +123,9 @@ class ExperimentTracker(TrainerCallback):
         if "tensorboard" in names:  # hide what an interrupted run logged past the checkpoint it resumes
             init_kwargs["tensorboard"] = {"purge_step": self.start_step + 1} if self.start_step else {}
         if "wandb" in names:
-            init_kwargs["wandb"] = dict(id=_wandb_run_id(logs), resume="allow", dir=str(logs),
-                                        name=trainer.output_dir.name)
+            init_kwargs["wandb"] = dict(
+                id=_wandb_run_id(logs), resume="allow", dir=str(logs), name=trainer.output_dir.name
+            )
         self.accelerator.init_trackers(PROJECT_NAME, config=hyperparameters(trainer.config), init_kwargs=init_kwargs)
 
     def on_log(self, trainer, record: dict) -> None:

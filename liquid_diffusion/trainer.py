@@ -31,8 +31,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, NoReturn
+from typing import NoReturn
 
 import torch
 from accelerate import Accelerator
@@ -103,8 +104,9 @@ def _check_writable(folder: Path) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as error:
-        raise PermissionError(f"cannot write to --output-dir {str(folder)!r} ({error.strerror or error}); "
-                              "pick a folder you can write to") from None
+        raise PermissionError(
+            f"cannot write to --output-dir {str(folder)!r} ({error.strerror or error}); pick a folder you can write to"
+        ) from None
 
 
 class Trainer:
@@ -137,19 +139,28 @@ class Trainer:
         )
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
-        resolve_batch_size(config, self.device, self._resumed_config(),
-                           report=print if self.is_main else (lambda line: None))
+        resolve_batch_size(
+            config, self.device, self._resumed_config(), report=print if self.is_main else (lambda line: None)
+        )
         if self.is_main:
             _check_writable(self.output_dir)
         set_seed(config.seed)  # same initial weights on every process and every run
         model = self._build_model()
-        self.ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True,
-                            power=config.ema_power, foreach=True)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                      weight_decay=config.weight_decay, fused=self.device.type == "cuda")
+        self.ema = EMAModel(
+            model.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=config.ema_power, foreach=True
+        )
+        optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=config.lr,
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.weight_decay,
+            fused=self.device.type == "cuda",
+        )
         # Stepped by hand once per optimizer step: accelerate's prepared scheduler would step num_processes times.
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-            lr_factor, schedule=config.lr_schedule, warmup=config.warmup_steps, total=config.steps))
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            functools.partial(lr_factor, schedule=config.lr_schedule, warmup=config.warmup_steps, total=config.steps),
+        )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.ema.to(self.device)
         if config.compile:
@@ -214,12 +225,20 @@ class Trainer:
         config = self.config
         if not config.class_conditional:
             return {}
-        dataset, _ = open_source(config.dataset, config.split, config.config_name, config.image_column,
-                                 with_labels=True, label_column=config.label_column)
+        dataset, _ = open_source(
+            config.dataset,
+            config.split,
+            config.config_name,
+            config.image_column,
+            with_labels=True,
+            label_column=config.label_column,
+        )
         names = class_names(dataset)
         if len(names) < 2:
-            raise ValueError(f"dataset {config.dataset!r} has {len(names)} class; class-conditional training needs "
-                             "at least 2 (or drop --class-conditional)")
+            raise ValueError(
+                f"dataset {config.dataset!r} has {len(names)} class; class-conditional training needs "
+                "at least 2 (or drop --class-conditional)"
+            )
         if self.is_main:
             shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
             print(f"class-conditional on {len(names)} classes: {shown}")
@@ -229,19 +248,38 @@ class Trainer:
         """This process's endless stream of model inputs (latents or pixels), resumed at ``batches_consumed``;
         ``(inputs, class ids)`` pairs in a class-conditional run."""
         config, state = self.config, self.accelerator.state
-        common = dict(seed=config.seed, process_index=state.process_index, num_processes=state.num_processes,
-                      start_batch=self.batches_consumed)
+        common = dict(
+            seed=config.seed,
+            process_index=state.process_index,
+            num_processes=state.num_processes,
+            start_batch=self.batches_consumed,
+        )
         if config.cache_latents:
-            stream = LatentBatchStream(self._cache_dir(), config.batch_size, vae_id=config.vae,
-                                       resolution=config.resolution, source=config.dataset,
-                                       with_labels=config.class_conditional, **common)
+            stream = LatentBatchStream(
+                self._cache_dir(),
+                config.batch_size,
+                vae_id=config.vae,
+                resolution=config.resolution,
+                source=config.dataset,
+                with_labels=config.class_conditional,
+                **common,
+            )
             loader = make_dataloader(stream, num_workers=0)  # latents are in memory already (held-out ones never)
         else:
             stream = ImageBatchStream(
-                config.dataset, config.resolution, config.batch_size, split=config.split,
-                config_name=config.config_name, image_column=config.image_column, random_crop=config.random_crop,
-                flip=config.flip, shuffle_buffer=config.shuffle_buffer, with_labels=config.class_conditional,
-                label_column=config.label_column, holdout=self.holdout, **common,
+                config.dataset,
+                config.resolution,
+                config.batch_size,
+                split=config.split,
+                config_name=config.config_name,
+                image_column=config.image_column,
+                random_crop=config.random_crop,
+                flip=config.flip,
+                shuffle_buffer=config.shuffle_buffer,
+                with_labels=config.class_conditional,
+                label_column=config.label_column,
+                holdout=self.holdout,
+                **common,
             )
             loader = make_dataloader(stream, num_workers=config.num_workers)
         for batch in loader:
@@ -281,16 +319,27 @@ class Trainer:
             metadata = None
         if self.holdout is not None and metadata is not None and "held_out" not in metadata:
             if self.is_main:
-                print(f"note: the latent cache in {self._cache_dir()} was made without held-out images, so validation "
-                      "is off for this run (a new --cache-dir makes a cache that leaves them out)")
+                print(
+                    f"note: the latent cache in {self._cache_dir()} was made without held-out images, so validation "
+                    "is off for this run (a new --cache-dir makes a cache that leaves them out)"
+                )
             self.holdout = None
         if self.is_main:  # reuses a complete cache with the same settings, refuses a different one
             build_latent_cache(
-                config.dataset, self.vae, self._cache_dir(), config.resolution,
-                num_images=config.cache_num_images, flip=config.flip, split=config.split,
-                config_name=config.config_name, image_column=config.image_column,
-                random_crop=config.random_crop, num_workers=config.num_workers,
-                with_labels=config.class_conditional, label_column=config.label_column, holdout=self.holdout,
+                config.dataset,
+                self.vae,
+                self._cache_dir(),
+                config.resolution,
+                num_images=config.cache_num_images,
+                flip=config.flip,
+                split=config.split,
+                config_name=config.config_name,
+                image_column=config.image_column,
+                random_crop=config.random_crop,
+                num_workers=config.num_workers,
+                with_labels=config.class_conditional,
+                label_column=config.label_column,
+                holdout=self.holdout,
             )
         self.accelerator.wait_for_everyone()
 
@@ -310,8 +359,13 @@ class Trainer:
             return self._resumed_from
         batches = self._batches()
         batches = itertools.chain([next(batches)], batches)  # a bad data source fails here, before the bar
-        progress = tqdm(total=config.steps, initial=self.step, disable=not (self.is_main and config.progress_bar),
-                        desc="train", dynamic_ncols=True)
+        progress = tqdm(
+            total=config.steps,
+            initial=self.step,
+            disable=not (self.is_main and config.progress_bar),
+            desc="train",
+            dynamic_ncols=True,
+        )
         self._stats, self._interval_start = IntervalStats(self.device), time.perf_counter()
         try:
             with GracefulStop() as stop:
@@ -426,9 +480,14 @@ class Trainer:
         """The training times t [B] of a micro-batch, drawn from the step's seeded generator (reflow.py's trainer
         may fix them)."""
         config = self.config
-        return flow.sample_timesteps(batch_size, config.timestep_sampling, device=self.device,
-                                     generator=self.generator, logit_mean=config.logit_mean,
-                                     logit_std=config.logit_std)
+        return flow.sample_timesteps(
+            batch_size,
+            config.timestep_sampling,
+            device=self.device,
+            generator=self.generator,
+            logit_mean=config.logit_mean,
+            logit_std=config.logit_std,
+        )
 
     def _drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Classifier-free guidance training: each label becomes the null class with probability ``class_dropout``,
@@ -468,8 +527,11 @@ class Trainer:
                 f"loss exploded to {record['loss']:.3g} at step {self.step}"
                 + (f" (median so far {median:.3g})" if median is not None else "")
                 + f"; nothing saved past it. Resume with a lower {option('lr')} (now {config.lr:g}) "
-                + (f"from the last good checkpoint: {advice('resume_from', checkpoint=healthy)}" if healthy
-                   else "from scratch")
+                + (
+                    f"from the last good checkpoint: {advice('resume_from', checkpoint=healthy)}"
+                    if healthy
+                    else "from scratch"
+                )
             )
         if self.is_main:
             append_record(self.output_dir, record)
@@ -480,8 +542,12 @@ class Trainer:
         return record
 
     def _show(self, progress: tqdm, record: dict) -> None:
-        values = dict(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}",
-                      skipped=record["images_skipped"])
+        values = dict(
+            loss=f"{record['loss']:.4f}",
+            lr=f"{record['lr']:.2e}",
+            img_s=f"{record['images_per_s']:.1f}",
+            skipped=record["images_skipped"],
+        )
         if self.last_validation is not None:
             values["val_loss"] = f"{self.last_validation['val_loss']:.4f}"
         progress.set_postfix(**values)
@@ -502,8 +568,10 @@ class Trainer:
             return
         if self.is_main:
             if self.holdout is None:
-                print(f"note: validation is off: {config.dataset} is too small to hold out an image "
-                      "(a folder gives at most 10 % of its images)")
+                print(
+                    f"note: validation is off: {config.dataset} is too small to hold out an image "
+                    "(a folder gives at most 10 % of its images)"
+                )
             else:
                 every = f"every {config.validation_every} steps and " if config.validation_every else ""
                 print(f"validation: {self.holdout.description}; never trained on, scored {every}at the end")
@@ -512,9 +580,18 @@ class Trainer:
         """Decodes the held-out images (and encodes them with the VAE in latent space) once, on the main process."""
         config = self.config
         stream = ImageBatchStream(
-            config.dataset, config.resolution, config.batch_size, split=config.split, config_name=config.config_name,
-            image_column=config.image_column, flip=False, shuffle_buffer=0, num_epochs=1,
-            with_labels=config.class_conditional, label_column=config.label_column, holdout=self.holdout,
+            config.dataset,
+            config.resolution,
+            config.batch_size,
+            split=config.split,
+            config_name=config.config_name,
+            image_column=config.image_column,
+            flip=False,
+            shuffle_buffer=0,
+            num_epochs=1,
+            with_labels=config.class_conditional,
+            label_column=config.label_column,
+            holdout=self.holdout,
             part="validation",
         )
         inputs, labels, count = [], [], 0
@@ -534,8 +611,7 @@ class Trainer:
         if not inputs:
             print("warning: validation is off for this run: no held-out image could be decoded", file=sys.stderr)
             return
-        x0 = torch.cat(inputs)[: config.validation_images].to(self.device).contiguous(
-            memory_format=torch.channels_last)
+        x0 = torch.cat(inputs)[: config.validation_images].to(self.device).contiguous(memory_format=torch.channels_last)
         class_ids = torch.cat(labels)[: len(x0)].to(self.device) if labels else None
         self.validator = Validator(x0, class_ids, batch_size=max(2 * config.batch_size, 16))
 
@@ -555,9 +631,15 @@ class Trainer:
             model.train()
         with self.ema_weights() as ema_model:
             ema, ema_t = self.validator.loss(ema_model, self.accelerator.autocast)
-        record = {"step": self.step, "val_loss": ema, "val_loss_raw": raw, "val_loss_t": ema_t,
-                  "val_loss_raw_t": raw_t, "val_images": len(self.validator),
-                  "val_time_s": time.perf_counter() - start}
+        record = {
+            "step": self.step,
+            "val_loss": ema,
+            "val_loss_raw": raw,
+            "val_loss_t": ema_t,
+            "val_loss_raw_t": raw_t,
+            "val_images": len(self.validator),
+            "val_time_s": time.perf_counter() - start,
+        }
         self.last_validation = record
         append_record(self.output_dir, record)
         for callback in self.callbacks:
@@ -577,9 +659,17 @@ class Trainer:
         config = self.config
         with self.ema_weights() as model:
             labels, columns = class_grid_labels(model, config.num_sample_images)
-            images = generate(model, self.vae, len(labels) if labels is not None else config.num_sample_images,
-                              config.sample_steps, "euler", seed=config.seed, resolution=config.resolution,
-                              class_labels=labels, guidance_scale=config.guidance_scale)
+            images = generate(
+                model,
+                self.vae,
+                len(labels) if labels is not None else config.num_sample_images,
+                config.sample_steps,
+                "euler",
+                seed=config.seed,
+                resolution=config.resolution,
+                class_labels=labels,
+                guidance_scale=config.guidance_scale,
+            )
         path = self.output_dir / "samples" / f"step-{self.step:06d}.png"
         try:
             save_grid(images, path, columns)
@@ -627,15 +717,33 @@ class Trainer:
                     f"weights became NaN/inf by step {self.step}; not saving them. Resume from "
                     f"{self._newest_checkpoint_hint()} with a lower --lr or --mixed-precision bf16/no"
                 )
-            state = {"step": self.step, "batches_consumed": self.batches_consumed,
-                     "num_processes": self.accelerator.num_processes, "images_skipped": skipped}
-            final = write_checkpoint(self.output_dir, self.step, functools.partial(
-                fill_checkpoint, model=model, ema=self.ema, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
-                scaler=self.accelerator.scaler, train_config=dataclasses.asdict(self.config), state=state))
+            state = {
+                "step": self.step,
+                "batches_consumed": self.batches_consumed,
+                "num_processes": self.accelerator.num_processes,
+                "images_skipped": skipped,
+            }
+            final = write_checkpoint(
+                self.output_dir,
+                self.step,
+                functools.partial(
+                    fill_checkpoint,
+                    model=model,
+                    ema=self.ema,
+                    optimizer=self.optimizer,
+                    lr_scheduler=self.lr_scheduler,
+                    scaler=self.accelerator.scaler,
+                    train_config=dataclasses.asdict(self.config),
+                    state=state,
+                ),
+            )
             self._saved = final
             if not self.config.eval_every and self.last_validation and self.last_validation["step"] == self.step:
-                update_best(self.output_dir, {"checkpoint": final.name, "step": self.step,
-                                              "val_loss": self.last_validation["val_loss"]}, metric="val_loss")
+                update_best(
+                    self.output_dir,
+                    {"checkpoint": final.name, "step": self.step, "val_loss": self.last_validation["val_loss"]},
+                    metric="val_loss",
+                )
             self._prune_checkpoints()
             for callback in self.callbacks:
                 callback.on_checkpoint(self, self.step, final)
@@ -685,12 +793,25 @@ class Trainer:
         if checkpoint is None:
             report(f"no checkpoint in {self.output_dir} yet: starting from scratch")
             return
-        batches_consumed = resume_position(checkpoint, self.config, self.unwrapped_model.config.class_names,
-                                           self.accelerator.num_processes, report)
-        restore_training_state(checkpoint, model=self.unwrapped_model, ema=self.ema, optimizer=self.optimizer,
-                               lr_scheduler=self.lr_scheduler, scaler=self.accelerator.scaler)
-        apply_optimizer_flags(checkpoint, self.config, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
-                              ema=self.ema, report=report)
+        batches_consumed = resume_position(
+            checkpoint, self.config, self.unwrapped_model.config.class_names, self.accelerator.num_processes, report
+        )
+        restore_training_state(
+            checkpoint,
+            model=self.unwrapped_model,
+            ema=self.ema,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            scaler=self.accelerator.scaler,
+        )
+        apply_optimizer_flags(
+            checkpoint,
+            self.config,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            ema=self.ema,
+            report=report,
+        )
         resume_notes(checkpoint, self.config, report)
         self._resumed_from = checkpoint.path
         self.step = checkpoint.step
@@ -754,7 +875,8 @@ def train_to_exit_status(make_trainer: Callable[[], Trainer]) -> int:
 
 def add_train_command(subparsers) -> None:
     parser = subparsers.add_parser(
-        "train", help="train a LiquidDiffusion model with rectified flow",
+        "train",
+        help="train a LiquidDiffusion model with rectified flow",
         description="Train with rectified flow. Works the same under `accelerate launch` for several GPUs.",
     )
     add_config_flags(parser)

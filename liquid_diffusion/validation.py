@@ -77,8 +77,9 @@ class Holdout:
         return "files:" + hashlib.md5("\n".join(sorted(self.files)).encode()).hexdigest()[:16]
 
 
-def choose_holdout(source: str, num_images: int, split: str = "train",
-                   config_name: str | None = None) -> Holdout | None:
+def choose_holdout(
+    source: str, num_images: int, split: str = "train", config_name: str | None = None
+) -> Holdout | None:
     """The held-out set of ``num_images`` images of ``source`` (see the module docstring); ``None`` when
     ``num_images`` is 0 or a folder is too small to spare one image."""
     if num_images <= 0:
@@ -93,8 +94,12 @@ def choose_holdout(source: str, num_images: int, split: str = "train",
     rows = _num_rows(source, target, kind, split, config_name)
     fraction = min(0.5, num_images / rows) if rows else UNKNOWN_SIZE_FRACTION
     size = f"{rows} rows" if rows else "rows of unknown number"
-    return Holdout("hashed", f"{fraction:.2%} of the {size} of {source} (split {split!r}) chosen by a hash of their "
-                   "content (it has no validation or test split)", fraction=fraction)
+    return Holdout(
+        "hashed",
+        f"{fraction:.2%} of the {size} of {source} (split {split!r}) chosen by a hash of their "
+        "content (it has no validation or test split)",
+        fraction=fraction,
+    )
 
 
 def _folder_holdout(folder: Path, num_images: int) -> Holdout | None:
@@ -105,8 +110,11 @@ def _folder_holdout(folder: Path, num_images: int) -> Holdout | None:
     ranked = sorted(files, key=lambda p: (_hash_unit(p.relative_to(folder).as_posix().encode()), p.as_posix()))
     chosen = frozenset(str(p.resolve()) for p in ranked[:count])
     capped = f" (at most {MAX_FOLDER_FRACTION:.0%} of a folder)" if count < num_images else ""
-    return Holdout("files", f"{count} of the {len(files)} images of {folder}{capped}, chosen by a hash of their "
-                   "paths", files=chosen)
+    return Holdout(
+        "files",
+        f"{count} of the {len(files)} images of {folder}{capped}, chosen by a hash of their paths",
+        files=chosen,
+    )
 
 
 def _split_names(target: str, kind: str, config_name: str | None) -> list[str]:
@@ -166,8 +174,11 @@ class Validator:
                 labels = self.labels[part]
                 velocity_fn = lambda x, t, labels=labels: model(x, t, class_labels=labels)  # noqa: E731
             with autocast() if autocast is not None else torch.autocast(self.x0.device.type, enabled=False):
-                per_sample.append(flow.flow_matching_loss(velocity_fn, self.x0[part], self.noise[part], self.t[part],
-                                                          reduction="none").float())
+                per_sample.append(
+                    flow.flow_matching_loss(
+                        velocity_fn, self.x0[part], self.noise[part], self.t[part], reduction="none"
+                    ).float()
+                )
         losses = torch.cat(per_sample).cpu()
         t = self.t.cpu()
         per_t = {f"{value:g}": losses[t == value].mean().item() for value in VALIDATION_T if (t == value).any()}
@@ -175,5 +186,8 @@ class Validator:
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) else \
-        torch.contiguous_format
+    return (
+        torch.channels_last
+        if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        else torch.contiguous_format
+    )

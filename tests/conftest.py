@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-
 # What ``image_folder`` holds, for assertions: good images, undecodable ones, and those smaller than 32 px.
 IMAGE_FOLDER_GOOD = 13  # 12 ordinary images + the 4x4 one
 IMAGE_FOLDER_CORRUPT = 2  # truncated JPEG + text file named .png
@@ -126,7 +125,8 @@ def clean_image_folder(tmp_path_factory) -> Path:
 def parquet_dataset(tmp_path_factory) -> Path:
     """A dataset directory in the Hub's layout: ``data/train-00000-of-00001.parquet`` with 10 rows,
     an ``image`` column of the ``datasets.Image`` feature and a ``text`` column."""
-    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
 
     root = tmp_path_factory.mktemp("parquet_dataset")
     (root / "data").mkdir()

@@ -10,9 +10,23 @@ from liquid_diffusion.config import TrainConfig
 from liquid_diffusion.trainer import Trainer
 
 folder, out = Path(sys.argv[1]), Path(sys.argv[2])
-config = TrainConfig(dataset=str(folder), space="pixel", preset="micro", resolution=16, batch_size=4, steps=3,
-                     lr=1e-3, warmup_steps=1, log_every=1, sample_every=0, num_sample_images=4, sample_steps=2,
-                     num_workers=0, shuffle_buffer=16, output_dir=str(out / "out"))
+config = TrainConfig(
+    dataset=str(folder),
+    space="pixel",
+    preset="micro",
+    resolution=16,
+    batch_size=4,
+    steps=3,
+    lr=1e-3,
+    warmup_steps=1,
+    log_every=1,
+    sample_every=0,
+    num_sample_images=4,
+    sample_steps=2,
+    num_workers=0,
+    shuffle_buffer=16,
+    output_dir=str(out / "out"),
+)
 trainer = Trainer(config)
 first_batch = next(trainer._batches()).cpu()
 trainer.train()

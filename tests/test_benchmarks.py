@@ -125,8 +125,9 @@ def test_op_count_quick_prints_a_table_and_refuses_an_unknown_model(capsys):
 
 
 def test_the_recipe_study_trains_through_the_product_trainer_and_tables_seeds(tmp_path, monkeypatch):
-    from benchmarks import recipe
     from test_trainer import synthetic_folder
+
+    from benchmarks import recipe
 
     (tmp_path / "images").mkdir()
     folder = synthetic_folder(tmp_path / "images", 40, seed=0)
@@ -134,8 +135,12 @@ def test_the_recipe_study_trains_through_the_product_trainer_and_tables_seeds(tm
     monkeypatch.setattr(recipe, "RESOLUTION", 16)
     out = str(tmp_path / "out")
     (tmp_path / "out").mkdir()
-    runs = [recipe.run("today", {"lr": 1e-3}, "liquid-micro", 2, seed, "twemoji", "", out, validation_images=4,
-                       evaluations=2) for seed in (0, 1)]
+    runs = [
+        recipe.run(
+            "today", {"lr": 1e-3}, "liquid-micro", 2, seed, "twemoji", "", out, validation_images=4, evaluations=2
+        )
+        for seed in (0, 1)
+    ]
     peer = recipe.run("today", {}, "unet2d-micro", 2, 0, "twemoji", "", out, validation_images=4, evaluations=2)
     ablation = recipe.run("today", {}, "liquid-micro-ablation", 2, 0, "twemoji", "", out, validation_images=4)
     assert [step for step, _, _ in runs[0]["curve"]] == [1, 2]  # the trainer's own validation, every steps / 2

@@ -30,8 +30,16 @@ ONE_STAGE = dict(widths=(8,), depths=(1,))  # every block kind, the fewest kerne
 CASES = [  # backend, device, model, latent size, tolerance, with backward
     pytest.param("aot_eager", "cpu", MICRO, 16, 1e-6, True, id="aot_eager-cpu-micro"),
     pytest.param("inductor", "cpu", ONE_STAGE, 8, 1e-5, False, id="inductor-cpu-one-stage-forward"),
-    pytest.param("inductor", "cuda", MICRO, 32, 1e-4, True, id="inductor-cuda-micro",
-                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+    pytest.param(
+        "inductor",
+        "cuda",
+        MICRO,
+        32,
+        1e-4,
+        True,
+        id="inductor-cuda-micro",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ),
 ]
 
 

@@ -71,10 +71,28 @@ def class_mean_colours(root: Path) -> torch.Tensor:
 
 
 def config(folder: Path, out: Path, **overrides) -> TrainConfig:
-    values = dict(dataset=str(folder), space="pixel", preset="micro", resolution=RES, batch_size=16, steps=STEPS,
-                  lr=3e-3, warmup_steps=10, ema_decay=0.99, log_every=20, sample_every=0, num_sample_images=4,
-                  sample_steps=4, checkpoint_every=1000, num_workers=0, output_dir=str(out), seed=0,
-                  class_conditional=True, class_dropout=0.2, progress_bar=False)
+    values = dict(
+        dataset=str(folder),
+        space="pixel",
+        preset="micro",
+        resolution=RES,
+        batch_size=16,
+        steps=STEPS,
+        lr=3e-3,
+        warmup_steps=10,
+        ema_decay=0.99,
+        log_every=20,
+        sample_every=0,
+        num_sample_images=4,
+        sample_steps=4,
+        checkpoint_every=1000,
+        num_workers=0,
+        output_dir=str(out),
+        seed=0,
+        class_conditional=True,
+        class_dropout=0.2,
+        progress_bar=False,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -116,8 +134,9 @@ def test_unconditional_models_are_unchanged_and_refuse_labels():
 
 
 def test_label_embedding_has_a_null_class_and_names_resolve():
-    model = randomised(LiquidDiffusionUNet.from_preset("micro", in_channels=3, num_classes=3,
-                                                       class_names=["cat", "dog", "wild"]))
+    model = randomised(
+        LiquidDiffusionUNet.from_preset("micro", in_channels=3, num_classes=3, class_names=["cat", "dog", "wild"])
+    )
     embed_dim = model.config.time_embed_dim or 4 * model.config.widths[0]
     assert tuple(model.class_embedder.weight.shape) == (4, embed_dim)  # K + 1 rows, the last one null
     assert model.null_class == 3
@@ -167,8 +186,9 @@ def test_guidance_one_is_the_conditional_prediction_and_the_formula_covers_every
         nulls = torch.full((2,), model.null_class)
         b_cond, b_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, nulls])).sample.chunk(2)
         torch.testing.assert_close(b_uncond, v_uncond, atol=1e-4, rtol=0)
-        torch.testing.assert_close(flow.guided_velocity(model, labels, 0.0, model.null_class)(x, t), b_uncond,
-                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            flow.guided_velocity(model, labels, 0.0, model.null_class)(x, t), b_uncond, atol=1e-6, rtol=0
+        )
         guided = flow.guided_velocity(model, labels, 3.0, model.null_class)(x, t)
     torch.testing.assert_close(guided, b_uncond + 3.0 * (b_cond - b_uncond), atol=1e-5, rtol=0)
     for channel in range(4):  # all channels guided, the 4th latent channel included
@@ -194,10 +214,14 @@ def test_class_label_columns_are_found_or_named(tmp_path, parquet_dataset, class
     from datasets import Image as ImageFeature
 
     rng = np.random.default_rng(1)
-    rows = {"picture": [Image.fromarray(_shape_image("red_disc", rng)) for _ in range(4)],
-            "index": [0, 1, 2, 3], "species": [0, 1, 1, 0]}
-    features = Features({"picture": ImageFeature(), "index": Value("int64"),
-                         "species": ClassLabel(names=["cat", "dog"])})
+    rows = {
+        "picture": [Image.fromarray(_shape_image("red_disc", rng)) for _ in range(4)],
+        "index": [0, 1, 2, 3],
+        "species": [0, 1, 1, 0],
+    }
+    features = Features(
+        {"picture": ImageFeature(), "index": Value("int64"), "species": ClassLabel(names=["cat", "dog"])}
+    )
     (tmp_path / "data").mkdir()
     Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "data" / "train-00000-of-00001.parquet"))
 
@@ -224,17 +248,53 @@ def test_class_label_columns_are_found_or_named(tmp_path, parquet_dataset, class
 
 
 def test_class_conditional_without_labels_is_one_clean_line(clean_image_folder, tmp_path, capsys):
-    code = main(["train", "--dataset", str(clean_image_folder), "--space", "pixel", "--preset", "micro",
-                 "--resolution", "8", "--steps", "1", "--num-workers", "0", "--output-dir", str(tmp_path),
-                 "--class-conditional"])
+    code = main(
+        [
+            "train",
+            "--dataset",
+            str(clean_image_folder),
+            "--space",
+            "pixel",
+            "--preset",
+            "micro",
+            "--resolution",
+            "8",
+            "--steps",
+            "1",
+            "--num-workers",
+            "0",
+            "--output-dir",
+            str(tmp_path),
+            "--class-conditional",
+        ]
+    )
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith("error:") and "has no class labels" in lines[0] and "--class-conditional" in lines[0]
-    for flags, message in ((["--class-dropout", "1"], "class_dropout < 1"), (["--label-column", "kind"],
-                                                                           "add --class-conditional")):
-        assert main(["train", "--dataset", str(clean_image_folder), "--space", "pixel", "--preset", "micro",
-                     "--resolution", "8", "--output-dir", str(tmp_path), *flags]) == 2
+    for flags, message in (
+        (["--class-dropout", "1"], "class_dropout < 1"),
+        (["--label-column", "kind"], "add --class-conditional"),
+    ):
+        assert (
+            main(
+                [
+                    "train",
+                    "--dataset",
+                    str(clean_image_folder),
+                    "--space",
+                    "pixel",
+                    "--preset",
+                    "micro",
+                    "--resolution",
+                    "8",
+                    "--output-dir",
+                    str(tmp_path),
+                    *flags,
+                ]
+            )
+            == 2
+        )
         assert message in capsys.readouterr().err
 
 
@@ -242,8 +302,9 @@ def test_latent_cache_stores_labels_and_conditional_latent_training_runs(class_f
     from liquid_diffusion.latents import FrozenVAE, LatentBatchStream, build_latent_cache, load_latent_labels
 
     vae = FrozenVAE(str(tiny_vae_dir))
-    cache = build_latent_cache(str(class_folder), vae, tmp_path / "cache", 32, with_labels=True, progress=False,
-                               batch_size=8, shard_size=12)
+    cache = build_latent_cache(
+        str(class_folder), vae, tmp_path / "cache", 32, with_labels=True, progress=False, batch_size=8, shard_size=12
+    )
     metadata = json.loads((cache / "metadata.json").read_text())
     assert metadata["class_names"] == CLASSES and metadata["num_images"] == 32 and len(metadata["shards"]) == 2
     source = ImageBatchStream(str(class_folder), 32, 64, shuffle_buffer=0, flip=False, num_epochs=1, with_labels=True)
@@ -254,16 +315,34 @@ def test_latent_cache_stores_labels_and_conditional_latent_training_runs(class_f
 
     stream = LatentBatchStream(cache, 8, seed=3, with_labels=True)
     latents, batch_labels = next(iter(stream))
-    all_latents = torch.cat([load_file(str(cache / s["file"]))[key].float() for key in ("latents", "latents_flipped")
-                             for s in metadata["shards"]])
+    all_latents = torch.cat(
+        [
+            load_file(str(cache / s["file"]))[key].float()
+            for key in ("latents", "latents_flipped")
+            for s in metadata["shards"]
+        ]
+    )
     rows = [int(torch.argmin((all_latents - z).flatten(1).abs().sum(1))) for z in latents]
     assert batch_labels.tolist() == [labels[r].item() for r in rows]  # every latent keeps its own label
     with pytest.raises(ValueError, match="no class labels"):
-        LatentBatchStream(build_latent_cache(str(class_folder), vae, tmp_path / "plain", 32, num_images=4,
-                                             progress=False), 2, with_labels=True)
+        LatentBatchStream(
+            build_latent_cache(str(class_folder), vae, tmp_path / "plain", 32, num_images=4, progress=False),
+            2,
+            with_labels=True,
+        )
 
-    run = config(class_folder, tmp_path / "run", space="latent", vae=str(tiny_vae_dir), resolution=32,
-                 cache_latents=True, cache_dir=str(cache), steps=2, batch_size=4, log_every=1)
+    run = config(
+        class_folder,
+        tmp_path / "run",
+        space="latent",
+        vae=str(tiny_vae_dir),
+        resolution=32,
+        cache_latents=True,
+        cache_dir=str(cache),
+        steps=2,
+        batch_size=4,
+        log_every=1,
+    )
     checkpoint = Trainer(run).train()
     assert json.loads((checkpoint / "unet" / "config.json").read_text())["class_names"] == CLASSES
     assert Image.open(checkpoint.parent / "samples" / "step-000002.png").size == (2 * 32, 2 * 32)  # 2 rows x 2
@@ -286,13 +365,24 @@ def test_conditional_samples_take_their_class_colour_and_unconditional_ones_cann
     n, measured = 16, {}
     for w in (1.0, flow.DEFAULT_GUIDANCE_SCALE, 4.0):
         for label in (0, 1):
-            images = generate(unet, None, n, 10, "euler", seed=1, resolution=RES,
-                              class_labels=torch.full((n,), label), guidance_scale=w)
+            images = generate(
+                unet,
+                None,
+                n,
+                10,
+                "euler",
+                seed=1,
+                resolution=RES,
+                class_labels=torch.full((n,), label),
+                guidance_scale=w,
+            )
             measured[w, label] = nearer_own_and_margin(images, label)
     unconditional = generate(unet, None, n, 10, "euler", seed=1, resolution=RES)  # the null class, same noise
     share_blue = nearer_own_and_margin(unconditional, 0)[0]
-    print(f"\n(fraction nearer own class mean, mean colour-distance margin) by (w, class): {measured}; "
-          f"unconditional samples nearer blue_square: {share_blue:.2f}")
+    print(
+        f"\n(fraction nearer own class mean, mean colour-distance margin) by (w, class): {measured}; "
+        f"unconditional samples nearer blue_square: {share_blue:.2f}"
+    )
 
     for label in (0, 1):
         fraction, margin = measured[flow.DEFAULT_GUIDANCE_SCALE, label]
@@ -344,7 +434,7 @@ def test_sample_grids_show_one_row_per_class(conditional_run):
     grid = Image.open(sorted((conditional_run / "samples").glob("step-*.png"))[-1])
     assert grid.size == (2 * RES, 2 * RES)  # 4 images: 2 classes x 2 columns
     pixels = np.asarray(grid, dtype=np.float32)
-    rows = [pixels[i * RES:(i + 1) * RES] for i in range(2)]
+    rows = [pixels[i * RES : (i + 1) * RES] for i in range(2)]
     blue_row, red_row = (row[..., 2].mean() - row[..., 0].mean() for row in rows)
     assert blue_row > 0 > red_row  # row 0 is blue_square, row 1 red_disc
 
@@ -364,8 +454,9 @@ def test_fid_samples_ask_for_every_class_with_guidance(conditional_run, class_fo
     means = class_mean_colours(class_folder)
     unet, _, _ = load_for_sampling(str(conditional_run))
     n = 32
-    colours = evaluate.generated_features(unet, None, MeanColour(), n, resolution=RES, steps=10, seed=0,
-                                          batch_size=12, progress=False)
+    colours = evaluate.generated_features(
+        unet, None, MeanColour(), n, resolution=RES, steps=10, seed=0, batch_size=12, progress=False
+    )
     asked = evaluate.sample_labels(len(CLASSES), n, seed=0)
     assert torch.equal(asked, evaluate.sample_labels(len(CLASSES), n, seed=0))
     assert 0.25 <= asked.float().mean() <= 0.75  # both classes are asked for
@@ -373,8 +464,15 @@ def test_fid_samples_ask_for_every_class_with_guidance(conditional_run, class_fo
     print(f"\nFID samples nearer the colour of the class they asked for: {matched:.2f}")
     assert matched >= 0.9
 
-    options = dict(num_samples=8, steps=2, batch_size=4, feature_extractor=MeanColour(), progress=False,
-                   reference_root=tmp_path, device="cpu")
+    options = dict(
+        num_samples=8,
+        steps=2,
+        batch_size=4,
+        feature_extractor=MeanColour(),
+        progress=False,
+        reference_root=tmp_path,
+        device="cpu",
+    )
     assert evaluate.evaluate_checkpoint(conditional_run, **options)["guidance_scale"] == flow.DEFAULT_GUIDANCE_SCALE
     result = evaluate.evaluate_checkpoint(conditional_run, guidance_scale=3.0, **options)
     assert result["guidance_scale"] == 3.0 and "classes as the reference, guidance 3" in evaluate.summary_line(result)
@@ -382,8 +480,9 @@ def test_fid_samples_ask_for_every_class_with_guidance(conditional_run, class_fo
         evaluate.evaluate_checkpoint(conditional_run, guidance_scale=-1.0, **options)
 
 
-def test_fid_samples_ask_for_each_class_as_often_as_the_reference_images(conditional_run, tmp_path, monkeypatch,
-                                                                         capsys):
+def test_fid_samples_ask_for_each_class_as_often_as_the_reference_images(
+    conditional_run, tmp_path, monkeypatch, capsys
+):
     """On an imbalanced dataset uniform labels would be scored against a set they do not match: the generated
     images take the reference images' classes (mapped by name, shuffled), and fall back to uniform with a warning
     when the dataset has no classes."""
@@ -392,10 +491,20 @@ def test_fid_samples_ask_for_each_class_as_often_as_the_reference_images(conditi
     write_class_folder(imbalanced, kinds=("blue_square",), per_class=4)
     asked = []
     original = evaluate.generated_features
-    monkeypatch.setattr(evaluate, "generated_features",
-                        lambda *args, **kwargs: asked.append(kwargs["labels"]) or original(*args, **kwargs))
-    options = dict(num_samples=16, steps=2, batch_size=8, feature_extractor=MeanColour(), progress=False,
-                   reference_root=tmp_path / "references", device="cpu")
+    monkeypatch.setattr(
+        evaluate,
+        "generated_features",
+        lambda *args, **kwargs: asked.append(kwargs["labels"]) or original(*args, **kwargs),
+    )
+    options = dict(
+        num_samples=16,
+        steps=2,
+        batch_size=8,
+        feature_extractor=MeanColour(),
+        progress=False,
+        reference_root=tmp_path / "references",
+        device="cpu",
+    )
     result = evaluate.evaluate_checkpoint(conditional_run, dataset=str(imbalanced), **options)
     red, blue = CLASSES.index("red_disc"), CLASSES.index("blue_square")
     assert result["classes"] == "as the reference" and "classes as the reference" in evaluate.summary_line(result)
@@ -426,16 +535,52 @@ def test_reference_labels_map_to_the_model_s_class_ids_by_name():
 
 def test_cli_sample_takes_a_class_name_or_id_and_a_guidance_scale(conditional_run, tmp_path, capsys):
     out = tmp_path / "red.png"
-    assert main(["sample", "--checkpoint", str(conditional_run), "--class", "red_disc", "--guidance-scale", "3",
-                 "--num-images", "4", "--steps", "10", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(conditional_run),
+                "--class",
+                "red_disc",
+                "--guidance-scale",
+                "3",
+                "--num-images",
+                "4",
+                "--steps",
+                "10",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     red = np.asarray(Image.open(out), dtype=np.float32)
     assert red.shape == (2 * RES, 2 * RES, 3) and red[..., 0].mean() > red[..., 2].mean()
-    assert main(["sample", "--checkpoint", str(conditional_run), "--class", "0", "--num-images", "4", "--steps",
-                 "10", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(conditional_run),
+                "--class",
+                "0",
+                "--num-images",
+                "4",
+                "--steps",
+                "10",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     blue = np.asarray(Image.open(out), dtype=np.float32)
     assert blue[..., 2].mean() > blue[..., 0].mean()
-    assert main(["sample", "--checkpoint", str(conditional_run), "--num-images", "6", "--steps", "2", "--out",
-                 str(out)]) == 0
+    assert (
+        main(["sample", "--checkpoint", str(conditional_run), "--num-images", "6", "--steps", "2", "--out", str(out)])
+        == 0
+    )
     assert Image.open(out).size == (3 * RES, 2 * RES)  # no class: one row per class
     capsys.readouterr()
     assert main(["sample", "--checkpoint", str(conditional_run), "--class", "purple", "--out", str(out)]) == 2
@@ -453,19 +598,36 @@ def test_pipeline_round_trip_keeps_class_names_guidance_and_the_model_card(condi
     noise = torch.randn(2, 3, RES, RES, generator=torch.Generator().manual_seed(5))
     labels = torch.tensor([1, 0])
     expected = flow.euler_sample(flow.guided_velocity(pipe.unet, labels, 3.0, pipe.unet.null_class), noise, 6)
-    x = pipe(latents=noise, class_labels=["red_disc", "blue_square"], guidance_scale=3.0, num_inference_steps=6,
-             output_type="latent").images
+    x = pipe(
+        latents=noise,
+        class_labels=["red_disc", "blue_square"],
+        guidance_scale=3.0,
+        num_inference_steps=6,
+        output_type="latent",
+    ).images
     torch.testing.assert_close(x, expected, atol=1e-6, rtol=0)  # the pipeline and the package share one CFG
-    heun = pipe(latents=noise, class_labels=["red_disc", "blue_square"], guidance_scale=3.0, num_inference_steps=3,
-                sampler="heun", output_type="latent").images
+    heun = pipe(
+        latents=noise,
+        class_labels=["red_disc", "blue_square"],
+        guidance_scale=3.0,
+        num_inference_steps=3,
+        sampler="heun",
+        output_type="latent",
+    ).images
     expected = flow.heun_sample(flow.guided_velocity(pipe.unet, labels, 3.0, pipe.unet.null_class), noise, 3)
     torch.testing.assert_close(heun, expected, atol=1e-6, rtol=0)
     default = pipe(latents=noise, class_labels=[1, 0], num_inference_steps=6, output_type="latent").images
-    recorded = flow.euler_sample(flow.guided_velocity(pipe.unet, labels, pipe.config.guidance_scale,
-                                                      pipe.unet.null_class), noise, 6)
+    recorded = flow.euler_sample(
+        flow.guided_velocity(pipe.unet, labels, pipe.config.guidance_scale, pipe.unet.null_class), noise, 6
+    )
     torch.testing.assert_close(default, recorded, atol=1e-6, rtol=0)
-    images = pipe(class_labels="red_disc", batch_size=3, num_inference_steps=6, output_type="pt",
-                  generator=torch.Generator().manual_seed(0)).images
+    images = pipe(
+        class_labels="red_disc",
+        batch_size=3,
+        num_inference_steps=6,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert images.shape == (3, 3, RES, RES) and images[:, 0].mean() > images[:, 2].mean()
     with pytest.raises(ValueError, match="unknown class 'purple'"):
         pipe(class_labels="purple")
@@ -489,18 +651,32 @@ def test_notebook_trains_class_conditionally_and_offers_a_class_picker(class_fol
     root = Path(__file__).resolve().parents[1]
     output_dir = tmp_path / "run"
     overrides = {
-        "LD_DATASET": str(class_folder), "LD_SPACE": "pixel", "LD_PRESET": "micro", "LD_RESOLUTION": str(RES),
-        "LD_STEPS": "2", "LD_BATCH_SIZE": "4", "LD_SAMPLE_EVERY": "1", "LD_NUM_SAMPLES": "4",
-        "LD_CLASS_CONDITIONAL": "1", "LD_GUIDANCE_SCALE": "3", "LD_OUTPUT_DIR": str(output_dir), "LD_HUB_REPO": "",
+        "LD_DATASET": str(class_folder),
+        "LD_SPACE": "pixel",
+        "LD_PRESET": "micro",
+        "LD_RESOLUTION": str(RES),
+        "LD_STEPS": "2",
+        "LD_BATCH_SIZE": "4",
+        "LD_SAMPLE_EVERY": "1",
+        "LD_NUM_SAMPLES": "4",
+        "LD_CLASS_CONDITIONAL": "1",
+        "LD_GUIDANCE_SCALE": "3",
+        "LD_OUTPUT_DIR": str(output_dir),
+        "LD_HUB_REPO": "",
         "LD_MOUNT_DRIVE": "0",
-        "LD_SKIP_INSTALL": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-        "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
+        "LD_SKIP_INSTALL": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "MPLBACKEND": "Agg",
+        "OMP_NUM_THREADS": "1",
     }
     for name, value in overrides.items():
         monkeypatch.setenv(name, value)
     notebook = nbformat.read(root / "LiquidDiffusion_Training.ipynb", as_version=nbformat.NO_CONVERT)
-    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(root)}}).execute()
+    nbclient.NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(root)}}
+    ).execute()
     cells = {cell.metadata.get("id"): cell for cell in notebook.cells if cell.cell_type == "code"}
     text = "".join(o.get("text", "") for cell in cells.values() for o in cell.outputs if o.output_type == "stream")
     assert "classes     2 (blue_square, red_disc): class-conditional, guidance 3" in text

@@ -6,7 +6,6 @@ Fixtures (``image_folder``, ``parquet_dataset``, ``tiny_vae_dir``, ...) come fro
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -16,7 +15,6 @@ from conftest import IMAGE_FOLDER_CORRUPT, IMAGE_FOLDER_GOOD, IMAGE_FOLDER_TINY
 from liquid_diffusion.data import ImageBatchStream, load_image, make_dataloader, transform_image
 from liquid_diffusion.latents import FrozenVAE, LatentBatchStream, build_latent_cache, load_latent_cache
 from liquid_diffusion.sources import DATASETS, DEFAULT_DATASET, resolve_source
-
 
 
 def one_epoch(source, resolution=32, **kwargs) -> torch.Tensor:
@@ -71,7 +69,10 @@ def test_folder_with_mixed_modes_and_bad_files_streams_every_good_image(image_fo
     assert pixels.shape == (IMAGE_FOLDER_GOOD, 3, 32, 32) and pixels.dtype == torch.float32
     assert pixels.min() >= -1 and pixels.max() <= 1
     assert (stream.stats.read, stream.stats.skipped, stream.stats.upscaled) == (
-        IMAGE_FOLDER_GOOD + IMAGE_FOLDER_CORRUPT, IMAGE_FOLDER_CORRUPT, IMAGE_FOLDER_TINY)
+        IMAGE_FOLDER_GOOD + IMAGE_FOLDER_CORRUPT,
+        IMAGE_FOLDER_CORRUPT,
+        IMAGE_FOLDER_TINY,
+    )
 
 
 def test_parquet_dataset_in_hub_layout_streams_through_load_dataset(parquet_dataset):
@@ -81,14 +82,16 @@ def test_parquet_dataset_in_hub_layout_streams_through_load_dataset(parquet_data
 
 
 def test_image_column_comes_from_the_features_or_the_error_says_how_to_name_it(tmp_path):
-    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
 
     picture = tmp_path / "picture" / "data"
     picture.mkdir(parents=True)
     features = Features({"caption": Value("string"), "picture": ImageFeature()})
     images = [Image.new("RGB", (20, 20), (i * 40, 0, 0)) for i in range(3)]
     Dataset.from_dict({"caption": ["a", "b", "c"], "picture": images}, features=features).to_parquet(
-        str(picture / "train-00000-of-00001.parquet"))
+        str(picture / "train-00000-of-00001.parquet")
+    )
     stream = ImageBatchStream(str(picture.parent), 16, 8, shuffle_buffer=0, num_epochs=1)
     assert stream.image_column == "picture" and next(iter(stream)).shape == (3, 3, 16, 16)
 
@@ -125,8 +128,9 @@ def test_shorter_side_resized_then_center_crop_then_seeded_flip():
     assert center[:, :, :8].max() == -1 and center[:, :, 12:].min() == 1
     flips = [transform_image(image, 20, flip=True, rng=np.random.default_rng(s))[0, 0, 0].item() for s in range(16)]
     assert set(flips) == {-1.0, 1.0}  # some flipped, some not, decided by the rng
-    crops = {transform_image(image, 20, random_crop=True, rng=np.random.default_rng(s))[0].mean().item()
-             for s in range(8)}
+    crops = {
+        transform_image(image, 20, random_crop=True, rng=np.random.default_rng(s))[0].mean().item() for s in range(8)
+    }
     assert len(crops) > 1
 
 
@@ -167,20 +171,24 @@ def test_start_batch_resumes_exactly_across_epochs_with_flips_and_crops(image_fo
 
 def test_node_splits_are_disjoint_and_cover_the_data(clean_image_folder):
     everything = fingerprints(one_epoch(clean_image_folder, 16))
-    shares = [fingerprints(one_epoch(clean_image_folder, 16, process_index=rank, num_processes=3, shuffle_buffer=64,
-                                     seed=1)) for rank in range(3)]
+    shares = [
+        fingerprints(one_epoch(clean_image_folder, 16, process_index=rank, num_processes=3, shuffle_buffer=64, seed=1))
+        for rank in range(3)
+    ]
     assert sum(len(share) for share in shares) == len(everything) == 32
     assert sorted(sum(shares, [])) == sorted(everything)
 
 
 def test_node_splits_by_shard_when_the_shards_divide_evenly(tmp_path):
-    from datasets import Dataset, Features, Image as ImageFeature
+    from datasets import Dataset, Features
+    from datasets import Image as ImageFeature
 
     (tmp_path / "data").mkdir()
     for shard in range(2):
         images = [Image.new("RGB", (16, 16), (shard * 100 + i * 10, 50, 50)) for i in range(5)]
         Dataset.from_dict({"image": images}, features=Features({"image": ImageFeature()})).to_parquet(
-            str(tmp_path / "data" / f"train-0000{shard}-of-00002.parquet"))
+            str(tmp_path / "data" / f"train-0000{shard}-of-00002.parquet")
+        )
     shares = [fingerprints(one_epoch(tmp_path, 8, process_index=rank, num_processes=2)) for rank in range(2)]
     assert [len(share) for share in shares] == [5, 5]
     assert sorted(sum(shares, [])) == sorted(fingerprints(one_epoch(tmp_path, 8)))
@@ -230,8 +238,9 @@ def test_cache_round_trip_equals_direct_encoding(vae, tiny_vae_dir, image_folder
     assert metadata["num_images"] == n and metadata["resolution"] == 32 and metadata["vae"] == str(tiny_vae_dir)
     assert metadata["stats"] == {"read": n + IMAGE_FOLDER_CORRUPT, "skipped": IMAGE_FOLDER_CORRUPT, "upscaled": 1}
 
-    first5, meta5 = load_latent_cache(build_latent_cache(str(image_folder), vae, tmp_path / "fp16", 32, num_images=5,
-                                                         flip=False, progress=False))
+    first5, meta5 = load_latent_cache(
+        build_latent_cache(str(image_folder), vae, tmp_path / "fp16", 32, num_images=5, flip=False, progress=False)
+    )
     assert first5.dtype == torch.float16 and meta5["num_latents"] == 5
     torch.testing.assert_close(first5.float(), latents[:5], rtol=2e-3, atol=2e-3)
 
@@ -261,6 +270,8 @@ def test_latent_stream_resumes_splits_processes_and_workers_like_the_image_strea
     assert sorted(stream[:11]) == sorted(stream[11:22]) == list(range(11)) and stream[:11] != stream[11:22]
     assert ids(take(LatentBatchStream(latents, 4, seed=5, start_batch=3), 3)) == ids(full[3:])
     assert ids(take(make_dataloader(LatentBatchStream(latents, 4, seed=5, start_batch=1), 2), 5)) == ids(full[1:])
-    shares = [ids(take(LatentBatchStream(latents, 1, seed=5, process_index=p, num_processes=3), 4 - (p == 2)))
-              for p in range(3)]
+    shares = [
+        ids(take(LatentBatchStream(latents, 1, seed=5, process_index=p, num_processes=3), 4 - (p == 2)))
+        for p in range(3)
+    ]
     assert sorted(sum(shares, [])) == list(range(11))

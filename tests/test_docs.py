@@ -81,7 +81,7 @@ def _call(tokens: list[str]) -> list[tuple[str, list[str]]]:
     for index, token in enumerate(tokens[:-1]):
         module = tokens[index + 1]
         if token == "-m" and (module == "liquid_diffusion" or module.startswith("benchmarks.")):
-            return [(module, tokens[index + 2:])]
+            return [(module, tokens[index + 2 :])]
     return []
 
 
@@ -153,11 +153,14 @@ def _standin_pipeline():
 
     torch.manual_seed(0)
     unet = LiquidDiffusionUNet.from_preset("micro", in_channels=3, num_classes=3, class_names=["cat", "dog", "wild"])
-    return LiquidDiffusionPipeline(unet=unet.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), resolution=8,
-                                   guidance_scale=2.0)
+    return LiquidDiffusionPipeline(
+        unet=unet.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), resolution=8, guidance_scale=2.0
+    )
 
 
-PYTHON_BLOCKS = [(start, "\n".join(lines)) for tag, start, lines in fenced_blocks(ROOT / "README.md") if tag == "python"]
+PYTHON_BLOCKS = [
+    (start, "\n".join(lines)) for tag, start, lines in fenced_blocks(ROOT / "README.md") if tag == "python"
+]
 
 
 @pytest.mark.parametrize("start, code", PYTHON_BLOCKS, ids=[f"README.md:{start}" for start, _ in PYTHON_BLOCKS])

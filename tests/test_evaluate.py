@@ -66,7 +66,7 @@ def images(n: int, seed: int, shift: float = 0.0) -> torch.Tensor:
         out[i] = (1 - ramp) * top + ramp * bottom
         side = rng.integers(RES // 4, RES // 2)
         y, x = rng.integers(0, RES - side, 2)
-        out[i, :, y:y + side, x:x + side] = rng.uniform(-1, 1, (3, 1, 1))
+        out[i, :, y : y + side, x : x + side] = rng.uniform(-1, 1, (3, 1, 1))
     return torch.from_numpy(out + shift).clamp(-1, 1)
 
 
@@ -83,10 +83,26 @@ def trained(tmp_path_factory, clean_image_folder) -> Path:
 
 
 def pixel_config(folder: Path, out: Path, **overrides) -> TrainConfig:
-    values = dict(dataset=str(folder), space="pixel", preset="micro", resolution=RES, batch_size=8, steps=2,
-                  lr=1e-3, warmup_steps=1, log_every=1, sample_every=0, num_sample_images=4, sample_steps=2,
-                  checkpoint_every=1000, num_workers=0, shuffle_buffer=16, output_dir=str(out), seed=0,
-                  progress_bar=False)
+    values = dict(
+        dataset=str(folder),
+        space="pixel",
+        preset="micro",
+        resolution=RES,
+        batch_size=8,
+        steps=2,
+        lr=1e-3,
+        warmup_steps=1,
+        log_every=1,
+        sample_every=0,
+        num_sample_images=4,
+        sample_steps=2,
+        checkpoint_every=1000,
+        num_workers=0,
+        shuffle_buffer=16,
+        output_dir=str(out),
+        seed=0,
+        progress_bar=False,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -95,8 +111,14 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     # the stand-in lives in this file: the child process imports it as test_evaluate from tests/
     path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "liquid_diffusion", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "liquid_diffusion", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=env,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ the metrics
@@ -132,8 +154,9 @@ def test_kid_of_two_samples_of_one_distribution_is_near_zero():
 
 def test_reference_features_are_cached_reused_and_refused_on_mismatch(clean_image_folder, tmp_path):
     cache, extractor = tmp_path / "reference", feature_module.load_feature_extractor(StandInFeatures())
-    first, metadata = reference_features(str(clean_image_folder), RES, extractor, 20, cache, batch_size=8,
-                                         progress=False)
+    first, metadata = reference_features(
+        str(clean_image_folder), RES, extractor, 20, cache, batch_size=8, progress=False
+    )
     assert first.shape == (20, 19) and metadata["num_images"] == 20 and not metadata["whole_dataset"]
     assert metadata["key"]["resolution"] == RES and metadata["key"]["feature_extractor"] == "stand-in-19"
 
@@ -143,8 +166,9 @@ def test_reference_features_are_cached_reused_and_refused_on_mismatch(clean_imag
     assert StandInFeatures.calls == 0  # served from the cache
     assert torch.equal(again, first) and torch.equal(fewer, first[:5])
 
-    more, metadata = reference_features(str(clean_image_folder), RES, extractor, 100, cache, batch_size=8,
-                                        progress=False)  # more than cached: recomputed, and the dataset has 32
+    more, metadata = reference_features(
+        str(clean_image_folder), RES, extractor, 100, cache, batch_size=8, progress=False
+    )  # more than cached: recomputed, and the dataset has 32
     assert StandInFeatures.calls > 0 and more.shape[0] == 32 and metadata["whole_dataset"]
     assert torch.allclose(more[:20], first, atol=1e-6)  # the same fixed shuffle: a prefix of the larger set
 
@@ -186,9 +210,23 @@ def test_the_inception_extractor_says_in_one_line_what_to_do_offline(monkeypatch
 
 def test_evaluate_command_end_to_end_on_a_micro_checkpoint(trained, tmp_path):
     start = time.perf_counter()
-    result = run_cli("evaluate", "--checkpoint", str(trained), "--num-samples", "100", "--steps", "2",
-                     "--batch-size", "16", "--feature-extractor", "test_evaluate:StandInFeatures",
-                     "--reference-dir", str(tmp_path / "reference"), "--out", str(tmp_path / "fid.json"))
+    result = run_cli(
+        "evaluate",
+        "--checkpoint",
+        str(trained),
+        "--num-samples",
+        "100",
+        "--steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--feature-extractor",
+        "test_evaluate:StandInFeatures",
+        "--reference-dir",
+        str(tmp_path / "reference"),
+        "--out",
+        str(tmp_path / "fid.json"),
+    )
     wall = time.perf_counter() - start
     assert result.returncode == 0, result.stderr
     human, line = result.stdout.strip().splitlines()[-2:]
@@ -197,8 +235,15 @@ def test_evaluate_command_end_to_end_on_a_micro_checkpoint(trained, tmp_path):
     # the dataset has 32 images: 32 samples instead of 100, with a warning
     assert "has only 32 images" in result.stderr
     assert report["num_samples"] == report["num_real"] == 32
-    assert {"sampler": "euler", "steps": 2, "seed": 0, "resolution": RES, "weights": "ema",
-            "feature_extractor": "stand-in-19", "guidance_scale": None}.items() <= report.items()
+    assert {
+        "sampler": "euler",
+        "steps": 2,
+        "seed": 0,
+        "resolution": RES,
+        "weights": "ema",
+        "feature_extractor": "stand-in-19",
+        "guidance_scale": None,
+    }.items() <= report.items()
     assert report["fid"] > 0 and report["kid_std"] >= 0 and 0 < report["wall_time_s"] < wall
     assert human.startswith(f"FID {report['fid']:.2f} · KID ") and "32 samples vs 32 real images" in human
     assert (tmp_path / "reference" / "metadata.json").is_file()
@@ -207,8 +252,22 @@ def test_evaluate_command_end_to_end_on_a_micro_checkpoint(trained, tmp_path):
 
 def test_evaluate_matches_itself_and_the_library_api(trained, tmp_path, capsys):
     """The in-process command is deterministic (same seed, same numbers) and equals the library call."""
-    args = ["evaluate", "--checkpoint", str(trained), "--num-samples", "12", "--steps", "2", "--batch-size", "5",
-            "--feature-extractor", STAND_IN, "--reference-dir", str(tmp_path / "ref"), "--no-progress"]
+    args = [
+        "evaluate",
+        "--checkpoint",
+        str(trained),
+        "--num-samples",
+        "12",
+        "--steps",
+        "2",
+        "--batch-size",
+        "5",
+        "--feature-extractor",
+        STAND_IN,
+        "--reference-dir",
+        str(tmp_path / "ref"),
+        "--no-progress",
+    ]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main(args) == 0
@@ -218,18 +277,31 @@ def test_evaluate_matches_itself_and_the_library_api(trained, tmp_path, capsys):
     from liquid_diffusion.sampling import load_for_sampling
 
     unet, vae, resolution = load_for_sampling(str(trained))
-    real, _ = reference_features(json.loads((list_checkpoints(trained)[-1] / "train_config.json").read_text())
-                                 ["dataset"], RES, StandInFeatures(), 12, tmp_path / "ref", progress=False)
-    fake = evaluate.generated_features(unet, vae, StandInFeatures(), 12, resolution=resolution, steps=2,
-                                       batch_size=5, progress=False)
+    real, _ = reference_features(
+        json.loads((list_checkpoints(trained)[-1] / "train_config.json").read_text())["dataset"],
+        RES,
+        StandInFeatures(),
+        12,
+        tmp_path / "ref",
+        progress=False,
+    )
+    fake = evaluate.generated_features(
+        unet, vae, StandInFeatures(), 12, resolution=resolution, steps=2, batch_size=5, progress=False
+    )
     assert fid_kid(real, fake)["fid"] == pytest.approx(first["fid"], rel=1e-6)
 
 
 def test_evaluate_an_export_folder_gives_the_checkpoints_numbers(trained, tmp_path):
     export = tmp_path / "export"
     export_checkpoint(list_checkpoints(trained)[-1], export)
-    options = dict(num_samples=10, steps=2, batch_size=5, feature_extractor=StandInFeatures(), progress=False,
-                   reference_dir=tmp_path / "ref")
+    options = dict(
+        num_samples=10,
+        steps=2,
+        batch_size=5,
+        feature_extractor=StandInFeatures(),
+        progress=False,
+        reference_dir=tmp_path / "ref",
+    )
     from_checkpoint = evaluate.evaluate_checkpoint(trained, **options)
     from_export = evaluate.evaluate_checkpoint(export, **options)
     assert from_export["dataset"] == from_checkpoint["dataset"] and from_export["resolution"] == RES
@@ -239,22 +311,46 @@ def test_evaluate_an_export_folder_gives_the_checkpoints_numbers(trained, tmp_pa
 
 def test_evaluate_a_latent_space_model_decodes_through_its_vae(clean_image_folder, tiny_vae_dir, tmp_path):
     out = tmp_path / "latent-run"
-    Trainer(pixel_config(clean_image_folder, out, space="latent", vae=str(tiny_vae_dir), resolution=32, steps=1,
-                         batch_size=4)).train()
-    result = evaluate.evaluate_checkpoint(out, num_samples=6, steps=2, batch_size=4, progress=False,
-                                          feature_extractor=StandInFeatures(), reference_dir=tmp_path / "ref")
+    Trainer(
+        pixel_config(
+            clean_image_folder, out, space="latent", vae=str(tiny_vae_dir), resolution=32, steps=1, batch_size=4
+        )
+    ).train()
+    result = evaluate.evaluate_checkpoint(
+        out,
+        num_samples=6,
+        steps=2,
+        batch_size=4,
+        progress=False,
+        feature_extractor=StandInFeatures(),
+        reference_dir=tmp_path / "ref",
+    )
     assert result["resolution"] == 32 and result["num_samples"] == 6 and result["fid"] > 0
     assert json.loads((tmp_path / "ref" / "metadata.json").read_text())["key"]["resolution"] == 32
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--num-samples", "0"], "--num-samples must be at least 1"),
-    (["--resolution", "32"], "the model was trained at 16px, not 32px"),
-    (["--dataset", "/no/such/folder"], "no such file or folder"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--num-samples", "0"], "--num-samples must be at least 1"),
+        (["--resolution", "32"], "the model was trained at 16px, not 32px"),
+        (["--dataset", "/no/such/folder"], "no such file or folder"),
+    ],
+)
 def test_evaluate_errors_are_one_line(trained, tmp_path, capsys, extra, message):
-    code = main(["evaluate", "--checkpoint", str(trained), "--feature-extractor", STAND_IN,
-                 "--reference-dir", str(tmp_path / "ref"), "--no-progress", *extra])
+    code = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(trained),
+            "--feature-extractor",
+            STAND_IN,
+            "--reference-dir",
+            str(tmp_path / "ref"),
+            "--no-progress",
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
@@ -276,8 +372,10 @@ def test_evaluate_without_a_dataset_is_one_line(trained, tmp_path, capsys):
 def test_best_pointer_moves_only_when_the_score_improves(tmp_path):
     for name in ("checkpoint-000001", "checkpoint-000002", "checkpoint-000003", "checkpoint-000004"):
         (tmp_path / name).mkdir()
-    moves = [update_best(tmp_path, {"step": s, "kid": kid, "checkpoint": f"checkpoint-{s:06d}"})
-             for s, kid in [(1, 0.5), (2, 0.7), (3, 0.3), (4, 0.3)]]
+    moves = [
+        update_best(tmp_path, {"step": s, "kid": kid, "checkpoint": f"checkpoint-{s:06d}"})
+        for s, kid in [(1, 0.5), (2, 0.7), (3, 0.3), (4, 0.3)]
+    ]
     assert moves == [True, False, True, False]
     best = evaluate.read_best(tmp_path)
     assert best["checkpoint"] == "checkpoint-000003" and best["kid"] == 0.3 and best["metric"] == "kid"
@@ -293,8 +391,17 @@ def test_eval_every_logs_kid_and_fid_and_keeps_the_best_checkpoint(clean_image_f
         def on_eval(self, trainer, record):
             seen.append(record)
 
-    config = pixel_config(clean_image_folder, tmp_path, steps=6, checkpoint_every=1, keep_checkpoints=1,
-                          log_every=2, eval_every=2, eval_samples=8, eval_feature_extractor=STAND_IN)
+    config = pixel_config(
+        clean_image_folder,
+        tmp_path,
+        steps=6,
+        checkpoint_every=1,
+        keep_checkpoints=1,
+        log_every=2,
+        eval_every=2,
+        eval_samples=8,
+        eval_feature_extractor=STAND_IN,
+    )
     Trainer(config, callbacks=[Recorder()]).train()
 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -314,8 +421,9 @@ def test_eval_every_logs_kid_and_fid_and_keeps_the_best_checkpoint(clean_image_f
     assert (tmp_path / "fid-reference").is_dir()
 
 
-def test_eval_every_without_the_inception_weights_warns_and_trains_on(clean_image_folder, tmp_path, monkeypatch,
-                                                                      capsys):
+def test_eval_every_without_the_inception_weights_warns_and_trains_on(
+    clean_image_folder, tmp_path, monkeypatch, capsys
+):
     import torchmetrics.utilities.imports as tm_imports
 
     monkeypatch.setattr(tm_imports, "_TORCH_FIDELITY_AVAILABLE", False)

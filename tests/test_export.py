@@ -28,7 +28,6 @@ def same_weights(folder_a: Path, folder_b: Path) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Export: the folder that is uploaded, and its model card
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import psutil
 import pytest
 import torch
 from PIL import Image
+from test_trainer import REPO, RES, pixel_config, run_cli, synthetic_folder, weights
 
 from liquid_diffusion import checkpoints, publish
 from liquid_diffusion.__main__ import main
@@ -23,7 +24,6 @@ from liquid_diffusion.checkpoints import CheckpointWriteError, list_checkpoints,
 from liquid_diffusion.metrics import IntervalStats
 from liquid_diffusion.model import FORMAT_VERSION
 from liquid_diffusion.trainer import Trainer
-from test_trainer import REPO, RES, pixel_config, run_cli, synthetic_folder, weights
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +32,37 @@ def images(tmp_path_factory) -> Path:
 
 
 def cli_train(images: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "liquid_diffusion", "train", "--dataset", str(images), "--space", "pixel",
-            "--preset", "micro", "--resolution", str(RES), "--batch-size", "4", "--log-every", "1",
-            "--sample-every", "0", "--num-workers", "0", "--shuffle-buffer", "16", "--lr", "1e-3",
-            "--warmup-steps", "1", "--output-dir", str(out), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "liquid_diffusion",
+        "train",
+        "--dataset",
+        str(images),
+        "--space",
+        "pixel",
+        "--preset",
+        "micro",
+        "--resolution",
+        str(RES),
+        "--batch-size",
+        "4",
+        "--log-every",
+        "1",
+        "--sample-every",
+        "0",
+        "--num-workers",
+        "0",
+        "--shuffle-buffer",
+        "16",
+        "--lr",
+        "1e-3",
+        "--warmup-steps",
+        "1",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def wait_for(condition, timeout: float = 120.0, interval: float = 0.05) -> bool:
@@ -63,8 +90,9 @@ def error_lines(stderr: str) -> list[str]:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_preemption_signal_finishes_the_step_saves_and_exits(images, tmp_path, signum):
     out = tmp_path / "run"
-    process = subprocess.Popen(cli_train(images, out, "--steps", "100000"), cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        cli_train(images, out, "--steps", "100000"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert wait_for(lambda: len(logged_steps(out)) >= 2)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
@@ -77,8 +105,16 @@ def test_preemption_signal_finishes_the_step_saves_and_exits(images, tmp_path, s
 def test_two_processes_stop_at_the_same_step_when_one_is_terminated(images, tmp_path):
     out = tmp_path / "run"
     command = cli_train(images, out, "--steps", "100000")
-    command[1:3] = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", "-m",
-                    "liquid_diffusion"]
+    command[1:3] = [
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        "-m",
+        "liquid_diffusion",
+    ]
     launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert wait_for(lambda: len(logged_steps(out)) >= 2, timeout=180)
     workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "liquid_diffusion" in p.cmdline()]
@@ -97,20 +133,22 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(images
 
     out, rng, kills_in_save = tmp_path / "killed", random.Random(0), 0
     for attempt in range(4):
-        process = subprocess.Popen(cli_train(images, out, *steps, "--resume"), cwd=REPO,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            cli_train(images, out, *steps, "--resume"), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         if attempt % 2 == 0:  # kill inside a save: as soon as a new temporary checkpoint folder appears
             # (first, while the run is surely unfinished; a folder left by an earlier kill does not count)
             stale = set(out.glob(".tmp-checkpoint-*"))
             saving = lambda: bool(set(out.glob(".tmp-checkpoint-*")) - stale)
-            kills_in_save += wait_for(lambda: saving() or process.poll() is not None, timeout=60, interval=0.001) \
+            kills_in_save += (
+                wait_for(lambda: saving() or process.poll() is not None, timeout=60, interval=0.001)
                 and process.poll() is None
+            )
         else:
             time.sleep(rng.uniform(3.0, 10.0))  # anywhere: start-up, resume, a step, a save
         process.kill()
         process.wait()
-    subprocess.run(cli_train(images, out, *steps, "--resume"), cwd=REPO, check=True, capture_output=True,
-                   timeout=300)
+    subprocess.run(cli_train(images, out, *steps, "--resume"), cwd=REPO, check=True, capture_output=True, timeout=300)
 
     assert kills_in_save >= 1
     assert not list(out.glob(".tmp-checkpoint-*"))
@@ -157,8 +195,9 @@ def test_resume_passes_over_a_damaged_newest_checkpoint_naming_the_file(images, 
 
 def test_resume_from_an_explicit_damaged_checkpoint_is_one_line_naming_the_file(two_checkpoints, images):
     DAMAGE["garbage-training-state"][0](two_checkpoints / "checkpoint-000004")
-    result = run_cli(*cli_train(images, two_checkpoints, "--steps", "6",
-                                "--resume", str(two_checkpoints / "checkpoint-000004"))[3:])
+    result = run_cli(
+        *cli_train(images, two_checkpoints, "--steps", "6", "--resume", str(two_checkpoints / "checkpoint-000004"))[3:]
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = error_lines(result.stderr)
     assert "checkpoint-000004/training_state.pt is unreadable" in line
@@ -204,8 +243,13 @@ def test_a_real_full_disk_ends_in_one_line_and_leaves_no_partial_folder(images, 
         pytest.skip("cannot mount a small tmpfs here (needs root); the simulated full-disk test covers the logic")
     try:
         out = disk / "run"  # one micro checkpoint (~33 MB) fits, a second does not
-        result = subprocess.run(cli_train(images, out, "--steps", "4", "--checkpoint-every", "2"), cwd=REPO,
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            cli_train(images, out, "--steps", "4", "--checkpoint-every", "2"),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
         (line,) = error_lines(result.stderr)
         assert "no space left on device while saving checkpoint-000004" in line
@@ -245,8 +289,23 @@ def test_an_all_corrupt_folder_with_workers_is_one_line(tmp_path):
     folder.mkdir()
     for i in range(3):
         (folder / f"{i}.png").write_bytes(b"not a png at all")
-    result = run_cli("train", "--dataset", str(folder), "--space", "pixel", "--preset", "micro", "--resolution",
-                     str(RES), "--steps", "2", "--num-workers", "2", "--output-dir", str(tmp_path / "out"))
+    result = run_cli(
+        "train",
+        "--dataset",
+        str(folder),
+        "--space",
+        "pixel",
+        "--preset",
+        "micro",
+        "--resolution",
+        str(RES),
+        "--steps",
+        "2",
+        "--num-workers",
+        "2",
+        "--output-dir",
+        str(tmp_path / "out"),
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr and "DataLoader worker" not in result.stderr
     (line,) = error_lines(result.stderr)
     assert "yielded no usable image" in line
@@ -255,21 +314,39 @@ def test_an_all_corrupt_folder_with_workers_is_one_line(tmp_path):
 # ------------------------------------------------------------------------------------------------ one clean line
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--max-grad-norm", "-1", "--max-grad-norm must be greater than 0"),
-    ("--ema-decay", "-1", "--ema-decay must lie in [0, 1)"),
-    ("--ema-decay", "2", "--ema-decay must lie in [0, 1)"),
-    ("--warmup-steps", "-10", "--warmup-steps must be at least 0"),
-    ("--sample-every", "-1", "--sample-every must be at least 0"),
-    ("--lr", "nan", "--lr must be greater than 0"),
-    ("--weight-decay", "-0.1", "--weight-decay must be at least 0"),
-    ("--num-workers", "-2", "--num-workers must be at least 0"),
-    ("--cache-num-images", "0", "--cache-num-images must be at least 1"),
-    ("--seed", "-5", "--seed must be at least 0"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--max-grad-norm", "-1", "--max-grad-norm must be greater than 0"),
+        ("--ema-decay", "-1", "--ema-decay must lie in [0, 1)"),
+        ("--ema-decay", "2", "--ema-decay must lie in [0, 1)"),
+        ("--warmup-steps", "-10", "--warmup-steps must be at least 0"),
+        ("--sample-every", "-1", "--sample-every must be at least 0"),
+        ("--lr", "nan", "--lr must be greater than 0"),
+        ("--weight-decay", "-0.1", "--weight-decay must be at least 0"),
+        ("--num-workers", "-2", "--num-workers must be at least 0"),
+        ("--cache-num-images", "0", "--cache-num-images must be at least 1"),
+        ("--seed", "-5", "--seed must be at least 0"),
+    ],
+)
 def test_train_rejects_nonsense_numbers_in_one_line(images, tmp_path, capsys, flag, value, message):
-    code = main(["train", "--dataset", str(images), "--space", "pixel", "--preset", "micro", "--resolution",
-                 str(RES), "--output-dir", str(tmp_path / "out"), flag, value])
+    code = main(
+        [
+            "train",
+            "--dataset",
+            str(images),
+            "--space",
+            "pixel",
+            "--preset",
+            "micro",
+            "--resolution",
+            str(RES),
+            "--output-dir",
+            str(tmp_path / "out"),
+            flag,
+            value,
+        ]
+    )
     assert code == 2
     (line,) = error_lines(capsys.readouterr().err)
     assert message in line
@@ -279,8 +356,21 @@ def test_train_rejects_nonsense_numbers_in_one_line(images, tmp_path, capsys, fl
 def test_an_unwritable_output_dir_is_refused_before_training(images, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    code = main(["train", "--dataset", str(images), "--space", "pixel", "--preset", "micro", "--resolution",
-                 str(RES), "--output-dir", str(blocker / "run")])
+    code = main(
+        [
+            "train",
+            "--dataset",
+            str(images),
+            "--space",
+            "pixel",
+            "--preset",
+            "micro",
+            "--resolution",
+            str(RES),
+            "--output-dir",
+            str(blocker / "run"),
+        ]
+    )
     assert code == 2
     (line,) = error_lines(capsys.readouterr().err)
     assert "cannot write to --output-dir" in line
@@ -289,8 +379,14 @@ def test_an_unwritable_output_dir_is_refused_before_training(images, tmp_path, c
 def test_offline_default_train_says_the_hub_is_unreachable_at_once(tmp_path, monkeypatch):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}  # never touch the network
     started = time.time()
-    result = subprocess.run([sys.executable, "-m", "liquid_diffusion", "train", "--output-dir", str(tmp_path / "o")],
-                            capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "liquid_diffusion", "train", "--output-dir", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
     assert time.time() - started < 60
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = error_lines(result.stderr)
@@ -304,11 +400,14 @@ def pixel_checkpoint(images, tmp_path_factory) -> Path:
     return out / "checkpoint-000002"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--num-images", "0"], "--num-images must be at least 1"),
-    (["--steps", "0"], "--steps must be at least 1"),
-    (["--resolution", "18"], "--resolution 18 must be a multiple of 4"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--num-images", "0"], "--num-images must be at least 1"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--resolution", "18"], "--resolution 18 must be a multiple of 4"),
+    ],
+)
 def test_sample_rejects_nonsense_numbers_in_one_line(pixel_checkpoint, capsys, args, message):
     assert main(["sample", "--checkpoint", str(pixel_checkpoint), *args]) == 2
     (line,) = error_lines(capsys.readouterr().err)
@@ -325,8 +424,17 @@ def test_sample_into_an_existing_folder_is_one_line_and_leaves_nothing(pixel_che
 
 
 def test_sample_shows_progress_and_corrupt_ema_weights_are_one_line(pixel_checkpoint, tmp_path):
-    result = run_cli("sample", "--checkpoint", str(pixel_checkpoint), "--num-images", "2", "--steps", "3",
-                     "--out", str(tmp_path / "grid.png"))
+    result = run_cli(
+        "sample",
+        "--checkpoint",
+        str(pixel_checkpoint),
+        "--num-images",
+        "2",
+        "--steps",
+        "3",
+        "--out",
+        str(tmp_path / "grid.png"),
+    )
     assert result.returncode == 0 and "sampling" in result.stderr and "3/3" in result.stderr
     damaged = tmp_path / "damaged"
     __import__("shutil").copytree(pixel_checkpoint, damaged)
@@ -370,9 +478,25 @@ def test_export_overwrite_keeps_the_old_export_until_the_new_one_is_complete(pix
 
 def test_quickstart_trains_offline_on_built_in_shapes_and_writes_a_progress_strip(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "liquid_diffusion", "quickstart", "--output-dir", str(tmp_path),
-                             "--steps", "3", "--batch-size", "4"], capture_output=True, text=True, cwd=REPO,
-                            env=env, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "liquid_diffusion",
+            "quickstart",
+            "--output-dir",
+            str(tmp_path),
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(list((tmp_path / "shapes").glob("*.png"))) == 1024
     grids = sorted((tmp_path / "samples").glob("step-*.png"))

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_evaluate import STAND_IN, StandInFeatures
+from test_faults import cli_train, error_lines, logged_steps, truncate, wait_for
+from test_trainer import REPO, RES, pixel_config, synthetic_folder
 
 from liquid_diffusion import checkpoints, flow
 from liquid_diffusion.__main__ import main
@@ -20,9 +23,6 @@ from liquid_diffusion.checkpoints import list_checkpoints, read_checkpoint
 from liquid_diffusion.run_lock import RunLock
 from liquid_diffusion.stopping import GracefulStop, NonFiniteLossError
 from liquid_diffusion.trainer import Trainer
-from test_evaluate import STAND_IN, StandInFeatures
-from test_faults import cli_train, error_lines, logged_steps, truncate, wait_for
-from test_trainer import REPO, RES, pixel_config, synthetic_folder
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,14 @@ def copy_run(run: Path, to: Path) -> Path:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_signal_to_the_whole_process_group_with_dataloader_workers_saves_and_exits(images, tmp_path, signum):
     out = tmp_path / "run"
-    process = subprocess.Popen(cli_train(images, out, "--steps", "100000", "--num-workers", "2"), cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        cli_train(images, out, "--steps", "100000", "--num-workers", "2"),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     assert wait_for(lambda: len(logged_steps(out)) >= 2)
     os.killpg(process.pid, signum)  # as Slurm's scancel or a closed SSH session deliver it: to every process
     _, stderr = process.communicate(timeout=120)
@@ -79,10 +85,16 @@ sys.exit(main(sys.argv[1:]))
 
 def test_a_signal_after_the_last_step_still_saves_the_final_checkpoint(images, tmp_path):
     out = tmp_path / "run"
-    command = cli_train(images, out, "--steps", "3", "--checkpoint-every", "2", "--num-sample-images", "1",
-                        "--sample-steps", "1")
-    result = subprocess.run([sys.executable, "-c", SIGNAL_DURING_FINAL_GRID, *command[3:]], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    command = cli_train(
+        images, out, "--steps", "3", "--checkpoint-every", "2", "--num-sample-images", "1", "--sample-steps", "1"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNAL_DURING_FINAL_GRID, *command[3:]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "saved" in result.stderr
     assert [p.name for p in list_checkpoints(out)][-1] == "checkpoint-000003"
@@ -114,9 +126,18 @@ def test_a_second_live_run_on_one_output_dir_is_refused_naming_the_holder(finish
         assert "in use by another training run" in line and f"pid {os.getpid()}" in line
     assert logged_steps(out) == [1, 2]  # the refused run touched nothing
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from liquid_diffusion.run_lock import RunLock; "
-                               "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)",
-                               str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from liquid_diffusion.run_lock import RunLock; "
+            "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)",
+            str(out),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     holder.kill()  # kill -9: the lock of a dead run never blocks the next one
     holder.wait()
@@ -124,8 +145,9 @@ def test_a_second_live_run_on_one_output_dir_is_refused_naming_the_holder(finish
     assert logged_steps(out) == [1, 2, 3]
 
 
-def test_a_fresh_run_on_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(finished_run, images, tmp_path,
-                                                                                      capsys):
+def test_a_fresh_run_on_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(
+    finished_run, images, tmp_path, capsys
+):
     out = copy_run(finished_run, tmp_path / "run")
     assert main(cli_train(images, out, "--steps", "1")[3:]) == 2
     (line,) = error_lines(capsys.readouterr().err)
@@ -138,8 +160,9 @@ def test_a_fresh_run_on_a_folder_holding_a_run_is_refused_unless_resume_or_overw
     assert main(cli_train(images, out, "--steps", "1", "--overwrite", "--resume")[3:]) == 2  # contradictory
 
 
-def test_pruning_never_deletes_the_checkpoint_just_written_and_done_names_one_that_exists(finished_run, images,
-                                                                                          tmp_path, capsys):
+def test_pruning_never_deletes_the_checkpoint_just_written_and_done_names_one_that_exists(
+    finished_run, images, tmp_path, capsys
+):
     out = copy_run(finished_run, tmp_path / "run")
     stray = copy_run(out / "checkpoint-000002", out / "checkpoint-000090")  # a higher-numbered, damaged checkpoint
     (stray / "state.json").write_text(json.dumps({"step": 90, "batches_consumed": 90}))
@@ -154,8 +177,7 @@ def test_pruning_never_deletes_the_checkpoint_just_written_and_done_names_one_th
 # ------------------------------------------------------------------------------------------------ 4: finite divergence
 
 
-def test_a_loss_that_explodes_but_stays_finite_stops_and_keeps_the_last_good_checkpoint(images, tmp_path,
-                                                                                        monkeypatch):
+def test_a_loss_that_explodes_but_stays_finite_stops_and_keeps_the_last_good_checkpoint(images, tmp_path, monkeypatch):
     out, calls, real_loss = tmp_path / "run", [], flow.flow_matching_loss
 
     def exploding_after_step_5(*args, **kwargs):  # what a too-high learning rate does, deterministically
@@ -165,8 +187,11 @@ def test_a_loss_that_explodes_but_stays_finite_stops_and_keeps_the_last_good_che
 
     monkeypatch.setattr(flow, "flow_matching_loss", exploding_after_step_5)
     config = pixel_config(images, out, steps=10, checkpoint_every=2, keep_checkpoints=1)
-    with pytest.raises(NonFiniteLossError, match=r"loss exploded to .* at step 6.*lower --lr .*--resume "
-                                                 r".*checkpoint-000004") as error:
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"loss exploded to .* at step 6.*lower --lr .*--resume "
+        r".*checkpoint-000004",
+    ) as error:
         Trainer(config).train()
     assert "\n" not in str(error.value)
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-000004"]  # nothing saved past the explosion
@@ -180,8 +205,10 @@ def test_resume_applies_new_lr_weight_decay_and_ema_decay_and_records_them(finis
     out = copy_run(finished_run, tmp_path / "run")
     Trainer(pixel_config(images, out, steps=3, resume="latest", lr=1e-4, weight_decay=0.01, ema_decay=0.99)).train()
     printed = capsys.readouterr().out
-    assert ("note: resuming checkpoint-000002 with --lr 0.001 -> 0.0001, --weight-decay 0 -> 0.01, --ema-decay "
-            "0.9999 -> 0.99") in printed
+    assert (
+        "note: resuming checkpoint-000002 with --lr 0.001 -> 0.0001, --weight-decay 0 -> 0.01, --ema-decay "
+        "0.9999 -> 0.99"
+    ) in printed
     state = torch.load(out / "checkpoint-000003" / "training_state.pt", weights_only=True)
     group = state["optimizer"]["param_groups"][0]
     assert group["lr"] == pytest.approx(1e-4) and group["weight_decay"] == 0.01
@@ -206,10 +233,13 @@ def test_resume_says_in_one_line_when_the_data_settings_changed(finished_run, im
     saved.write_text(json.dumps({**json.loads(saved.read_text()), "cache_latents": True}))  # as a cached run saves
     Trainer(pixel_config(images, out, steps=3, resume="latest", flip=False)).train()
     printed = capsys.readouterr().out.splitlines()
-    assert ("note: checkpoint-000002 was trained with random flips; this run goes on without them (--no-flip)"
-            in printed)
-    assert any(line.startswith("note: checkpoint-000002 was trained on cached latents; this run encodes the images "
-                               "with the VAE") for line in printed)
+    assert "note: checkpoint-000002 was trained with random flips; this run goes on without them (--no-flip)" in printed
+    assert any(
+        line.startswith(
+            "note: checkpoint-000002 was trained on cached latents; this run encodes the images with the VAE"
+        )
+        for line in printed
+    )
 
 
 def test_resume_pointed_at_the_run_folder_means_its_newest_intact_checkpoint(finished_run, images, tmp_path, capsys):
@@ -263,15 +293,17 @@ def test_a_damaged_fid_reference_never_stops_training(images, tmp_path, capsys, 
     assert [r["step"] for r in records if "kid" in r] == [1, 2]  # the reference was computed again
 
 
-def test_an_evaluation_that_fails_is_skipped_in_one_line_and_training_goes_on(images, tmp_path, capsys,
-                                                                              monkeypatch):
+def test_an_evaluation_that_fails_is_skipped_in_one_line_and_training_goes_on(images, tmp_path, capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr("liquid_diffusion.evaluate.evaluate_model", broken)
     out = tmp_path / "run"
-    Trainer(pixel_config(images, out, steps=2, eval_every=1, eval_samples=8, eval_feature_extractor=STAND_IN,
-                         checkpoint_every=1)).train()
+    Trainer(
+        pixel_config(
+            images, out, steps=2, eval_every=1, eval_samples=8, eval_feature_extractor=STAND_IN, checkpoint_every=1
+        )
+    ).train()
     warnings = [line for line in capsys.readouterr().err.splitlines() if "evaluation" in line]
     assert len(warnings) == 2 and "failed and was skipped (RuntimeError: CUDA error" in warnings[0]
     assert read_checkpoint(out / "checkpoint-000002").step == 2
@@ -279,10 +311,28 @@ def test_an_evaluation_that_fails_is_skipped_in_one_line_and_training_goes_on(im
 
 def test_sigterm_during_an_in_training_evaluation_saves_and_exits_within_seconds(images, tmp_path):
     out, marker = tmp_path / "run", tmp_path / "evaluating"
-    command = cli_train(images, out, "--steps", "100000", "--checkpoint-every", "2", "--eval-every", "2",
-                        "--eval-samples", "64", "--eval-feature-extractor", SLOW_FEATURES)
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=child_env(SLOW_MARKER=str(marker)))
+    command = cli_train(
+        images,
+        out,
+        "--steps",
+        "100000",
+        "--checkpoint-every",
+        "2",
+        "--eval-every",
+        "2",
+        "--eval-samples",
+        "64",
+        "--eval-feature-extractor",
+        SLOW_FEATURES,
+    )
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(SLOW_MARKER=str(marker)),
+    )
     assert wait_for(marker.exists, timeout=180)
     process.send_signal(signal.SIGTERM)
     started = time.time()
@@ -298,7 +348,6 @@ def test_sigterm_during_an_in_training_evaluation_saves_and_exits_within_seconds
 
 def write_images(folder: Path, names: list[str], seed: int = 0) -> Path:
     from PIL import Image
-
     from test_trainer import synthetic_images
 
     for name, pixels in zip(names, synthetic_images(len(names), seed)):
@@ -315,15 +364,21 @@ def count_images(folder: Path, **kwargs) -> int:
 
 
 def test_an_image_folder_is_read_as_the_files_it_holds_whatever_their_names(tmp_path, capsys):
-    folder = write_images(tmp_path / "photos", [f"train_{i:03d}.png" for i in range(10)]
-                          + [f"img_{i:02d}.png" for i in range(19)] + ["test.png", "deep/er/validation.png"])
+    folder = write_images(
+        tmp_path / "photos",
+        [f"train_{i:03d}.png" for i in range(10)]
+        + [f"img_{i:02d}.png" for i in range(19)]
+        + ["test.png", "deep/er/validation.png"],
+    )
     (folder / "training_notes.txt").write_text("not an image")
     assert count_images(folder) == 31
 
     out = folder / "run"  # an output dir inside the dataset folder: its sample grids are no training data
     Trainer(pixel_config(folder, out, steps=1, sample_every=1)).train()
-    assert f"dataset: 31 image files in {folder} (all of them, recursively); 1 other file(s) ignored" in \
-        capsys.readouterr().out
+    assert (
+        f"dataset: 31 image files in {folder} (all of them, recursively); 1 other file(s) ignored"
+        in capsys.readouterr().out
+    )
     Trainer(pixel_config(folder, out, steps=2, resume="latest")).train()
     assert f"skipped the training output folder(s) {out}" in capsys.readouterr().out
     assert read_checkpoint(out / "checkpoint-000002").step == 2
@@ -349,8 +404,10 @@ def test_a_latent_cache_is_built_again_when_its_dataset_folder_changed(vae, tmp_
     cache = build_latent_cache(str(folder), vae, tmp_path / "cache", 32, flip=False, progress=False)
     write_images(folder, [f"more-{i}.png" for i in range(4)], seed=1)
     build_latent_cache(str(folder), vae, cache, 32, flip=False, progress=False)
-    assert (f"the dataset folder {folder} changed since its latent cache was built (4 image files then, 8 now): "
-            "building the cache again") in capsys.readouterr().err
+    assert (
+        f"the dataset folder {folder} changed since its latent cache was built (4 image files then, 8 now): "
+        "building the cache again"
+    ) in capsys.readouterr().err
     assert load_latent_cache(cache)[1]["num_images"] == 8
     build_latent_cache(str(folder), vae, cache, 32, flip=False, progress=False)
     assert "changed" not in capsys.readouterr().err  # unchanged: reused
@@ -387,9 +444,28 @@ def test_a_full_disk_while_building_the_latent_cache_is_one_line(images, tiny_va
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(latents, "save_file", full)
-    code = main(["train", "--dataset", str(images), "--space", "latent", "--vae", str(tiny_vae_dir), "--cache-latents",
-                 "--preset", "micro", "--resolution", "32", "--steps", "1", "--num-workers", "0",
-                 "--output-dir", str(tmp_path / "run")])
+    code = main(
+        [
+            "train",
+            "--dataset",
+            str(images),
+            "--space",
+            "latent",
+            "--vae",
+            str(tiny_vae_dir),
+            "--cache-latents",
+            "--preset",
+            "micro",
+            "--resolution",
+            "32",
+            "--steps",
+            "1",
+            "--num-workers",
+            "0",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     assert code == 1
     (line,) = error_lines(capsys.readouterr().err)
     assert "no space left on device while writing the latent cache" in line
@@ -401,8 +477,7 @@ class FullDiskGrid:
         raise OSError(28, "No space left on device")
 
 
-def test_a_full_disk_while_writing_a_sample_grid_in_training_warns_and_trains_on(images, tmp_path, monkeypatch,
-                                                                                 capsys):
+def test_a_full_disk_while_writing_a_sample_grid_in_training_warns_and_trains_on(images, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("liquid_diffusion.sampling.image_grid", lambda *args: FullDiskGrid())
     out = tmp_path / "run"
     Trainer(pixel_config(images, out, steps=2, sample_every=1)).train()
@@ -426,11 +501,32 @@ def damaged_newest(finished_run, tmp_path_factory) -> Path:
 def test_sample_export_and_evaluate_fall_back_past_a_damaged_newest_checkpoint(damaged_newest, tmp_path, capsys):
     from liquid_diffusion.evaluate import evaluate_checkpoint
 
-    assert main(["sample", "--checkpoint", str(damaged_newest), "--num-images", "1", "--steps", "1",
-                 "--out", str(tmp_path / "grid.png")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(damaged_newest),
+                "--num-images",
+                "1",
+                "--steps",
+                "1",
+                "--out",
+                str(tmp_path / "grid.png"),
+            ]
+        )
+        == 0
+    )
     assert main(["export", "--checkpoint", str(damaged_newest), "--out", str(tmp_path / "export")]) == 0
-    result = evaluate_checkpoint(damaged_newest, num_samples=4, steps=1, batch_size=4, feature_extractor=StandInFeatures(),
-                                 reference_root=tmp_path / "ref", progress=False)
+    result = evaluate_checkpoint(
+        damaged_newest,
+        num_samples=4,
+        steps=1,
+        batch_size=4,
+        feature_extractor=StandInFeatures(),
+        reference_root=tmp_path / "ref",
+        progress=False,
+    )
     assert result["step"] == 1
     err = capsys.readouterr().err
     assert err.count("warning: skipping damaged checkpoint-000002") == 3 and "unet_ema" in err
@@ -439,8 +535,9 @@ def test_sample_export_and_evaluate_fall_back_past_a_damaged_newest_checkpoint(d
 def test_sample_into_a_read_only_folder_is_one_line(finished_run, tmp_path, monkeypatch, capsys):
     readonly = tmp_path / "readonly"
     readonly.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(readonly)],
-                      capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(readonly)], capture_output=True
+    ).returncode:
         if os.geteuid() == 0:
             pytest.skip("cannot mount a read-only tmpfs here")
         readonly.chmod(0o555)  # not root: the permission bits are enough
@@ -498,8 +595,24 @@ def test_a_relative_dataset_path_from_another_working_dir_says_it_does_not_exist
 
     monkeypatch.setattr(sources, "hub_reachable", lambda *args, **kwargs: False)  # offline: never touch the network
     monkeypatch.chdir(tmp_path)
-    assert main(["train", "--dataset", "data/photos", "--space", "pixel", "--preset", "micro", "--resolution",
-                 str(RES), "--output-dir", "run"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "data/photos",
+                "--space",
+                "pixel",
+                "--preset",
+                "micro",
+                "--resolution",
+                str(RES),
+                "--output-dir",
+                "run",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "Traceback" not in err
     (line,) = error_lines(err)
@@ -508,8 +621,10 @@ def test_a_relative_dataset_path_from_another_working_dir_says_it_does_not_exist
 
 def test_a_nan_guidance_scale_is_refused_in_one_line(images, finished_run, tmp_path, capsys):
     assert main(cli_train(images, tmp_path / "run", "--steps", "1", "--guidance-scale", "nan")[3:]) == 2
-    assert main(["sample", "--checkpoint", str(finished_run), "--guidance-scale", "nan",
-                 "--out", str(tmp_path / "g.png")]) == 2
+    assert (
+        main(["sample", "--checkpoint", str(finished_run), "--guidance-scale", "nan", "--out", str(tmp_path / "g.png")])
+        == 2
+    )
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 2 and "nan" in lines[0] and "--guidance-scale must be at least 0, got nan" in lines[1]
     assert not (tmp_path / "run").exists()

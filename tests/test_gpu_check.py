@@ -17,10 +17,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p), CUDA_VISIBLE_DEVICES="")
-    return subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out-dir", str(out), "--dry-run", *extra],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+        CUDA_VISIBLE_DEVICES="",
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", "--out-dir", str(out), "--dry-run", *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def _finite(*values) -> bool:
@@ -33,12 +43,24 @@ def test_dry_run_writes_every_section_with_finite_numbers_and_passing_checks(tmp
     report = json.loads((tmp_path / "report.json").read_text())
     sections = {s["name"].split(":")[0]: s for s in report["sections"]}
     assert [s["status"] for s in report["sections"]] == ["ok"] * len(report["sections"])
-    assert set(sections) == {"environment", "notebook", "memory", "cli", "sampling", "speed", "profile", "tests", "quality",
-                             "mfu", "targets"}
+    assert set(sections) == {
+        "environment",
+        "notebook",
+        "memory",
+        "cli",
+        "sampling",
+        "speed",
+        "profile",
+        "tests",
+        "quality",
+        "mfu",
+        "targets",
+    }
 
     memory = sections["memory"]["data"]
     assert len(memory) == 4 and {(r["data"], r["precision"][:4]) for r in memory} == {
-        (d, p) for d in ("cached latents", "VAE in the loop") for p in ("fp16", "bf16")}
+        (d, p) for d in ("cached latents", "VAE in the loop") for p in ("fp16", "bf16")
+    }
     assert all(_finite(r["mib"]) and r["mib"] > 0 and r["loss_finite"] for r in memory)
 
     # the Colab notebook, executed end to end in a kernel (latent space, mid-run grid, export); its outputs come back
@@ -52,8 +74,9 @@ def test_dry_run_writes_every_section_with_finite_numbers_and_passing_checks(tmp
     assert all(r["seconds_with_vae"] > r["seconds"] > 0 for r in sections["sampling"]["data"])
 
     speed = [r for s in report["sections"] if s["name"].startswith("speed") for r in s["data"]["rows"]]
-    assert all(_finite(r["images_per_s"], r["gflop_per_img"], r["peak_mem_mib"]) and r["images_per_s"] > 0
-               for r in speed)
+    assert all(
+        _finite(r["images_per_s"], r["gflop_per_img"], r["peak_mem_mib"]) and r["images_per_s"] > 0 for r in speed
+    )
     compiled = [r for r in speed if r["variant"].endswith("+compile")]
     assert {r["model"] for r in compiled} == {"liquid-micro", "dit-s2"}
     assert all(r["graphs"] >= 1 and r["graph_breaks"] == 0 for r in compiled if r["model"] == "liquid-micro")
@@ -73,7 +96,7 @@ def test_dry_run_writes_every_section_with_finite_numbers_and_passing_checks(tmp
     quality = sections["quality"]["data"]
     assert [r["model"] for r in quality] == ["liquid-micro", "dit-micro"]
     assert all(r["minutes"] == 0.02 and r["steps"] >= 1 and _finite(r["val_loss"], r["val_loss_raw"]) for r in quality)
-    assert all(r["config"]["batch_size"] == 4 and math.isclose(r["config"]["lr"], 1e-3 * 0.5 ** 0.5) for r in quality)
+    assert all(r["config"]["batch_size"] == 4 and math.isclose(r["config"]["lr"], 1e-3 * 0.5**0.5) for r in quality)
 
     text = (tmp_path / "report.md").read_text()
     assert "DRY RUN" in text and "| bf16+compile+cache | PASS |" in text
@@ -84,7 +107,9 @@ def test_dry_run_writes_every_section_with_finite_numbers_and_passing_checks(tmp
 def test_spent_budget_skips_the_remaining_sections_with_a_note(tmp_path):
     done = _run(tmp_path, "--budget-s", "0", "--sections", "environment", "memory", "cli", "mfu")
     assert done.returncode == 0, done.stderr[-3000:]
-    statuses = {s["name"]: (s["status"], s["error"]) for s in json.loads((tmp_path / "report.json").read_text())["sections"]}
+    statuses = {
+        s["name"]: (s["status"], s["error"]) for s in json.loads((tmp_path / "report.json").read_text())["sections"]
+    }
     assert statuses["environment"] == ("ok", None)  # cheap sections run regardless
     for name in ("memory", "cli"):
         assert statuses[name][0] == "skipped" and "--budget-s 0" in statuses[name][1]
@@ -110,8 +135,20 @@ def test_a_failing_section_is_recorded_in_one_line_and_the_next_one_runs(tmp_pat
 
 
 def test_models_flags_choose_what_is_timed_and_compiled_and_a_typo_fails_in_one_line(tmp_path):
-    done = _run(tmp_path, "--sections", "environment", "speed", "targets", "--models", "liquid-micro-ablation",
-                "dit-s2", "--compile-models", "liquid-micro-ablation", "--compile-mode", "reduce-overhead")
+    done = _run(
+        tmp_path,
+        "--sections",
+        "environment",
+        "speed",
+        "targets",
+        "--models",
+        "liquid-micro-ablation",
+        "dit-s2",
+        "--compile-models",
+        "liquid-micro-ablation",
+        "--compile-mode",
+        "reduce-overhead",
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     rows = [r for s in report["sections"] if s["name"].startswith("speed") for r in s["data"]["rows"]]

@@ -32,7 +32,7 @@ def http_error(cls, status: int, url: str = "https://huggingface.co/api/repos/cr
 class FakeHfApi:
     """Stands in for ``huggingface_hub.HfApi``: records calls and copies what upload_folder was given."""
 
-    instances: list["FakeHfApi"] = []
+    instances: list[FakeHfApi] = []
     upload_errors: list[BaseException] = []  # raised by upload_folder, one per call, before succeeding
     create_error: BaseException | None = None
     gate: threading.Event | None = None  # upload_folder waits on it when set
@@ -97,8 +97,7 @@ def test_missing_paths_and_bad_ids_give_one_clear_error(tmp_path):
         hub.resolve_checkpoint(tmp_path)
 
 
-def test_a_relative_checkpoint_path_without_dot_slash_is_local(pixel_run, pixel_export, tmp_path, monkeypatch,
-                                                                capsys):
+def test_a_relative_checkpoint_path_without_dot_slash_is_local(pixel_run, pixel_export, tmp_path, monkeypatch, capsys):
     import shutil
 
     shutil.copytree(pixel_run, tmp_path / "runs" / "x")
@@ -115,8 +114,10 @@ def test_a_relative_checkpoint_path_without_dot_slash_is_local(pixel_run, pixel_
     # a path that is not here says so in one line, and nothing is downloaded
     capsys.readouterr()
     assert main(["sample", "--checkpoint", "runs/x/checkpoint-000100"]) == 2
-    assert capsys.readouterr().err == (f"error: checkpoint path 'runs/x/checkpoint-000100' does not exist locally "
-                                       f"(relative to {os.getcwd()}); check the path (a Hub id is USER/NAME)\n")
+    assert capsys.readouterr().err == (
+        f"error: checkpoint path 'runs/x/checkpoint-000100' does not exist locally "
+        f"(relative to {os.getcwd()}); check the path (a Hub id is USER/NAME)\n"
+    )
     assert downloads == []
     # only USER/NAME that is not here is a Hub id
     assert hub.resolve_checkpoint("me/liquid-anime") == pixel_export and downloads == ["me/liquid-anime"]
@@ -131,8 +132,12 @@ def package_imports(module: str) -> set[str]:
     seen, todo = set(), [module]
     while todo:
         tree = ast.parse((package / f"{todo.pop()}.py").read_text())
-        typing_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
-                       and "TYPE_CHECKING" in ast.unparse(block.test) for node in ast.walk(block)}
+        typing_only = {
+            id(node)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+            for node in ast.walk(block)
+        }
         for node in ast.walk(tree):
             if id(node) in typing_only:
                 continue
@@ -392,10 +397,25 @@ def test_training_pushes_every_n_checkpoints_in_the_background(fake_hub, clean_i
     from liquid_diffusion.config import TrainConfig
     from liquid_diffusion.trainer import Trainer
 
-    config = TrainConfig(dataset=str(clean_image_folder), space="pixel", preset="micro", resolution=16, batch_size=4,
-                         steps=6, checkpoint_every=2, push_to_hub="me/liquid-micro", push_every=2, log_every=2,
-                         sample_every=2, num_sample_images=4, sample_steps=2, num_workers=0, shuffle_buffer=8,
-                         output_dir=str(tmp_path), progress_bar=False)
+    config = TrainConfig(
+        dataset=str(clean_image_folder),
+        space="pixel",
+        preset="micro",
+        resolution=16,
+        batch_size=4,
+        steps=6,
+        checkpoint_every=2,
+        push_to_hub="me/liquid-micro",
+        push_every=2,
+        log_every=2,
+        sample_every=2,
+        num_sample_images=4,
+        sample_steps=2,
+        num_workers=0,
+        shuffle_buffer=8,
+        output_dir=str(tmp_path),
+        progress_bar=False,
+    )
     Trainer(config).train()  # returns only after the background pusher has finished
 
     uploads = [upload for api in fake_hub.instances for upload in api.uploads]

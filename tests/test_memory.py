@@ -45,8 +45,9 @@ def test_latent_space_adds_the_vae_and_its_encoding_and_half_precision_saves():
     cached = estimate_training_memory_gib("micro", "latent", 256, 8, cache_latents=True)
     bf16_vae = estimate_training_memory_gib("micro", "latent", 256, 8, vae_dtype=torch.bfloat16)
     assert latent > cached and latent > bf16_vae
-    assert cached > estimate_training_memory_gib("micro", "latent", 256, 8, cache_latents=True,
-                                                 vae_dtype=torch.bfloat16)
+    assert cached > estimate_training_memory_gib(
+        "micro", "latent", 256, 8, cache_latents=True, vae_dtype=torch.bfloat16
+    )
     assert pixel > estimate_training_memory_gib("micro", "pixel", 256, 8, mixed_precision="fp16")
 
 
@@ -64,24 +65,29 @@ def test_gradient_checkpointing_keeps_the_blocks_inputs_and_recomputes_one_block
     # measuring leaves it switched on, with the checkpoint function it had
     assert model.is_gradient_checkpointing and model._gradient_checkpointing_func is checkpoint_function
     per_cell, _ = activation_bytes("tiny", 4)
-    assert activation_bytes("tiny", 4, gradient_checkpointing=True)[0] == pytest.approx(per_cell * (kept + recomputed)
-                                                                                      / plain)
+    assert activation_bytes("tiny", 4, gradient_checkpointing=True)[0] == pytest.approx(
+        per_cell * (kept + recomputed) / plain
+    )
 
 
 def test_the_estimate_knows_what_gradient_checkpointing_saves():
     plain = [estimate_training_memory_gib("tiny", "latent", 512, b, cache_latents=True) for b in (1, 8)]
-    checkpointed = [estimate_training_memory_gib("tiny", "latent", 512, b, cache_latents=True,
-                                                 gradient_checkpointing=True) for b in (1, 8)]
+    checkpointed = [
+        estimate_training_memory_gib("tiny", "latent", 512, b, cache_latents=True, gradient_checkpointing=True)
+        for b in (1, 8)
+    ]
     assert checkpointed[0] < plain[0] and plain[1] - plain[0] > 2 * (checkpointed[1] - checkpointed[0])
     assert suggest_batch_size(8, "base", "latent", 512, cache_latents=True) < suggest_batch_size(
-        8, "base", "latent", 512, cache_latents=True, gradient_checkpointing=True)
+        8, "base", "latent", 512, cache_latents=True, gradient_checkpointing=True
+    )
 
 
 def test_gradient_checkpointing_is_needed_when_the_batch_does_not_fit_three_quarters_of_the_gpu_without_it():
     need = estimate_training_memory_gib("base", "latent", 512, 4, cache_latents=True)
     assert needs_gradient_checkpointing(need / 0.75 * 0.99, "base", "latent", 512, 4, cache_latents=True)
-    assert not needs_gradient_checkpointing(need / 0.75 * 1.01, "base", "latent", 512, 4, cache_latents=True,
-                                            gradient_checkpointing=True)  # judged without it, whatever is asked
+    assert not needs_gradient_checkpointing(
+        need / 0.75 * 1.01, "base", "latent", 512, 4, cache_latents=True, gradient_checkpointing=True
+    )  # judged without it, whatever is asked
     assert not needs_gradient_checkpointing(0, "base", "latent", 512, 64)  # no GPU
 
 
@@ -102,19 +108,27 @@ def test_suggested_batch_size_is_the_largest_power_of_two_that_fits_three_quarte
 # on architecture version 3, so the estimate is fed version 3's counts: its fp32 activation bytes per latent cell
 # and its parameters, as ``activation_bytes`` counted them for its presets (in_channels 4).
 MEASURED_H200 = [
-    ("tiny", "fp16", torch.float32, True, 796), ("tiny", "bf16", torch.bfloat16, True, 731),
-    ("tiny", "fp16", torch.float32, False, 2302), ("tiny", "bf16", torch.bfloat16, False, 1362),
-    ("small", "bf16", torch.bfloat16, True, 2100), ("small", "bf16", torch.bfloat16, False, 2244),
-    ("base", "bf16", torch.bfloat16, True, 4240), ("base", "bf16", torch.bfloat16, False, 4393),
+    ("tiny", "fp16", torch.float32, True, 796),
+    ("tiny", "bf16", torch.bfloat16, True, 731),
+    ("tiny", "fp16", torch.float32, False, 2302),
+    ("tiny", "bf16", torch.bfloat16, False, 1362),
+    ("small", "bf16", torch.bfloat16, True, 2100),
+    ("small", "bf16", torch.bfloat16, False, 2244),
+    ("base", "bf16", torch.bfloat16, True, 4240),
+    ("base", "bf16", torch.bfloat16, False, 4393),
 ]
-MEASURED_ARCHITECTURE_COUNTS = {"tiny": (50809.25, 21545668), "small": (126526.25, 66775684),
-                                "base": (199759.25, 150474212)}
+MEASURED_ARCHITECTURE_COUNTS = {
+    "tiny": (50809.25, 21545668),
+    "small": (126526.25, 66775684),
+    "base": (199759.25, 150474212),
+}
 
 
 @pytest.fixture
 def version_3_presets(monkeypatch):
     """The estimate's formula, fed the counts of the architecture that was measured (counted on version 3's model,
     ``benchmarks/legacy_blocks.py`` at commit 53d37d4)."""
+
     def counts(preset, in_channels, gradient_checkpointing=False):
         assert in_channels == 4 and not gradient_checkpointing
         return MEASURED_ARCHITECTURE_COUNTS[preset]
@@ -123,9 +137,11 @@ def version_3_presets(monkeypatch):
 
 
 @pytest.mark.parametrize("preset, precision, vae_dtype, cached, measured_mib", MEASURED_H200)
-def test_the_estimate_covers_the_peaks_measured_on_a_gpu_without_doubling_them(version_3_presets, preset, precision,
-                                                                             vae_dtype, cached, measured_mib):
-    estimate = estimate_training_memory_gib(preset, "latent", 256, 8, mixed_precision=precision, vae_dtype=vae_dtype,
-                                            cache_latents=cached)
+def test_the_estimate_covers_the_peaks_measured_on_a_gpu_without_doubling_them(
+    version_3_presets, preset, precision, vae_dtype, cached, measured_mib
+):
+    estimate = estimate_training_memory_gib(
+        preset, "latent", 256, 8, mixed_precision=precision, vae_dtype=vae_dtype, cache_latents=cached
+    )
     without_context_mib = (estimate * 2**30 - CUDA_CONTEXT_BYTES) / 2**20
     assert measured_mib <= without_context_mib < 1.6 * measured_mib

@@ -12,9 +12,19 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from liquid_diffusion import LiquidDiffusionUNet, PRESETS, flow
-from liquid_diffusion.blocks import (AdaLN, BlockModulation, FilterSkip, GatedProjection, LiquidDiffusionBlock,
-                                    OutputHead, ParallelCfC, PositionEmbedder, SpatialMix, liquid_relaxation)
+from liquid_diffusion import PRESETS, LiquidDiffusionUNet, flow
+from liquid_diffusion.blocks import (
+    AdaLN,
+    BlockModulation,
+    FilterSkip,
+    GatedProjection,
+    LiquidDiffusionBlock,
+    OutputHead,
+    ParallelCfC,
+    PositionEmbedder,
+    SpatialMix,
+    liquid_relaxation,
+)
 from liquid_diffusion.model import FORMAT_VERSION
 
 
@@ -108,10 +118,10 @@ def test_preset_shapes_are_the_measured_ones():
     # (3(k): position features, 4 octaves)
     position = dict(position_frequencies=4)
     assert PRESETS["tiny"] == dict(widths=(96, 192, 384), depths=(2, 4, 2), decoder_widths=(192, 192, 384), **position)
-    assert PRESETS["small"] == dict(widths=(128, 256, 512), depths=(3, 6, 4), decoder_widths=(256, 256, 512),
-                                    **position)
-    assert PRESETS["base"] == dict(widths=(192, 384, 768), depths=(4, 8, 3), decoder_widths=(384, 384, 768),
-                                   **position)
+    assert PRESETS["small"] == dict(
+        widths=(128, 256, 512), depths=(3, 6, 4), decoder_widths=(256, 256, 512), **position
+    )
+    assert PRESETS["base"] == dict(widths=(192, 384, 768), depths=(4, 8, 3), decoder_widths=(384, 384, 768), **position)
     assert PRESETS["micro"]["position_frequencies"] == 4
 
 
@@ -251,8 +261,9 @@ def test_to_dtype_runs_the_model_in_that_dtype(dtype):
 def test_from_pretrained_loads_in_the_torch_dtype_asked_for(tmp_path, low_cpu_mem_usage):
     model = perturb_zero_init(micro())
     model.save_pretrained(tmp_path)
-    loaded = LiquidDiffusionUNet.from_pretrained(tmp_path, torch_dtype=torch.bfloat16,
-                                                 low_cpu_mem_usage=low_cpu_mem_usage)
+    loaded = LiquidDiffusionUNet.from_pretrained(
+        tmp_path, torch_dtype=torch.bfloat16, low_cpu_mem_usage=low_cpu_mem_usage
+    )
     assert loaded.dtype == torch.bfloat16 and {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     saved = model.state_dict()
     assert all(torch.equal(v, saved[k].to(torch.bfloat16)) for k, v in loaded.state_dict().items())
@@ -461,13 +472,14 @@ def test_the_cfc_cell_relaxes_the_stream_towards_the_stream_plus_its_update():
     x, u, t_emb = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5), torch.randn(2, 16)
     slab = modulation(t_emb)[0][..., None, None]
     maps = t_emb @ modulation.linear.weight.T + modulation.linear.bias  # the 8 kinds' linear maps of t_emb, 8 each
-    linear = lambda k: maps[:, 8 * k:8 * k + 8, None, None]  # noqa: E731
+    linear = lambda k: maps[:, 8 * k : 8 * k + 8, None, None]  # noqa: E731
     time_a, time_b, tau = linear(2), linear(3), linear(4)
     f, g, h = cell.heads(u).chunk(3, dim=1)
     gate = torch.sigmoid(time_a * f - time_b)
     out = gate * g + (1 - gate) * h
-    alpha = torch.exp(-torch.nn.functional.softplus(modulation.rho)[:, None, None]
-                      * (0.05 + torch.nn.functional.softplus(tau)))
+    alpha = torch.exp(
+        -torch.nn.functional.softplus(modulation.rho)[:, None, None] * (0.05 + torch.nn.functional.softplus(tau))
+    )
     assert alpha.shape == (2, 8, 1, 1) and not torch.allclose(alpha[0], alpha[1])  # per channel and per t
     torch.testing.assert_close(slab[:, 4], 1 - alpha)
     torch.testing.assert_close(slab[:, 0], 1 + linear(0))  # AdaLN's 1 + scale
@@ -597,8 +609,9 @@ def test_position_features_are_fourier_features_of_the_pixel_centres_at_any_reso
     assert torch.allclose(octave_2_of_y, torch.sin(2 * torch.pi * y), atol=1e-6)
     assert torch.allclose(features[0, 2 + 4 + 2], torch.cos(torch.pi * x), atol=1e-6)
     # the same place at another resolution gets the same features: the grid always spans [-1, 1]
-    assert torch.allclose(embedder.features(8, 16, torch.device("cpu"))[0, :, 1::2, 1::2].mean(),
-                          features.mean(), atol=0.2)
+    assert torch.allclose(
+        embedder.features(8, 16, torch.device("cpu"))[0, :, 1::2, 1::2].mean(), features.mean(), atol=0.2
+    )
     assert embedder.features(64, 64, torch.device("cpu")).abs().max() <= 1
 
 
@@ -666,8 +679,11 @@ def test_a_model_of_the_previous_architecture_version_is_refused_in_one_line_tha
     model = LiquidDiffusionUNet.from_preset("micro", in_channels=3)
     model.register_to_config(format_version=FORMAT_VERSION - 1)
     model.save_pretrained(folder)
-    with pytest.raises(ValueError, match=f"architecture version {FORMAT_VERSION - 1}.*format changed.*retrain it, or "
-                                         "load it with the package release that saved it") as error:
+    with pytest.raises(
+        ValueError,
+        match=f"architecture version {FORMAT_VERSION - 1}.*format changed.*retrain it, or "
+        "load it with the package release that saved it",
+    ) as error:
         LiquidDiffusionUNet.from_pretrained(folder)
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match=f"architecture version {FORMAT_VERSION - 1}"):
@@ -720,10 +736,13 @@ def test_sampling_or_exporting_an_old_checkpoint_is_one_clean_line(pixel_run, tm
     shutil.copytree(pixel_run, run)
     for checkpoint in run.glob("checkpoint-*"):
         _as_version_1(checkpoint)
-    for command in (["sample", "--checkpoint", str(run), "--out", str(tmp_path / "grid.png")],
-                    ["export", "--checkpoint", str(run), "--out", str(tmp_path / "export")]):
-        result = subprocess.run([sys.executable, "-m", "liquid_diffusion", *command], capture_output=True, text=True,
-                                timeout=120)
+    for command in (
+        ["sample", "--checkpoint", str(run), "--out", str(tmp_path / "grid.png")],
+        ["export", "--checkpoint", str(run), "--out", str(tmp_path / "export")],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "liquid_diffusion", *command], capture_output=True, text=True, timeout=120
+        )
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().count("\n") == 0 and "format changed" in result.stderr, result.stderr
     assert not (tmp_path / "grid.png").exists() and not (tmp_path / "export").exists()

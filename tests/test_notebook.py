@@ -23,10 +23,36 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "LiquidDiffusion_Training.ipynb"
 SCRIPT = ROOT / "LiquidDiffusion_Training.py"  # the notebook's source as a jupytext percent script, paired with it
 
-FORM_FIELDS = ("DATASET", "CUSTOM_DATASET", "PRESET", "RESOLUTION", "SPACE", "STEPS", "BATCH_SIZE", "LEARNING_RATE",
-               "SAMPLE_EVERY", "HUB_REPO_ID", "MOUNT_DRIVE", "PACKAGE_SPEC", "GRADIENT_CHECKPOINTING", "REPORT_TO")
-ENV_OVERRIDES = ("LD_DATASET", "LD_PRESET", "LD_RESOLUTION", "LD_SPACE", "LD_VAE", "LD_STEPS", "LD_BATCH_SIZE",
-                 "LD_SAMPLE_EVERY", "LD_OUTPUT_DIR", "LD_HUB_REPO", "LD_GRADIENT_CHECKPOINTING", "LD_REPORT_TO")
+FORM_FIELDS = (
+    "DATASET",
+    "CUSTOM_DATASET",
+    "PRESET",
+    "RESOLUTION",
+    "SPACE",
+    "STEPS",
+    "BATCH_SIZE",
+    "LEARNING_RATE",
+    "SAMPLE_EVERY",
+    "HUB_REPO_ID",
+    "MOUNT_DRIVE",
+    "PACKAGE_SPEC",
+    "GRADIENT_CHECKPOINTING",
+    "REPORT_TO",
+)
+ENV_OVERRIDES = (
+    "LD_DATASET",
+    "LD_PRESET",
+    "LD_RESOLUTION",
+    "LD_SPACE",
+    "LD_VAE",
+    "LD_STEPS",
+    "LD_BATCH_SIZE",
+    "LD_SAMPLE_EVERY",
+    "LD_OUTPUT_DIR",
+    "LD_HUB_REPO",
+    "LD_GRADIENT_CHECKPOINTING",
+    "LD_REPORT_TO",
+)
 
 
 def _read() -> nbformat.NotebookNode:
@@ -90,8 +116,11 @@ def test_notebook_has_forms_env_overrides_and_no_model_code():
     # the cells are a few lines: fields, a guard and calls into the package, which holds the logic
     for cell in notebook.cells:
         if cell.cell_type == "code":
-            code = [line for line in cell.source.splitlines()
-                    if line.strip() and not line.lstrip().startswith("#") and "# @param" not in line]
+            code = [
+                line
+                for line in cell.source.splitlines()
+                if line.strip() and not line.lstrip().startswith("#") and "# @param" not in line
+            ]
             assert len(code) <= 30 if _id(cell) == "setup-code" else len(code) <= 12, (_id(cell), len(code))
             assert "\ndef " not in cell.source and "\nclass " not in cell.source, _id(cell)
     # everything comes from the package: no network or training loop defined in the notebook
@@ -116,8 +145,13 @@ def test_the_notebook_is_what_jupytext_makes_of_its_script():
 
 
 def _outputs_with(notebook, mime: str) -> list[str]:
-    return [_id(cell) for cell in notebook.cells if cell.cell_type == "code"
-            for output in cell.outputs if mime in output.get("data", {})]
+    return [
+        _id(cell)
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if mime in output.get("data", {})
+    ]
 
 
 def test_notebook_runs_headless_on_cpu_and_resumes(tmp_path, monkeypatch, clean_image_folder):
@@ -148,22 +182,39 @@ def test_notebook_runs_headless_on_cpu_and_resumes(tmp_path, monkeypatch, clean_
 
     notebook = _read()
     client = nbclient.NotebookClient(
-        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}},
+        notebook,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(ROOT)}},
     )
     client.execute()
 
-    errors = [output for cell in notebook.cells if cell.cell_type == "code"
-              for output in cell.outputs if output.output_type == "error"]
+    errors = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if output.output_type == "error"
+    ]
     assert not errors
     images = _outputs_with(notebook, "image/png")
     assert "train-code" in images, "the live panel showed no sample grid"
     assert {"preview-code", "samples-code", "load-code"} <= set(images), images
 
-    text = "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
-                   for output in cell.outputs if output.output_type == "stream")
+    text = "".join(
+        output.get("text", "")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if output.output_type == "stream"
+    )
     assert "skipping the push" in text
-    html = "".join(o.get("data", {}).get("text/html", "") for cell in notebook.cells if cell.cell_type == "code"
-                   for o in cell.outputs)
+    html = "".join(
+        o.get("data", {}).get("text/html", "")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for o in cell.outputs
+    )
     assert html.count("No GPU found") == 1 and "No GPU found" not in text  # said once
     # the run really trained, sampled, checkpointed and exported where LD_OUTPUT_DIR said
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
@@ -183,10 +234,18 @@ def test_notebook_runs_headless_on_cpu_and_resumes(tmp_path, monkeypatch, clean_
     monkeypatch.setenv("LD_BATCH_SIZE", "0")  # "suggested": a resumed run keeps the checkpoint's batch size
     notebook = _read()
     nbclient.NotebookClient(
-        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}},
+        notebook,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(ROOT)}},
     ).execute()
-    text = "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
-                   for output in cell.outputs if output.output_type == "stream")
+    text = "".join(
+        output.get("text", "")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if output.output_type == "stream"
+    )
     assert "resume      from checkpoint-000004" in text
     assert "resumed from" in text and "at step 4" in text
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
@@ -199,12 +258,29 @@ def test_notebook_runs_headless_in_latent_space(tmp_path, monkeypatch, clean_ima
     gradient checkpointing and W&B (offline) switched on."""
     output_dir = tmp_path / "run"
     overrides = {
-        "LD_DATASET": str(clean_image_folder), "LD_SPACE": "latent", "LD_VAE": str(tiny_vae_dir),
-        "LD_PRESET": "micro", "LD_RESOLUTION": "32", "LD_STEPS": "2", "LD_BATCH_SIZE": "2", "LD_SAMPLE_EVERY": "1",
-        "LD_NUM_SAMPLES": "2", "LD_OUTPUT_DIR": str(output_dir), "LD_HUB_REPO": "", "LD_EVAL_EVERY": "0", "LD_MOUNT_DRIVE": "0",
-        "LD_SKIP_INSTALL": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-        "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
-        "LD_GRADIENT_CHECKPOINTING": "on", "LD_REPORT_TO": "wandb", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+        "LD_DATASET": str(clean_image_folder),
+        "LD_SPACE": "latent",
+        "LD_VAE": str(tiny_vae_dir),
+        "LD_PRESET": "micro",
+        "LD_RESOLUTION": "32",
+        "LD_STEPS": "2",
+        "LD_BATCH_SIZE": "2",
+        "LD_SAMPLE_EVERY": "1",
+        "LD_NUM_SAMPLES": "2",
+        "LD_OUTPUT_DIR": str(output_dir),
+        "LD_HUB_REPO": "",
+        "LD_EVAL_EVERY": "0",
+        "LD_MOUNT_DRIVE": "0",
+        "LD_SKIP_INSTALL": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "MPLBACKEND": "Agg",
+        "OMP_NUM_THREADS": "1",
+        "LD_GRADIENT_CHECKPOINTING": "on",
+        "LD_REPORT_TO": "wandb",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
     }
     if importlib.util.find_spec("wandb") is None:  # the rest of the path still runs
         overrides["LD_REPORT_TO"] = "none"
@@ -212,7 +288,10 @@ def test_notebook_runs_headless_in_latent_space(tmp_path, monkeypatch, clean_ima
         monkeypatch.setenv(name, value)
     notebook = _read()
     nbclient.NotebookClient(
-        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}},
+        notebook,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(ROOT)}},
     ).execute()
     images = _outputs_with(notebook, "image/png")
     assert {"preview-code", "train-code", "samples-code", "load-code"} <= set(images), images
@@ -231,12 +310,21 @@ def test_notebook_runs_headless_in_latent_space(tmp_path, monkeypatch, clean_ima
 
 def _run_cells(sources: list[str], monkeypatch, **env) -> tuple[nbformat.NotebookNode, bool]:
     """Runs code cells like *Run all* in a fresh kernel; returns the notebook and whether it stopped at an error."""
-    for name, value in {"LD_SKIP_INSTALL": "1", "LD_MOUNT_DRIVE": "0", "LD_EVAL_EVERY": "0", "CUDA_VISIBLE_DEVICES": "",
-                        "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", **env}.items():
+    for name, value in {
+        "LD_SKIP_INSTALL": "1",
+        "LD_MOUNT_DRIVE": "0",
+        "LD_EVAL_EVERY": "0",
+        "CUDA_VISIBLE_DEVICES": "",
+        "HF_HUB_OFFLINE": "1",
+        "MPLBACKEND": "Agg",
+        "OMP_NUM_THREADS": "1",
+        **env,
+    }.items():
         monkeypatch.setenv(name, value)
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in sources])
-    client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": str(ROOT)}})
+    client = nbclient.NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    )
     try:
         client.execute()
     except nbclient.exceptions.CellExecutionError:
@@ -272,14 +360,16 @@ def test_a_bad_hub_repo_id_stops_run_all_at_the_choices_with_one_line(monkeypatc
     assert "error: 'my model' is not a Hub repo id" in text and "Traceback" not in text
 
 
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
-                    reason='wandb is not installed: pip install -e ".[test]"')
+@pytest.mark.skipif(
+    importlib.util.find_spec("wandb") is None, reason='wandb is not installed: pip install -e ".[test]"'
+)
 def test_wandb_without_a_login_stops_run_all_at_the_choices_with_one_line(monkeypatch, tmp_path):
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
     cells = [_cell_source("setup-code"), _cell_source("outputs-code"), _cell_source("choices-code"), "print('ran')"]
-    notebook, stopped = _run_cells(cells, monkeypatch, LD_REPORT_TO="wandb", NETRC=str(tmp_path / "no-netrc"),
-                                   LD_OUTPUT_DIR=str(tmp_path))
+    notebook, stopped = _run_cells(
+        cells, monkeypatch, LD_REPORT_TO="wandb", NETRC=str(tmp_path / "no-netrc"), LD_OUTPUT_DIR=str(tmp_path)
+    )
     assert stopped and notebook.cells[3].outputs == []
     text = _text(notebook.cells[2])
     assert "error: REPORT_TO wandb: not logged in" in text and "wandb login" in text and "Traceback" not in text
@@ -290,11 +380,14 @@ def test_a_stopped_training_stops_run_all_with_one_line_and_a_resume_hint(monkey
     notebook, stopped = _run_cells([_cell_source("setup-code"), stop, "print('pushed')"], monkeypatch)
     assert stopped and notebook.cells[2].outputs == []
     (error,) = [o for o in notebook.cells[1].outputs if o.output_type == "error"]
-    assert error.traceback == ["stopped: training stopped at step 7 and saved checkpoint-000007. Run the notebook again"]
+    assert error.traceback == [
+        "stopped: training stopped at step 7 and saved checkpoint-000007. Run the notebook again"
+    ]
 
 
-@pytest.mark.parametrize("cell_id, needs", [("train-code", "run sections 1 to 4 first"),
-                                            ("hub-code", "run the training cell")])
+@pytest.mark.parametrize(
+    "cell_id, needs", [("train-code", "run sections 1 to 4 first"), ("hub-code", "run the training cell")]
+)
 def test_a_cell_run_out_of_order_says_which_to_run_first(monkeypatch, cell_id, needs):
     notebook, stopped = _run_cells([_cell_source(cell_id)], monkeypatch)
     text = _text(notebook.cells[0])
@@ -306,16 +399,29 @@ def test_the_fid_install_never_replaces_the_installed_torch(monkeypatch, tmp_pat
     install pins torch to the installed build, and when pip cannot honour that, FID is turned off in one line."""
     import importlib.metadata
 
-    fake_pip = ("pip_calls = []\n"
-                "def pip_install(*args):  # pip cannot keep this torch: refuses, as a resolver conflict does\n"
-                "    pip_calls.append(args)\n"
-                "    raise RuntimeError('ResolutionImpossible')\n"
-                "ld.pip_install = pip_install")
-    cells = [_cell_source("setup-code"), fake_pip, _cell_source("outputs-code"), _cell_source("choices-code"),
-             "print('EVAL_EVERY', RUN.config.eval_every, pip_calls)"]
-    notebook, stopped = _run_cells(cells, monkeypatch, LD_SKIP_INSTALL="0", LD_EVAL_EVERY="1000",
-                                   LD_DATASET=str(clean_image_folder), LD_OUTPUT_DIR=str(tmp_path / "run"),
-                                   LD_HUB_REPO="")
+    fake_pip = (
+        "pip_calls = []\n"
+        "def pip_install(*args):  # pip cannot keep this torch: refuses, as a resolver conflict does\n"
+        "    pip_calls.append(args)\n"
+        "    raise RuntimeError('ResolutionImpossible')\n"
+        "ld.pip_install = pip_install"
+    )
+    cells = [
+        _cell_source("setup-code"),
+        fake_pip,
+        _cell_source("outputs-code"),
+        _cell_source("choices-code"),
+        "print('EVAL_EVERY', RUN.config.eval_every, pip_calls)",
+    ]
+    notebook, stopped = _run_cells(
+        cells,
+        monkeypatch,
+        LD_SKIP_INSTALL="0",
+        LD_EVAL_EVERY="1000",
+        LD_DATASET=str(clean_image_folder),
+        LD_OUTPUT_DIR=str(tmp_path / "run"),
+        LD_HUB_REPO="",
+    )
     assert not stopped, [_text(cell) for cell in notebook.cells]
     torch_version = importlib.metadata.version("torch")
     (calls,) = [_text(notebook.cells[4])]

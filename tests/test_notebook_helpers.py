@@ -76,8 +76,14 @@ def test_choices_default_to_the_trainers_recipe():
 
 def test_resolve_choices_cpu_sizing_custom_dataset_and_env(no_overrides, monkeypatch):
     resolved = ld.resolve_choices(ld.Choices(dataset="custom", custom_dataset=" /data/cats ", steps=50000), "cpu")
-    assert (resolved.dataset, resolved.preset, resolved.space, resolved.resolution, resolved.steps,
-            resolved.sample_every) == ("/data/cats", "micro", "pixel", 32, 2000, 250)
+    assert (
+        resolved.dataset,
+        resolved.preset,
+        resolved.space,
+        resolved.resolution,
+        resolved.steps,
+        resolved.sample_every,
+    ) == ("/data/cats", "micro", "pixel", 32, 2000, 250)
     assert not resolved.cache_latents
     kept = ld.resolve_choices(ld.Choices(cpu_settings=False, resolution=" 512px ", cache_latents=True), "cpu")
     assert (kept.preset, kept.space, kept.resolution, kept.cache_latents) == ("tiny", "latent", 512, True)
@@ -88,19 +94,23 @@ def test_resolve_choices_cpu_sizing_custom_dataset_and_env(no_overrides, monkeyp
     assert (overridden.steps, overridden.resolution, overridden.class_conditional) == (7, 64, True)
 
 
-@pytest.mark.parametrize("choices, message", [
-    (dict(dataset="custom"), "CUSTOM_DATASET is empty"),
-    (dict(resolution="big"), "RESOLUTION must be a number of pixels"),
-    (dict(gradient_checkpointing="maybe"), "GRADIENT_CHECKPOINTING must be auto, on or off"),
-    (dict(hub_repo_id="my model"), "is not a Hub repo id"),
-])
+@pytest.mark.parametrize(
+    "choices, message",
+    [
+        (dict(dataset="custom"), "CUSTOM_DATASET is empty"),
+        (dict(resolution="big"), "RESOLUTION must be a number of pixels"),
+        (dict(gradient_checkpointing="maybe"), "GRADIENT_CHECKPOINTING must be auto, on or off"),
+        (dict(hub_repo_id="my model"), "is not a Hub repo id"),
+    ],
+)
 def test_resolve_choices_refuses_in_one_line_naming_the_field(no_overrides, choices, message):
     with pytest.raises(ValueError, match=message):
         ld.resolve_choices(ld.Choices(**choices), "cuda")
 
 
-def test_prepare_builds_the_config_prints_the_run_and_its_terminal_command(no_overrides, monkeypatch, tmp_path,
-                                                                           clean_image_folder, capsys):
+def test_prepare_builds_the_config_prints_the_run_and_its_terminal_command(
+    no_overrides, monkeypatch, tmp_path, clean_image_folder, capsys
+):
     monkeypatch.setenv("LD_DATASET", str(clean_image_folder))
     choices = ld.Choices(steps=40, eval_every=0, batch_size=0, hub_repo_id="")
     run = ld.prepare(choices, ld.Hardware("cpu"), tmp_path)
@@ -118,8 +128,9 @@ def test_prepare_builds_the_config_prints_the_run_and_its_terminal_command(no_ov
         run.trained_checkpoint()
 
 
-def test_prepare_warns_when_the_checkpoint_to_resume_was_trained_otherwise(no_overrides, monkeypatch, tmp_path,
-                                                                          clean_image_folder, capsys):
+def test_prepare_warns_when_the_checkpoint_to_resume_was_trained_otherwise(
+    no_overrides, monkeypatch, tmp_path, clean_image_folder, capsys
+):
     monkeypatch.setenv("LD_DATASET", str(clean_image_folder))
     monkeypatch.setenv("LD_OUTPUT_DIR", str(tmp_path / "run"))
     checkpoint = tmp_path / "run" / "checkpoint-000010"
@@ -138,9 +149,11 @@ def test_prepare_warns_when_the_checkpoint_to_resume_was_trained_otherwise(no_ov
 
 def test_live_dashboard_shows_a_resumed_history_and_updates_in_place(tmp_path, displays):
     config = TrainConfig(output_dir=str(tmp_path), steps=100, log_every=10, sample_every=50)
-    records = [{"step": 10, "loss": 1.0, "loss_t_bins": [0.5, None, 0.2]},
-               {"step": 20, "val_loss": 0.9, "val_loss_raw": 0.95},
-               {"step": 20, "kid": 0.1, "kid_std": 0.01, "fid": 50.0, "eval_samples": 100}]
+    records = [
+        {"step": 10, "loss": 1.0, "loss_t_bins": [0.5, None, 0.2]},
+        {"step": 20, "val_loss": 0.9, "val_loss_raw": 0.95},
+        {"step": 20, "kid": 0.1, "kid_std": 0.01, "fid": 50.0, "eval_samples": 100},
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     dashboard = ld.LiveDashboard(config)
     status, grid, curves = displays
@@ -165,8 +178,14 @@ def test_live_dashboard_drops_steps_redone_after_a_resume(tmp_path, displays):
 
 
 def test_push_without_a_repo_id_is_skipped_in_one_line(tmp_path, capsys):
-    run = ld.NotebookRun(ld.Choices(hub_repo_id=""), TrainConfig(output_dir=str(tmp_path)), ld.Hardware("cpu"), [],
-                         {}, trained=ld.Trained(tmp_path / "checkpoint-000001", complete=True))
+    run = ld.NotebookRun(
+        ld.Choices(hub_repo_id=""),
+        TrainConfig(output_dir=str(tmp_path)),
+        ld.Hardware("cpu"),
+        [],
+        {},
+        trained=ld.Trained(tmp_path / "checkpoint-000001", complete=True),
+    )
     assert ld.push(run) is False
     assert "no HUB_REPO_ID set: skipping the push" in capsys.readouterr().out
 
@@ -211,12 +230,19 @@ def test_advice_and_option_names_follow_the_audience(notebook_wording):
         errors.set_audience("gui")
 
 
-def test_the_trainers_stop_and_divergence_advice_in_the_notebooks_words(notebook_wording, tmp_path,
-                                                                      clean_image_folder):
+def test_the_trainers_stop_and_divergence_advice_in_the_notebooks_words(notebook_wording, tmp_path, clean_image_folder):
     from liquid_diffusion.trainer import Trainer
 
-    config = TrainConfig(dataset=str(clean_image_folder), space="pixel", preset="micro", resolution=16, steps=1,
-                         batch_size=2, num_workers=0, output_dir=str(tmp_path / "run"))
+    config = TrainConfig(
+        dataset=str(clean_image_folder),
+        space="pixel",
+        preset="micro",
+        resolution=16,
+        steps=1,
+        batch_size=2,
+        num_workers=0,
+        output_dir=str(tmp_path / "run"),
+    )
     hint = Trainer(config).resume_hint  # printed beside the notebook's "Run the notebook again" when stopped
     assert "--" not in hint and "run the notebook again" in hint
     advice = errors.advice("resume_from", checkpoint="checkpoint-000010")

@@ -7,19 +7,37 @@ import re
 
 import pytest
 from PIL import Image
+from test_trainer import cli_help, help_entries
 
 from conftest import IMAGE_FOLDER_CORRUPT, IMAGE_FOLDER_GOOD, IMAGE_FOLDER_TINY
 from liquid_diffusion.__main__ import main
-from test_trainer import cli_help, help_entries
 
 
 def test_preview_writes_a_grid_and_prints_the_counts(image_folder, tiny_vae_dir, tmp_path, capsys):
     out = tmp_path / "grid.png"
-    assert main(["preview", "--dataset", str(image_folder), "--resolution", "32", "--num", "16", "--out", str(out),
-                 "--vae", str(tiny_vae_dir)]) == 0
+    assert (
+        main(
+            [
+                "preview",
+                "--dataset",
+                str(image_folder),
+                "--resolution",
+                "32",
+                "--num",
+                "16",
+                "--out",
+                str(out),
+                "--vae",
+                str(tiny_vae_dir),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert (f"read {IMAGE_FOLDER_GOOD + IMAGE_FOLDER_CORRUPT} images, skipped {IMAGE_FOLDER_CORRUPT} (undecodable), "
-            f"upscaled {IMAGE_FOLDER_TINY}") in printed
+    assert (
+        f"read {IMAGE_FOLDER_GOOD + IMAGE_FOLDER_CORRUPT} images, skipped {IMAGE_FOLDER_CORRUPT} (undecodable), "
+        f"upscaled {IMAGE_FOLDER_TINY}"
+    ) in printed
     assert Image.open(out).size == (4 * 32, 4 * 32)
 
 
@@ -32,14 +50,21 @@ def test_preview_errors_are_one_line_without_traceback(dataset, message, capsys)
 
 def test_preview_of_a_missing_folder_is_exactly_one_line(tmp_path, capsys):
     assert main(["preview", "--dataset", str(tmp_path / "x")]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"error: no such file or folder: '{tmp_path / 'x'}'; "
-                                                            "check the path (or pass a Hub id namespace/name)"]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: no such file or folder: '{tmp_path / 'x'}'; check the path (or pass a Hub id namespace/name)"
+    ]
 
 
 def test_every_preview_flag_has_help(capsys):
     entries = help_entries(cli_help("preview", capsys))
-    assert {"--split SPLIT", "--resolution RESOLUTION", "--random-crop", "--no-flip", "--shuffle-buffer SHUFFLE_BUFFER",
-            "--seed SEED"} <= set(entries)
+    assert {
+        "--split SPLIT",
+        "--resolution RESOLUTION",
+        "--random-crop",
+        "--no-flip",
+        "--shuffle-buffer SHUFFLE_BUFFER",
+        "--seed SEED",
+    } <= set(entries)
     for flags, description in entries.items():
         assert len(description) > 10, flags
 

@@ -8,12 +8,11 @@ import types
 
 import pytest
 import torch
+from test_trainer import pixel_config, train_folder  # noqa: F401 -- a fixture
 
 from liquid_diffusion.__main__ import build_parser
 from liquid_diffusion.config import TrainConfig, config_from_args, resolve_batch_size
 from liquid_diffusion.trainer import Trainer, lr_factor
-from test_trainer import pixel_config, train_folder  # noqa: F401 -- a fixture
-
 
 
 def test_learning_rate_schedules():
@@ -26,22 +25,35 @@ def test_learning_rate_schedules():
     assert lr_factor(0, "constant", 0, 1) == 1.0
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("lr_schedule", "step", "--lr-schedule must be one of constant, cosine, linear, rsqrt"),
-    ("adam_beta2", 1.0, "--adam-beta2 must lie in [0, 1)"),
-    ("ema_power", 0.0, "--ema-power must be greater than 0"),
-    ("logit_std", -1.0, "--logit-std must be greater than 0"),
-    ("validation_images", -1, "--validation-images must be at least 0"),
-    ("logit_mean", float("nan"), "--logit-mean must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("lr_schedule", "step", "--lr-schedule must be one of constant, cosine, linear, rsqrt"),
+        ("adam_beta2", 1.0, "--adam-beta2 must lie in [0, 1)"),
+        ("ema_power", 0.0, "--ema-power must be greater than 0"),
+        ("logit_std", -1.0, "--logit-std must be greater than 0"),
+        ("validation_images", -1, "--validation-images must be at least 0"),
+        ("logit_mean", float("nan"), "--logit-mean must be a finite number"),
+    ],
+)
 def test_bad_recipe_values_are_refused_in_one_line(field, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         TrainConfig(**{field: value}).validate()
 
 
-def test_the_recipe_reaches_the_optimizer_ema_and_t_sampling(train_folder, tmp_path):
-    trainer = Trainer(pixel_config(train_folder, tmp_path / "run", adam_beta1=0.8, adam_beta2=0.95, ema_power=0.75,
-                                   lr_schedule="cosine", steps=10, warmup_steps=2))
+def test_the_recipe_reaches_the_optimizer_ema_and_t_sampling(train_folder, tmp_path):  # noqa: F811 -- a fixture
+    trainer = Trainer(
+        pixel_config(
+            train_folder,
+            tmp_path / "run",
+            adam_beta1=0.8,
+            adam_beta2=0.95,
+            ema_power=0.75,
+            lr_schedule="cosine",
+            steps=10,
+            warmup_steps=2,
+        )
+    )
     assert trainer.optimizer.param_groups[0]["betas"] == (0.8, 0.95)
     assert trainer.ema.power == 0.75
     assert trainer.lr_scheduler.lr_lambdas[0](6) == pytest.approx(0.5)
@@ -56,13 +68,12 @@ def test_batch_size_auto_on_the_cpu_is_small_and_keeps_the_rate(capsys):
 
 
 @pytest.mark.parametrize("gib, batch", [(15, 8), (40, 16), (80, 32)])
-def test_batch_size_auto_on_a_gpu_fits_the_card_and_scales_the_rate_by_the_square_root(monkeypatch, capsys, gib,
-                                                                                       batch):
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device: types.SimpleNamespace(total_memory=gib * 2**30))
+def test_batch_size_auto_on_a_gpu_fits_the_card_and_scales_the_rate_by_the_square_root(monkeypatch, capsys, gib, batch):
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=gib * 2**30)
+    )
     monkeypatch.setattr("liquid_diffusion.latents.vae_dtype", lambda device: torch.float32)
-    config = TrainConfig(batch_size="auto", lr=1e-4, preset="tiny", space="latent", resolution=256,
-                         cache_latents=True)
+    config = TrainConfig(batch_size="auto", lr=1e-4, preset="tiny", space="latent", resolution=256, cache_latents=True)
     resolve_batch_size(config, torch.device("cuda"))
     assert config.batch_size == batch
     assert config.lr == pytest.approx(1e-4 * (batch / 8) ** 0.5)
@@ -93,9 +104,12 @@ def test_resume_applies_new_betas_ema_power_and_schedule_and_says_so(train_folde
     out = tmp_path / "run"
     Trainer(pixel_config(train_folder, out, steps=2)).train()
     capsys.readouterr()
-    trainer = Trainer(pixel_config(train_folder, out, steps=3, resume="latest", adam_beta2=0.95, ema_power=0.75,
-                                   lr_schedule="cosine"))
+    trainer = Trainer(
+        pixel_config(train_folder, out, steps=3, resume="latest", adam_beta2=0.95, ema_power=0.75, lr_schedule="cosine")
+    )
     trainer.train()
-    assert ("--adam-beta1/2 0.9/0.999 -> 0.9/0.95, --ema-power 0.666667 -> 0.75, --lr-schedule constant -> cosine"
-            in capsys.readouterr().out)
+    assert (
+        "--adam-beta1/2 0.9/0.999 -> 0.9/0.95, --ema-power 0.666667 -> 0.75, --lr-schedule constant -> cosine"
+        in capsys.readouterr().out
+    )
     assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.95) and trainer.ema.power == 0.75

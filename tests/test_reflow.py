@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_faults import error_lines, logged_steps, wait_for
+from test_hub import fake_hub, files_in  # noqa: F401 -- fake_hub is a fixture
+from test_trainer import REPO, RES, pixel_config, synthetic_folder, weights
 
 from liquid_diffusion import LiquidDiffusionPipeline
 from liquid_diffusion.__main__ import main
 from liquid_diffusion.checkpoints import list_checkpoints, read_checkpoint
 from liquid_diffusion.reflow import PAIR_CACHE, ReflowConfig, ReflowTrainer
 from liquid_diffusion.trainer import Trainer
-from test_faults import error_lines, logged_steps, wait_for
-from test_hub import fake_hub, files_in  # noqa: F401 -- fake_hub is a fixture
-from test_trainer import REPO, RES, pixel_config, synthetic_folder, weights
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +36,54 @@ def teacher(tmp_path_factory) -> Path:
 
 
 def reflow_config(teacher: Path, out: Path, **overrides) -> ReflowConfig:
-    values = dict(teacher=str(teacher), output_dir=str(out), pairs=24, shard_size=8, teacher_steps=2,
-                  teacher_sampler="heun", batch_size=8, steps=4, lr=1e-3, warmup_steps=1, log_every=1,
-                  sample_every=0, num_sample_images=4, checkpoint_every=1000, num_workers=0, progress_bar=False)
+    values = dict(
+        teacher=str(teacher),
+        output_dir=str(out),
+        pairs=24,
+        shard_size=8,
+        teacher_steps=2,
+        teacher_sampler="heun",
+        batch_size=8,
+        steps=4,
+        lr=1e-3,
+        warmup_steps=1,
+        log_every=1,
+        sample_every=0,
+        num_sample_images=4,
+        checkpoint_every=1000,
+        num_workers=0,
+        progress_bar=False,
+    )
     values.update(overrides)
     return ReflowConfig(**values)
 
 
 def cli_reflow(teacher: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "liquid_diffusion", "reflow", "--checkpoint", str(teacher), "--output-dir", str(out),
-            "--pairs", "24", "--shard-size", "8", "--teacher-steps", "2", "--batch-size", "4", "--log-every", "1",
-            "--sample-every", "0", "--warmup-steps", "1", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "liquid_diffusion",
+        "reflow",
+        "--checkpoint",
+        str(teacher),
+        "--output-dir",
+        str(out),
+        "--pairs",
+        "24",
+        "--shard-size",
+        "8",
+        "--teacher-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--log-every",
+        "1",
+        "--sample-every",
+        "0",
+        "--warmup-steps",
+        "1",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +135,31 @@ def test_the_pair_cache_is_made_once_and_a_resumed_run_only_makes_missing_shards
     assert "reusing the 24 pairs" in capsys.readouterr().out
 
 
-def test_a_pair_cache_of_other_settings_is_refused_in_one_line_or_regenerated_with_overwrite(teacher, tmp_path,
-                                                                                             capsys):
+def test_a_pair_cache_of_other_settings_is_refused_in_one_line_or_regenerated_with_overwrite(teacher, tmp_path, capsys):
     out = tmp_path / "run"
     ReflowTrainer(reflow_config(teacher, out, steps=1)).train()
     capsys.readouterr()
-    code = main(["reflow", "--checkpoint", str(teacher), "--output-dir", str(out), "--pairs", "24", "--shard-size",
-                 "8", "--teacher-steps", "3", "--batch-size", "8", "--resume", "--steps", "2",
-                 "--no-progress-bar"])
+    code = main(
+        [
+            "reflow",
+            "--checkpoint",
+            str(teacher),
+            "--output-dir",
+            str(out),
+            "--pairs",
+            "24",
+            "--shard-size",
+            "8",
+            "--teacher-steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--resume",
+            "--steps",
+            "2",
+            "--no-progress-bar",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and len(error_lines(err)) == 1 and "differs in teacher_steps" in err and "--overwrite" in err
     ReflowTrainer(reflow_config(teacher, out, steps=1, teacher_steps=3, overwrite=True)).train()
@@ -134,8 +188,13 @@ def test_a_reflow_run_trains_on_the_pairs_and_resumes_exactly(teacher, tmp_path)
 
 def test_sigterm_saves_and_exits_like_train(teacher, tmp_path):
     out = tmp_path / "run"
-    process = subprocess.Popen(cli_reflow(teacher, out, "--steps", "100000"), cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        cli_reflow(teacher, out, "--steps", "100000"),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert wait_for(lambda: len(logged_steps(out)) >= 2)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
@@ -161,8 +220,10 @@ def test_the_result_is_a_pipeline_folder_that_samples_in_one_step(student):
     folder = student.pipeline_dir
     pipe = LiquidDiffusionPipeline.from_pretrained(folder)
     assert pipe.config.recommended_steps == 2
-    images = [pipe(batch_size=2, num_inference_steps=1, generator=torch.Generator().manual_seed(7),
-                   output_type="pt").images for _ in range(2)]
+    images = [
+        pipe(batch_size=2, num_inference_steps=1, generator=torch.Generator().manual_seed(7), output_type="pt").images
+        for _ in range(2)
+    ]
     assert images[0].shape == (2, 3, RES, RES) and torch.equal(images[0], images[1])
     default = pipe(batch_size=2, generator=torch.Generator().manual_seed(7), output_type="pt").images
     two = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(7), output_type="pt").images
@@ -182,8 +243,16 @@ def test_push_publishes_the_pipeline_folder_unchanged(student, fake_hub):  # noq
 
 
 def test_a_distillation_stage_trains_at_t_1_from_a_reflow_result(student, teacher, tmp_path):
-    trainer = ReflowTrainer(reflow_config(teacher, tmp_path / "distill", steps=2, init=str(student.pipeline_dir),
-                                          distill_t=1.0, pair_cache_dir=str(student.output_dir / PAIR_CACHE)))
+    trainer = ReflowTrainer(
+        reflow_config(
+            teacher,
+            tmp_path / "distill",
+            steps=2,
+            init=str(student.pipeline_dir),
+            distill_t=1.0,
+            pair_cache_dir=str(student.output_dir / PAIR_CACHE),
+        )
+    )
     seen = []
     original = trainer._sample_timesteps
     trainer._sample_timesteps = lambda n: seen.append(original(n)) or seen[-1]
@@ -226,8 +295,17 @@ def test_a_conditional_teacher_gives_labelled_pairs_with_guidance_baked_in(tmp_p
 
     folder = write_class_folder(tmp_path / "classes", per_class=4)
     Trainer(conditional_config(folder, tmp_path / "teacher", steps=6, validation_images=0)).train()
-    trainer = ReflowTrainer(reflow_config(tmp_path / "teacher", tmp_path / "student", pairs=64, shard_size=64,
-                                          steps=2, lr=1e-4, unconditional_pairs=0.25))
+    trainer = ReflowTrainer(
+        reflow_config(
+            tmp_path / "teacher",
+            tmp_path / "student",
+            pairs=64,
+            shard_size=64,
+            steps=2,
+            lr=1e-4,
+            unconditional_pairs=0.25,
+        )
+    )
     trainer.train()
     metadata = json.loads((trainer.output_dir / PAIR_CACHE / "metadata.json").read_text())
     assert metadata["num_classes"] == 2 and metadata["pair_guidance_scale"] == 2.0  # the teacher's recommended
@@ -241,8 +319,9 @@ def test_a_conditional_teacher_gives_labelled_pairs_with_guidance_baked_in(tmp_p
 
 
 def test_a_latent_space_teacher_given_as_an_export_makes_latent_pairs_and_a_latent_pipeline(latent_export, tmp_path):
-    trainer = ReflowTrainer(reflow_config(latent_export, tmp_path / "student", pairs=8, shard_size=8, batch_size=4,
-                                          steps=2, sample_every=2))
+    trainer = ReflowTrainer(
+        reflow_config(latent_export, tmp_path / "student", pairs=8, shard_size=8, batch_size=4, steps=2, sample_every=2)
+    )
     trainer.train()
     metadata = json.loads((trainer.output_dir / PAIR_CACHE / "metadata.json").read_text())
     pipe = LiquidDiffusionPipeline.from_pretrained(trainer.pipeline_dir)

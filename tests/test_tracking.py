@@ -8,17 +8,19 @@ import json
 import shutil
 
 import pytest
+from test_trainer import pixel_config, synthetic_folder
 
 from liquid_diffusion.config import TrainConfig
 from liquid_diffusion.metrics import METRICS_FILE
 from liquid_diffusion.tracking import check_report_to, scalars
 from liquid_diffusion.trainer import Trainer
-from test_trainer import pixel_config, synthetic_folder
 
-NEEDS_TENSORBOARD = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
-                                       reason='tensorboard is not installed: pip install -e ".[test]"')
-NEEDS_WANDB = pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
-                                 reason='wandb is not installed: pip install -e ".[test]"')
+NEEDS_TENSORBOARD = pytest.mark.skipif(
+    importlib.util.find_spec("tensorboard") is None, reason='tensorboard is not installed: pip install -e ".[test]"'
+)
+NEEDS_WANDB = pytest.mark.skipif(
+    importlib.util.find_spec("wandb") is None, reason='wandb is not installed: pip install -e ".[test]"'
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +48,29 @@ def curve(events, tag: str) -> dict[int, float]:
 
 
 def test_every_numeric_field_of_a_record_is_a_scalar_and_lists_and_dicts_are_split():
-    record = {"step": 7, "loss": 0.5, "lr": 1e-4, "images_skipped": 2, "val_loss": 0.25, "val_loss_raw": 0.3,
-              "loss_t_bins": [0.1, None, 0.3], "val_loss_t": {"0.1": 0.2}, "best": True, "checkpoint": "x", "fid": None}
-    assert scalars(record) == {"loss": 0.5, "lr": 1e-4, "images_skipped": 2.0, "val_loss": 0.25, "val_loss_raw": 0.3,
-                               "loss_t_bins/0": 0.1, "loss_t_bins/2": 0.3, "val_loss_t/0.1": 0.2}
+    record = {
+        "step": 7,
+        "loss": 0.5,
+        "lr": 1e-4,
+        "images_skipped": 2,
+        "val_loss": 0.25,
+        "val_loss_raw": 0.3,
+        "loss_t_bins": [0.1, None, 0.3],
+        "val_loss_t": {"0.1": 0.2},
+        "best": True,
+        "checkpoint": "x",
+        "fid": None,
+    }
+    assert scalars(record) == {
+        "loss": 0.5,
+        "lr": 1e-4,
+        "images_skipped": 2.0,
+        "val_loss": 0.25,
+        "val_loss_raw": 0.3,
+        "loss_t_bins/0": 0.1,
+        "loss_t_bins/2": 0.3,
+        "val_loss_t/0.1": 0.2,
+    }
 
 
 def test_an_unknown_tracker_is_refused_in_one_line(images, tmp_path):
@@ -59,8 +80,9 @@ def test_an_unknown_tracker_is_refused_in_one_line(images, tmp_path):
 
 
 @pytest.mark.parametrize("report_to, missing", [("tensorboard", "tensorboard"), ("all", "wandb")])
-def test_a_missing_tracker_package_names_the_extra_to_install_before_anything_loads(images, tmp_path, monkeypatch,
-                                                                                    report_to, missing):
+def test_a_missing_tracker_package_names_the_extra_to_install_before_anything_loads(
+    images, tmp_path, monkeypatch, report_to, missing
+):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else find_spec(name, *a))
     with pytest.raises(ValueError, match=rf'needs the {missing} package: pip install "liquid-diffusion\[tracking\]"'):
@@ -103,9 +125,12 @@ def test_tensorboard_gets_every_record_the_sample_grids_and_the_settings(images,
     assert [image.step for image in grids] == [2, 4] and grids[0].width > 0
     # the settings as hyper-parameters: accelerate writes them as a TensorBoard run of their own beside the curves
     (hparams_file,) = (tmp_path / "logs" / "liquid-diffusion").glob("*/events.out.tfevents.*")
-    start = [plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content).session_start_info
-             for event in EventFileLoader(str(hparams_file)).Load() for value in event.summary.value
-             if value.tag == "_hparams_/session_start_info"]
+    start = [
+        plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content).session_start_info
+        for event in EventFileLoader(str(hparams_file)).Load()
+        for value in event.summary.value
+        if value.tag == "_hparams_/session_start_info"
+    ]
     assert start[0].hparams["preset"].string_value == "micro" and start[0].hparams["steps"].number_value == 4
 
 

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from liquid_diffusion import flow
 from liquid_diffusion.__main__ import build_parser, main
 from liquid_diffusion.checkpoints import list_checkpoints
 from liquid_diffusion.config import TrainConfig, resolve_mixed_precision
-from liquid_diffusion.metrics import TrainerCallback
 from liquid_diffusion.export import export_checkpoint, pipeline_from_folder
+from liquid_diffusion.metrics import TrainerCallback
 from liquid_diffusion.model import FORMAT_VERSION, LiquidDiffusionUNet
 from liquid_diffusion.stopping import NonFiniteLossError
 from liquid_diffusion.trainer import Trainer
@@ -40,7 +40,7 @@ def synthetic_images(n: int, seed: int, size: int = RES) -> list[np.ndarray]:
         image = (1 - ramp) * top + ramp * bottom + np.zeros((size, size, 3))
         side = rng.integers(size // 4, size // 2)
         y, x = rng.integers(0, size - side, 2)
-        image[y:y + side, x:x + side] = rng.uniform(0, 255, 3)
+        image[y : y + side, x : x + side] = rng.uniform(0, 255, 3)
         images.append(image.astype(np.uint8))
     return images
 
@@ -64,9 +64,25 @@ def held_out() -> torch.Tensor:
 
 
 def pixel_config(folder: Path, out: Path, **overrides) -> TrainConfig:
-    values = dict(dataset=str(folder), space="pixel", preset="micro", resolution=RES, batch_size=8, steps=4,
-                  lr=1e-3, warmup_steps=1, log_every=1, sample_every=0, num_sample_images=4, sample_steps=2,
-                  checkpoint_every=1000, num_workers=0, shuffle_buffer=16, output_dir=str(out), seed=0)
+    values = dict(
+        dataset=str(folder),
+        space="pixel",
+        preset="micro",
+        resolution=RES,
+        batch_size=8,
+        steps=4,
+        lr=1e-3,
+        warmup_steps=1,
+        log_every=1,
+        sample_every=0,
+        num_sample_images=4,
+        sample_steps=2,
+        checkpoint_every=1000,
+        num_workers=0,
+        shuffle_buffer=16,
+        output_dir=str(out),
+        seed=0,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -94,8 +110,15 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def run_cli(*args: str, timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "liquid_diffusion", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=env, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "liquid_diffusion", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=env,
+        **kwargs,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,8 +160,9 @@ def command_names() -> list[str]:
 
 
 def test_micro_model_learns_held_out_flow_loss_falls_by_40_percent(train_folder, held_out, tmp_path):
-    trainer = Trainer(pixel_config(train_folder, tmp_path, steps=300, log_every=50, lr=2e-3, warmup_steps=20,
-                                   checkpoint_every=10_000))
+    trainer = Trainer(
+        pixel_config(train_folder, tmp_path, steps=300, log_every=50, lr=2e-3, warmup_steps=20, checkpoint_every=10_000)
+    )
     model = trainer.accelerator.unwrap_model(trainer.model)
     before = held_out_loss(model, held_out)
     trainer.train()
@@ -167,8 +191,9 @@ def test_metrics_samples_and_callbacks(train_folder, tmp_path):
         def on_checkpoint(self, trainer, step, path):
             seen["checkpoint"].append((step, path))
 
-    config = pixel_config(train_folder, tmp_path, steps=4, log_every=2, sample_every=2, checkpoint_every=2,
-                          keep_checkpoints=1)
+    config = pixel_config(
+        train_folder, tmp_path, steps=4, log_every=2, sample_every=2, checkpoint_every=2, keep_checkpoints=1
+    )
     final = Trainer(config, callbacks=[Recorder()]).train()
 
     records = training_records(tmp_path)
@@ -236,8 +261,9 @@ def test_gradient_checkpointing_trains_as_without_it_and_resumes_exactly(train_f
     trainer.train()
     split.steps, split.resume = 4, "latest"
     Trainer(split).train()
-    plain, straight, resumed = (weights(tmp_path / run / "checkpoint-000004" / "unet")
-                                for run in ("plain", "straight", "split"))
+    plain, straight, resumed = (
+        weights(tmp_path / run / "checkpoint-000004" / "unet") for run in ("plain", "straight", "split")
+    )
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # exact resume, as without checkpointing
     for name, value in plain.items():  # the same gradients: the same weights, up to float rounding
         torch.testing.assert_close(straight[name], value, atol=1e-6, rtol=1e-5, msg=name)
@@ -264,7 +290,8 @@ def test_resuming_a_checkpoint_of_another_architecture_version_is_one_line(train
 
 
 def test_a_run_of_the_previous_architecture_version_is_refused_in_one_line_by_resume_sample_and_export(
-        train_folder, tmp_path):
+    train_folder, tmp_path
+):
     """A version-6 run (the same parts, with every block's linear maps of t_emb kept apart) neither resumes nor
     samples nor exports: each says so in one line, naming what to do."""
     Trainer(pixel_config(train_folder, tmp_path, steps=1)).train()
@@ -272,8 +299,9 @@ def test_a_run_of_the_previous_architecture_version_is_refused_in_one_line_by_re
     for folder in ("unet", "unet_ema"):
         config = json.loads((checkpoint / folder / "config.json").read_text())
         (checkpoint / folder / "config.json").write_text(json.dumps({**config, "format_version": FORMAT_VERSION - 1}))
-    with pytest.raises(ValueError, match=f"cannot resume .*version {FORMAT_VERSION - 1}.*retrain it.*another "
-                                         "--output-dir") as error:
+    with pytest.raises(
+        ValueError, match=f"cannot resume .*version {FORMAT_VERSION - 1}.*retrain it.*another --output-dir"
+    ) as error:
         Trainer(pixel_config(train_folder, tmp_path, steps=2, resume="latest")).train()
     assert "\n" not in str(error.value)
     for read in (pipeline_from_folder, lambda folder: export_checkpoint(folder, tmp_path / "export")):
@@ -375,9 +403,22 @@ def test_latent_space_training_with_and_without_cache(train_folder, tiny_vae_dir
 def test_two_process_run_keeps_ema_identical_and_writes_once(train_folder, tmp_path):
     script = Path(__file__).with_name("ddp_worker.py")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         str(script), str(train_folder), str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            str(script),
+            str(train_folder),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -395,10 +436,37 @@ def test_two_process_run_keeps_ema_identical_and_writes_once(train_folder, tmp_p
 
 def test_cli_train_then_sample(train_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", "--dataset", str(train_folder), "--space", "pixel", "--preset", "micro",
-                 "--resolution", str(RES), "--batch-size", "4", "--steps", "3", "--log-every", "1",
-                 "--sample-every", "2", "--checkpoint-every", "2", "--num-workers", "0",
-                 "--num-sample-images", "4", "--sample-steps", "2", "--output-dir", str(out)])
+    code = main(
+        [
+            "train",
+            "--dataset",
+            str(train_folder),
+            "--space",
+            "pixel",
+            "--preset",
+            "micro",
+            "--resolution",
+            str(RES),
+            "--batch-size",
+            "4",
+            "--steps",
+            "3",
+            "--log-every",
+            "1",
+            "--sample-every",
+            "2",
+            "--checkpoint-every",
+            "2",
+            "--num-workers",
+            "0",
+            "--num-sample-images",
+            "4",
+            "--sample-steps",
+            "2",
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert len(training_records(out)) == 3
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step-000002.png", "step-000003.png"]
@@ -406,8 +474,23 @@ def test_cli_train_then_sample(train_folder, tmp_path, capsys):
 
     grid = tmp_path / "grid.png"
     for sampler in ("euler", "heun"):
-        code = main(["sample", "--checkpoint", str(out), "--num-images", "4", "--steps", "3",
-                     "--sampler", sampler, "--seed", "0", "--out", str(grid)])
+        code = main(
+            [
+                "sample",
+                "--checkpoint",
+                str(out),
+                "--num-images",
+                "4",
+                "--steps",
+                "3",
+                "--sampler",
+                sampler,
+                "--seed",
+                "0",
+                "--out",
+                str(grid),
+            ]
+        )
         assert code == 0, capsys.readouterr().err
         assert Image.open(grid).size == (2 * RES, 2 * RES)
 
@@ -415,10 +498,36 @@ def test_cli_train_then_sample(train_folder, tmp_path, capsys):
 def test_cli_ctrl_c_saves_a_checkpoint(train_folder, tmp_path):
     out = tmp_path / "run"
     process = subprocess.Popen(
-        [sys.executable, "-m", "liquid_diffusion", "train", "--dataset", str(train_folder), "--space", "pixel",
-         "--preset", "micro", "--resolution", str(RES), "--batch-size", "4", "--steps", "100000", "--log-every",
-         "1", "--sample-every", "0", "--num-workers", "0", "--output-dir", str(out)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "liquid_diffusion",
+            "train",
+            "--dataset",
+            str(train_folder),
+            "--space",
+            "pixel",
+            "--preset",
+            "micro",
+            "--resolution",
+            str(RES),
+            "--batch-size",
+            "4",
+            "--steps",
+            "100000",
+            "--log-every",
+            "1",
+            "--sample-every",
+            "0",
+            "--num-workers",
+            "0",
+            "--output-dir",
+            str(out),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() and time.time() < deadline:
@@ -432,10 +541,29 @@ def test_cli_ctrl_c_saves_a_checkpoint(train_folder, tmp_path):
 
 def test_help_documents_every_flag(capsys):
     train_help = cli_help("train", capsys)
-    for flag in ("--dataset", "--preset", "--resolution", "--space", "--vae", "--batch-size", "--grad-accum",
-                 "--steps", "--lr", "--timestep-sampling", "--sample-every", "--checkpoint-every", "--output-dir",
-                 "--resume", "--mixed-precision", "--ema-decay", "--cache-latents", "--seed", "--compile",
-                 "--gradient-checkpointing", "--report-to"):
+    for flag in (
+        "--dataset",
+        "--preset",
+        "--resolution",
+        "--space",
+        "--vae",
+        "--batch-size",
+        "--grad-accum",
+        "--steps",
+        "--lr",
+        "--timestep-sampling",
+        "--sample-every",
+        "--checkpoint-every",
+        "--output-dir",
+        "--resume",
+        "--mixed-precision",
+        "--ema-decay",
+        "--cache-latents",
+        "--seed",
+        "--compile",
+        "--gradient-checkpointing",
+        "--report-to",
+    ):
         assert flag in train_help
     sample_help = cli_help("sample", capsys)
     for flag in ("--checkpoint", "--num-images", "--steps", "--sampler", "--seed", "--out"):
@@ -464,8 +592,10 @@ def test_an_output_dir_that_is_a_file_is_one_line(train_folder, tmp_path, capsys
         argv += ["--dataset", str(train_folder), "--space", "pixel", "--preset", "micro", "--resolution", str(RES)]
     assert main([command, *argv]) == 2
     captured = capsys.readouterr()
-    assert captured.err == (f"error: --output-dir '{blocker}' is a file, not a folder; choose a folder (a new or "
-                            "existing directory) instead\n")
+    assert captured.err == (
+        f"error: --output-dir '{blocker}' is a file, not a folder; choose a folder (a new or "
+        "existing directory) instead\n"
+    )
     assert blocker.read_text() == "not a folder" and list(tmp_path.iterdir()) == [blocker]
 
 
@@ -481,8 +611,23 @@ def test_an_output_dir_that_is_a_file_is_one_line(train_folder, tmp_path, capsys
     ids=["resolution", "preset", "space", "dataset", "report-to"],
 )
 def test_cli_bad_values_give_one_clean_line(train_folder, tmp_path, capsys, args, message):
-    base = ["train", "--dataset", str(train_folder), "--space", "pixel", "--preset", "micro", "--resolution",
-            str(RES), "--steps", "1", "--num-workers", "0", "--output-dir", str(tmp_path)]
+    base = [
+        "train",
+        "--dataset",
+        str(train_folder),
+        "--space",
+        "pixel",
+        "--preset",
+        "micro",
+        "--resolution",
+        str(RES),
+        "--steps",
+        "1",
+        "--num-workers",
+        "0",
+        "--output-dir",
+        str(tmp_path),
+    ]
     assert main([*base, *args]) != 0
     stderr = capsys.readouterr().err
     assert "Traceback" not in stderr

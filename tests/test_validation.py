@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-
+from test_trainer import RES, pixel_config
 
 from liquid_diffusion.latents import FrozenVAE, build_latent_cache, load_latent_cache
 from liquid_diffusion.model_card import build_model_card, read_metrics
 from liquid_diffusion.trainer import Trainer
 from liquid_diffusion.validation import VALIDATION_T, Validator, choose_holdout
-from test_trainer import RES, pixel_config
 
 NUM_IMAGES = 60
 
@@ -86,16 +85,22 @@ def test_held_out_images_never_reach_a_training_batch_and_are_the_validation_set
 def test_a_latent_cache_leaves_the_held_out_images_out(colour_folder, tiny_vae_dir, tmp_path):
     vae = FrozenVAE(str(tiny_vae_dir))
     holdout = choose_holdout(str(colour_folder), 6)
-    cache = build_latent_cache(str(colour_folder), vae, tmp_path / "cache", 32, flip=False, progress=False,
-                               holdout=holdout)
+    cache = build_latent_cache(
+        str(colour_folder), vae, tmp_path / "cache", 32, flip=False, progress=False, holdout=holdout
+    )
     latents, metadata = load_latent_cache(cache)
     assert metadata["num_images"] == NUM_IMAGES - 6 and len(latents) == NUM_IMAGES - 6
     assert metadata["held_out"] == holdout.key()
     every = build_latent_cache(str(colour_folder), vae, tmp_path / "all", 32, flip=False, progress=False)
     all_latents, _ = load_latent_cache(every)
-    held_latents = vae.encode(torch.stack([
-        torch.tensor(colour_of(i), dtype=torch.float32)[:, None, None].expand(3, 32, 32) / 127.5 - 1
-        for i in sorted(held_out_indices(colour_folder, 6))]))
+    held_latents = vae.encode(
+        torch.stack(
+            [
+                torch.tensor(colour_of(i), dtype=torch.float32)[:, None, None].expand(3, 32, 32) / 127.5 - 1
+                for i in sorted(held_out_indices(colour_folder, 6))
+            ]
+        )
+    )
     cached = latents.float()
     for latent in held_latents:  # no cached latent is a held-out image's
         assert (cached - latent).flatten(1).abs().max(1).values.min() > 1e-3
@@ -105,7 +110,8 @@ def test_a_latent_cache_leaves_the_held_out_images_out(colour_folder, tiny_vae_d
 
 
 def test_a_dataset_with_a_test_split_holds_that_split_out(tmp_path):
-    from datasets import Dataset, Features, Image as ImageFeature
+    from datasets import Dataset, Features
+    from datasets import Image as ImageFeature
 
     root = tmp_path / "hub_layout"
     (root / "data").mkdir(parents=True)
@@ -113,7 +119,8 @@ def test_a_dataset_with_a_test_split_holds_that_split_out(tmp_path):
     for split, start in (("train", 0), ("test", 40)):
         images = [Image.new("RGB", (RES, RES), colour_of(i)) for i in range(start, start + 10)]
         Dataset.from_dict({"image": images}, features=features).to_parquet(
-            str(root / "data" / f"{split}-00000-of-00001.parquet"))
+            str(root / "data" / f"{split}-00000-of-00001.parquet")
+        )
     holdout = choose_holdout(str(root), 256)
     assert holdout.kind == "split" and holdout.split == "test" and "'test' split" in holdout.description
     trainer = Trainer(pixel_config(root, tmp_path / "run", validation_images=4))
@@ -128,8 +135,7 @@ def test_a_dataset_without_a_held_out_split_holds_out_rows_by_a_hash_of_their_co
     from liquid_diffusion.sources import open_source
 
     train = [row["image"]["bytes"] for row in open_source(str(parquet_dataset), holdout=holdout)[0]]
-    held = [row["image"]["bytes"] for row in open_source(str(parquet_dataset), holdout=holdout,
-                                                         part="validation")[0]]
+    held = [row["image"]["bytes"] for row in open_source(str(parquet_dataset), holdout=holdout, part="validation")[0]]
     assert len(train) + len(held) == 10 and held and not set(train) & set(held)
 
 
@@ -166,11 +172,13 @@ def test_class_conditional_validation_scores_the_conditional_loss():
     assert torch.cat(seen).tolist() == [0, 1, 0, 1]
 
 
-def test_training_records_the_validation_loss_of_the_ema_and_raw_weights_and_picks_best_by_it(colour_folder,
-                                                                                               tmp_path, capsys):
+def test_training_records_the_validation_loss_of_the_ema_and_raw_weights_and_picks_best_by_it(
+    colour_folder, tmp_path, capsys
+):
     out = tmp_path / "run"
-    Trainer(pixel_config(colour_folder, out, steps=4, validation_every=2, checkpoint_every=2,
-                         keep_checkpoints=1)).train()
+    Trainer(
+        pixel_config(colour_folder, out, steps=4, validation_every=2, checkpoint_every=2, keep_checkpoints=1)
+    ).train()
     log = capsys.readouterr()
     assert "validation: 6 of the 60 images" in log.out and "never trained on" in log.out
     assert "val_loss=" in log.err  # on the progress line
@@ -191,8 +199,9 @@ def test_a_resumed_run_draws_the_same_validation_curve_as_an_uninterrupted_one(c
     whole, split = tmp_path / "whole", tmp_path / "split"
     Trainer(pixel_config(colour_folder, whole, steps=6, validation_every=2, checkpoint_every=2)).train()
     Trainer(pixel_config(colour_folder, split, steps=3, validation_every=2, checkpoint_every=2)).train()
-    Trainer(pixel_config(colour_folder, split, steps=6, validation_every=2, checkpoint_every=2,
-                         resume="latest")).train()
+    Trainer(
+        pixel_config(colour_folder, split, steps=6, validation_every=2, checkpoint_every=2, resume="latest")
+    ).train()
     curve = {r["step"]: (r["val_loss"], r["val_loss_raw"]) for r in val_records(whole)}
     resumed = {r["step"]: (r["val_loss"], r["val_loss_raw"]) for r in val_records(split) if r["step"] != 3}
     assert set(curve) == {2, 4, 6}
@@ -212,22 +221,39 @@ def test_validation_off_or_impossible_never_stops_training(colour_folder, tmp_pa
 
 
 def test_the_model_card_states_the_validation_loss_with_its_protocol():
-    records = [{"step": 100, "loss": 0.5}, {"step": 100, "val_loss": 0.41234, "val_loss_raw": 0.45, "val_images": 256},
-               {"step": 200, "val_loss": 0.3, "val_loss_raw": 0.31, "val_images": 256}]
-    card = str(build_model_card(train_config={"space": "pixel", "resolution": 32}, step=150, num_parameters=10,
-                                records=records))
+    records = [
+        {"step": 100, "loss": 0.5},
+        {"step": 100, "val_loss": 0.41234, "val_loss_raw": 0.45, "val_images": 256},
+        {"step": 200, "val_loss": 0.3, "val_loss_raw": 0.31, "val_images": 256},
+    ]
+    card = str(
+        build_model_card(
+            train_config={"space": "pixel", "resolution": 32}, step=150, num_parameters=10, records=records
+        )
+    )
     assert "0.4123 with the EMA weights, 0.4500 raw, at step 100" in card
     assert "256 held-out images never trained on" in card and "fixed noise" in card
     none = str(build_model_card(train_config={}, step=1, num_parameters=1, records=[]))
     assert "no validation was run" in none
 
 
-def test_a_latent_cache_made_without_held_out_images_trains_with_validation_off(colour_folder, tiny_vae_dir,
-                                                                                 tmp_path, capsys):
+def test_a_latent_cache_made_without_held_out_images_trains_with_validation_off(
+    colour_folder, tiny_vae_dir, tmp_path, capsys
+):
     vae = FrozenVAE(str(tiny_vae_dir))
     cache = build_latent_cache(str(colour_folder), vae, tmp_path / "old-cache", 32, progress=False)
     out = tmp_path / "run"
-    Trainer(pixel_config(colour_folder, out, space="latent", vae=str(tiny_vae_dir), resolution=32, cache_latents=True,
-                         cache_dir=str(cache), steps=2)).train()
+    Trainer(
+        pixel_config(
+            colour_folder,
+            out,
+            space="latent",
+            vae=str(tiny_vae_dir),
+            resolution=32,
+            cache_latents=True,
+            cache_dir=str(cache),
+            steps=2,
+        )
+    ).train()
     assert "was made without held-out images, so validation is off for this run" in capsys.readouterr().out
     assert val_records(out) == []
