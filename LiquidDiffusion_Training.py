@@ -51,7 +51,8 @@
 # **Headless use:** every choice can be overridden by an environment variable (`LD_DATASET`, `LD_PRESET`,
 # `LD_RESOLUTION`, `LD_SPACE`, `LD_VAE`, `LD_STEPS`, `LD_BATCH_SIZE`, `LD_SAMPLE_EVERY`, `LD_OUTPUT_DIR`, `LD_HUB_REPO`;
 # also `LD_LR`, `LD_NUM_SAMPLES`, `LD_MOUNT_DRIVE`, `LD_CACHE_LATENTS`, `LD_CLASS_CONDITIONAL`, `LD_GUIDANCE_SCALE`,
-# `LD_GRADIENT_CHECKPOINTING`, `LD_REPORT_TO`, `LD_EVAL_EVERY`, `LD_EVAL_SAMPLES`, `LD_PACKAGE_SPEC`, `LD_SKIP_INSTALL`),
+# `LD_GRADIENT_CHECKPOINTING`, `LD_REPORT_TO`, `LD_EVAL_EVERY`, `LD_EVAL_SAMPLES`, `LD_REFLOW`, `LD_REFLOW_PAIRS`,
+# `LD_REFLOW_STEPS`, `LD_REFLOW_DISTILL_STEPS`, `LD_PACKAGE_SPEC`, `LD_SKIP_INSTALL`),
 # so the notebook also runs unattended, e.g. `jupyter nbconvert --to notebook --execute`.
 #
 # **The code:** each cell is a few form fields and calls to `liquid_diffusion.notebook` (imported as `ld`), where the
@@ -338,6 +339,34 @@ if "RUN" not in globals():  # run out of order: say in one line which cells come
     raise type("RunFirst", (Exception,), {"_render_traceback_": lambda e: [f"error: {e}"]})(
         "run the training cell (section 6) first (run the cells above this one)")
 EVALUATION = ld.evaluate(RUN, EVAL_SAMPLES)  # env: LD_EVAL_SAMPLES
+
+# %% [markdown] id="reflow-md"
+# ## 11 · Few-step model (optional): reflow
+#
+# Every sample above costs 25-50 network calls. Reflow (Liu et al., "Flow Straight and Fast", ICLR 2023) makes the
+# trained model (the teacher) into one that samples in 1-4 Euler steps: the teacher turns `REFLOW_PAIRS` noises into
+# samples once (cached on disk), and a copy of it trains on those (noise, sample) pairs, whose paths no longer cross,
+# so few steps follow them. With `REFLOW_DISTILL_STEPS` > 0 a second stage trains it at t = 1 only: the 1-step
+# model. Both are training runs in folders beside the run's (`-reflow-STEP`, `-1step-STEP`, STEP the teacher's
+# checkpoint): running the cell again resumes them.
+# The same from a terminal: `python -m liquid_diffusion reflow --checkpoint OUTPUT_DIR --output-dir OUTPUT_DIR-reflow`
+# (settings and measurements: `docs/reflow.md`). Env: `LD_REFLOW`, `LD_REFLOW_PAIRS`, `LD_REFLOW_STEPS`,
+# `LD_REFLOW_DISTILL_STEPS`.
+#
+# **Expect:** off by default. On: the pairs take about as long as sampling that many images with 50 Heun steps, then
+# the training steps; at the end the teacher's 25 steps beside the few-step model's 1, 2 and 4 from the same noise.
+
+# %% id="reflow-code"
+# @title 11 · Few-step model
+REFLOW = False  # @param {type:"boolean"}
+REFLOW_PAIRS = 4000  # @param {type:"integer"}
+REFLOW_STEPS = 2000  # @param {type:"integer"}
+REFLOW_DISTILL_STEPS = 500  # @param {type:"integer"}
+
+if "RUN" not in globals():  # run out of order: say in one line which cells come first
+    raise type("RunFirst", (Exception,), {"_render_traceback_": lambda e: [f"error: {e}"]})(
+        "run the training cell (section 6) first (run the cells above this one)")
+FEW_STEP = ld.few_step(RUN, REFLOW, REFLOW_PAIRS, REFLOW_STEPS, REFLOW_DISTILL_STEPS)
 
 # %% [markdown] id="next-md"
 # ## What next

@@ -982,6 +982,83 @@ def load_back(run: NotebookRun, pushed: bool) -> None:
     print(f"loaded {source}: {count} images at {images.shape[-1]}px")
 
 
+# ---------------------------------------------------------------------------------------------------- 11 · few-step
+
+
+def few_step(run: NotebookRun, enabled: bool, pairs: int, steps: int, distill_steps: int) -> Path | None:
+    """Section 11 (optional): the trained model made into a few-step one by reflow (``reflow.py``, docs/reflow.md)
+    in ``OUTPUT_DIR-reflow-STEP``: ``pairs`` (noise, teacher sample) pairs cached on disk, ``steps`` reflow steps, then
+    (``distill_steps`` > 0) a t = 1 stage in ``OUTPUT_DIR-1step-STEP`` on the same pairs, for 1-step sampling. Both are
+    training runs: running the cell again resumes them. Shows the teacher's 25 Euler steps beside the result's 1, 2
+    and 4 steps from the same noise; returns the result's pipeline folder (push it with ``push``)."""
+    import numpy as np
+    from PIL import Image
+
+    from .reflow import ReflowConfig, ReflowTrainer
+    from .sampling import generate, load_for_sampling, save_grid
+
+    enabled = env("LD_REFLOW", enabled, bool)
+    pairs, steps = env("LD_REFLOW_PAIRS", pairs, int), env("LD_REFLOW_STEPS", steps, int)
+    distill_steps = env("LD_REFLOW_DISTILL_STEPS", distill_steps, int)
+    if not enabled:
+        print("few-step model: off (tick REFLOW to make one from the trained model)")
+        return None
+    teacher = run.trained_checkpoint().checkpoint
+    tag = teacher.name.removeprefix("checkpoint-")  # a teacher trained on later is another teacher: its own folders
+    base = dict(teacher=str(teacher), pairs=pairs, resume="latest", mixed_precision=run.config.mixed_precision)
+    stages = [("reflow", ReflowConfig(output_dir=f"{run.output_dir}-reflow-{tag}", steps=steps, **base))]
+    if distill_steps > 0:
+        first = Path(stages[0][1].output_dir)
+        stages.append(
+            (
+                "1-step",
+                ReflowConfig(
+                    output_dir=f"{run.output_dir}-1step-{tag}",
+                    steps=distill_steps,
+                    init=str(first / "pipeline"),
+                    pair_cache_dir=str(first / "pair-cache"),
+                    distill_t=1.0,
+                    **base,
+                ),
+            )
+        )
+    for name, config in stages:
+        print(f"{name}: {config.steps} steps on {pairs} pairs in {config.output_dir}")
+        trainer = ReflowTrainer(config)
+        try:
+            trainer.train()
+        except KeyboardInterrupt:
+            raise RunStopped(
+                f"{name} stopped at step {trainer.step} and saved a checkpoint; run this cell again to resume it"
+            ) from None
+        result = trainer.pipeline_dir
+        del trainer
+        gc.collect()
+
+    figure = Figure(figsize=(16, 4.6))
+    axes = figure.subplots(1, 4)
+    count = run.choices.num_samples
+    for axis, (label, folder, n, ema) in zip(
+        axes,
+        [("teacher, 25 steps", teacher, 25, True)]
+        + [(f"few-step, {n} step{'s' * (n > 1)}", result, n, False) for n in (1, 2, 4)],
+    ):
+        unet, vae, resolution = load_for_sampling(str(folder), use_ema=ema, device=run.device)
+        start = time.time()
+        images = generate(unet, vae, count, n, "euler", seed=0, resolution=resolution)
+        path = save_grid(images, Path(result).parent / "samples" / f"compare-{n}.png")
+        axis.imshow(np.asarray(Image.open(path)), interpolation="nearest")
+        axis.set_title(f"{label} ({time.time() - start:.1f} s)")
+        axis.axis("off")
+    figure.tight_layout()
+    display(ImageDisplay(data=png(figure)))
+    print(
+        f"few-step pipeline: {result} (LiquidDiffusionPipeline.from_pretrained(...)(num_inference_steps=1..4); "
+        f"push it with: python -m liquid_diffusion push --checkpoint {result} --repo-id USER/NAME)"
+    )
+    return Path(result)
+
+
 # ---------------------------------------------------------------------------------------------------- 10 · FID, KID
 
 

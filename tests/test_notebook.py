@@ -170,6 +170,10 @@ def test_notebook_runs_headless_on_cpu_and_resumes(tmp_path, monkeypatch, clean_
         "LD_EVAL_EVERY": "0",  # no Inception download where the internet is reachable
         "LD_MOUNT_DRIVE": "0",
         "LD_SKIP_INSTALL": "1",
+        "LD_REFLOW": "1",  # section 11: a few-step model by reflow, then its t = 1 stage, each a resumable run
+        "LD_REFLOW_PAIRS": "8",
+        "LD_REFLOW_STEPS": "2",
+        "LD_REFLOW_DISTILL_STEPS": "1",
         "CUDA_VISIBLE_DEVICES": "",
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
@@ -199,7 +203,7 @@ def test_notebook_runs_headless_on_cpu_and_resumes(tmp_path, monkeypatch, clean_
     assert not errors
     images = _outputs_with(notebook, "image/png")
     assert "train-code" in images, "the live panel showed no sample grid"
-    assert {"preview-code", "samples-code", "load-code"} <= set(images), images
+    assert {"preview-code", "samples-code", "load-code", "reflow-code"} <= set(images), images
 
     text = "".join(
         output.get("text", "")
@@ -225,6 +229,9 @@ def test_notebook_runs_headless_on_cpu_and_resumes(tmp_path, monkeypatch, clean_
         for steps in (25, 50):
             assert (output_dir / "samples" / f"final-{sampler}-{steps}.png").exists()
     assert (output_dir / "export" / "checkpoint-000004" / "model_index.json").exists()
+    for stage, steps in (("reflow", 2), ("1step", 1)):  # the few-step pipelines, each made for its step count
+        pipeline = Path(f"{output_dir}-{stage}-000004") / "pipeline"
+        assert json.loads((pipeline / "model_index.json").read_text())["recommended_steps"] == steps
     # the train cell updated its panel in place: one output per display handle, not one per sample or log
     train_cell = next(cell for cell in notebook.cells if _id(cell) == "train-code")
     assert len([o for o in train_cell.outputs if "image/png" in o.get("data", {})]) == 2  # grid + curves
