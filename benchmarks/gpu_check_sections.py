@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -392,26 +393,20 @@ def notebook(ctx: Context):
         MPLBACKEND="Agg",
         PYTHONPATH=_subprocess_env(plan)["PYTHONPATH"],
     )
-    saved = {name: os.environ.get(name) for name in overrides}
-    os.environ.update({name: str(value) for name, value in overrides.items()})  # the kernel inherits them
     start = time.perf_counter()
     executed = nbformat.read(ROOT / "LiquidDiffusion_Training.ipynb", as_version=nbformat.NO_CONVERT)
     error = ""
     try:
-        nbclient.NotebookClient(
-            executed,
-            timeout=plan.notebook_timeout_s,
-            kernel_name="python3",
-            resources={"metadata": {"path": str(ROOT)}},
-        ).execute()
+        # the kernel inherits the environment; it is restored afterwards
+        with mock.patch.dict(os.environ, {name: str(value) for name, value in overrides.items()}):
+            nbclient.NotebookClient(
+                executed,
+                timeout=plan.notebook_timeout_s,
+                kernel_name="python3",
+                resources={"metadata": {"path": str(ROOT)}},
+            ).execute()
     except Exception as failure:  # noqa: BLE001 -- the outputs so far still go into the report
         error = f"{type(failure).__name__}: {first_line(failure)}"[:300]
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     seconds = time.perf_counter() - start
     nbformat.write(executed, ctx.out_dir / "notebook_executed.ipynb")
     cells = [cell for cell in executed.cells if cell.cell_type == "code"]

@@ -70,23 +70,9 @@ RECIPES: dict[str, dict] = {
         logit_std=1.0,
         batch_size=8,
     ),
-    # the old benchmark loop's recipe (benchmarks/quality.py): AdamW 0.9/0.99, lr 5e-4, cosine to zero
-    "bench": dict(
-        lr=5e-4,
-        adam_beta1=0.9,
-        adam_beta2=0.99,
-        warmup_steps=100,
-        lr_schedule="cosine",
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        ema_decay=0.9999,
-        ema_power=2 / 3,
-        timestep_sampling="uniform",
-        logit_mean=0.0,
-        logit_std=1.0,
-        batch_size=8,
-    ),
 }
+# the old benchmark loop's recipe (benchmarks/quality.py): AdamW 0.9/0.99, lr 5e-4, cosine to zero
+RECIPES["bench"] = {**RECIPES["today"], "lr": 5e-4, "adam_beta2": 0.99, "warmup_steps": 100, "lr_schedule": "cosine"}
 
 # The trainer's defaults now (chosen by this study), at the CPU's batch of 8.
 RECIPES["default"] = {**{name: getattr(TrainConfig(), name) for name in RECIPES["today"]}, "batch_size": 8}
@@ -393,8 +379,8 @@ def speed(models: list[str], batch: int = 8, rounds: int = 5, steps: int = 5) ->
         else:
             model = common.build_model(name, in_channels=3, sample_size=RESOLUTION)
             model = model.to(memory_format=torch.channels_last)  # as the trainer holds the U-Net
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        step = common.make_train_step(model.train(), x0)
+        layout = torch.channels_last if name not in PEERS else torch.contiguous_format
+        step = common.make_train_step(model.train(), x0.contiguous(memory_format=layout))
         step()  # warm-up
         jobs[name] = lambda step=step: batch * steps / common.timed(lambda: [step() for _ in range(steps)], device)
     return {name: statistics.median(rates) for name, rates in common.interleaved(jobs, rounds).items()}
