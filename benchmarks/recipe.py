@@ -248,11 +248,13 @@ def run(
         num_workers=0,
         progress_bar=False,
     )
-    config = TrainConfig(**{**settings, **values})
-    if work.exists():  # a run cut short starts again from scratch
+    if any(work.glob("checkpoint-*")):  # a run cut short (its SIGTERM saved a checkpoint) resumes exactly
+        settings["resume"] = "latest"
+    elif work.exists():
         import shutil
 
         shutil.rmtree(work)
+    config = TrainConfig(**{**settings, **values})
     if model in PEERS:
         trainer_class = type("Peer", (PeerTrainer,), {"peer": model})
     else:
@@ -285,6 +287,7 @@ def run(
         curve=[(r["step"], r["val_loss"], r["val_loss_raw"]) for r in validations],
         val_time_s=sum(r["val_time_s"] for r in validations),
         wall_s=wall,
+        resumed="resume" in settings,
         images_per_s=statistics.median(r["images_per_s"] for r in train_logs) if train_logs else None,
         machine=common.describe_machine(trainer.device),
         threads=torch.get_num_threads(),

@@ -50,6 +50,7 @@ from .features import (
 from .flow import DEFAULT_GUIDANCE_SCALE, check_sampler
 from .hub import resolve_checkpoint
 from .metrics import TrainerCallback, append_record
+from .pipeline import DEFAULT_STEPS
 from .sampling import CHECKPOINT_OFFLINE_ADVICE, generate, load_for_sampling
 from .sources import NoClassLabelsError
 from .stopping import StopRequested
@@ -514,10 +515,12 @@ def evaluate_checkpoint(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_resolution(resolution, trained.get("resolution"))  # before loading anything
     unet, vae, trained_at, recommended = load_for_sampling(
-        str(folder), use_ema=use_ema, device=device, with_guidance=True
+        str(folder), use_ema=use_ema, device=device, with_recommended=True
     )
     if guidance_scale is None:
-        guidance_scale = recommended
+        guidance_scale = recommended.guidance_scale
+    if options.get("steps") is None:
+        options["steps"] = recommended.steps
     _check_resolution(resolution, trained_at)
     resolution = trained_at or resolution
     if not resolution:
@@ -604,7 +607,12 @@ def add_evaluate_command(subparsers) -> None:
         help=f"N generated images, and as many real ones (default: {DEFAULT_NUM_SAMPLES}; fewer, with "
         "a warning, when the dataset is smaller)",
     )
-    parser.add_argument("--steps", type=int, default=25, help="ODE integration steps (default: 25)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"ODE integration steps (default: the model's recommended steps, e.g. 1-2 after reflow; else {DEFAULT_STEPS})",
+    )
     parser.add_argument("--sampler", default="euler", help="euler or heun (default: euler)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     parser.add_argument("--batch-size", type=int, default=50, help="images per sampling batch (default: 50)")

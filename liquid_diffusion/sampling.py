@@ -13,6 +13,7 @@ import errno
 import os
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -23,6 +24,7 @@ from .errors import DiskFullError, check_number, disk_full, first_line
 from .hub import load_pipeline
 from .latents import FrozenVAE, vae_dtype
 from .model import LiquidDiffusionUNet
+from .pipeline import DEFAULT_STEPS
 
 
 @torch.no_grad()
@@ -121,11 +123,12 @@ CHECKPOINT_OFFLINE_ADVICE = {
 
 
 def load_for_sampling(
-    checkpoint: str, use_ema: bool = True, device: str | torch.device = "cpu", *, with_guidance: bool = False
+    checkpoint: str, use_ema: bool = True, device: str | torch.device = "cpu", *, with_recommended: bool = False
 ):
     """``(unet, FrozenVAE or None, resolution)`` from a training checkpoint, an output dir (its newest checkpoint),
-    an exported pipeline folder or a Hub id -- whatever ``hub.load_pipeline`` accepts. ``with_guidance`` appends the
-    model's recommended guidance scale (``None`` when none is recorded).
+    an exported pipeline folder or a Hub id -- whatever ``hub.load_pipeline`` accepts. ``with_recommended`` appends
+    ``Recommended(guidance_scale, steps)``: the model's recommended guidance scale (``None`` when none is recorded)
+    and number of steps (a few-step model's ``recommended_steps``, else ``pipeline.DEFAULT_STEPS``).
 
     The pipeline is the one loader of all four kinds; its parts feed ``generate``, which shares the sampler
     (``flow.sample``, ``flow.guided_velocity``) and the decode (``latents.unscale_latents``) with the pipeline's own
@@ -136,13 +139,23 @@ def load_for_sampling(
     if vae is not None:
         vae = FrozenVAE(vae, device=device, dtype=vae_dtype(device))
     loaded = pipe.unet.to(device).eval(), vae, pipe.config.resolution
-    return (*loaded, pipe.config.get("guidance_scale")) if with_guidance else loaded
+    recommended = Recommended(pipe.config.get("guidance_scale"), pipe.config.get("recommended_steps") or DEFAULT_STEPS)
+    return (*loaded, recommended) if with_recommended else loaded
+
+
+class Recommended(NamedTuple):
+    """What a model's pipeline config recommends for sampling it."""
+
+    guidance_scale: float | None
+    steps: int
 
 
 def _run_sample(args: argparse.Namespace) -> int:
     flow.check_sampler(args.sampler)
-    for name, minimum in (("num_images", 1), ("steps", 1), ("seed", 0)):
+    for name, minimum in (("num_images", 1), ("seed", 0)):
         check_number(args, name, minimum)
+    if args.steps is not None:
+        check_number(args, "steps", 1)
     if args.resolution is not None:
         check_number(args, "resolution", 1)
     if args.guidance_scale is not None:
@@ -154,10 +167,13 @@ def _run_sample(args: argparse.Namespace) -> int:
         )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     unet, vae, resolution, recommended = load_for_sampling(
-        args.checkpoint, use_ema=not args.raw, device=device, with_guidance=True
+        args.checkpoint, use_ema=not args.raw, device=device, with_recommended=True
     )
     if args.guidance_scale is None:
-        args.guidance_scale = recommended if recommended is not None else flow.DEFAULT_GUIDANCE_SCALE
+        guidance = recommended.guidance_scale
+        args.guidance_scale = guidance if guidance is not None else flow.DEFAULT_GUIDANCE_SCALE
+    if args.steps is None:
+        args.steps = recommended.steps
     resolution = args.resolution or resolution
     if resolution is None:
         raise ValueError("the checkpoint does not record its resolution; pass --resolution")
@@ -192,7 +208,12 @@ def add_sample_command(subparsers) -> None:
         "or a Hub id USER/NAME",
     )
     parser.add_argument("--num-images", type=int, default=16, help="images in the grid (default: 16)")
-    parser.add_argument("--steps", type=int, default=25, help="ODE integration steps (default: 25)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"ODE integration steps (default: the model's recommended steps, e.g. 1-2 after reflow; else {DEFAULT_STEPS})",
+    )
     parser.add_argument("--sampler", default="euler", help="euler or heun (default: euler)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     parser.add_argument("--out", default="grid.png", help="output PNG (default: grid.png)")

@@ -159,6 +159,39 @@ def test_the_recipe_study_trains_through_the_product_trainer_and_tables_seeds(tm
     assert "| 0.0001 min | 8 | 1 |" in recipe.table(recipe.collect(out))
 
 
+def test_a_recipe_run_cut_short_by_sigterm_resumes_from_its_checkpoint_to_the_same_curve(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from test_trainer import synthetic_folder
+
+    from benchmarks import recipe
+    from liquid_diffusion.stopping import TrainingInterrupted
+
+    (tmp_path / "images").mkdir()
+    folder = synthetic_folder(tmp_path / "images", 40, seed=0)
+    monkeypatch.setattr(recipe, "prepare", lambda name, cache_dir: folder)
+    monkeypatch.setattr(recipe, "RESOLUTION", 16)
+    args = ("today", {}, "liquid-micro", 4, 0, "twemoji", "")
+    whole = recipe.run(*args, str(tmp_path / "whole"), validation_images=4, evaluations=2)
+    assert not whole["resumed"]
+
+    train_step = recipe.Trainer._train_step
+
+    def preempted_after_step_3(self, batches, stats):
+        train_step(self, batches, stats)
+        if self.step == 2:  # counted from 0: the third step
+            os.kill(os.getpid(), signal.SIGTERM)  # what a study's session end sends
+
+    monkeypatch.setattr(recipe.Trainer, "_train_step", preempted_after_step_3)
+    with pytest.raises(TrainingInterrupted):
+        recipe.run(*args, str(tmp_path / "cut"), validation_images=4, evaluations=2)
+    monkeypatch.setattr(recipe.Trainer, "_train_step", train_step)
+    resumed = recipe.run(*args, str(tmp_path / "cut"), validation_images=4, evaluations=2)
+    assert resumed["resumed"] and resumed["steps"] == 4
+    assert resumed["curve"] == whole["curve"] and resumed["val_loss_t"] == whole["val_loss_t"]
+
+
 def test_the_recipe_studys_equal_wall_clock_reads_its_curves_at_co_timed_speeds(monkeypatch):
     from benchmarks import recipe
 

@@ -233,6 +233,28 @@ def test_the_result_is_a_pipeline_folder_that_samples_in_one_step(student):
     assert "num_inference_steps=2" in card
 
 
+def test_sample_and_evaluate_default_to_the_steps_the_model_was_made_for(student, tmp_path):
+    from PIL import Image
+    from test_evaluate import StandInFeatures
+
+    from liquid_diffusion.evaluate import evaluate_checkpoint
+
+    def grid(*flags):
+        out = tmp_path / f"grid{'-'.join(flags)}.png"
+        assert (
+            main(["sample", "--checkpoint", str(student.pipeline_dir), "--num-images", "2", "--out", str(out), *flags])
+            == 0
+        )
+        return np.array(Image.open(out))
+
+    assert np.array_equal(grid(), grid("--steps", "2"))  # its recommended_steps
+    assert not np.array_equal(grid(), grid("--steps", "25"))
+    result = evaluate_checkpoint(
+        str(student.pipeline_dir), num_samples=4, feature_extractor=StandInFeatures(), batch_size=4, progress=False
+    )
+    assert result["steps"] == 2
+
+
 def test_push_publishes_the_pipeline_folder_unchanged(student, fake_hub):  # noqa: F811
     folder = student.pipeline_dir
     assert main(["push", "--checkpoint", str(folder), "--repo-id", "me/few-step"]) == 0
