@@ -16,6 +16,10 @@ One command runs it all (each stage resumes: the reflow run with ``--resume``, t
    difference per pixel of the images in [-1, 1] (clamped, as saved), averaged over the noises (with its standard
    error).
 3. Wall-clock per image: each sampler timed on the whole batch of noises (one batch, this process's threads).
+4. The held-out validation loss of every model's one-step prediction x0 = x_t - t v(x_t, t): the trainer's own
+   validation (``validation.Validator``: the teacher run's held-out images, a fixed grid of t, fixed noise), so the
+   students are scored on real images that neither the teacher nor the pairs ever held. From pure noise (t = 1) a
+   one-step sample has no held-out image to be compared with; that is what the distance of step 2 measures.
 
 Writes ``OUT/reflow.json`` (settings, timings, the table) and ``OUT/teacher25_vs_student.png`` (rows: teacher
 Euler 25 steps, then the student at 1, 2, 4 steps, then the teacher at 4 Euler steps, from the same noise) plus the
@@ -38,10 +42,12 @@ from safetensors.torch import load_file, save_file
 
 from liquid_diffusion import flow
 from liquid_diffusion.checkpoints import checkpoint_step
+from liquid_diffusion.data import ImageBatchStream
 from liquid_diffusion.hub import load_pipeline
 from liquid_diffusion.reflow import ReflowConfig, ReflowTrainer, load_teacher
 from liquid_diffusion.sampling import save_grid
 from liquid_diffusion.stopping import TrainingInterrupted
+from liquid_diffusion.validation import Validator, choose_holdout
 
 EVAL_SEED = 1_000_003  # the evaluation noises' generator seed: far from the pair shards' (seed * stride + index)
 CALLS = (1, 2, 4)
@@ -117,6 +123,34 @@ def distance(images: torch.Tensor, reference: torch.Tensor) -> dict:
     return {"mse": per_image.mean().item(), "mse_stderr": (per_image.std() / len(per_image) ** 0.5).item()}
 
 
+def held_out_validator(teacher) -> Validator | None:
+    """The teacher run's held-out images as the trainer scores them (``Trainer._load_validation_set``): the same
+    hashed choice, the same fixed t and noise; latents through the teacher's VAE in latent space."""
+    config = teacher.train_config
+    holdout = choose_holdout(config["dataset"], config.get("validation_images") or 256, config.get("split", "train"))
+    if holdout is None:
+        return None
+    stream = ImageBatchStream(
+        config["dataset"],
+        config["resolution"],
+        32,
+        split=config.get("split", "train"),
+        config_name=config.get("config_name"),
+        image_column=config.get("image_column"),
+        flip=False,
+        shuffle_buffer=0,
+        num_epochs=1,
+        holdout=holdout,
+        part="validation",
+    )
+    images = torch.cat([batch for batch in stream if batch.shape[0]])
+    if teacher.vae is not None:
+        from liquid_diffusion.latents import FrozenVAE
+
+        images = FrozenVAE(teacher.vae, device=torch.device("cpu"), dtype=torch.float32).encode(images)
+    return Validator(images.contiguous(memory_format=torch.channels_last))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -151,7 +185,16 @@ def main(argv=None) -> int:
         timings["reference_s_per_image"] = per_image
         save_file({"images": reference, "s_per_image": torch.tensor(per_image)}, str(reference_path))
 
-    rows, grid_rows, recommended = [], {}, {}
+    rows, grid_rows, recommended, held_out = [], {}, {}, {}
+    validator = held_out_validator(teacher)
+
+    def score_held_out(name: str, model) -> None:
+        if validator is None:
+            return
+        loss, per_t = validator.loss(model.eval())
+        held_out[name] = {"val_loss": loss, "val_loss_t": per_t}
+        print(f"{name:8s} held-out validation loss {loss:.4f} ({len(validator)} images)", flush=True)
+
     n = args.grid_images
 
     def add(model: str, sampler: str, steps: int, images: torch.Tensor, per_image: float) -> None:
@@ -178,6 +221,7 @@ def main(argv=None) -> int:
         for calls in CALLS:
             add(name, "euler", calls, *sample(pipe.unet.eval(), noise, calls, "euler"))
         recommended[name] = pipe.config.get("recommended_steps")
+        score_held_out(name, pipe.unet)
         # the pipeline itself, 1 step, from the same noise: the numbers above are what users get
         images = pipe(latents=noise[:n], num_inference_steps=1, output_type="pt").images * 2 - 1
         assert torch.allclose(images, grid_rows[(name, "euler", 1)], atol=1e-4), "pipeline != evaluated sampler"
@@ -214,6 +258,7 @@ def main(argv=None) -> int:
             "eval_noises": args.eval_noises,
             "eval_seed": EVAL_SEED,
             "recommended_steps": recommended,
+            "held_out": {"images": len(validator) if validator else 0, **held_out},
             "grid_rows": [" ".join(map(str, key)) for key in order],
             "timings": timings,
             "rows": rows,
@@ -221,6 +266,7 @@ def main(argv=None) -> int:
         (out / "reflow.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out / 'reflow.json'}", flush=True)
 
+    score_held_out("teacher", unet)
     for calls in CALLS:
         add("teacher", "euler", calls, *sample(unet, noise, calls, "euler"))
         if calls % 2 == 0:

@@ -352,3 +352,26 @@ def test_a_latent_space_teacher_given_as_an_export_makes_latent_pairs_and_a_late
     images = pipe(batch_size=1, num_inference_steps=1, output_type="pt").images
     assert images.shape == (1, 3, 32, 32)
     assert (trainer.output_dir / "samples" / "step-000002.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+
+
+def test_the_reflow_benchmark_scores_each_model_against_the_teachers_ode_and_on_held_out_images(teacher, tmp_path):
+    from benchmarks import reflow as benchmark
+
+    out = tmp_path / "out"
+    argv = ["--teacher", str(teacher), "--work-dir", str(tmp_path / "work"), "--out", str(out), "--pairs", "8"]
+    argv += ["--teacher-steps", "2", "--reflow-steps", "2", "--batch-size", "4", "--eval-noises", "4"]
+    assert benchmark.main([*argv, "--reference-steps", "2", "--grid-images", "2"]) == 0
+    result = json.loads((out / "reflow.json").read_text())
+    rows = {(r["model"], r["sampler"], r["model_calls"]): r for r in result["rows"]}
+    assert {("teacher", "euler", 1), ("teacher", "heun", 2), ("reflow", "euler", 1), ("reflow", "euler", 4)} <= set(
+        rows
+    )
+    assert rows[("teacher", "euler", 1)]["mse"] > 0
+    held_out = result["held_out"]
+    assert held_out["images"] == 2  # the teacher run's own held-out images (10 % of its 24)
+    assert set(held_out) == {"images", "teacher", "reflow"}
+    assert held_out["teacher"]["val_loss"] != held_out["reflow"]["val_loss"]
+    assert (out / "teacher25_vs_student.png").is_file()
