@@ -39,7 +39,7 @@ from .checkpoints import (
     read_json,
     read_unet_folder,
 )
-from .errors import check_repo_id, first_line, report_failure
+from .errors import check_not_a_file, check_repo_id, first_line, report_failure
 from .latents import load_vae
 from .model import LiquidDiffusionUNet, check_format
 from .model_card import build_model_card, latest_sample_grid, plot_loss_curve, read_metrics, sanitize_train_config
@@ -164,6 +164,7 @@ def export_checkpoint(
     """
     checkpoint = find_checkpoint(checkpoint)
     out = Path(out).expanduser()
+    check_not_a_file(out, "--out")  # never replaced, even with --overwrite: it is not an export
     replace = out.exists() and (not out.is_dir() or any(out.iterdir()))
     if replace and not overwrite:
         raise FileExistsError(f"export folder {str(out)!r} already exists and is not empty (pass --overwrite)")

@@ -86,6 +86,17 @@ def test_export_refuses_to_write_into_a_non_empty_folder(pixel_run, tmp_path):
         export_checkpoint(pixel_run, tmp_path)
 
 
+def test_an_out_that_is_a_file_is_refused_in_one_line_and_kept_even_with_overwrite(pixel_run, tmp_path, capsys):
+    from liquid_diffusion.__main__ import main
+
+    target = tmp_path / "notes.txt"
+    target.write_text("user data")
+    for extra in ([], ["--overwrite"]):
+        assert main(["export", "--checkpoint", str(pixel_run), "--out", str(target), *extra]) == 2
+        assert "is a file, not a folder" in capsys.readouterr().err
+    assert target.read_text() == "user data"
+
+
 def test_a_failed_export_leaves_nothing_behind(pixel_run, tmp_path):
     import shutil
 
